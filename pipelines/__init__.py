@@ -1,0 +1,1 @@
+"""RealDGen pipelines: manifests, storage, Ray Data generation job, training entry, downstream tools."""
