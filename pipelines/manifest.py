@@ -1,0 +1,467 @@
+"""Manifest schema: every user-facing job configuration (one pydantic module, strict, documented).
+
+Every manifest is a YAML mapping with a ``kind`` key that selects its model in
+``MANIFEST_KINDS``. All models forbid unknown keys, carry a description and bounds per field,
+and :func:`load_manifest` turns any validation problem into a :class:`ManifestError` that names
+the key path and quotes the bad value, e.g. ``tiling.tile: Input should be >= 8 (got 0)``.
+
+Shared pieces (used by every kind): :class:`StrictModel`, :class:`StorageOptions`,
+:class:`SourceSpec`, :class:`ManifestError`, :func:`load_manifest`, :func:`apply_overrides`,
+:func:`manifest_digest`. Relative local paths in a manifest are resolved against the current
+working directory of the driver (the job's working dir under ``ray job submit``).
+
+Credentials never live in a manifest: object-store access keys come from the environment of
+each process (``AWS_ACCESS_KEY_ID`` …); only the endpoint may be configured here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ManifestError",
+    "StrictModel",
+    "StorageOptions",
+    "SourceSpec",
+    "ReferenceSet",
+    "GeneratorSpec",
+    "TilingSpec",
+    "PairingSpec",
+    "OutputSpec",
+    "LimitsSpec",
+    "ActorPoolSpec",
+    "ComputeSpec",
+    "ProgressSpec",
+    "GenerateManifest",
+    "MANIFEST_KINDS",
+    "load_manifest",
+    "parse_manifest",
+    "apply_overrides",
+    "manifest_digest",
+    "manifest_json_schema",
+    "IMAGE_EXTENSIONS",
+]
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    "png",
+    "jpg",
+    "jpeg",
+    "webp",
+    "bmp",
+    "tif",
+    "tiff",
+    "gif",
+    "ppm",
+    "pgm",
+    "pnm",
+)
+
+_CREDENTIAL_WORDS = ("secret", "password", "access_key", "token", "credential")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot run: the message names the key path and the bad value."""
+
+
+class StrictModel(BaseModel):
+    """Base for every manifest section: unknown keys rejected, values validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------
+
+
+class StorageOptions(StrictModel):
+    """How to reach object storage. Never holds credentials (they come from the environment)."""
+
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint, e.g. http://127.0.0.1:9000. Default: AWS_ENDPOINT_URL "
+        "from the environment, else the AWS default.",
+    )
+    region: str | None = Field(None, description="Region name; default from the environment.")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_is_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v
+
+
+def _is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+class SourceSpec(StrictModel):
+    """A set of images: a folder or glob, WebDataset shards, or a parquet list of URIs.
+
+    ``uri`` is a local path, ``file://`` URI or ``s3://bucket/prefix``.
+    - ``format: folder`` — ``uri`` is a folder (listed recursively, filtered by ``extensions``)
+      or a glob (``data/hr/*.png``, ``s3://b/p/**/*.jpg``).
+    - ``format: webdataset`` — ``uri`` is a folder of ``.tar`` shards or a glob of them; every
+      member whose extension is in ``extensions`` is one image (``shard.tar#member``).
+    - ``format: parquet`` — ``uri`` is a parquet file (or folder/glob of them) whose ``column``
+      holds image URIs; relative entries are resolved against the parquet file's folder.
+    """
+
+    uri: str = Field(..., min_length=1, description="Folder, glob, tar folder/glob, or parquet file.")
+    format: Literal["folder", "webdataset", "parquet"] = Field(
+        "folder", description="How to enumerate the images behind `uri`."
+    )
+    extensions: tuple[str, ...] = Field(
+        IMAGE_EXTENSIONS, min_length=1, description="File extensions (no dot, case-insensitive) kept."
+    )
+    column: str = Field("uri", min_length=1, description="Parquet column holding image URIs.")
+    limit: int | None = Field(
+        None, ge=1, description="Keep only the first `limit` images (after sorting); for smoke tests."
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_scheme(cls, v: str) -> str:
+        if "://" in v and not v.startswith(("file://", "s3://")):
+            raise ValueError("only local paths, file:// and s3:// URIs are supported")
+        if v.startswith("s3://") and len(v) <= len("s3://"):
+            raise ValueError("s3 URI lacks a bucket")
+        return v
+
+    @field_validator("extensions")
+    @classmethod
+    def _norm_ext(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(sorted({e.lower().lstrip(".") for e in v}))
+
+    @property
+    def remote(self) -> bool:
+        return _is_remote(self.uri)
+
+
+# --------------------------------------------------------------------------------------------
+# kind: generate
+# --------------------------------------------------------------------------------------------
+
+GeneratorKind = Literal["realdgen", "realesrgan", "bsrgan", "bicubic"]
+
+
+class ReferenceSet(StrictModel):
+    """One named set of real LR references (a domain), with its mixing weight."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]+$", description="Name recorded per sample.")
+    source: SourceSpec = Field(..., description="Where the reference images are.")
+    domain: str | None = Field(None, description="Free-form domain label recorded per sample.")
+    weight: float = Field(1.0, gt=0, le=1e6, description="Relative weight for `pairing.mode: weighted`.")
+
+
+class GeneratorSpec(StrictModel):
+    """Which generator makes the LR images, and its sampling settings."""
+
+    kind: GeneratorKind = Field(
+        "realdgen", description="realdgen (learned, needs checkpoint + refs) or a synthetic baseline."
+    )
+    checkpoint: str | None = Field(
+        None, description="RealDGen checkpoint (.safetensors; local path, file:// or s3://). realdgen only."
+    )
+    k: int = Field(4, ge=1, le=64, description="Best-of-k candidates per pair (realdgen).")
+    tau_min: int = Field(0, ge=0, le=999, description="Smallest start step τ (realdgen).")
+    tau_max: int = Field(300, ge=0, le=999, description="Largest start step τ; Table 3 of the paper: 300.")
+    content_weight: float = Field(1.0, ge=0, le=1e6, description="Weight of the content error in best-of-k.")
+    degradation_weight: float = Field(
+        1.0, ge=0, le=1e6, description="Weight of the degradation error in best-of-k."
+    )
+    start_kind: Literal["realesrgan", "bsrgan", "bicubic"] = Field(
+        "realesrgan", description="Synthetic degradation D used to build x_τ from the HR (Alg. 2)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> GeneratorSpec:
+        if self.tau_min > self.tau_max:
+            raise ValueError(f"tau_min ({self.tau_min}) must be <= tau_max ({self.tau_max})")
+        if self.kind == "realdgen" and not self.checkpoint:
+            raise ValueError("kind 'realdgen' needs `checkpoint`")
+        return self
+
+
+class TilingSpec(StrictModel):
+    """How HR images become HR tiles (sizes in LR pixels; the HR tile is tile × scale)."""
+
+    tile: int = Field(64, ge=8, le=4096, description="Tile edge in LR pixels (e.g. 64/128/256).")
+    mode: Literal["grid", "random"] = Field(
+        "grid", description="grid: non-overlapping tiles from the top-left; random: seeded positions."
+    )
+    max_tiles_per_image: int = Field(4, ge=1, le=10_000, description="At most this many tiles per image.")
+
+
+class PairingSpec(StrictModel):
+    """How each HR tile is paired with real LR references."""
+
+    mode: Literal["random", "round_robin", "weighted"] = Field(
+        "random",
+        description="random: uniform over all refs (seeded per sample); round_robin: by sample index "
+        "in plan order; weighted: pick a reference set by weight, then a ref uniformly in it.",
+    )
+    refs_per_tile: int = Field(1, ge=1, le=64, description="Samples per tile, each with its own reference.")
+
+
+class OutputSpec(StrictModel):
+    """Where and how the dataset is written (ARCHITECTURE §5)."""
+
+    uri: str = Field(..., min_length=1, description="Dataset folder: local path, file:// or s3://.")
+    name: str = Field("pairs", pattern=r"^[A-Za-z0-9_-]+$", description="Shard name prefix: NAME-NNNNNN.tar.")
+    inputs_per_shard: int = Field(16, ge=1, le=1_000_000, description="HR input images per shard.")
+    mode: Literal["resume", "overwrite"] = Field(
+        "resume",
+        description="resume: skip complete shards, refuse output of another manifest; overwrite: delete "
+        "what a different manifest left there, then write.",
+    )
+    preview: bool = Field(True, description="Write _preview.png (HR | reference | generated LR).")
+    preview_rows: int = Field(4, ge=1, le=64, description="Rows in the preview.")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_scheme(cls, v: str) -> str:
+        if "://" in v and not v.startswith(("file://", "s3://")):
+            raise ValueError("only local paths, file:// and s3:// URIs are supported")
+        return v
+
+
+class LimitsSpec(StrictModel):
+    """Input hygiene and the failure budget."""
+
+    max_image_pixels: int = Field(
+        64_000_000, ge=1, le=2_000_000_000, description="Images above this many pixels fail before decoding."
+    )
+    max_file_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="Files larger than this fail without being read."
+    )
+    max_failure_fraction: float = Field(
+        0.5, ge=0, le=1, description="Fail the job (exit 1) when more than this fraction of inputs fail."
+    )
+
+
+class ActorPoolSpec(StrictModel):
+    """Autoscaling bounds of the generation actor pool."""
+
+    min: int = Field(1, ge=1, le=10_000, description="Actors kept alive.")
+    max: int | None = Field(
+        None, ge=1, le=10_000, description="Upper bound; default: number of GPUs in the cluster, else `min`."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ActorPoolSpec:
+        if self.max is not None and self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
+        return self
+
+
+class ComputeSpec(StrictModel):
+    """Sizing only; nothing here changes the data (excluded from the manifest digest)."""
+
+    actors: ActorPoolSpec = Field(default_factory=ActorPoolSpec, description="Generation actor pool.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Tiles per generation batch.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: one GPU per actor when the cluster has GPUs, CPU actors otherwise."
+    )
+    decode_batch_size: int = Field(1, ge=1, le=1024, description="Input images per decode task batch.")
+    encode_batch_size: int = Field(16, ge=1, le=4096, description="Samples per encode task batch.")
+    shards_in_flight: int = Field(
+        4, ge=1, le=1024, description="Shards admitted to the pipeline at once (bounds memory)."
+    )
+    torch_threads: int | None = Field(None, ge=1, le=256, description="torch threads per CPU actor.")
+
+
+class ProgressSpec(StrictModel):
+    """Progress display (excluded from the digest)."""
+
+    bar: bool = Field(True, description="Show a tqdm progress bar on stderr.")
+    heartbeat_s: float = Field(10.0, gt=0, le=3600, description="Lock heartbeat period in seconds.")
+
+
+class GenerateManifest(StrictModel):
+    """kind: generate — HR content + real LR references → paired WebDataset shards."""
+
+    DIGEST_EXCLUDE: ClassVar[dict[str, Any]] = {
+        "compute": True,
+        "progress": True,
+        "storage": True,
+        "limits": {"max_failure_fraction"},
+        "output": {"mode", "preview", "preview_rows"},
+    }
+
+    kind: Literal["generate"] = Field("generate", description="Manifest kind.")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="Run seed; sample seeds derive from it.")
+    scale: int = Field(4, ge=2, le=8, description="SR scale: HR size = LR size × scale.")
+    storage: StorageOptions = Field(default_factory=StorageOptions, description="Object-store endpoint.")
+    hr: SourceSpec = Field(..., description="Clean HR content.")
+    refs: list[ReferenceSet] = Field(
+        default_factory=list, description="Real LR reference sets (required for realdgen)."
+    )
+    generator: GeneratorSpec = Field(default_factory=GeneratorSpec, description="LR generator.")
+    tiling: TilingSpec = Field(default_factory=TilingSpec, description="HR tiling.")
+    pairing: PairingSpec = Field(default_factory=PairingSpec, description="HR tile ↔ reference pairing.")
+    output: OutputSpec = Field(..., description="Dataset location and sharding.")
+    limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Input limits and failure budget.")
+    compute: ComputeSpec = Field(default_factory=ComputeSpec, description="Sizing (not part of the digest).")
+    progress: ProgressSpec = Field(default_factory=ProgressSpec, description="Progress display.")
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerateManifest:
+        if self.generator.kind == "realdgen" and not self.refs:
+            raise ValueError("generator.kind 'realdgen' needs at least one reference set in `refs`")
+        names = [r.name for r in self.refs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reference set names must be unique, got {names}")
+        return self
+
+
+MANIFEST_KINDS: dict[str, type[StrictModel]] = {"generate": GenerateManifest}
+"""kind → model. Other manifest kinds register themselves here (e.g. ``MANIFEST_KINDS["train"]``)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides, digest
+# --------------------------------------------------------------------------------------------
+
+
+def _loc(loc: Iterable[Any]) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        else:
+            parts.append(("." if parts else "") + str(p))
+    return "".join(parts) or "<root>"
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _format_errors(exc: ValidationError, origin: str) -> str:
+    lines = []
+    for err in exc.errors(include_url=False):
+        # Drop pydantic's internal union/function tags from the location.
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
+        where = _loc(loc)
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key (value {_short(err.get('input'))})")
+        elif err["type"] == "missing":
+            lines.append(f"{where}: required key is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {msg} (got {_short(err.get('input'))})")
+    head = f"invalid manifest {origin}" if origin else "invalid manifest"
+    return head + ":\n  " + "\n  ".join(lines)
+
+
+def _reject_credentials(data: Any, path: tuple = ()) -> None:
+    if isinstance(data, Mapping):
+        for k, v in data.items():
+            if isinstance(k, str) and any(w in k.lower() for w in _CREDENTIAL_WORDS):
+                raise ManifestError(
+                    f"{_loc(path + (k,))}: credentials must not be in a manifest; "
+                    "set them in the environment of the workers (AWS_ACCESS_KEY_ID, …)"
+                )
+            _reject_credentials(v, path + (k,))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            _reject_credentials(v, path + (i,))
+
+
+def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    """Apply ``key.path=value`` overrides (value parsed as YAML) to a raw manifest mapping."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ManifestError(f"override {item!r}: expected key.path=value")
+        path, raw = item.split("=", 1)
+        keys = [k for k in path.strip().split(".") if k]
+        if not keys:
+            raise ManifestError(f"override {item!r}: empty key path")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node: Any = data
+        for i, k in enumerate(keys[:-1]):
+            if isinstance(node, list):
+                try:
+                    node = node[int(k)]
+                except (ValueError, IndexError):
+                    raise ManifestError(f"override {path}: no list element {k!r}") from None
+                continue
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict | list):
+                raise ManifestError(f"override {path}: {'.'.join(keys[: i + 1])} is not a mapping")
+            node = nxt
+        last = keys[-1]
+        if isinstance(node, list):
+            try:
+                node[int(last)] = value
+            except (ValueError, IndexError):
+                raise ManifestError(f"override {path}: no list element {last!r}") from None
+        else:
+            node[last] = value
+    return data
+
+
+def parse_manifest(data: Any, origin: str = "", kind: str | None = None) -> StrictModel:
+    """Validate a raw mapping into its manifest model; raises :class:`ManifestError`."""
+    if not isinstance(data, Mapping):
+        raise ManifestError(f"manifest {origin}: top level must be a mapping, got {type(data).__name__}")
+    _reject_credentials(data)
+    chosen = data.get("kind", kind or "generate")
+    if kind is not None and chosen != kind:
+        raise ManifestError(f"kind: expected {kind!r} (got {chosen!r})")
+    model = MANIFEST_KINDS.get(chosen) if isinstance(chosen, str) else None
+    if model is None:
+        raise ManifestError(f"kind: unknown manifest kind (got {chosen!r}); known: {sorted(MANIFEST_KINDS)}")
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ManifestError(_format_errors(exc, origin)) from None
+
+
+def load_manifest(path: str | Path, overrides: Iterable[str] = (), kind: str | None = None) -> StrictModel:
+    """Read a YAML manifest (``yaml.safe_load``), apply ``key.path=value`` overrides, validate.
+
+    Raises :class:`ManifestError` naming the key path and the bad value.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"manifest file not found: {str(p)!r}") from None
+    except OSError as exc:
+        raise ManifestError(f"manifest {str(p)!r} cannot be read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"manifest {str(p)!r} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if isinstance(data, Mapping):
+        data = apply_overrides(dict(data), overrides)
+    return parse_manifest(data, origin=str(p), kind=kind)
+
+
+def manifest_digest(manifest: StrictModel) -> str:
+    """sha256 of the canonical JSON of the manifest minus fields that do not change the data."""
+    exclude = getattr(type(manifest), "DIGEST_EXCLUDE", None)
+    payload = manifest.model_dump(mode="json", exclude=exclude)
+    canon = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def manifest_json_schema(kind: str = "generate") -> dict:
+    """JSON schema of one manifest kind (for ``--print-schema``)."""
+    return MANIFEST_KINDS[kind].model_json_schema()
