@@ -84,7 +84,7 @@ def sample_camera_params(generator: torch.Generator) -> dict:
 
 
 def lens_psf(defocus_radius: float, sigma: float, size: int = 15) -> torch.Tensor:
-    """Point-spread function: a disk of ``defocus_radius`` px blurred by a Gaussian; sums to 1. [size, size]."""
+    """PSF: a disk of ``defocus_radius`` px blurred by a Gaussian; ``[size, size]``, sums to 1."""
     ax = torch.arange(size, dtype=torch.float64) - size // 2
     yy, xx = torch.meshgrid(ax, ax, indexing="ij")
     rr = torch.sqrt(xx**2 + yy**2)
@@ -145,7 +145,7 @@ def _jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
 
 
 def apply_camera(hr: torch.Tensor, params: dict, scale: int) -> torch.Tensor:
-    """Apply one image's camera parameters. hr [3,H,W] float in [0,1] -> LR [3,H//scale,W//scale], 8-bit values."""
+    """Apply one image's camera parameters: hr [3,H,W] in [0,1] -> LR [3,H//s,W//s], 8-bit values."""
     h, w = (hr.shape[-2] // scale) * scale, (hr.shape[-1] // scale) * scale
     x = hr[:, :h, :w].unsqueeze(0).float()
     x = _conv_same(x, lens_psf(params["defocus_radius"], params["lens_sigma"]).to(x.device))
