@@ -1,0 +1,258 @@
+"""Image sources: list inputs (folders/globs, WebDataset shards, parquet URI lists) and decode them.
+
+Listing is deterministic (sorted by URI) and cheap (names and sizes; WebDataset members are
+indexed by their byte range inside the tar, so a worker reads one member with a range request).
+
+Decoding is defensive, for inputs nobody has checked: the pixel count is checked from the header
+before any pixel is decoded (decompression bombs), EXIF orientation is applied, and every mode
+(grayscale, 16-bit, RGBA/LA/palette with transparency, CMYK, YCbCr, …) is converted to RGB
+8-bit. Failures raise :class:`ImageError` whose ``reason`` is a short, stable category followed
+by details, e.g. ``"truncated: image file is truncated (12 bytes not processed)"``.
+Transparent pixels are composited over white.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import tarfile
+import threading
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from pipelines.storage import get_fs
+
+__all__ = [
+    "SourceItem",
+    "ImageError",
+    "SourceError",
+    "list_source",
+    "read_item_bytes",
+    "decode_image",
+    "load_image",
+]
+
+_GLOB_CHARS = set("*?[")
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+class SourceError(RuntimeError):
+    """A source that cannot be listed (missing folder, unreadable parquet, …)."""
+
+
+class ImageError(ValueError):
+    """An input that cannot become an RGB 8-bit image; ``reason`` says why (category: detail)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    @property
+    def category(self) -> str:
+        return self.reason.split(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One image: its stable ``uri`` and where its bytes are (``path``, optional byte range)."""
+
+    uri: str  # what the dataset records (hr_source / ref_source)
+    path: str  # the URI of the object holding the bytes (the tar for WebDataset members)
+    offset: int | None = None  # byte range inside `path` (WebDataset members)
+    size: int | None = None  # size in bytes when known from the listing
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_row(cls, row: Mapping) -> SourceItem:
+        return cls(row["uri"], row["path"], row.get("offset"), row.get("size"))
+
+
+def _uri_of(prefix: str, path: str) -> str:
+    return f"{prefix}{path}" if prefix else path
+
+
+def _ext_ok(name: str, extensions: tuple[str, ...]) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in extensions if "." in name else False
+
+
+def _find(fs, path: str) -> dict[str, dict]:
+    """Files under ``path`` (a folder, a single file, or a glob) with their info."""
+    if _GLOB_CHARS & set(path):
+        found = fs.glob(path, detail=True)
+        return {p: info for p, info in found.items() if info.get("type") != "directory"}
+    if not fs.exists(path):
+        raise SourceError(f"not found: {path}")
+    if fs.isfile(path):
+        return {path: fs.info(path)}
+    return fs.find(path, detail=True)
+
+
+def list_source(spec, storage: Mapping | None = None) -> list[SourceItem]:
+    """All images of a :class:`~pipelines.manifest.SourceSpec`, sorted by URI, ``limit`` applied."""
+    prefix = "s3://" if spec.uri.startswith("s3://") else ""
+    fs, path = get_fs(spec.uri, storage)
+    if prefix:
+        fs.invalidate_cache()
+    exts = tuple(spec.extensions)
+    items: list[SourceItem] = []
+    if spec.format == "folder":
+        for p, info in _find(fs, path).items():
+            if _ext_ok(p, exts):
+                items.append(SourceItem(_uri_of(prefix, p), _uri_of(prefix, p), None, info.get("size")))
+    elif spec.format == "webdataset":
+        for p in sorted(q for q in _find(fs, path) if q.endswith(".tar")):
+            tar_uri = _uri_of(prefix, p)
+            with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                for m in tar:
+                    if m.isfile() and _ext_ok(m.name, exts):
+                        items.append(SourceItem(f"{tar_uri}#{m.name}", tar_uri, m.offset_data, m.size))
+    elif spec.format == "parquet":
+        import pyarrow.parquet as pq
+
+        for p in sorted(q for q in _find(fs, path) if q.endswith(".parquet")):
+            with fs.open(p, "rb") as f:
+                table = pq.read_table(f, columns=[spec.column])
+            base = posixpath.dirname(p)
+            for u in table.column(spec.column).to_pylist():
+                if not u:
+                    continue
+                if "://" in u:
+                    ref = u[len("file://") :] if u.startswith("file://") else u
+                elif u.startswith("/"):
+                    ref = u
+                else:
+                    ref = _uri_of(prefix, posixpath.join(base, u))
+                items.append(SourceItem(ref, ref, None, None))
+    else:  # pragma: no cover - the manifest forbids it
+        raise SourceError(f"unknown source format {spec.format!r}")
+    uniq = {it.uri: it for it in items}
+    out = [uniq[u] for u in sorted(uniq)]
+    return out[: spec.limit] if spec.limit else out
+
+
+def read_item_bytes(item: SourceItem, storage: Mapping | None = None, max_bytes: int | None = None) -> bytes:
+    """The bytes of one image; raises :class:`ImageError` (missing/too big/unreadable)."""
+    if max_bytes is not None and item.size is not None and item.size > max_bytes:
+        raise ImageError(f"file too large: {item.size} bytes > limit {max_bytes}")
+    fs, path = get_fs(item.path, storage)
+    try:
+        if item.offset is not None:
+            data = fs.cat_file(path, start=item.offset, end=item.offset + (item.size or 0))
+        else:
+            if max_bytes is not None and item.size is None:
+                size = fs.size(path)
+                if size is not None and size > max_bytes:
+                    raise ImageError(f"file too large: {size} bytes > limit {max_bytes}")
+            data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise ImageError(f"missing: {item.uri} not found") from None
+    except ImageError:
+        raise
+    except Exception as exc:  # network / permission problems become a failure row, not a crash
+        raise ImageError(f"unreadable: {type(exc).__name__}: {exc}") from None
+    return data
+
+
+def _to_rgb8(im: Image.Image) -> np.ndarray:
+    """Any Pillow mode → uint8 HxWx3 (16-bit scaled, alpha composited over white)."""
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im).astype(np.float64)
+        # 16-bit data (PNG 16-bit gray opens as "I" or "I;16"); 32-bit "I" clipped to 16 bits.
+        a = np.clip(a, 0, 65535) / 257.0
+        g = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=2)
+    if mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        a = a * 255.0 if np.nanmax(a) <= 1.0 else a
+        g = np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=2)
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    if mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im)
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = 64_000_000,
+    min_size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Bytes → uint8 HxWx3 RGB, EXIF-oriented. Raises :class:`ImageError` with a clear reason.
+
+    ``max_pixels`` is checked from the header before decoding; ``min_size`` is (width, height)
+    after orientation.
+    """
+    if len(data) == 0:
+        raise ImageError("empty file: 0 bytes")
+    try:
+        # Pillow's own global bomb check would fire first (with its own limit and message);
+        # switch it off for this open only: our limit is checked right below, before decoding.
+        with _PIL_LIMIT_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            saved = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                im = Image.open(io.BytesIO(data))
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"too large: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"not an image: unrecognised format ({len(data)} bytes)") from None
+    except Exception as exc:
+        raise ImageError(f"corrupt: {type(exc).__name__}: {exc}") from None
+    with im:
+        w, h = im.size
+        if w <= 0 or h <= 0:
+            raise ImageError(f"corrupt: header says {w}x{h}")
+        if w * h > max_pixels:
+            raise ImageError(f"too large: {w}x{h} = {w * h} pixels > limit {max_pixels}")
+        try:
+            im.seek(0)
+            prev = ImageFile.LOAD_TRUNCATED_IMAGES
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    im.load()
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = prev
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            text = str(exc)
+            cat = "truncated" if "truncat" in text.lower() or isinstance(exc, EOFError) else "corrupt"
+            raise ImageError(f"{cat}: {type(exc).__name__}: {text}") from None
+        except Exception as exc:
+            raise ImageError(f"corrupt: {type(exc).__name__}: {exc}") from None
+        try:
+            oriented = ImageOps.exif_transpose(im)
+        except Exception:  # a broken EXIF block is not worth losing the image over
+            oriented = im
+        rgb = _to_rgb8(oriented)
+    if min_size is not None and (rgb.shape[1] < min_size[0] or rgb.shape[0] < min_size[1]):
+        raise ImageError(f"too small: {rgb.shape[1]}x{rgb.shape[0]} < {min_size[0]}x{min_size[1]}")
+    return np.ascontiguousarray(rgb)
+
+
+def load_image(
+    item: SourceItem,
+    storage: Mapping | None = None,
+    *,
+    max_pixels: int = 64_000_000,
+    max_bytes: int | None = None,
+    min_size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Read and decode one :class:`SourceItem` (see :func:`decode_image`)."""
+    data = read_item_bytes(item, storage, max_bytes)
+    return decode_image(data, max_pixels=max_pixels, min_size=min_size)

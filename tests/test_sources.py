@@ -1,0 +1,204 @@
+"""Listing and defensive decoding of input images (pipelines/sources.py)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines.manifest import SourceSpec
+from pipelines.sources import ImageError, SourceItem, decode_image, list_source, load_image
+
+
+def png_bytes(arr: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def gradient(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 // max(1, w - 1), y * 255 // max(1, h - 1), (x + y) % 256], -1)
+    return np.clip(base + rng.integers(0, 16, base.shape), 0, 255).astype(np.uint8)
+
+
+def exif_rotated_jpeg(arr: np.ndarray, orientation: int = 6) -> bytes:
+    im = Image.fromarray(arr)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def bomb_png(w: int, h: int) -> bytes:
+    """A tiny PNG whose header claims w x h (palette, compresses to almost nothing)."""
+    buf = io.BytesIO()
+    Image.new("1", (w, h)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_bad_inputs(folder: Path, size: int = 64) -> dict[str, str]:
+    """Files of every awkward kind; returns name -> expected outcome ("ok" or a reason category)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = gradient(size, size + 16)
+    cases: dict[str, str] = {}
+
+    def put(name: str, data: bytes, outcome: str) -> None:
+        (folder / name).write_bytes(data)
+        cases[name] = outcome
+
+    put("good_rgb.png", png_bytes(good), "ok")
+    put("gray.png", png_bytes(good[..., 0]), "ok")
+    put("rgba.png", png_bytes(np.dstack([good, np.full(good.shape[:2], 255, np.uint8)])), "ok")
+    put("gray16.png", png_bytes(good[..., 1].astype(np.uint16) * 257), "ok")
+    put("palette.png", _save(Image.fromarray(good).convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), "ok")
+    put("cmyk.jpg", _save(Image.fromarray(good).convert("CMYK"), "JPEG", quality=95), "ok")
+    put("exif_rot.jpg", exif_rotated_jpeg(good, 6), "ok")
+    full = png_bytes(gradient(size, size, 3))
+    put("truncated.png", full[: len(full) // 2], "truncated")
+    put("zero.png", b"", "empty file")
+    put("text.png", b"this is not an image at all\n" * 10, "not an image")
+    corrupt = bytearray(full)
+    corrupt[60:200] = bytes(140)
+    put("corrupt.png", bytes(corrupt), "corrupt")
+    put("tiny.png", png_bytes(gradient(8, 8)), "smaller than one tile")
+    put("bomb.png", bomb_png(20000, 20000), "too large")
+    return cases
+
+
+def _save(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_convertible_modes_become_rgb8(tmp_path):
+    cases = write_bad_inputs(tmp_path)
+    ref = gradient(64, 80)
+    for name, outcome in cases.items():
+        if outcome != "ok":
+            continue
+        img = decode_image((tmp_path / name).read_bytes())
+        assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3, name
+        if name == "exif_rot.jpg":
+            # orientation 6 = rotate 90° clockwise to display: 64x80 (HxW) becomes 80x64
+            assert img.shape[:2] == (80, 64)
+            expected = np.rot90(ref, k=-1)
+            assert np.abs(img.astype(int) - expected.astype(int)).mean() < 6
+        else:
+            assert img.shape[:2] == (64, 80), name
+    gray = decode_image((tmp_path / "gray.png").read_bytes())
+    assert (gray[..., 0] == ref[..., 0]).all() and (gray[..., 2] == ref[..., 0]).all()
+    g16 = decode_image((tmp_path / "gray16.png").read_bytes())
+    assert (g16[..., 0] == ref[..., 1]).all()
+    rgba = decode_image((tmp_path / "rgba.png").read_bytes())
+    assert (rgba == ref).all()
+
+
+def test_transparent_pixels_composite_over_white():
+    arr = np.zeros((4, 4, 4), np.uint8)
+    arr[..., 0] = 200
+    arr[:2, :, 3] = 255  # top half opaque red-ish, bottom half fully transparent
+    img = decode_image(png_bytes(arr))
+    assert (img[:2] == [200, 0, 0]).all()
+    assert (img[2:] == 255).all()
+
+
+@pytest.mark.parametrize(
+    "name,category",
+    [
+        ("truncated.png", "truncated"),
+        ("zero.png", "empty file"),
+        ("text.png", "not an image"),
+        ("corrupt.png", "corrupt"),
+        ("bomb.png", "too large"),
+    ],
+)
+def test_bad_files_give_clear_reasons(tmp_path, name, category):
+    write_bad_inputs(tmp_path)
+    with pytest.raises(ImageError) as info:
+        decode_image((tmp_path / name).read_bytes(), max_pixels=10_000_000)
+    assert info.value.category == category, info.value.reason
+    if name == "bomb.png":
+        assert "20000x20000" in info.value.reason and "limit 10000000" in info.value.reason
+
+
+def test_bomb_is_refused_before_decoding(monkeypatch):
+    data = bomb_png(5000, 5000)
+
+    def boom(self):  # a decode would call load(); the size check must come first
+        raise AssertionError("decoded a bomb")
+
+    monkeypatch.setattr(Image.Image, "load", boom)
+    with pytest.raises(ImageError, match="too large: 5000x5000"):
+        decode_image(data, max_pixels=1_000_000)
+
+
+def test_min_size_and_file_size_limits(tmp_path):
+    with pytest.raises(ImageError, match="too small: 8x8 < 16x16"):
+        decode_image(png_bytes(gradient(8, 8)), min_size=(16, 16))
+    p = tmp_path / "a.png"
+    p.write_bytes(png_bytes(gradient(32, 32)))
+    item = SourceItem(str(p), str(p), None, p.stat().st_size)
+    with pytest.raises(ImageError, match="file too large"):
+        load_image(item, max_bytes=10)
+    with pytest.raises(ImageError, match="missing"):
+        load_image(SourceItem(str(tmp_path / "nope.png"), str(tmp_path / "nope.png")))
+
+
+def test_list_folder_glob_webdataset_parquet(tmp_path):
+    d = tmp_path / "imgs"
+    (d / "sub").mkdir(parents=True)
+    for n in ["b.png", "a.jpg", "sub/c.PNG", "notes.txt"]:
+        (d / n).write_bytes(png_bytes(gradient(16, 16)))
+    items = list_source(SourceSpec(uri=str(d)))
+    assert [Path(i.uri).name for i in items] == ["a.jpg", "b.png", "c.PNG"]
+    assert [Path(i.uri).name for i in list_source(SourceSpec(uri=f"file://{d}/*.png"))] == ["b.png"]
+    assert len(list_source(SourceSpec(uri=str(d), limit=2))) == 2
+
+    tar_path = tmp_path / "wds" / "s-000000.tar"
+    tar_path.parent.mkdir()
+    imgs = {f"k{i}": gradient(16 + i, 20, i) for i in range(3)}
+    with tarfile.open(tar_path, "w") as tar:
+        for k, arr in imgs.items():
+            for ext, data in (("png", png_bytes(arr)), ("json", b"{}")):
+                info = tarfile.TarInfo(f"{k}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    wds = list_source(SourceSpec(uri=str(tar_path.parent), format="webdataset"))
+    assert [i.uri.rsplit("#", 1)[1] for i in wds] == ["k0.png", "k1.png", "k2.png"]
+    for it in wds:
+        k = it.uri.rsplit("#", 1)[1].split(".")[0]
+        assert (load_image(it) == imgs[k]).all()
+
+    pq.write_table(pa.table({"uri": ["imgs/b.png", str(d / "a.jpg"), None]}), tmp_path / "list.parquet")
+    pl = list_source(SourceSpec(uri=str(tmp_path / "list.parquet"), format="parquet"))
+    assert sorted(Path(i.uri).name for i in pl) == ["a.jpg", "b.png"]
+    assert all(load_image(i).shape == (16, 16, 3) for i in pl)
+
+
+def test_list_missing_source_raises(tmp_path):
+    from pipelines.sources import SourceError
+
+    with pytest.raises(SourceError, match="not found"):
+        list_source(SourceSpec(uri=str(tmp_path / "nope")))
+
+
+def test_s3_listing_and_reading(s3_bucket):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    arr = gradient(24, 24, 7)
+    fs.pipe(f"{s3_bucket}/hr/x.png", png_bytes(arr))
+    fs.pipe(f"{s3_bucket}/hr/y.txt", b"x")
+    items = list_source(SourceSpec(uri=f"s3://{s3_bucket}/hr"))
+    assert [i.uri for i in items] == [f"s3://{s3_bucket}/hr/x.png"]
+    assert (load_image(items[0]) == arr).all()
