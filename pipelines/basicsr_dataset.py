@@ -1,0 +1,124 @@
+"""BasicSR-compatible map-style dataset over RealDGen shards: ``type: RealDGenPairedDataset``.
+
+BasicSR's ``train.py`` wraps every training set in its ``EnlargedSampler`` and hands that sampler
+to a ``DataLoader``, which an ``IterableDataset`` refuses. So this class is map-style: ``len`` is
+the index's ``total_samples`` and ``__getitem__`` reads one sample with a single ranged read of
+its tar (the shard's headers are scanned once per process on first use). BasicSR's sampler does
+the shuffling and the DDP split, exactly as for its own ``PairedImageDataset``.
+
+The class registers itself in BasicSR's ``DATASET_REGISTRY`` when ``basicsr`` is importable;
+without BasicSR the module still imports and the class works from a plain ``opt`` dict.
+
+Options (the keys BasicSR's paired datasets use, plus ``dataroot``):
+
+    dataroot: s3://bucket/datasets/run1   # dataset URI, or a list of shard URLs
+    endpoint_url: ~                       # S3 endpoint; default AWS_ENDPOINT_URL; creds from env
+    scale: 4                              # filled in by BasicSR from the top-level scale
+    phase: train                          # train: random crop + augment; anything else: whole image
+    gt_size: 256                          # HR crop (train phase)
+    use_hflip: true
+    use_rot: true
+    mean: ~                               # optional per-channel normalisation, as in BasicSR
+    std: ~
+    max_cached_shards: 64                 # header tables kept per process
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pipelines.reader import BadSample, PairTransform, ShardRandomAccess, resolve_shards
+
+log = logging.getLogger(__name__)
+
+# How many following samples to try when one breaks the contract, before giving up loudly.
+MAX_SUBSTITUTES = 16
+
+
+class RealDGenPairedDataset(Dataset):
+    """Paired (lq, gt) dataset over RealDGen shards with BasicSR's ``opt`` dict interface.
+
+    Returns ``{'lq', 'gt', 'lq_path', 'gt_path', 'key'}`` with float32 RGB CHW tensors in
+    ``[0, 1]`` (normalised when ``mean``/``std`` are set). A sample that breaks the contract is
+    counted in :attr:`skipped`, logged, and replaced by the next good one, so one bad sample does
+    not kill a multi-day run; a run of ``MAX_SUBSTITUTES`` bad samples raises.
+    """
+
+    def __init__(self, opt: dict):
+        super().__init__()
+        self.opt = opt
+        if "dataroot" not in opt:
+            raise KeyError("RealDGenPairedDataset needs opt['dataroot'] (dataset URI or list of shard URLs)")
+        self.phase = opt.get("phase", "train")
+        train = self.phase == "train"
+        scale = opt.get("scale")
+        self.transform = PairTransform(
+            gt_size=opt.get("gt_size") if train else None,
+            scale=int(scale) if scale is not None else None,
+            use_hflip=bool(opt.get("use_hflip", True)) and train,
+            use_rot=bool(opt.get("use_rot", True)) and train,
+        )
+        if train and self.transform.gt_size is None:
+            raise KeyError("RealDGenPairedDataset: phase 'train' needs opt['gt_size']")
+        self.mean = opt.get("mean")
+        self.std = opt.get("std")
+        endpoint = opt.get("endpoint_url")
+        self.access = ShardRandomAccess(
+            resolve_shards(opt["dataroot"], endpoint),
+            endpoint,
+            max_cached_shards=int(opt.get("max_cached_shards", 64)),
+        )
+        self.skipped: Counter = Counter()
+        self._rng: tuple[int, np.random.Generator] | None = None
+
+    def __len__(self) -> int:
+        return len(self.access)
+
+    def _generator(self) -> np.random.Generator:
+        # One generator per process, seeded from torch's per-worker seed (which BasicSR derives
+        # from its manual seed), instead of the global `random` state BasicSR's own crops use.
+        seed = torch.initial_seed()
+        if self._rng is None or self._rng[0] != seed:
+            self._rng = (seed, np.random.default_rng(seed))
+        return self._rng[1]
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self)
+        for attempt in range(MAX_SUBSTITUTES):
+            i = (index + attempt) % n
+            files, key, url = self.access.get(i)
+            try:
+                out = self.transform(files, key, url, self._generator())
+            except BadSample as exc:
+                self.skipped[exc.reason] += 1
+                log.warning("RealDGenPairedDataset: sample %s in %s skipped: %s", key, url, exc)
+                continue
+            if self.mean is not None or self.std is not None:
+                mean = torch.tensor(self.mean if self.mean is not None else [0.0] * 3).view(3, 1, 1)
+                std = torch.tensor(self.std if self.std is not None else [1.0] * 3).view(3, 1, 1)
+                out["lq"] = (out["lq"] - mean) / std
+                out["gt"] = (out["gt"] - mean) / std
+            return out
+        raise RuntimeError(
+            f"RealDGenPairedDataset: {MAX_SUBSTITUTES} bad samples in a row from index {index}; "
+            f"skipped so far: {dict(self.skipped)}"
+        )
+
+
+def _register() -> bool:
+    """Add the class to BasicSR's DATASET_REGISTRY when BasicSR is installed."""
+    try:
+        from basicsr.utils.registry import DATASET_REGISTRY
+    except Exception:  # BasicSR absent (or broken): standalone use still works
+        return False
+    if "RealDGenPairedDataset" not in DATASET_REGISTRY:
+        DATASET_REGISTRY.register(RealDGenPairedDataset)
+    return True
+
+
+REGISTERED_WITH_BASICSR = _register()

@@ -1,0 +1,183 @@
+"""The ``realdgen`` command line: one entry, one subcommand per task.
+
+Adding a subcommand: write ``def _configure_x(parser)`` (arguments) and ``def _run_x(args) -> int``
+(exit status), and add a :class:`Command` to :data:`COMMANDS`. Keep heavy imports inside the run
+function so that ``realdgen --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+DATASET_HELP = "dataset URI: a local folder, file://… or s3://bucket/prefix"
+ENDPOINT_HELP = "S3 endpoint URL (default: $AWS_ENDPOINT_URL); credentials always come from the environment"
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    description: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# -- export -------------------------------------------------------------------------------------
+
+
+def _configure_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", help=DATASET_HELP)
+    p.add_argument("out_dir", help="local folder to write hr/, lr/ and the meta files into")
+    p.add_argument("--endpoint", default=None, help=ENDPOINT_HELP)
+    p.add_argument("--limit", type=int, default=None, help="stop after this many pairs")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="copy PNG bytes without decoding them to check sizes (faster)",
+    )
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from pipelines.export import export_dataset
+
+    result = export_dataset(
+        args.dataset, args.out_dir, endpoint_url=args.endpoint, limit=args.limit, verify=not args.no_verify
+    )
+    print(json.dumps(result.to_dict(), indent=1))
+    return 0 if result.pairs > 0 else 1
+
+
+# -- inspect ------------------------------------------------------------------------------------
+
+
+def _configure_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", help=DATASET_HELP)
+    p.add_argument("--endpoint", default=None, help=ENDPOINT_HELP)
+    p.add_argument(
+        "--contact-sheet",
+        metavar="PNG",
+        default=None,
+        help="write a contact sheet of random pairs here (HR | LR upscaled nearest to HR size)",
+    )
+    p.add_argument("--pairs", type=int, default=8, help="pairs on the contact sheet (default 8)")
+    p.add_argument("--columns", type=int, default=1, help="pairs per contact-sheet row (default 1)")
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        help="cell size in pixels (default: the largest HR side; larger HR is shrunk)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the contact-sheet draw (default 0)")
+    p.add_argument("--max-shards", type=int, default=None, help="only look at the first N shards")
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from pipelines.inspect_shards import inspect_dataset
+
+    report = inspect_dataset(
+        args.dataset,
+        endpoint_url=args.endpoint,
+        contact_sheet_path=args.contact_sheet,
+        n_pairs=args.pairs,
+        seed=args.seed,
+        tile=args.tile,
+        columns=args.columns,
+        max_shards=args.max_shards,
+    )
+    print(json.dumps(report.to_dict(), indent=1))
+    return 0
+
+
+# -- validate -----------------------------------------------------------------------------------
+
+
+def _configure_validate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", help=DATASET_HELP)
+    p.add_argument("--endpoint", default=None, help=ENDPOINT_HELP)
+    p.add_argument("--scale", type=int, default=None, help="require this scale in every sample")
+    p.add_argument(
+        "--no-decode",
+        action="store_true",
+        help="check structure and json only, do not decode the images (faster)",
+    )
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument("--max-problems", type=int, default=20, help="problems to print (default 20)")
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from pipelines.inspect_shards import check_contract
+
+    try:
+        report = check_contract(
+            args.dataset, endpoint_url=args.endpoint, scale=args.scale, decode_images=not args.no_decode
+        )
+    except (OSError, ValueError) as exc:
+        print(f"cannot read {args.dataset}: {exc}")
+        return 2
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        for p in report.problems[: args.max_problems]:
+            print("problem:", p)
+        if len(report.problems) > args.max_problems:
+            print(f"... and {len(report.problems) - args.max_problems} more")
+    verdict = "ok" if report.ok else f"{len(report.problems)} problems"
+    print(f"validate: {report.shards} shards, {report.samples} samples, {verdict}")
+    return 0 if report.ok else 1
+
+
+COMMANDS: list[Command] = [
+    Command(
+        "export",
+        "write a dataset as hr/ and lr/ folders plus BasicSR/Real-ESRGAN meta files",
+        "Export paired PNG folders (bytes copied verbatim) and the meta_info files of BasicSR's "
+        "PairedImageDataset and Real-ESRGAN's RealESRGANPairedDataset. See docs/downstream.md.",
+        _configure_export,
+        _run_export,
+    ),
+    Command(
+        "inspect",
+        "print dataset statistics (JSON) and optionally a contact sheet",
+        "Counts per generator and scale, tau and content/degradation error histograms, failures by "
+        "reason from the parquet rows with status != ok, totals; with --contact-sheet a PNG of "
+        "random pairs (seeded).",
+        _configure_inspect,
+        _run_inspect,
+    ),
+    Command(
+        "validate",
+        "check a dataset against the output contract (exit 0 ok, 1 problems, 2 unreadable)",
+        "Check shard names, completion markers, parquet presence, tar structure, keys, members, "
+        "image modes and sizes (hr = scale x lr), json fields and _index.json counts/bytes/digests "
+        "(ARCHITECTURE.md section 5).",
+        _configure_validate,
+        _run_validate,
+    ),
+]
+
+
+def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="realdgen",
+        description="RealDGen: realistic (HR, LR) super-resolution training pairs. "
+        "Run `realdgen COMMAND --help` for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for c in commands:
+        p = sub.add_parser(c.name, help=c.help, description=c.description)
+        c.configure(p)
+        p.set_defaults(_run=c.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
