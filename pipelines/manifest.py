@@ -178,6 +178,13 @@ class GeneratorSpec(StrictModel):
     degradation_weight: float = Field(
         1.0, ge=0, le=1e6, description="Weight of the degradation error in best-of-k."
     )
+    rows_per_call: int | None = Field(
+        None,
+        ge=1,
+        le=65536,
+        description="realdgen: None = one network call per sample (batch-independent on any backend); "
+        "an int packs rows into fixed-size calls (GPU throughput). Part of the data's identity.",
+    )
     start_kind: Literal["realesrgan", "bsrgan", "bicubic"] = Field(
         "realesrgan", description="Synthetic degradation D used to build x_τ from the HR (Alg. 2)."
     )
@@ -273,9 +280,10 @@ class ComputeSpec(StrictModel):
     )
     decode_batch_size: int = Field(1, ge=1, le=1024, description="Input images per decode task batch.")
     encode_batch_size: int = Field(16, ge=1, le=4096, description="Samples per encode task batch.")
-    shards_in_flight: int = Field(
-        4, ge=1, le=1024, description="Shards admitted to the pipeline at once (bounds memory)."
+    actor_num_cpus: float = Field(
+        1.0, gt=0, le=1024, description="CPUs reserved per CPU generation actor (GPU actors reserve 1 GPU)."
     )
+    task_num_cpus: float = Field(1.0, gt=0, le=1024, description="CPUs per decode/encode task.")
     torch_threads: int | None = Field(None, ge=1, le=256, description="torch threads per CPU actor.")
 
 
