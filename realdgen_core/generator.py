@@ -1,0 +1,379 @@
+"""LRGenerator: realistic LR for (HR, real LR reference) pairs — Alg. 2 plus the best-of-k filter (§2.3, A.6).
+
+For every sample i (one CPU ``torch.Generator`` seeded from ``seeds[i]``) and each of its k
+candidates j, in this order: τ_ij ~ U{tau_range} (inclusive, 0-based schedule indices, see
+``realdgen_core.diffusion``), then θ_ij of D (``degrade.sample_theta``). Then
+
+    x_start_ij = 2·D(HR_i, θ_ij) − 1                       (Alg. 2 prints D(x_lr); §2.3 means the HR)
+    c_i        = M(E_cont(HR_i), E_deg(ref_i))
+    cand_ij    = ancestral DDPM from x_τ = √ᾱ_τ·x_start + √(1−ᾱ_τ)·ε down to t = 0, 8-bit quantised
+    content_error_ij     = mean((E_cont(bicubic_up(cand_ij)) − E_cont(HR_i))²)   (MSE over the content map)
+    degradation_error_ij = mean((E_deg(cand_ij) − E_deg(ref_i))²)                 (MSE over the 2048 dims)
+    kept_i = argmin_j  w_c·content_error_ij + w_d·degradation_error_ij            (first index on ties)
+
+Batch independence. CPU convolutions are not bit-identical across batch sizes (measured: ~1e-6
+differences for every preset when the same rows run in a batch of 1, 4 or 16), which after 300
+steps and 8-bit rounding would make a sample's pixels depend on its batch. So no network call
+ever mixes rows whose shape or membership depends on other samples:
+
+- ``rows_per_call=None`` (default): every network call holds the rows of exactly one sample (its
+  HR, its reference, or its active candidates), so a sample makes the very same calls alone or in
+  any batch — nothing is assumed about the backend. Costs one call per sample per step.
+- ``rows_per_call=R``: the rows of all samples are packed into calls of exactly R rows (the last
+  one zero-padded): the throughput path for GPUs (R ≥ B·k puts every candidate of the batch in one
+  UNet call). A row's result then depends on R, never on its batch-mates, provided the backend
+  computes a row independently of its position inside a same-shaped batch — true for the CPU
+  backend (tested) and for fixed cuDNN algorithms (leave ``cudnn.benchmark`` off). R is part of
+  a dataset's identity: changing it may flip low bits.
+
+Precision: everything runs in float32; on CUDA, ``dtype=torch.bfloat16`` autocasts the UNet only
+(>99% of the cost; the encoders, M and the filter stay float32 so the filter's ranking is not
+decided by bf16 noise). On CPU the dtype knob is ignored and everything stays float32.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from realdgen_core import degrade
+from realdgen_core.diffusion import GaussianDiffusion, Sampler
+from realdgen_core.models import RealDGenModel
+
+
+@dataclass
+class GenerationResult:
+    """What ``LRGenerator.generate`` returns; all tensors on CPU."""
+
+    lr: Tensor  # [B,3,h,w] kept candidate, 8-bit quantised, [0,1]
+    content_errors: Tensor  # [B,k] float32
+    degradation_errors: Tensor  # [B,k] float32
+    kept: Tensor  # [B] long, index of the kept candidate
+    tau: Tensor  # [B,k] long, τ used per candidate (0-based schedule index)
+    thetas: list[list[dict]]  # θ of D used to build x_start, per sample per candidate
+    candidates: Tensor | None = None  # [B,k,3,h,w] all candidates (only with return_candidates=True)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase of this call
+
+
+def bicubic_up(lr: Tensor, scale: int) -> Tensor:
+    """Bicubic ×scale (torch, align_corners=False), clamped to [0, 1] — as in training (train.data)."""
+    return F.interpolate(lr, scale_factor=float(scale), mode="bicubic", align_corners=False).clamp_(0.0, 1.0)
+
+
+def quantize_8bit(x: Tensor) -> Tensor:
+    return torch.round(x.clamp(0.0, 1.0) * 255.0) / 255.0
+
+
+def _pad_to_multiple(x: Tensor, m: int) -> Tensor:
+    """Pad bottom/right of [N,C,h,w] to multiples of m (reflect where possible, else replicate)."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % m, (-w) % m
+    if not ph and not pw:
+        return x
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+class LRGenerator:
+    """Generates realistic LR images from a trained RealDGen model (GPU work of the dataset job).
+
+    Args:
+        model: a ``RealDGenModel`` (moved to ``device`` and set to eval mode).
+        device: where the networks run. Random draws are always made on CPU.
+        digest: the checkpoint digest recorded in the dataset (``None`` for an unsaved model).
+        rows_per_call: ``None`` = one network call per sample; an int = fixed-size packed calls
+            (see the module docstring).
+        dtype: ``torch.bfloat16`` autocasts the UNet on CUDA; ignored on CPU (float32).
+        sampler: the reverse-process sampler (``"ancestral"``, the paper's).
+    """
+
+    def __init__(
+        self,
+        model: RealDGenModel,
+        device: str | torch.device = "cpu",
+        digest: str | None = None,
+        *,
+        rows_per_call: int | None = None,
+        dtype: torch.dtype | None = None,
+        sampler: Sampler | str = Sampler.ANCESTRAL,
+    ) -> None:
+        if rows_per_call is not None and (not isinstance(rows_per_call, int) or rows_per_call < 1):
+            raise ValueError(f"rows_per_call must be None or a positive int, got {rows_per_call!r}")
+        if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be None, float32, bfloat16 or float16, got {dtype!r}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.digest = digest
+        self.rows_per_call = rows_per_call
+        self.sampler = Sampler(sampler)
+        self.diffusion = GaussianDiffusion(model.config.diffusion)
+        use_autocast = self.device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+        self.autocast_dtype = dtype if use_autocast else None
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs) -> LRGenerator:
+        """Load a safetensors checkpoint (``realdgen_core.checkpoint``); ``digest`` from its metadata."""
+        from realdgen_core.checkpoint import load_checkpoint
+
+        model, metadata = load_checkpoint(path, device=device)
+        return cls(model, device=device, digest=metadata.get("digest"), **kwargs)
+
+    @property
+    def scale(self) -> int:
+        return self.model.config.scale
+
+    # ------------------------------------------------------------------ batching policy
+    def _run(
+        self, fn: Callable[..., Tensor], inputs: Sequence[Tensor], groups: Sequence[Sequence[int]]
+    ) -> Tensor:
+        """fn over the rows of ``inputs`` so that a row's result never depends on the other rows.
+
+        ``groups`` lists the rows of each sample (used when ``rows_per_call`` is None).
+        """
+        n = inputs[0].shape[0]
+        if self.rows_per_call is None:
+            out: Tensor | None = None
+            for rows in groups:
+                if not rows:
+                    continue
+                idx = torch.tensor(list(rows), device=inputs[0].device)
+                o = fn(*(x[idx] for x in inputs))
+                if out is None:
+                    out = o.new_empty((n, *o.shape[1:]))
+                out[idx] = o
+            assert out is not None
+            return out
+        r = self.rows_per_call
+        outs = []
+        for s in range(0, n, r):
+            chunk = [x[s : s + r] for x in inputs]
+            m = chunk[0].shape[0]
+            if m < r:
+                chunk = [torch.cat([c, c.new_zeros((r - m, *c.shape[1:]))]) for c in chunk]
+            outs.append(fn(*chunk)[:m])
+        return torch.cat(outs)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------ public API
+    @torch.inference_mode()
+    def degradation_embeddings(self, refs: Tensor | Sequence[Tensor]) -> Tensor:
+        """E_deg of real LR references: [N,3,h,w] in [0,1] (or a list of [3,h,w] of any sizes) -> [N, 2048].
+
+        Each reference is embedded on its own (or in fixed-size packed calls), so a reference's
+        embedding does not depend on the bank it was computed with. Returned on CPU, float32.
+        """
+        refs_list = self._as_image_list(refs, "refs")
+        if not refs_list:
+            return torch.zeros((0, self.model.config.degradation.out_dim))
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, r in enumerate(refs_list):
+            by_size.setdefault(tuple(r.shape[-2:]), []).append(i)
+        out = torch.empty((len(refs_list), self.model.config.degradation.out_dim))
+        for rows in by_size.values():
+            x = torch.stack([refs_list[i] for i in rows]).to(self.device, torch.float32)
+            emb = self._run(self.model.degradation, [x], [[j] for j in range(len(rows))])
+            out[torch.tensor(rows)] = emb.float().cpu()
+        return out
+
+    @staticmethod
+    def _as_image_list(imgs: Tensor | Sequence[Tensor], name: str) -> list[Tensor]:
+        if isinstance(imgs, Tensor):
+            if imgs.dim() != 4 or imgs.shape[1] != 3:
+                raise ValueError(f"{name} must be [N,3,h,w] in [0,1], got shape {tuple(imgs.shape)}")
+            return list(imgs)
+        out = []
+        for i, r in enumerate(imgs):
+            r = r[0] if r.dim() == 4 and r.shape[0] == 1 else r
+            if r.dim() != 3 or r.shape[0] != 3:
+                raise ValueError(f"{name}[{i}] must be [3,h,w] in [0,1], got shape {tuple(r.shape)}")
+            out.append(r)
+        return out
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        hr: Tensor,
+        refs: Tensor | Sequence[Tensor] | None = None,
+        *,
+        k: int = 4,
+        tau_range: tuple[int, int] = (0, 300),
+        seeds: Sequence[int],
+        ref_embeddings: Tensor | None = None,
+        weights: tuple[float, float] = (1.0, 1.0),
+        start_kind: str = "realesrgan",
+        return_candidates: bool = False,
+    ) -> GenerationResult:
+        """Generate one realistic LR per HR (best of k candidates).
+
+        Args:
+            hr: [B,3,H,W] in [0,1]; modcropped (bottom/right) to a multiple of the scale.
+            refs: real LR references, one per sample ([B,3,h,w], a list of B [3,h,w] of any sizes,
+                or a single reference [1,3,h,w] shared by all samples).
+            k: candidates per sample (k = 1 disables the filter).
+            tau_range: (lo, hi), inclusive 0-based start indices; τ ~ U{lo..hi} per candidate.
+            seeds: one int per sample; the sample's every draw comes from ``Generator().manual_seed(seed)``.
+            ref_embeddings: E_deg of the references ([B,2048] or [1,2048]), instead of ``refs``
+                (from ``degradation_embeddings``, so a pipeline embeds its reference bank once).
+            weights: (w_content, w_degradation) of the filter's combined error.
+            start_kind: the kind of D that degrades the HR into x_start.
+            return_candidates: also return all k candidates ([B,k,3,h,w]).
+        """
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            self._sync()
+            now = time.perf_counter()
+            timings[name] = timings.get(name, 0.0) + now - clock
+            clock = now
+
+        cfg = self.model.config
+        s = self.scale
+        hr, b = self._check_generate_args(hr, k, tau_range, seeds, weights, start_kind)
+        if (refs is None) == (ref_embeddings is None):
+            raise ValueError("pass exactly one of refs or ref_embeddings")
+        hr = degrade.modcrop(hr, s).to(torch.float32)
+        H, W = hr.shape[-2:]
+        h, w = H // s, W // s
+
+        # 1. Per-sample draws: τ then θ for each candidate, from the sample's own generator.
+        gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        lo, hi = int(tau_range[0]), int(tau_range[1])
+        tau = torch.empty((b, k), dtype=torch.long)
+        thetas: list[list[dict]] = []
+        for i, g in enumerate(gens):
+            row = []
+            for j in range(k):
+                tau[i, j] = int(torch.randint(lo, hi + 1, (), generator=g))
+                row.append(degrade.sample_theta(start_kind, s, g))
+            thetas.append(row)
+        hr_cpu = hr.detach().to("cpu")
+        x_start = torch.cat(
+            [degrade.apply(hr_cpu[i : i + 1].expand(k, -1, -1, -1), thetas[i]) for i in range(b)]
+        )
+        x_start = (x_start.to(self.device) * 2.0 - 1.0).contiguous()
+        lap("degrade")
+
+        # 2. Condition c = M(E_cont(HR), E_deg(ref)), one row per sample.
+        hr_dev = hr.to(self.device)
+        per_sample = [[i] for i in range(b)]
+        content_hr = self._run(self.model.content.encode, [hr_dev], per_sample)
+        lap("content")
+        if ref_embeddings is None:
+            ref_emb = self.degradation_embeddings(refs)
+        else:
+            ref_emb = torch.as_tensor(ref_embeddings).detach().float().cpu()
+        ref_emb = self._broadcast_refs(ref_emb, b).to(self.device)
+        lap("degradation")
+        cond = self._run(self.model.modulation, [content_hr, ref_emb], per_sample)
+        lap("modulation")
+
+        # 3. Sampling: all B·k candidates; per-row τ; noise from the owning sample's generator.
+        m = cfg.unet.size_multiple
+        cond_rows = cond.repeat_interleave(k, dim=0)
+        x_start_p = _pad_to_multiple(x_start, m)
+        cond_p = _pad_to_multiple(cond_rows, m)
+        row_gens = [g for g in gens for _ in range(k)]
+        sample_rows = [list(range(i * k, (i + 1) * k)) for i in range(b)]
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype
+            else nullcontext()
+        )
+
+        def unet_rows(x_t: Tensor, t: Tensor, c: Tensor) -> Tensor:
+            with autocast:
+                return self.model.unet(x_t, c, t).float()
+
+        if self.rows_per_call is None:
+            # One call per sample per step (its active candidates); diffusion groups the rows.
+            def eps_fn(x_t: Tensor, t: Tensor, c: Tensor) -> Tensor:
+                return unet_rows(x_t, t, c)
+
+            groups = sample_rows
+        else:
+
+            def eps_fn(x_t: Tensor, t: Tensor, c: Tensor) -> Tensor:
+                return self._run(unet_rows, [x_t, t, c], [])
+
+            groups = None
+        x0 = self.diffusion.sample(
+            eps_fn,
+            x_start_p,
+            tau.reshape(-1),
+            row_gens,
+            cond={"c": cond_p},
+            row_groups=groups,
+            sampler=self.sampler,
+        )
+        cands = quantize_8bit((x0[..., :h, :w].float() + 1.0) * 0.5)
+        lap("unet")
+
+        # 4. Best-of-k filter on the 8-bit candidates (what would be written).
+        content_c = self._run(lambda x: self.model.content.encode(bicubic_up(x, s)), [cands], sample_rows)
+        deg_c = self._run(self.model.degradation, [cands], sample_rows)
+        content_err = (
+            (content_c.float() - content_hr.float().repeat_interleave(k, 0)).pow(2).flatten(1).mean(1)
+        )
+        deg_err = (deg_c.float() - ref_emb.float().repeat_interleave(k, 0)).pow(2).mean(1)
+        content_err = content_err.view(b, k).cpu()
+        deg_err = deg_err.view(b, k).cpu()
+        combined = float(weights[0]) * content_err + float(weights[1]) * deg_err
+        kept = torch.argmin(combined, dim=1)
+        cands = cands.view(b, k, 3, h, w).cpu()
+        lr = cands[torch.arange(b), kept].contiguous()
+        lap("filter")
+        timings["total"] = sum(timings.values())
+        return GenerationResult(
+            lr=lr,
+            content_errors=content_err,
+            degradation_errors=deg_err,
+            kept=kept,
+            tau=tau,
+            thetas=thetas,
+            candidates=cands if return_candidates else None,
+            timings=timings,
+        )
+
+    # ------------------------------------------------------------------ validation
+    def _check_generate_args(self, hr, k, tau_range, seeds, weights, start_kind) -> tuple[Tensor, int]:
+        if not isinstance(hr, Tensor) or hr.dim() != 4 or hr.shape[1] != 3:
+            shape = tuple(hr.shape) if isinstance(hr, Tensor) else type(hr).__name__
+            raise ValueError(f"hr must be a [B,3,H,W] tensor in [0,1], got {shape}")
+        b = hr.shape[0]
+        s = self.scale
+        if hr.shape[-2] < s or hr.shape[-1] < s:
+            raise ValueError(f"hr of size {tuple(hr.shape[-2:])} is smaller than the scale {s}")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        n_t = self.diffusion.num_timesteps
+        if len(tau_range) != 2 or not 0 <= int(tau_range[0]) <= int(tau_range[1]) < n_t:
+            raise ValueError(f"tau_range must be (lo, hi) with 0 <= lo <= hi < {n_t}, got {tau_range!r}")
+        if len(seeds) != b:
+            raise ValueError(f"seeds must hold one int per sample ({b}), got {len(seeds)}")
+        if len(weights) != 2 or min(float(weights[0]), float(weights[1])) < 0:
+            raise ValueError(
+                f"weights must be two non-negative floats (content, degradation), got {weights!r}"
+            )
+        if start_kind not in degrade.KINDS:
+            raise ValueError(f"start_kind must be one of {degrade.KINDS}, got {start_kind!r}")
+        return hr, b
+
+    def _broadcast_refs(self, emb: Tensor, b: int) -> Tensor:
+        d = self.model.config.degradation.out_dim
+        if emb.dim() == 1:
+            emb = emb[None]
+        if emb.dim() != 2 or emb.shape[1] != d or emb.shape[0] not in (1, b):
+            raise ValueError(f"reference embeddings must be [{b},{d}] or [1,{d}], got {tuple(emb.shape)}")
+        return emb.expand(b, d).contiguous() if emb.shape[0] == 1 else emb

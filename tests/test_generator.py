@@ -1,0 +1,197 @@
+"""LRGenerator: shapes, batch independence, seeding, best-of-k filter, reference-embedding path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from realdgen_core import degrade
+from realdgen_core.config import preset
+from realdgen_core.generator import GenerationResult, LRGenerator
+from realdgen_core.models import build_model
+
+TAU = (0, 12)  # short chains keep the module fast; τ still varies per candidate
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The tiny networks are dominated by per-op overhead; on a shared 2-core box two OpenMP threads
+    # contend and run ~10x slower than one. Restored afterwards.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def model4():
+    return build_model(preset("tiny", 4), seed=0)
+
+
+@pytest.fixture(scope="module")
+def gen4(model4):
+    return LRGenerator(model4)
+
+
+def _images(n, size, seed):
+    g = torch.Generator().manual_seed(seed)
+    # Smooth random content (upsampled noise) rather than white noise: closer to photos.
+    base = torch.rand(n, 3, max(2, size // 4), max(2, size // 4), generator=g)
+    return F.interpolate(base, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def _u8(x: torch.Tensor) -> torch.Tensor:
+    return torch.round(x * 255).to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def batch8():
+    return _images(8, 32, 1), _images(8, 16, 2)
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_output_shapes_and_ranges(scale, model4):
+    model = model4 if scale == 4 else build_model(preset("tiny", 2), seed=0)
+    gen = LRGenerator(model, digest="abc")
+    hr = _images(2, 40, 3)[..., :38, :37]  # modcropped to a multiple of the scale
+    refs = _images(2, 12, 4)
+    res = gen.generate(hr, refs, k=3, tau_range=(2, 6), seeds=[1, 2])
+    hh, ww = 38 - 38 % scale, 37 - 37 % scale
+    assert isinstance(res, GenerationResult) and gen.scale == scale and gen.digest == "abc"
+    assert res.lr.shape == (2, 3, hh // scale, ww // scale) and res.lr.dtype == torch.float32
+    assert 0 <= res.lr.min() and res.lr.max() <= 1
+    assert torch.equal(res.lr, torch.round(res.lr * 255) / 255)  # 8-bit quantised
+    assert res.content_errors.shape == res.degradation_errors.shape == res.tau.shape == (2, 3)
+    assert res.kept.shape == (2,) and res.kept.dtype == torch.long
+    assert int(res.tau.min()) >= 2 and int(res.tau.max()) <= 6
+    assert len(res.thetas) == 2 and all(len(t) == 3 and t[0]["kind"] == "realesrgan" for t in res.thetas)
+    assert res.candidates is None
+    assert {"degrade", "content", "degradation", "modulation", "unet", "filter"} <= set(res.timings)
+
+
+@pytest.mark.parametrize("rows_per_call", [None, 8])
+def test_sample_alone_equals_sample_in_batch_of_8(gen4, model4, batch8, rows_per_call):
+    gen = gen4 if rows_per_call is None else LRGenerator(model4, rows_per_call=rows_per_call)
+    hr, refs = batch8
+    seeds = [101, 7, 33, 5, 90, 12, 64, 3]
+    full = gen.generate(hr, refs, k=4, tau_range=TAU, seeds=seeds)
+    assert len(set(full.tau.flatten().tolist())) > 3  # τ really differs between rows
+    for i in (0, 5):
+        alone = gen.generate(hr[i : i + 1], refs[i : i + 1], k=4, tau_range=TAU, seeds=[seeds[i]])
+        assert torch.equal(_u8(alone.lr[0]), _u8(full.lr[i]))
+        assert torch.equal(alone.tau[0], full.tau[i]) and alone.thetas[0] == full.thetas[i]
+        assert torch.equal(alone.content_errors[0], full.content_errors[i])
+        assert torch.equal(alone.degradation_errors[0], full.degradation_errors[i])
+    # A sample in the middle of a differently composed batch too.
+    mixed = gen.generate(hr[[5, 2, 0]], refs[[5, 2, 0]], k=4, tau_range=TAU, seeds=[seeds[5], 999, seeds[0]])
+    assert torch.equal(_u8(mixed.lr[0]), _u8(full.lr[5])) and torch.equal(_u8(mixed.lr[2]), _u8(full.lr[0]))
+
+
+def test_seeds_determine_output(gen4, batch8):
+    hr, refs = batch8[0][:2], batch8[1][:2]
+    a = gen4.generate(hr, refs, k=2, tau_range=TAU, seeds=[4, 5])
+    b = gen4.generate(hr, refs, k=2, tau_range=TAU, seeds=[4, 5])
+    c = gen4.generate(hr, refs, k=2, tau_range=TAU, seeds=[6, 7])
+    assert torch.equal(a.lr, b.lr) and a.thetas == b.thetas and torch.equal(a.tau, b.tau)
+    for i in range(2):
+        assert not torch.equal(a.lr[i], c.lr[i])
+        assert a.thetas[i] != c.thetas[i]
+
+
+def _independent_errors(model, hr, refs, cands, scale):
+    """Errors recomputed one image at a time, straight from the networks."""
+    b, k = cands.shape[:2]
+    ce, de = torch.empty(b, k), torch.empty(b, k)
+    with torch.inference_mode():
+        for i in range(b):
+            f_hr = model.content.encode(hr[i : i + 1])
+            d_ref = model.degradation(refs[i : i + 1])
+            for j in range(k):
+                c = cands[i, j : j + 1]
+                up = F.interpolate(c, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
+                ce[i, j] = ((model.content.encode(up) - f_hr) ** 2).mean()
+                de[i, j] = ((model.degradation(c) - d_ref) ** 2).mean()
+    return ce, de
+
+
+def test_best_of_k_keeps_min_combined_error(gen4, model4, batch8):
+    hr, refs = batch8[0][:6], batch8[1][:6]
+    seeds = list(range(20, 26))
+    res = gen4.generate(hr, refs, k=4, tau_range=TAU, seeds=seeds, return_candidates=True)
+    assert res.candidates.shape == (6, 4, 3, 8, 8)
+    ce, de = _independent_errors(model4, hr, refs, res.candidates, 4)
+    torch.testing.assert_close(res.content_errors, ce, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(res.degradation_errors, de, rtol=1e-4, atol=1e-9)
+    assert torch.equal(res.kept, torch.argmin(ce + de, dim=1))
+    assert torch.equal(res.lr, res.candidates[torch.arange(6), res.kept])
+
+    # Weights decide: content only, degradation only (same draws ⇒ same candidates).
+    kept = {}
+    for w in [(1.0, 0.0), (0.0, 1.0)]:
+        r = gen4.generate(hr, refs, k=4, tau_range=TAU, seeds=seeds, weights=w, return_candidates=True)
+        assert torch.equal(r.candidates, res.candidates)
+        assert torch.equal(r.kept, torch.argmin(ce if w[0] else de, dim=1))
+        kept[w] = r.kept
+    assert not torch.equal(kept[(1.0, 0.0)], kept[(0.0, 1.0)])  # the weights matter for these seeds
+
+
+def test_k1_and_tau_zero_start_from_degraded_hr(gen4, batch8):
+    hr, refs = batch8[0][:3], batch8[1][:3]
+    res = gen4.generate(hr, refs, k=1, tau_range=(0, 0), seeds=[1, 2, 3], return_candidates=True)
+    assert res.kept.tolist() == [0, 0, 0] and torch.equal(res.lr, res.candidates[:, 0])
+    assert res.tau.tolist() == [[0], [0], [0]]
+    # τ = 0 is a single denoising step from √ᾱ_0·x_start + 0.01·ε: the output is D(HR, θ) up to a
+    # couple of 8-bit levels — so x_start really is the HR degraded with the recorded θ.
+    d_hr = degrade.apply(hr, [t[0] for t in res.thetas])
+    diff = (res.lr - d_hr).abs()
+    assert diff.mean() < 0.01 and diff.max() < 0.06
+    other = degrade.apply(hr, [res.thetas[(i + 1) % 3][0] for i in range(3)])
+    assert (res.lr - other).abs().mean() > diff.mean()
+
+
+def test_ref_embeddings_path_equals_refs_path(gen4, batch8):
+    hr, refs = batch8[0][:3], batch8[1][:3]
+    bank = gen4.degradation_embeddings(batch8[1])
+    assert bank.shape == (8, 2048)
+    assert torch.equal(gen4.degradation_embeddings(refs[1:2]), bank[1:2])  # bank-size independent
+    a = gen4.generate(hr, refs, k=2, tau_range=TAU, seeds=[8, 9, 10])
+    b = gen4.generate(hr, k=2, tau_range=TAU, seeds=[8, 9, 10], ref_embeddings=bank[:3])
+    assert torch.equal(a.lr, b.lr) and torch.equal(a.degradation_errors, b.degradation_errors)
+    # One shared reference for the whole batch (embedding [1, 2048] or a single ref image).
+    c = gen4.generate(hr, k=2, tau_range=TAU, seeds=[8, 9, 10], ref_embeddings=bank[0:1])
+    d = gen4.generate(hr, refs[0:1], k=2, tau_range=TAU, seeds=[8, 9, 10])
+    assert torch.equal(c.lr, d.lr)
+    # References of different sizes as a list.
+    mixed = gen4.degradation_embeddings([refs[0], _images(1, 20, 9)[0]])
+    assert torch.equal(mixed[0], bank[0])
+
+
+def test_generate_validates_arguments(gen4, batch8):
+    hr, refs = batch8[0][:2], batch8[1][:2]
+    with pytest.raises(ValueError, match="exactly one of refs or ref_embeddings"):
+        gen4.generate(hr, refs, seeds=[1, 2], ref_embeddings=torch.zeros(2, 2048))
+    with pytest.raises(ValueError, match="exactly one"):
+        gen4.generate(hr, seeds=[1, 2])
+    with pytest.raises(ValueError, match="seeds"):
+        gen4.generate(hr, refs, seeds=[1])
+    with pytest.raises(ValueError, match="tau_range"):
+        gen4.generate(hr, refs, seeds=[1, 2], tau_range=(0, 1000))
+    with pytest.raises(ValueError, match="k must"):
+        gen4.generate(hr, refs, seeds=[1, 2], k=0)
+    with pytest.raises(ValueError, match="start_kind"):
+        gen4.generate(hr, refs, seeds=[1, 2], start_kind="jpeg")
+    with pytest.raises(ValueError, match="reference embeddings"):
+        gen4.generate(hr, seeds=[1, 2], ref_embeddings=torch.zeros(3, 2048))
+
+
+def test_from_checkpoint_roundtrip(model4, batch8, tmp_path):
+    ckpt = pytest.importorskip("realdgen_core.checkpoint")
+    path = tmp_path / "tiny.safetensors"
+    digest = ckpt.save_checkpoint(path, model4)
+    gen = LRGenerator.from_checkpoint(path, device="cpu")
+    assert gen.digest == digest and gen.scale == 4
+    hr, refs = batch8[0][:1], batch8[1][:1]
+    a = gen.generate(hr, refs, k=2, tau_range=TAU, seeds=[3])
+    b = LRGenerator(model4).generate(hr, refs, k=2, tau_range=TAU, seeds=[3])
+    assert torch.equal(a.lr, b.lr)
