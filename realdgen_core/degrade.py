@@ -32,7 +32,8 @@ The output is clamped and 8-bit quantised, ``round(x * 255) / 255``.
   the target is ``floor(n * factor)`` per side (at least 1);
 - ``blur_subsample``: ``kernel`` then keep every ``stride``-th pixel (BSRGAN's blur + nearest);
 - ``gaussian_noise``: ``sigma`` (0–255 scale), ``gray``; ``poisson_noise``: ``scale``, ``gray``;
-  ``correlated_noise``: ``cov`` (3×3, [0, 1] scale), ``level``; ``camera_noise``: ``gamma``,
+  ``correlated_noise``: ``cov`` (3×3, [0, 1] scale, already scaled: BSRGAN scales it by the top
+  level 25, so the drawn ``level`` is recorded but unused); ``camera_noise``: ``gamma``,
   ``shot``, ``read``. Each noise op has a ``stream`` int: its field is drawn from a CPU generator
   seeded with ``noise_seed + stream``;
 - ``jpeg``: ``quality`` (int).
@@ -105,6 +106,9 @@ SCALES = (2, 4)
 THETA_VERSION = 1
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 RESIZE_MODES = ("area", "bilinear", "bicubic", "bicubic_aa", "nearest")
+# Kernels at least this wide are applied through FFTs: ~4x faster than a direct depthwise conv for
+# 21x21 on a 256² image on CPU, equal to it up to float32 rounding (~1e-6).
+FFT_MIN_KERNEL = 13
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma, as torchvision's rgb_to_grayscale
 
 
@@ -466,7 +470,8 @@ def filter2d(img: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
     k odd; output has the input's shape, dtype and device. Borders are reflect-padded (replicate
     when the image is smaller than the kernel's half-width). All-zero outer rings of the kernel
-    (from padding to 21) are trimmed first: same result, less work. Like BasicSR's ``filter2D``
+    (from padding to 21) are trimmed first: same result, less work; kernels of ``FFT_MIN_KERNEL`` or
+    more are applied through FFTs (same result up to float32 rounding). Like BasicSR's ``filter2D``
     this is a correlation (``F.conv2d``): identical to a convolution for the point-symmetric
     kernels of §3; BSRGAN's shifted kernel is defined for it (peak at +shift, so output pixel i
     is centred at input i + shift, which is what scipy's convolution with BSRGAN's kernel gives).
@@ -490,9 +495,32 @@ def filter2d(img: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     if p:
         mode = "reflect" if p < h and p < w else "replicate"
         img = F.pad(img, (p, p, p, p), mode=mode)
+    if k >= FFT_MIN_KERNEL:
+        return _fft_correlate(img, kernel, h, w)
     weight = kernel.repeat_interleave(c, dim=0).unsqueeze(1)  # [B*C, 1, k, k]
     out = F.conv2d(img.reshape(1, b * c, *img.shape[-2:]), weight, groups=b * c)
     return out.view(b, c, h, w)
+
+
+def _fast_fft_size(n: int) -> int:
+    """Smallest m >= n whose prime factors are 2, 3 and 5 (fast FFT lengths)."""
+    m = n
+    while True:
+        r = m
+        for f in (2, 3, 5):
+            while r % f == 0:
+                r //= f
+        if r == 1:
+            return m
+        m += 1
+
+
+def _fft_correlate(padded: torch.Tensor, kernel: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Valid correlation of padded ``[B, C, h+k-1, w+k-1]`` with ``[B, k, k]`` via real FFTs."""
+    k = kernel.shape[-1]
+    size = (_fast_fft_size(padded.shape[-2]), _fast_fft_size(padded.shape[-1]))
+    spec = torch.fft.rfft2(padded, s=size) * torch.fft.rfft2(kernel.flip(-1, -2), s=size).unsqueeze(1)
+    return torch.fft.irfft2(spec, s=size)[..., k - 1 : k - 1 + h, k - 1 : k - 1 + w].contiguous()
 
 
 def resize(img: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
