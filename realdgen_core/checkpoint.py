@@ -1,0 +1,221 @@
+"""Checkpoints: one safetensors file holding every tensor of a RealDGenModel plus its config as plain JSON.
+
+Format (``format_version`` 1):
+
+- tensors named ``<component>.<param>`` (``content.encoder.conv_out.weight``, ``unet.conv_in.bias``,
+  ...): exactly ``RealDGenModel.state_dict()``;
+- safetensors ``__metadata__`` (string -> string): ``format_version``, ``config`` (canonical JSON of
+  ``RealDGenConfig.to_dict()``) and ``metadata`` (JSON of the caller's metadata dict).
+
+Loading never unpickles: the header is checked first, so a ``torch.save`` file (zip or raw pickle)
+is refused before any of it is interpreted. The digest identifies the model, not the file: sha256
+over the canonical config JSON and, for every tensor in name order, its name, dtype, shape and raw
+bytes. User metadata is not part of it, so re-saving a loaded model with other metadata keeps it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from realdgen_core.config import RealDGenConfig
+from realdgen_core.models import RealDGenModel
+
+FORMAT_VERSION = "1"
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_RESERVED_METADATA_KEYS = ("digest",)
+
+
+class CheckpointError(ValueError):
+    """Unloadable checkpoint: not safetensors (e.g. a pickle), bad config, or tensors not matching it."""
+
+
+def _canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """(safetensors header, offset of the data section); refuses anything else without parsing it."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head[:4] == b"PK\x03\x04":
+                raise CheckpointError(
+                    f"{path}: not a safetensors file (it is a zip archive, e.g. a torch.save checkpoint); "
+                    "it will not be unpickled. Convert it with save_checkpoint() in a trusted environment."
+                )
+            if head[:1] == b"\x80":
+                raise CheckpointError(
+                    f"{path}: not a safetensors file (it starts like a Python pickle); will not be unpickled."
+                )
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n < 2 or n > _MAX_HEADER_BYTES or 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: not a safetensors file (header length {n} invalid for {size} bytes)"
+                )
+            raw = f.read(n)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: checkpoint not found") from e
+    if raw[:1] != b"{":
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file (header is not valid JSON: {e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    data_len = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            ok = (
+                0 <= begin <= end <= data_len
+                and isinstance(info["dtype"], str)
+                and isinstance(info["shape"], list)
+            )
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}")
+    return header, 8 + n
+
+
+def _digest(path: Path, header: dict, data_start: int) -> str:
+    meta = header.get("__metadata__") or {}
+    if "config" not in meta:
+        raise CheckpointError(f"{path}: no 'config' in the safetensors metadata (not a RealDGen checkpoint)")
+    try:
+        config_json = _canonical_json(json.loads(meta["config"]))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: the 'config' metadata is not valid JSON: {e}") from e
+    h = hashlib.sha256()
+    h.update(b"realdgen-checkpoint\nconfig\n")
+    h.update(config_json.encode())
+    names = sorted(k for k in header if k != "__metadata__")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else memoryview(b"") as buf:
+            for name in names:
+                info = header[name]
+                begin, end = info["data_offsets"]
+                h.update(b"\ntensor\n")
+                h.update(_canonical_json([name, info["dtype"], info["shape"], end - begin]).encode())
+                h.update(b"\n")
+                h.update(buf[data_start + begin : data_start + end])
+    return h.hexdigest()
+
+
+def checkpoint_digest(path: str | os.PathLike) -> str:
+    """sha256 (hex) over the config and the tensors of a checkpoint file; independent of user metadata."""
+    path = Path(path)
+    header, data_start = _read_header(path)
+    return _digest(path, header, data_start)
+
+
+def save_checkpoint(path: str | os.PathLike, model: RealDGenModel, metadata: dict | None = None) -> str:
+    """Write ``model`` (config + tensors) and JSON-serialisable ``metadata`` atomically; return the digest.
+
+    The file is written next to its destination under a temporary name, fsynced and renamed, so a
+    reader never sees a half-written checkpoint.
+    """
+    path = Path(path)
+    metadata = dict(metadata or {})
+    reserved = [k for k in _RESERVED_METADATA_KEYS if k in metadata]
+    if reserved:
+        raise CheckpointError(f"metadata key(s) {reserved} are reserved (computed at load)")
+    try:
+        metadata_json = _canonical_json(metadata)
+    except TypeError as e:
+        raise CheckpointError(f"metadata is not JSON-serialisable: {e}") from e
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    st_meta = {
+        "format_version": FORMAT_VERSION,
+        "config": _canonical_json(model.config.to_dict()),
+        "metadata": metadata_json,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=st_meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        header, data_start = _read_header(tmp)
+        digest = _digest(tmp, header, data_start)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return digest
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[RealDGenModel, dict]:
+    """(model in eval mode on ``device``, metadata) where metadata is the saved dict plus ``digest``.
+
+    Raises CheckpointError for a file that is not safetensors (nothing is unpickled), an unknown
+    format version, a config that does not parse, or tensors that do not match the config (the
+    message names the missing / unexpected / mis-shaped tensor).
+    """
+    path = Path(path)
+    header, data_start = _read_header(path)
+    meta = header.get("__metadata__") or {}
+    if "config" not in meta:
+        raise CheckpointError(f"{path}: no 'config' in the safetensors metadata (not a RealDGen checkpoint)")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: unsupported format_version {version!r} (this code reads {FORMAT_VERSION!r})"
+        )
+    digest = _digest(path, header, data_start)
+    try:
+        config = RealDGenConfig.from_dict(json.loads(meta["config"]))
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: invalid model config: {e}") from e
+    try:
+        user_metadata = json.loads(meta.get("metadata", "{}"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: the 'metadata' entry is not valid JSON: {e}") from e
+
+    # Build on the meta device (no allocation, no init), then assign the loaded tensors.
+    with torch.device("meta"):
+        model = RealDGenModel(config)
+    expected = model.state_dict()
+    stored = {k: v for k, v in header.items() if k != "__metadata__"}
+    missing = sorted(set(expected) - set(stored))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    unexpected = sorted(set(stored) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+    for name, ref in expected.items():
+        info = stored[name]
+        if list(ref.shape) != info["shape"]:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {tuple(info['shape'])}, "
+                f"the config expects {tuple(ref.shape)}"
+            )
+        if info["dtype"] not in _FLOAT_DTYPES:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {info['dtype']}, expected a float dtype"
+            )
+
+    tensors = load_file(str(path), device="cpu")
+    state = {name: t.to(expected[name].dtype) for name, t in tensors.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model = model.to(device).eval()
+    user_metadata["digest"] = digest
+    return model, user_metadata

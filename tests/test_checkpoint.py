@@ -1,0 +1,201 @@
+"""Checkpoints: bit-exact round trip, stable digest, pickles refused unopened, named tensor errors."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from realdgen_core.checkpoint import CheckpointError, checkpoint_digest, load_checkpoint, save_checkpoint
+from realdgen_core.config import RealDGenConfig, preset
+from realdgen_core.models import COMPONENTS, build_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(preset("tiny", 4), seed=7).eval()
+
+
+@pytest.fixture()
+def saved(tmp_path: Path, model) -> tuple[Path, str]:
+    path = tmp_path / "ckpt" / "model.safetensors"
+    digest = save_checkpoint(path, model, {"stage": "C", "epoch": 3})
+    return path, digest
+
+
+def _header(path: Path) -> dict:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n])
+
+
+def test_round_trip_bit_exact(saved, model) -> None:
+    path, digest = saved
+    loaded, meta = load_checkpoint(path)
+    assert meta == {"stage": "C", "epoch": 3, "digest": digest}
+    assert loaded.config == model.config and not loaded.training
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    g = torch.Generator().manual_seed(0)
+    hr = torch.rand(2, 3, 32, 32, generator=g)
+    lr = torch.rand(2, 3, 8, 8, generator=g)
+    x_t = torch.randn(2, 3, 8, 8, generator=g)
+    t = torch.tensor([5, 250])
+    with torch.no_grad():
+        c1, c2 = model.condition(hr, lr), loaded.condition(hr, lr)
+        assert torch.equal(c1, c2)
+        assert torch.equal(model.unet(x_t, c1, t), loaded.unet(x_t, c2, t))
+        assert torch.equal(model.content(hr)[0], loaded.content(hr)[0])
+        assert torch.equal(model.reconstruct_lr(hr, lr), loaded.reconstruct_lr(hr, lr))
+    # Loaded parameters are ordinary trainable parameters (stage C fine-tunes from a checkpoint).
+    assert all(p.requires_grad and p.device.type == "cpu" for p in loaded.parameters())
+
+
+def test_file_layout(saved, model) -> None:
+    path, _ = saved
+    header = _header(path)
+    meta = header.pop("__metadata__")
+    assert meta["format_version"] == "1"
+    assert RealDGenConfig.from_dict(json.loads(meta["config"])) == model.config
+    assert json.loads(meta["metadata"]) == {"stage": "C", "epoch": 3}
+    assert set(header) == set(model.state_dict())
+    assert {name.split(".", 1)[0] for name in header} == set(COMPONENTS)
+    assert not list(path.parent.glob(".*tmp*"))  # the temporary file was renamed away
+
+
+def test_digest_stable_and_sensitive(tmp_path: Path, saved, model) -> None:
+    path, digest = saved
+    assert checkpoint_digest(path) == digest and len(digest) == 64
+    # Stable across load and re-save, whatever the user metadata.
+    loaded, _ = load_checkpoint(path)
+    assert save_checkpoint(tmp_path / "again.safetensors", loaded, {"other": True}) == digest
+    assert save_checkpoint(str(tmp_path / "str_path.safetensors"), model) == digest
+    # One weight changed by one ulp => another digest.
+    with torch.no_grad():
+        w = loaded.degradation.last_conv.weight
+        w[0, 0, 0, 0] = torch.nextafter(w[0, 0, 0, 0], torch.tensor(float("inf")))
+    assert save_checkpoint(tmp_path / "changed.safetensors", loaded) != digest
+    # Another config with the same tensors is another model.
+    other = build_model(preset("tiny", 2), seed=7)
+    assert save_checkpoint(tmp_path / "x2.safetensors", other) != digest
+
+
+class _WritesMarker:
+    """Unpickling this calls open(marker, "w"): the marker file exists iff something unpickled it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("kind", ["torch_zip", "torch_legacy", "raw_pickle"])
+def test_pickle_refused_without_unpickling(tmp_path: Path, kind: str) -> None:
+    marker = tmp_path / "unpickled.marker"
+    path = tmp_path / "evil.pt"
+    payload = {"unet.conv_in.weight": torch.zeros(1), "x": _WritesMarker(marker)}
+    if kind == "torch_zip":
+        torch.save(payload, path)
+    elif kind == "torch_legacy":
+        torch.save(payload, path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=4))
+    assert not marker.exists()
+    # Sanity: the file really is dangerous (proves the marker mechanism works).
+    if kind == "raw_pickle":
+        probe = tmp_path / "probe.pkl"
+        probe.write_bytes(pickle.dumps(_WritesMarker(tmp_path / "probe.marker")))
+        pickle.loads(probe.read_bytes())
+        assert (tmp_path / "probe.marker").exists()
+    for fn in (load_checkpoint, checkpoint_digest):
+        with pytest.raises(CheckpointError, match="not a safetensors file.*(not be unpickled|pickle)"):
+            fn(path)
+    assert not marker.exists()
+
+
+def test_garbage_and_missing_files(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        load_checkpoint(junk)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+    plain = tmp_path / "plain.safetensors"  # a safetensors file that is not ours
+    save_file({"a": torch.zeros(2)}, str(plain))
+    with pytest.raises(CheckpointError, match="config"):
+        load_checkpoint(plain)
+
+
+def _rewrite(src: Path, dst: Path, edit) -> None:
+    """Re-save src's tensors after edit(tensors) with the same metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, str(dst), metadata=meta)
+
+
+def test_missing_tensor_named(tmp_path: Path, saved) -> None:
+    path, _ = saved
+    bad = tmp_path / "missing.safetensors"
+    _rewrite(path, bad, lambda t: t.pop("unet.conv_out.bias"))
+    with pytest.raises(CheckpointError, match=r"missing tensor 'unet\.conv_out\.bias'"):
+        load_checkpoint(bad)
+
+
+def test_unexpected_tensor_named(tmp_path: Path, saved) -> None:
+    path, _ = saved
+    bad = tmp_path / "extra.safetensors"
+    _rewrite(path, bad, lambda t: t.update({"unet.extra_head.weight": torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'unet\.extra_head\.weight'"):
+        load_checkpoint(bad)
+
+
+def test_shape_mismatch_named(tmp_path: Path, saved) -> None:
+    path, _ = saved
+    bad = tmp_path / "shape.safetensors"
+    _rewrite(path, bad, lambda t: t.update({"degradation.mapping.3.weight": torch.zeros(2048, 8, 1, 1)}))
+    with pytest.raises(
+        CheckpointError, match=r"'degradation\.mapping\.3\.weight' has shape \(2048, 8, 1, 1\)"
+    ):
+        load_checkpoint(bad)
+
+
+def test_config_not_matching_tensors(tmp_path: Path, saved) -> None:
+    """A config edited to other widths no longer matches the stored tensors: the first mismatch is named."""
+    path, _ = saved
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    cfg = json.loads(meta["config"])
+    cfg["unet"]["base_channels"] = 16
+    meta["config"] = json.dumps(cfg)
+    bad = tmp_path / "cfg.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"tensor 'unet\.[^']+'"):
+        load_checkpoint(bad)
+    cfg["unet"]["mystery"] = 1
+    meta["config"] = json.dumps(cfg)
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(CheckpointError, match="mystery"):
+        load_checkpoint(bad)
+
+
+def test_metadata_validation(tmp_path: Path, model) -> None:
+    with pytest.raises(CheckpointError, match="reserved"):
+        save_checkpoint(tmp_path / "a.safetensors", model, {"digest": "x"})
+    with pytest.raises(CheckpointError, match="JSON"):
+        save_checkpoint(tmp_path / "b.safetensors", model, {"obj": object()})
+    assert not list(tmp_path.iterdir())  # nothing half-written left behind
