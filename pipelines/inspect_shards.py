@@ -301,6 +301,7 @@ def check_contract(
     problems = report.problems
     fs, root = filesystem(uri, endpoint_url)
     root = root.rstrip("/")
+    fs.invalidate_cache(root)
     names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
     tars = [n for n in names if n.endswith(".tar")]
     if not tars:

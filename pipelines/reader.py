@@ -98,6 +98,7 @@ def _join(uri: str, name: str) -> str:
 def read_index(uri: str, endpoint_url: str | None = None) -> dict | None:
     """The dataset's ``_index.json`` as a dict, or None when the run has not written it yet."""
     fs, path = filesystem(uri, endpoint_url)
+    fs.invalidate_cache(path)  # object-store listings are cached per filesystem; a run may have moved on
     ipath = _join(path, INDEX_NAME)
     if not fs.exists(ipath):
         return None

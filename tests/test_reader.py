@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pipelines.basicsr_dataset import REGISTERED_WITH_BASICSR, RealDGenPairedDataset
+from pipelines.inspect_shards import check_contract
 from pipelines.reader import BadSample, PairedShardDataset, epoch_order, slot_shards
 
 
@@ -252,6 +253,13 @@ def test_reads_from_s3_over_http_like_local(s3_server, s3_bucket, tmp_path):
         [f"{uri}/{s}.tar" for s in remote.shards[:2]], endpoint_url=s3_server, shuffle=False
     )
     assert len(explicit) == 6 and [s["key"] for s in explicit] == remote.keys[:6]
+    # random access (BasicSR's map-style dataset): one ranged GET per sample
+    mapped = RealDGenPairedDataset({"dataroot": uri, "scale": 4, "phase": "val"})
+    for i in (0, 4, 9):
+        s = mapped[i]
+        assert torch.equal(s["gt"], got_local[s["key"]][0]) and torch.equal(s["lq"], got_local[s["key"]][1])
+    report = check_contract(uri, scale=4)
+    assert report.ok and report.samples == 10, report.problems
 
 
 # -- BasicSR-style map dataset -------------------------------------------------------------------
