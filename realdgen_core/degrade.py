@@ -60,6 +60,19 @@ public code divides by zero at σ = 0); the shifted kernel of the blur + nearest
 Gaussian centred at ``(s - 1) / 2`` in closed form rather than an interpolated one.
 
 Bicubic: antialiased bicubic downsampling to the LR size (MATLAB/PIL-like), then 8-bit rounding.
+
+Where this differs from the public implementations, and why:
+
+- JPEG is a real codec (Pillow) with integer qualities drawn uniformly from [30, 95], where
+  Real-ESRGAN uses a differentiable JPEG with float qualities: D runs offline, so the artefacts of
+  the real codec are the ones to reproduce.
+- Resizes go to explicit sizes ``floor(n * factor)`` (``F.interpolate(size=...)``) rather than
+  ``scale_factor=...``: the θ then fixes every intermediate size for any input size.
+- Every draw is per image (Real-ESRGAN draws some per batch); θ is replayable, so the noise of an
+  op comes from ``noise_seed + stream``, not from a shared RNG stream.
+- BSRGAN's camera op is implemented (see above) instead of being dead code; σ floor and shifted
+  kernel as above; its correlated-noise covariance is projected onto the PSD cone (numpy's
+  sampler does the equivalent silently).
 """
 
 from __future__ import annotations
@@ -937,10 +950,12 @@ def sample_theta(
     nothing but ``noise_seed``). See the module docstring for the layout.
     """
     _check_kind_scale(kind, scale)
-    expected = {"realesrgan": RealESRGANConfig, "bsrgan": BSRGANConfig, "bicubic": type(None)}[kind]
-    if config is not None and not isinstance(config, expected):
-        raise ValueError(f"config for kind {kind!r} must be {expected.__name__}, got {type(config).__name__}")
-    noise_seed = int(torch.randint(0, 2**62, (), generator=generator))
+    expected = {"realesrgan": RealESRGANConfig, "bsrgan": BSRGANConfig, "bicubic": None}[kind]
+    if config is not None and (expected is None or not isinstance(config, expected)):
+        want = "no config" if expected is None else expected.__name__
+        raise ValueError(f"config for kind {kind!r} must be {want}, got {type(config).__name__}")
+    # < 2**53 so that the seed survives JSON readers that parse numbers as doubles
+    noise_seed = int(torch.randint(0, 2**53, (), generator=generator))
     if kind == "realesrgan":
         ops = _sample_realesrgan(generator, scale, config or RealESRGANConfig())
     elif kind == "bsrgan":

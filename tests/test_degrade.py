@@ -133,23 +133,21 @@ def test_noise_seed_drives_the_noise_field() -> None:
 
 
 @pytest.mark.parametrize("kind", D.KINDS)
-def test_sample_identical_alone_and_in_batch(kind: str) -> None:
+def test_draws_are_per_image_and_batch_independent(kind: str) -> None:
     hr = photo(8, 64, 64, seed=11)
+    hr[3] = hr[2]  # two identical images with different generators
     batch, thetas = D.degrade(hr, kind, 4, [gen(100 + i) for i in range(8)])
+    # every image draws its own θ (bicubic draws only its noise seed)
+    assert len({json.dumps(t, sort_keys=True) for t in thetas}) == 8
+    assert len({t["noise_seed"] for t in thetas}) == 8
+    if kind != "bicubic":
+        assert not torch.equal(batch[2], batch[3])
+        assert len({json.dumps(t["ops"], sort_keys=True) for t in thetas}) == 8
+    # a sample's pixels and θ do not depend on the batch it ran in
     for i in (0, 5):
         alone, (theta,) = D.degrade(hr[i : i + 1], kind, 4, [gen(100 + i)])
         assert theta == thetas[i]
         assert torch.equal(alone[0], batch[i])
-
-
-@pytest.mark.parametrize("kind", ["realesrgan", "bsrgan"])
-def test_draws_are_per_image(kind: str) -> None:
-    hr = photo(1, 64, 64).expand(8, -1, -1, -1).contiguous()
-    lr, thetas = D.degrade(hr, kind, 4, [gen(i) for i in range(8)])
-    dumped = {json.dumps(t, sort_keys=True) for t in thetas}
-    assert len(dumped) == 8
-    assert len({t["noise_seed"] for t in thetas}) == 8
-    assert len({lr[i].numpy().tobytes() for i in range(8)}) == 8
 
 
 @pytest.mark.parametrize("kind", D.KINDS)
@@ -168,12 +166,12 @@ def test_global_rng_untouched(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", D.KINDS)
 @pytest.mark.parametrize("scale", [2, 4])
-@pytest.mark.parametrize("hw", [(67, 70), (64, 64), (81, 96)])
+@pytest.mark.parametrize("hw", [(67, 70), (81, 96)])
 def test_lr_size_is_hr_over_scale(kind: str, scale: int, hw: tuple[int, int]) -> None:
     h, w = hw
-    hr = photo(3, h, w)
-    lr, _ = D.degrade(hr, kind, scale, [gen(s) for s in range(3)])
-    assert lr.shape == (3, 3, h // scale, w // scale)
+    hr = photo(2, h, w)
+    lr, _ = D.degrade(hr, kind, scale, [gen(s) for s in range(2)])
+    assert lr.shape == (2, 3, h // scale, w // scale)
 
 
 def test_bsrgan_lr_size_with_every_forced_branch() -> None:
@@ -183,9 +181,8 @@ def test_bsrgan_lr_size_with_every_forced_branch() -> None:
         BSRGANConfig(pre_down_prob=1.0, down_mid_resize_prob=1.0, pre_down_cv2_prob=0.0),
         BSRGANConfig(pre_down_prob=0.0, down_mid_resize_prob=0.0),
     ):
-        for seed in range(3):
-            lr, (theta,) = D.degrade(hr, "bsrgan", 4, [gen(seed)], cfg)
-            assert lr.shape == (1, 3, 16, 17)
+        lr, _ = D.degrade(hr.expand(2, -1, -1, -1), "bsrgan", 4, [gen(0), gen(1)], cfg)
+        assert lr.shape == (2, 3, 16, 17)
 
 
 def test_modcrop() -> None:
