@@ -142,8 +142,9 @@ def _checkpoint_info(m: GenerateManifest, storage: dict) -> tuple[str | None, st
         raise ManifestError(f"generator.checkpoint: file not found (got {uri!r})")
     local = fetch_to_local(uri, storage)
     try:
-        from realdgen_core.checkpoint import checkpoint_digest
         from safetensors import safe_open
+
+        from realdgen_core.checkpoint import checkpoint_digest
 
         with safe_open(local, framework="pt") as f:
             meta = f.metadata() or {}
@@ -159,6 +160,10 @@ def _checkpoint_info(m: GenerateManifest, storage: dict) -> tuple[str | None, st
 def make_plan(m: GenerateManifest) -> Plan:
     """List inputs and references (sorted), assign shards and keys; raises ManifestError early."""
     storage = storage_kwargs(m.storage)
+    if m.demo_inputs:
+        from pipelines.demo_data import prepare_demo_inputs
+
+        prepare_demo_inputs(m.demo_inputs, scale=m.scale)
     checkpoint_local, model_digest = _checkpoint_info(m, storage)
     hr_items = _list(m.hr, storage, "hr")
     per = m.output.inputs_per_shard

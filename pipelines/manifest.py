@@ -302,13 +302,19 @@ class GenerateManifest(StrictModel):
         "progress": True,
         "storage": True,
         "limits": {"max_failure_fraction"},
-        "output": {"mode", "preview", "preview_rows"},
+        "output": {"uri", "mode", "preview", "preview_rows"},
     }
 
     kind: Literal["generate"] = Field("generate", description="Manifest kind.")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Run seed; sample seeds derive from it.")
     scale: int = Field(4, ge=2, le=8, description="SR scale: HR size = LR size × scale.")
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object-store endpoint.")
+    demo_inputs: str | None = Field(
+        None,
+        min_length=1,
+        description="Local folder: before listing, write the demo inputs there (scikit-image photos as "
+        "ROOT/hr, camera stand-in references as ROOT/refs; idempotent). For the embedded demo.",
+    )
     hr: SourceSpec = Field(..., description="Clean HR content.")
     refs: list[ReferenceSet] = Field(
         default_factory=list, description="Real LR reference sets (required for realdgen)."
@@ -473,3 +479,238 @@ def manifest_digest(manifest: StrictModel) -> str:
 def manifest_json_schema(kind: str = "generate") -> dict:
     """JSON schema of one manifest kind (for ``--print-schema``)."""
     return MANIFEST_KINDS[kind].model_json_schema()
+
+
+# --------------------------------------------------------------------------------------------
+# --- kind: train ---  (owned by the training engineer; pipelines/train.py reads it)
+# --------------------------------------------------------------------------------------------
+# Stage settings reuse realdgen_core.train's dataclasses for their defaults, so each default
+# lives in one place; `to_core()` turns a section into that dataclass.
+
+import realdgen_core.train.config as _train_cfg  # noqa: E402 - appended section
+
+_ContentCfg = _train_cfg.ContentStageConfig
+_DegradationCfg = _train_cfg.DegradationStageConfig
+_DiffusionCfg = _train_cfg.DiffusionStageConfig
+
+_SYNTH = Literal["realesrgan", "bsrgan", "bicubic"]
+
+
+class _StageSection(StrictModel):
+    CORE: ClassVar[type]
+
+    def to_core(self):
+        return self.CORE.from_dict(self.model_dump(mode="python"))
+
+
+class TrainStageA(_StageSection):
+    """Stage A: VQ-VAE on clean HR crops, then the encoder on bicubic_up(D(HR)) (decoder frozen)."""
+
+    CORE: ClassVar[type] = _ContentCfg
+    pretrain_steps: int = Field(
+        _ContentCfg.pretrain_steps, ge=0, le=10**9, description="VQ-VAE steps on clean HR."
+    )
+    finetune_steps: int = Field(
+        _ContentCfg.finetune_steps, ge=0, le=10**9, description="Encoder fine-tune steps."
+    )
+    batch_size: int = Field(
+        _ContentCfg.batch_size, ge=1, le=4096, description="HR crops per step per worker."
+    )
+    hr_crop: int = Field(_ContentCfg.hr_crop, ge=8, le=4096, description="HR crop side (multiple of scale).")
+    lr: float = Field(_ContentCfg.lr, gt=0, le=1, description="Adam lr of the VQ-VAE phase.")
+    finetune_lr: float = Field(
+        _ContentCfg.finetune_lr, gt=0, le=1, description="Adam lr of the encoder phase."
+    )
+    kinds: tuple[_SYNTH, ...] = Field(
+        _ContentCfg.kinds, min_length=1, description="D used in the encoder phase."
+    )
+    codebook_restart_every: int = Field(
+        _ContentCfg.codebook_restart_every, ge=0, description="Re-seed unused codes every N steps (0: never)."
+    )
+    grad_clip: float = Field(_ContentCfg.grad_clip, ge=0, description="Max grad norm (0: off).")
+
+
+class TrainStageB(_StageSection):
+    """Stage B: E_deg with the triplet loss (n positives/negatives) + LR reconstruction; E_cont frozen."""
+
+    CORE: ClassVar[type] = _DegradationCfg
+    steps: int = Field(_DegradationCfg.steps, ge=0, le=10**9, description="Optimiser steps.")
+    batch_size: int = Field(
+        _DegradationCfg.batch_size, ge=1, le=4096, description="Anchors per step per worker."
+    )
+    lr_crop: int = Field(_DegradationCfg.lr_crop, ge=4, le=4096, description="LR crop side.")
+    lr: float = Field(_DegradationCfg.lr, gt=0, le=1, description="Adam lr (paper: 1e-4).")
+    n: int = Field(
+        _DegradationCfg.n, ge=1, le=64, description="Positives and negatives per anchor (paper: 3)."
+    )
+    margin: float = Field(_DegradationCfg.margin, ge=0, description="Triplet margin (paper: 0.01).")
+    rec_weight: float = Field(
+        _DegradationCfg.rec_weight, ge=0, description="Weight of the LR reconstruction."
+    )
+    kinds: tuple[_SYNTH, ...] = Field(_DegradationCfg.kinds, min_length=1, description="D kinds for θ draws.")
+    grad_clip: float = Field(_DegradationCfg.grad_clip, ge=0, description="Max grad norm (0: off).")
+
+
+class TrainStageC(_StageSection):
+    """Stage C: the Decoupled DDPM on LR crops, with partial fine-tuning of the extractors (A.5)."""
+
+    CORE: ClassVar[type] = _DiffusionCfg
+    steps: int = Field(_DiffusionCfg.steps, ge=0, le=10**9, description="Optimiser steps.")
+    batch_size: int = Field(
+        _DiffusionCfg.batch_size, ge=1, le=4096, description="LR crops per step per worker."
+    )
+    lr_crop: int = Field(_DiffusionCfg.lr_crop, ge=4, le=4096, description="LR crop side (paper: 256).")
+    lr: float = Field(_DiffusionCfg.lr, gt=0, le=1, description="Adam lr of the UNet and M (paper: 1e-4).")
+    finetune_lr: float = Field(
+        _DiffusionCfg.finetune_lr, gt=0, le=1, description="lr of the extractor parts (1e-6)."
+    )
+    ema_decay: float = Field(_DiffusionCfg.ema_decay, ge=0, lt=1, description="EMA decay of the UNet.")
+    ema_start: int = Field(_DiffusionCfg.ema_start, ge=0, description="Step from which the EMA averages.")
+    content_trainable: Literal["first_block", "none"] = Field(
+        _DiffusionCfg.content_trainable, description="Part of E_cont fine-tuned (paper: its first block)."
+    )
+    degradation_trainable: Literal["last_conv", "all", "none"] = Field(
+        _DiffusionCfg.degradation_trainable,
+        description="Part of E_deg fine-tuned (paper: its last conv; `all` for domain adaptation).",
+    )
+    grad_clip: float = Field(_DiffusionCfg.grad_clip, ge=0, description="Max grad norm (0: off).")
+
+
+class TrainLRSource(StrictModel):
+    """One component of stage C's LR corpus (a crop's component is drawn by `weight`).
+
+    - ``images``: LR images as they are (real LR: a folder/shards of a camera or domain);
+    - ``synthetic``: D(HR crop, θ) with a fresh θ per crop, kinds from `degradations`;
+    - ``camera``: the camera-like stand-in of realdgen_core.camera on HR crops (a stand-in, not real LR).
+    ``source`` is the LR images (images) or the HR images to degrade (synthetic/camera; default `data.hr`).
+    """
+
+    kind: Literal["images", "synthetic", "camera"] = Field(..., description="How the LR crops are made.")
+    source: SourceSpec | None = Field(None, description="Images to read (see above).")
+    degradations: tuple[_SYNTH, ...] = Field(
+        ("realesrgan", "bsrgan"), min_length=1, description="synthetic only."
+    )
+    weight: float = Field(1.0, gt=0, le=1e6, description="Relative share of crops.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainLRSource:
+        if self.kind == "images" and self.source is None:
+            raise ValueError("kind 'images' needs `source`")
+        return self
+
+
+class TrainData(StrictModel):
+    """Training images. HR feeds stages A and B; `lr` is stage C's corpus."""
+
+    prepare_demo: str | None = Field(
+        None,
+        description="Write the scikit-image demo inputs (pipelines/demo_data.py) under this local folder "
+        "first (hr/, refs/, heldout/, plus ref_hr/: the reference photos at full size).",
+    )
+    hr: SourceSpec | None = Field(
+        None, description="Clean HR images (stages A, B; default HR of synthetic LR)."
+    )
+    lr: list[TrainLRSource] = Field(default_factory=list, description="Stage C corpus components.")
+    cache_images: int = Field(512, ge=1, le=10**7, description="Decoded images kept in memory per worker.")
+    max_image_pixels: int = Field(64_000_000, ge=1, description="Larger images are skipped before decoding.")
+
+
+class TrainOutput(StrictModel):
+    """Where the run's state goes and where the final checkpoint is exported."""
+
+    run_dir: str = Field(
+        ..., min_length=1, description="Checkpoints + CSV logs: local path, file:// or s3://."
+    )
+    checkpoint: str | None = Field(
+        None, description="Export the final model here (.safetensors; local or s3://)."
+    )
+    checkpoint_every: int = Field(200, ge=1, le=10**9, description="Save resumable state every N steps.")
+    keep_last: int = Field(2, ge=1, le=1000, description="Resumable checkpoints kept per run.")
+    export_every: bool = Field(
+        True, description="Also refresh `checkpoint` at every save (a usable partial model if the run stops)."
+    )
+
+    @field_validator("run_dir", "checkpoint")
+    @classmethod
+    def _uri_scheme(cls, v: str | None) -> str | None:
+        if v is not None and "://" in v and not v.startswith(("file://", "s3://")):
+            raise ValueError("only local paths, file:// and s3:// URIs are supported")
+        return v
+
+
+class TrainCompute(StrictModel):
+    """Where training runs (excluded from the digest)."""
+
+    backend: Literal["local", "ray"] = Field(
+        "local", description="local: this process; ray: Ray Train TorchTrainer, one DDP worker per GPU/slot."
+    )
+    num_workers: int = Field(1, ge=1, le=4096, description="Ray workers (one per GPU with use_gpu).")
+    use_gpu: bool = Field(False, description="One GPU per Ray worker (DDP over NCCL); CPU workers use gloo.")
+    cpus_per_worker: float = Field(1.0, gt=0, le=1024, description="CPUs reserved per Ray worker.")
+    torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads per worker.")
+
+
+class TrainProgress(StrictModel):
+    """Progress display and loss logging (excluded from the digest)."""
+
+    bar: bool = Field(True, description="tqdm bar per phase on stderr (rank 0).")
+    log_every: int = Field(1, ge=1, description="Write a CSV loss row every N steps.")
+
+
+class TrainManifest(StrictModel):
+    """kind: train — RealDGen's three-stage training (A content, B degradation, C Decoupled DDPM)."""
+
+    DIGEST_EXCLUDE: ClassVar[dict[str, Any]] = {"compute": True, "progress": True, "storage": True}
+
+    kind: Literal["train"] = Field("train", description="Manifest kind.")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="Run seed (model init, crops, θ draws).")
+    preset: Literal["tiny", "small", "paper"] = Field(
+        "small", description="Model preset (realdgen_core.config)."
+    )
+    scale: Literal[2, 4] = Field(4, description="SR scale.")
+    init_checkpoint: str | None = Field(
+        None,
+        description="Start from this checkpoint instead of a fresh model (continue / domain adaptation); "
+        "its config wins over preset/scale.",
+    )
+    stages: tuple[Literal["A", "B", "C"], ...] = Field(
+        ("A", "B", "C"), min_length=1, description="Stages to run."
+    )
+    storage: StorageOptions = Field(default_factory=StorageOptions, description="Object-store endpoint.")
+    data: TrainData = Field(..., description="Training images.")
+    stage_a: TrainStageA = Field(default_factory=TrainStageA, description="Stage A settings.")
+    stage_b: TrainStageB = Field(default_factory=TrainStageB, description="Stage B settings.")
+    stage_c: TrainStageC = Field(default_factory=TrainStageC, description="Stage C settings.")
+    output: TrainOutput = Field(..., description="Run folder and export.")
+    compute: TrainCompute = Field(default_factory=TrainCompute, description="Local or Ray Train.")
+    progress: TrainProgress = Field(default_factory=TrainProgress, description="Progress and logs.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainManifest:
+        if ("A" in self.stages or "B" in self.stages) and self.data.hr is None:
+            raise ValueError("stages A and B need `data.hr`")
+        if "C" in self.stages:
+            if not self.data.lr:
+                raise ValueError("stage C needs at least one `data.lr` component")
+            for i, comp in enumerate(self.data.lr):
+                if comp.kind != "images" and comp.source is None and self.data.hr is None:
+                    raise ValueError(f"data.lr[{i}] ({comp.kind}) needs `source` or `data.hr`")
+        if self.stage_a.hr_crop % self.scale:
+            raise ValueError(
+                f"stage_a.hr_crop {self.stage_a.hr_crop} is not a multiple of scale {self.scale}"
+            )
+        return self
+
+
+MANIFEST_KINDS["train"] = TrainManifest
+__all__ += [
+    "TrainManifest",
+    "TrainData",
+    "TrainLRSource",
+    "TrainOutput",
+    "TrainCompute",
+    "TrainProgress",
+    "TrainStageA",
+    "TrainStageB",
+    "TrainStageC",
+]

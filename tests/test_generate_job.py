@@ -1,0 +1,303 @@
+"""The generation job end to end on a local Ray: contract, determinism, bad inputs, resume, S3."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from pipelines.generate_dataset import JobFailed, main, run
+from pipelines.manifest import parse_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+VALIDATOR = REPO.parent / "shared" / "checks" / "validate_shards.py"
+if not VALIDATOR.exists():
+    VALIDATOR = Path("/work/shared/checks/validate_shards.py")
+
+
+def validate(uri: str, *extra: str) -> subprocess.CompletedProcess:
+    r = subprocess.run(
+        [sys.executable, str(VALIDATOR), uri, *extra], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def write_inputs(root: Path, photos: dict[str, np.ndarray], size=(72, 104), refs=3) -> tuple[Path, Path]:
+    hr, rf = root / "hr", root / "refs"
+    hr.mkdir(parents=True, exist_ok=True)
+    rf.mkdir(parents=True, exist_ok=True)
+    for i, (name, img) in enumerate(sorted(photos.items())):
+        h, w = size
+        Image.fromarray(np.ascontiguousarray(img[:h, :w])).save(hr / f"{name}.png")
+        if i < refs:
+            Image.fromarray(np.ascontiguousarray(img[::6, ::6][:24, :24])).save(rf / f"ref_{name}.png")
+    return hr, rf
+
+
+def manifest_dict(hr: str, refs: str, out: str, **patch) -> dict:
+    m = {
+        "kind": "generate",
+        "seed": 7,
+        "scale": 2,
+        "hr": {"uri": hr},
+        "refs": [{"name": "cam", "domain": "phone", "source": {"uri": refs}}],
+        "generator": {"kind": "realesrgan"},
+        "tiling": {"tile": 16, "mode": "grid", "max_tiles_per_image": 2},
+        "output": {"uri": out, "name": "pairs", "inputs_per_shard": 2},
+        "compute": {"batch_size": 3, "actor_num_cpus": 0.5, "task_num_cpus": 0.5},
+        "progress": {"bar": False},
+    }
+    for key, value in patch.items():
+        node = m
+        *parents, last = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return m
+
+
+def run_dict(data: dict) -> dict:
+    return run(parse_manifest(data), log=lambda *_: None)
+
+
+def dataset_bytes(folder: Path) -> dict[str, bytes]:
+    """Every data file of a dataset except the timing-bearing stats and the preview."""
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(folder.iterdir())
+        if p.suffix in (".tar", ".parquet") or p.name == "_index.json"
+    }
+
+
+def tar_keys(folder: Path) -> list[str]:
+    keys = []
+    for p in sorted(folder.glob("*.tar")):
+        with tarfile.open(p) as t:
+            keys += [n.split(".")[0] for n in t.getnames() if n.endswith(".json")]
+    return keys
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, photos):
+    root = tmp_path_factory.mktemp("inputs")
+    return write_inputs(root, photos)
+
+
+@pytest.mark.ray
+def test_job_writes_a_valid_dataset_and_resumes(ray_local, inputs, tmp_path):
+    hr, refs = inputs
+    out = tmp_path / "ds"
+    data = manifest_dict(str(hr), str(refs), str(out), pairing__mode="round_robin", pairing__refs_per_tile=2)
+    summary = run_dict(data)
+    # 5 photos x 2 grid tiles x 2 refs
+    assert summary["pairs"] == 20 and summary["shards"] == 3 and summary["inputs_failed"] == 0
+    validate(str(out), "--scale", "2")
+    names = sorted(p.name for p in out.iterdir())
+    assert names[:3] == ["_index.json", "_preview.png", "pairs-000000.parquet"]
+    index = json.loads((out / "_index.json").read_text())
+    assert index["total_samples"] == 20 and index["model_digest"] is None
+    with tarfile.open(out / "pairs-000000.tar") as t:
+        members = t.getmembers()
+        meta = json.loads(t.extractfile(members[1]).read())
+    assert [m.name.split(".", 1)[1] for m in members[:3]] == ["hr.png", "json", "lr.png"]
+    assert all(m.mtime == 0 for m in members)
+    assert meta["generator"] == "realesrgan" and meta["k"] == 1 and meta["tau"] is None
+    assert meta["ref_set"] == "cam" and meta["domain"] == "phone" and meta["ref_source"].endswith(".png")
+    assert meta["hr_box"][2] - meta["hr_box"][0] == 32
+    # round robin over 3 refs: the two refs of one tile differ
+    keys = tar_keys(out)
+    assert len(keys) == len(set(keys)) == 20 and all(k.endswith(("_r00", "_r01")) for k in keys)
+
+    before = dataset_bytes(out)
+    again = run_dict(data)
+    assert again["shards_written"] == 0 and again["shards_skipped"] == 3
+    assert dataset_bytes(out) == before
+
+    # an incomplete shard (stats missing) is rewritten, byte for byte
+    (out / "pairs-000001_stats.json").unlink()
+    (out / "pairs-000001.tar").write_bytes(b"partial")
+    third = run_dict(data)
+    assert third["shards_written"] == 1
+    assert dataset_bytes(out) == before
+
+
+@pytest.mark.ray
+def test_identical_bytes_across_actors_and_batch_sizes(ray_local, inputs, tmp_path):
+    hr, refs = inputs
+    outs = {}
+    for name, patch in {
+        "a1_b3": {"compute__batch_size": 3},
+        "a2_b3": {"compute__batch_size": 3, "compute__actors": {"min": 2, "max": 2}},
+        "a1_b1": {"compute__batch_size": 1, "compute__decode_batch_size": 2, "compute__encode_batch_size": 1},
+    }.items():
+        out = tmp_path / name
+        run_dict(manifest_dict(str(hr), str(refs), str(out), generator__kind="bsrgan", **patch))
+        outs[name] = dataset_bytes(out)
+    assert len(outs["a1_b3"]) == 7  # 3 tars, 3 parquets, the index
+    assert outs["a1_b3"] == outs["a2_b3"] == outs["a1_b1"]
+
+
+@pytest.mark.ray
+def test_bad_inputs_get_failure_rows_and_good_ones_land(ray_local, tmp_path):
+    from test_sources import write_bad_inputs
+
+    cases = write_bad_inputs(tmp_path / "hr", size=64)
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(refs / "r.png")
+    (refs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")  # a bad reference is skipped
+    out = tmp_path / "ds"
+    data = manifest_dict(
+        str(tmp_path / "hr"),
+        str(refs),
+        str(out),
+        generator__kind="bicubic",
+        tiling__tile=16,
+        limits__max_image_pixels=10_000_000,
+        output__inputs_per_shard=4,
+    )
+    summary = run_dict(data)
+    validate(str(out))
+    rows = [r for p in sorted(out.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    by_name = {Path(r["uri"]).name: r for r in rows if r["row_type"] == "input"}
+    assert set(by_name) == set(cases)
+    for name, outcome in cases.items():
+        row = by_name[name]
+        if outcome == "ok":
+            assert row["status"] == "ok" and row["samples"] >= 1, row
+        else:
+            assert row["status"] == "failed" and row["error"].startswith(outcome), (name, row["error"])
+    assert "16x16 pixels" not in by_name["tiny.png"]["error"]
+    assert by_name["tiny.png"]["error"] == "smaller than one tile: 8x8 < 32x32"
+    assert "20000x20000" in by_name["bomb.png"]["error"]
+    good = sorted(n for n, o in cases.items() if o == "ok")
+    landed = set()
+    exif_meta = None
+    for p in sorted(out.glob("*.tar")):
+        with tarfile.open(p) as t:
+            for m in t.getmembers():
+                if m.name.endswith(".json"):
+                    meta = json.loads(t.extractfile(m).read())
+                    landed.add(Path(meta["hr_source"]).name)
+                    assert meta["ref_source"].endswith("r.png")
+                    if meta["hr_source"].endswith("exif_rot.jpg"):
+                        exif_meta = meta
+                        hr_png = t.extractfile(t.getmember(m.name.replace(".json", ".hr.png"))).read()
+    assert sorted(landed) == good
+    # EXIF orientation 6: the stored 80x64 (WxH) photo is 64x80 once rotated; tiles come from that
+    assert exif_meta["source_size"] == [64, 80]
+    from test_sources import gradient
+
+    x0, y0, x1, y1 = exif_meta["hr_box"]
+    expected = np.rot90(gradient(64, 80), k=-1)[y0:y1, x0:x1]
+    got = np.asarray(Image.open(io.BytesIO(hr_png)))
+    assert np.abs(got.astype(int) - expected.astype(int)).mean() < 8
+    stats = json.loads((out / "pairs-000000_stats.json").read_text())
+    assert sum(stats["errors"].values()) == stats["inputs_failed"] >= 1
+    assert summary["inputs_failed"] == sum(o != "ok" for o in cases.values())
+
+
+@pytest.mark.ray
+def test_failure_budget_fails_loudly(ray_local, tmp_path, capsys):
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    for i in range(3):
+        (hr / f"bad{i}.png").write_bytes(b"garbage")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(hr / "good.png")
+    out = tmp_path / "ds"
+    data = manifest_dict(
+        str(hr), str(hr), str(out), generator__kind="bicubic", limits__max_failure_fraction=0.25
+    )
+    data["refs"] = []
+    with pytest.raises(JobFailed, match=r"failure budget exceeded: [23] of 4 inputs failed"):
+        run_dict(data)
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump(data))
+    assert main([str(p)]) == 1
+    assert "failure budget exceeded" in capsys.readouterr().err
+
+
+def test_bad_manifests_fail_before_any_work(tmp_path, capsys):
+    out = tmp_path / "never"
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(hr / "a.png")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    cases = {
+        "unknown": ({"tiling": {"tile": 16, "grid": True}}, "tiling.grid: unknown key"),
+        "type": ({"output": {"uri": str(out), "inputs_per_shard": "many"}}, "output.inputs_per_shard"),
+        "bounds": (
+            {"generator": {"kind": "bicubic", "k": 0}},
+            "generator.k: Input should be greater than or equal to 1",
+        ),
+        "missing_hr": ({"hr": {"uri": str(tmp_path / "nope")}}, "hr.uri: not found"),
+        "empty_hr": ({"hr": {"uri": str(empty)}}, "hr.uri: no images found"),
+        "missing_ckpt": (
+            {"generator": {"kind": "realdgen", "checkpoint": str(tmp_path / "x.safetensors")}},
+            "generator.checkpoint: file not found",
+        ),
+    }
+    for name, (patch, needle) in cases.items():
+        data = {**manifest_dict(str(hr), str(hr), str(out)), **patch}
+        p = tmp_path / f"m_{name}.yaml"
+        p.write_text(yaml.safe_dump(data))
+        assert main([str(p)]) == 2, name
+        err = capsys.readouterr().err
+        assert needle in err, (name, err)
+        assert not out.exists(), name
+
+
+def test_dry_run_and_schema(tmp_path, capsys, photos):
+    hr, refs = write_inputs(tmp_path, photos)
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump(manifest_dict(str(hr), str(refs), str(tmp_path / "out"))))
+    assert main([str(p), "--dry-run", "--set", "output.inputs_per_shard=4"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["inputs"] == 5 and plan["references"] == 3 and plan["shards"] == 2 and plan["max_pairs"] == 10
+    assert not (tmp_path / "out").exists()
+    assert main(["--print-schema"]) == 0
+    assert "GenerateManifest" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+def test_foreign_output_refused_and_lock_respected(ray_local, inputs, tmp_path):
+    from pipelines.storage import LOCK_NAME
+
+    hr, refs = inputs
+    out = tmp_path / "ds"
+    data = manifest_dict(str(hr), str(refs), str(out), generator__kind="bicubic", output__inputs_per_shard=5)
+    run_dict(data)
+    other = manifest_dict(
+        str(hr), str(refs), str(out), generator__kind="bicubic", seed=8, output__inputs_per_shard=5
+    )
+    with pytest.raises(JobFailed, match="different manifest"):
+        run_dict(other)
+    other["output"]["mode"] = "overwrite"
+    run_dict(other)
+    validate(str(out))
+    # a live lock (this very process, fresh heartbeat) refuses a second writer ...
+    import socket
+    import time
+
+    lock = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": "x", "heartbeat": time.time()}
+    (out / LOCK_NAME).write_text(json.dumps(lock))
+    with pytest.raises(JobFailed, match="another live job"):
+        run_dict(other)
+    # ... a dead one (no such pid) is taken over
+    lock["pid"] = 2**22 + 12345
+    (out / LOCK_NAME).write_text(json.dumps(lock))
+    assert run_dict(other)["shards_skipped"] == 1
+    assert not (out / LOCK_NAME).exists()

@@ -1,0 +1,133 @@
+"""Manifest schema (pipelines/manifest.py): strictness, error messages, overrides, digest."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from pipelines.manifest import (
+    GenerateManifest,
+    ManifestError,
+    apply_overrides,
+    load_manifest,
+    manifest_digest,
+    manifest_json_schema,
+    parse_manifest,
+)
+
+BASE = {
+    "kind": "generate",
+    "hr": {"uri": "data/hr"},
+    "refs": [{"name": "cam", "source": {"uri": "s3://bucket/refs", "format": "webdataset"}}],
+    "generator": {"kind": "bicubic"},
+    "output": {"uri": "out"},
+}
+
+
+def write(tmp_path, data, name="m.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_valid_manifest_and_defaults(tmp_path):
+    m = load_manifest(write(tmp_path, BASE))
+    assert isinstance(m, GenerateManifest)
+    assert m.tiling.tile == 64 and m.output.mode == "resume" and m.refs[0].source.format == "webdataset"
+    assert m.generator.tau_max == 300  # the paper's best τ (Table 3)
+
+
+@pytest.mark.parametrize(
+    "patch,needle",
+    [
+        ({"tiling": {"tilee": 64}}, "tiling.tilee: unknown key (value 64)"),
+        ({"tiling": {"tile": "big"}}, "tiling.tile: Input should be a valid integer"),
+        ({"tiling": {"tile": 2}}, "tiling.tile: Input should be greater than or equal to 8 (got 2)"),
+        ({"generator": {"kind": "gan"}}, "generator.kind: Input should be"),
+        ({"generator": {"kind": "realdgen"}}, "needs `checkpoint`"),
+        (
+            {"generator": {"kind": "bicubic", "tau_min": 5, "tau_max": 1}},
+            "tau_min (5) must be <= tau_max (1)",
+        ),
+        ({"limits": {"max_failure_fraction": 1.5}}, "limits.max_failure_fraction: Input should be less than"),
+        ({"output": {"uri": "out", "name": "a.b"}}, "output.name: String should match pattern"),
+        ({"output": {"uri": "gs://x"}}, "output.uri: only local paths"),
+        (
+            {"refs": [{"name": "c", "source": {"uri": "r"}, "weight": 0}]},
+            "refs[0].weight: Input should be greater",
+        ),
+        ({"storage": {"endpoint_url": "127.0.0.1:9000"}}, "storage.endpoint_url: must start with http"),
+        ({"compute": {"actors": {"min": 3, "max": 2}}}, "max (2) must be >= min (3)"),
+        ({"bogus": 1}, "bogus: unknown key"),
+    ],
+)
+def test_errors_name_the_key_and_value(tmp_path, patch, needle):
+    data = {**BASE, **patch}
+    with pytest.raises(ManifestError) as info:
+        load_manifest(write(tmp_path, data))
+    assert needle in str(info.value), str(info.value)
+
+
+def test_missing_required_and_file_errors(tmp_path):
+    data = dict(BASE)
+    del data["output"]
+    with pytest.raises(ManifestError, match="output: required key is missing"):
+        load_manifest(write(tmp_path, data))
+    with pytest.raises(ManifestError, match="manifest file not found"):
+        load_manifest(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ManifestError, match="not valid YAML"):
+        load_manifest(tmp_path / "bad.yaml")
+    with pytest.raises(ManifestError, match="kind: unknown manifest kind"):
+        load_manifest(write(tmp_path, {**BASE, "kind": "nope"}))
+
+
+def test_credentials_are_refused_without_echoing_them(tmp_path):
+    data = {**BASE, "storage": {"endpoint_url": "http://x", "aws_secret_access_key": "SUPERSECRET"}}
+    with pytest.raises(ManifestError) as info:
+        load_manifest(write(tmp_path, data))
+    assert "storage.aws_secret_access_key" in str(info.value)
+    assert "SUPERSECRET" not in str(info.value)
+
+
+def test_overrides(tmp_path):
+    p = write(tmp_path, BASE)
+    m = load_manifest(
+        p, ["compute.batch_size=3", "tiling.mode=random", "refs.0.weight=2.5", "output.preview=false"]
+    )
+    assert m.compute.batch_size == 3 and m.tiling.mode == "random" and m.refs[0].weight == 2.5
+    assert m.output.preview is False
+    with pytest.raises(ManifestError, match="compute.batch_size: Input should be greater"):
+        load_manifest(p, ["compute.batch_size=0"])
+    with pytest.raises(ManifestError, match="expected key.path=value"):
+        apply_overrides({}, ["nokey"])
+
+
+def test_digest_ignores_sizing_but_not_data():
+    a = parse_manifest(BASE)
+    sizing = parse_manifest(
+        {
+            **BASE,
+            "compute": {"batch_size": 2, "actors": {"min": 2}},
+            "progress": {"bar": False},
+            "output": {"uri": "out", "mode": "overwrite", "preview": False},
+        }
+    )
+    assert manifest_digest(a) == manifest_digest(sizing)
+    for patch in (
+        {"seed": 1},
+        {"tiling": {"tile": 32}},
+        {"generator": {"kind": "bsrgan"}},
+        {"output": {"uri": "out", "inputs_per_shard": 3}},
+    ):
+        assert manifest_digest(parse_manifest({**BASE, **patch})) != manifest_digest(a), patch
+
+
+def test_schema_has_descriptions():
+    schema = manifest_json_schema("generate")
+    text = json.dumps(schema)
+    assert "additionalProperties" in text and "Tile edge in LR pixels" in text
+    tiling = schema["$defs"]["TilingSpec"]["properties"]["tile"]
+    assert tiling["minimum"] == 8 and tiling["description"]
