@@ -1,0 +1,118 @@
+"""The job's stages as plain callables (no Ray): keys, seeds, tiling, pairing, decode → generate → encode."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.stages import (
+    DecodeTile,
+    EncodeSample,
+    GenerateLR,
+    base_key,
+    choose_ref,
+    derive_seed,
+    tile_boxes,
+)
+from realdgen_core.shards import KEY_RE, decode_png
+
+
+def test_keys_and_seeds_are_stable_and_safe():
+    k = base_key("s3://b/dir/My Photo.v2.JPG")
+    assert KEY_RE.match(k) and k.startswith("My_Photo_v2_") and len(k.rsplit("_", 1)[1]) == 10
+    assert base_key("s3://b/x.tar#a/b.c.png").startswith("b_c_")
+    assert base_key("a/x.png") != base_key("b/x.png")
+    assert derive_seed(1, "k") == derive_seed(1, "k") != derive_seed(2, "k")
+    assert 0 <= derive_seed(0, "k") < 2**63
+
+
+def test_tiling_grid_random_and_too_small():
+    assert tile_boxes(100, 70, 32, "grid", 10, 0) == [
+        (0, 0, 32, 32),
+        (32, 0, 64, 32),
+        (64, 0, 96, 32),
+        (0, 32, 32, 64),
+        (32, 32, 64, 64),
+        (64, 32, 96, 64),
+    ]
+    sub = tile_boxes(100, 70, 32, "grid", 2, 5)
+    assert (
+        len(sub) == 2
+        and sub == tile_boxes(100, 70, 32, "grid", 2, 5)
+        and sub != tile_boxes(100, 70, 32, "grid", 2, 6)
+    )
+    rnd = tile_boxes(100, 70, 32, "random", 3, 1)
+    assert len(rnd) == 3 and all(0 <= x0 and x1 <= 100 and y1 <= 70 for x0, y0, x1, y1 in rnd)
+    assert tile_boxes(31, 100, 32, "grid", 4, 0) == []
+
+
+def test_pairing_modes():
+    sets = [
+        {"name": "a", "weight": 1.0, "start": 0, "count": 2},
+        {"name": "b", "weight": 1e-9, "start": 2, "count": 3},
+    ]
+    rr = [choose_ref({"mode": "round_robin", "refs_per_tile": 1}, sets, 5, 0, i, 0, 0) for i in range(7)]
+    assert rr == [0, 1, 2, 3, 4, 0, 1]
+    w = [choose_ref({"mode": "weighted", "refs_per_tile": 1}, sets, 5, s, 0, 0, 0) for s in range(50)]
+    assert set(w) <= {0, 1} and len(set(w)) == 2
+    r = [choose_ref({"mode": "random", "refs_per_tile": 1}, sets, 5, s, 0, 0, 0) for s in range(50)]
+    assert set(r) == {0, 1, 2, 3, 4}
+    assert choose_ref({"mode": "random", "refs_per_tile": 1}, [], 0, 1, 0, 0, 0) is None
+
+
+def _png(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["bicubic", "realesrgan", "bsrgan"])
+def test_stages_chain_without_ray(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    (tmp_path / "a.png").write_bytes(_png(rng.integers(0, 256, (40, 72, 3), dtype=np.uint8)))
+    (tmp_path / "b.png").write_bytes(b"nope")
+    rows = [
+        {
+            "shard": 0,
+            "input_index": i,
+            "key": base_key(str(tmp_path / n)),
+            "uri": str(tmp_path / n),
+            "path": str(tmp_path / n),
+            "offset": None,
+            "size": None,
+        }
+        for i, n in enumerate(["a.png", "b.png"])
+    ]
+    decode = DecodeTile(
+        {
+            "seed": 3,
+            "scale": 2,
+            "tile": 16,
+            "tiling_mode": "grid",
+            "max_tiles": 4,
+            "max_pixels": 10**6,
+            "max_bytes": None,
+            "storage": {},
+            "pairing": {"mode": "round_robin", "refs_per_tile": 1},
+            "refs": [{"uri": "r0", "set": "s", "domain": None}],
+            "sets": [],
+        }
+    )
+    t = decode(rows).to_pylist()
+    reports = [r for r in t if r["row_type"] == "input"]
+    samples = [r for r in t if r["row_type"] == "sample"]
+    assert [r["status"] for r in reports] == ["ok", "failed"] and reports[0]["n_samples"] == 2 == len(samples)
+    assert reports[1]["error"].startswith("not an image")
+    gen = GenerateLR({"kind": kind, "scale": 2})
+    g1 = gen(t).to_pylist()
+    g2 = gen(samples[1:] + samples[:1]).to_pylist()  # another batch, another order
+    lr1 = {r["key"]: r["lr"] for r in g1 if r["row_type"] == "sample"}
+    assert lr1 == {r["key"]: r["lr"] for r in g2}
+    enc = EncodeSample({"scale": 2})(g1).to_pylist()
+    s = next(r for r in enc if r["row_type"] == "sample")
+    assert s["hr"] is None and s["lr"] is None
+    assert decode_png(s["hr_png"]).shape == (32, 32, 3) and decode_png(s["lr_png"]).shape == (16, 16, 3)
+    assert b'"generator":"' + kind.encode() + b'"' in s["json"] and b'"ref_source":"r0"' in s["json"]
