@@ -2,8 +2,9 @@
 
 Presets (widths are ours: the paper gives none; see ARCHITECTURE §2 for the anchors):
 
-- ``tiny``: seconds on a CPU, for tests (a few hundred K parameters, mostly the unavoidable
-  2048-wide last layer of E_deg and the 2048-wide inputs of M / Rec_lr).
+- ``tiny``: seconds on a CPU, for tests (~0.26 M parameters, half of them the 2048-wide last
+  layer of E_deg and the 2048-wide inputs of M / Rec_lr); no content mid-attention; LR sides must
+  be multiples of 4 (UNet levels).
 - ``small``: a CPU demo; UNet ~1 M parameters, trains at 64x64 LR tiles, whole checkpoint < 20 MB.
 - ``paper``: the GPU-cluster sizes. Content autoencoder = LDM f4 VQ (128 channels, 1-2-4, two res
   blocks, 3 latent channels, 8192 codes); UNet = SynDiff's (widths 128/256/512/512, two res blocks,
@@ -142,19 +143,22 @@ def preset(name: Literal["tiny", "small", "paper"], scale: int = 4) -> RealDGenC
             num_res_blocks=1,
             z_channels=z,
             codebook_size=64,
-            mid_attention=True,
+            # Attention over every LR-grid position costs O((hw)^2): most of tiny's time at a 64x64
+            # tile. The attention code path is covered by small/paper (and the UNet).
+            mid_attention=False,
             norm_groups=4,
         )
         degradation = DegradationExtractorConfig(
             feature_channels=8, num_blocks=16, mapping_channels=(16, 16, 16), out_dim=2048
         )
         modulation = ModulationConfig(in_channels=z, hidden_channels=8, out_channels=cond, deg_embed_dim=16)
+        # Three levels so that attention (level 2 and the middle) runs at 1/4 of the LR side.
         unet = UNetConfig(
             cond_channels=cond,
-            base_channels=12,
-            channel_mult=(1, 2),
+            base_channels=8,
+            channel_mult=(1, 2, 2),
             num_res_blocks=1,
-            attention_levels=(1,),
+            attention_levels=(2,),
             num_heads=2,
             norm_groups=4,
         )
