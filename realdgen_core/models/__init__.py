@@ -3,7 +3,11 @@
 ``RealDGenModel`` only holds the five components and composes the condition
 ``c = M(E_cont(x), E_deg(lr))``; the diffusion maths live in ``realdgen_core.diffusion`` and the
 training stages in ``realdgen_core.train``. Every network uses per-sample normalisation only
-(GroupNorm, never BatchNorm) and no dropout, so a sample's output does not depend on its batch.
+(GroupNorm, never BatchNorm) and no dropout, so a sample's output does not depend on its batch
+up to float rounding: on CPU, oneDNN convolutions and GEMMs pick batch-size-dependent blockings,
+so a sample alone and inside a batch differ by ~1e-6 (max 5e-6 measured on ``tiny``), not bit for
+bit (tests/test_models.py bounds it at 5e-5). Callers that need bit-identical pixels whatever the
+batch must run the networks per sample (batch 1), or quantise with a margin.
 """
 
 from __future__ import annotations
