@@ -1,0 +1,635 @@
+"""Train RealDGen (stages A, B, C) from a `kind: train` manifest, locally or with Ray Train (DDP).
+
+    python pipelines/train.py manifests/train_demo.yaml                 # all stages, this process
+    python pipelines/train.py manifests/train_demo.yaml --stages B,C    # only these stages
+    python pipelines/train.py manifests/adapt.yaml                      # domain adaptation (stage C)
+    python pipelines/train.py m.yaml --set compute.backend=ray --set compute.num_workers=4
+
+Run folder (``output.run_dir``, local or ``s3://``)::
+
+    latest.json                     pointer to the newest complete checkpoint (written last)
+    ckpt-<NNNNNNNNN>/model.safetensors  model tensors (realdgen_core.checkpoint)
+    ckpt-<NNNNNNNNN>/state.pt       optimiser, EMA, step, RNG of the running phase (weights_only)
+    logs/<phase>.csv                one row per logged step: step, seconds, losses
+
+A re-run with the same manifest resumes from ``latest.json``: finished phases are skipped and the
+running phase continues at its saved step with its saved optimiser/EMA/RNG state. The checkpoint
+counter NNNNNNNNN is global over phases, so names sort in run order. Another manifest in the same
+run folder is refused (its digest is recorded).
+
+Data: ``data.hr`` and ``data.lr`` components are listed with ``pipelines.sources``; images are
+decoded lazily by each worker with a bounded in-memory cache. A broken or too-small image is
+skipped and counted (reported at the end), never fatal — unless a source has no usable image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):  # `python pipelines/train.py`: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipelines.manifest import ManifestError, TrainManifest, load_manifest, manifest_digest
+from pipelines.sources import ImageError, SourceItem, list_source, load_image
+from pipelines.storage import get_fs, join_uri
+from realdgen_core.train import PHASES, STAGES, Hook, Phase, run_phase
+from realdgen_core.train.data import (
+    CameraLRSampler,
+    MixtureSampler,
+    SyntheticLRSampler,
+    random_crop,
+    to_tensor,
+)
+from realdgen_core.train.loop import load_training_state, save_model, save_training_state
+
+LATEST = "latest.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Data: lazily decoded images as a crop sampler
+# --------------------------------------------------------------------------------------------
+
+
+class SourceCropSampler:
+    """Random crops of the images of a source, decoded on first use and kept in an LRU cache.
+
+    Broken images are remembered, skipped and counted in ``skipped`` (reason category -> count);
+    images smaller than a requested crop are skipped for that size. Every choice is drawn from the
+    generator passed in, so the sequence of crops is reproducible for a given listing.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[SourceItem],
+        storage: dict | None,
+        cache: int,
+        max_pixels: int,
+        name: str,
+        flip: bool = True,
+    ) -> None:
+        if not items:
+            raise ValueError(f"{name}: the source lists no images")
+        self.items, self.storage, self.cache_size, self.max_pixels = list(items), storage, cache, max_pixels
+        self.name, self.flip = name, flip
+        self.cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.bad: set[int] = set()
+        self.small: dict[int, set[int]] = {}
+        self.skipped: Counter[str] = Counter()
+
+    def _image(self, i: int) -> torch.Tensor | None:
+        if i in self.cache:
+            self.cache.move_to_end(i)
+            return self.cache[i]
+        try:
+            img = to_tensor(load_image(self.items[i], self.storage, max_pixels=self.max_pixels))
+        except ImageError as exc:
+            self.bad.add(i)
+            self.skipped[exc.category] += 1
+            print(f"[train] skipping {self.items[i].uri}: {exc.reason}", file=sys.stderr)
+            return None
+        self.cache[i] = img
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return img
+
+    def __call__(self, n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+        out = []
+        small = self.small.setdefault(size, set())
+        while len(out) < n:
+            if len(self.bad) + len(small) >= len(self.items) and len(self.bad | small) >= len(self.items):
+                raise ValueError(
+                    f"{self.name}: no usable image of at least {size}x{size} "
+                    f"({len(self.bad)} broken, {len(small)} too small)"
+                )
+            i = int(torch.randint(0, len(self.items), (), generator=generator))
+            if i in self.bad or i in small:
+                continue
+            img = self._image(i)
+            if img is None:
+                continue
+            if min(img.shape[-2:]) < size:
+                small.add(i)
+                self.skipped[f"too small for {size}px crops"] += 1
+                continue
+            crop = random_crop(img, size, generator)
+            if self.flip and bool(torch.randint(0, 2, (), generator=generator)):
+                crop = crop.flip(-1)
+            out.append(crop)
+        return torch.stack(out).contiguous()
+
+
+def build_samplers(m: TrainManifest, scale: int, stages: Sequence[str]) -> dict[str, Any]:
+    """{"hr": sampler or None, "lr": sampler or None, "sources": [SourceCropSampler...]} for this worker."""
+    storage = m.storage.model_dump()
+    made: list[SourceCropSampler] = []
+
+    def source(spec, name: str) -> SourceCropSampler:
+        s = SourceCropSampler(
+            list_source(spec, storage), storage, m.data.cache_images, m.data.max_image_pixels, name
+        )
+        made.append(s)
+        return s
+
+    hr = source(m.data.hr, "data.hr") if m.data.hr is not None else None
+    lr = None
+    if "C" in stages:
+        comps, weights = [], []
+        for i, c in enumerate(m.data.lr):
+            if c.kind == "images":
+                comps.append(source(c.source, f"data.lr[{i}]"))
+            else:
+                base = source(c.source, f"data.lr[{i}].source") if c.source is not None else hr
+                comps.append(
+                    SyntheticLRSampler(base, c.degradations, scale)
+                    if c.kind == "synthetic"
+                    else CameraLRSampler(base, scale)
+                )
+            weights.append(c.weight)
+        lr = MixtureSampler(comps, weights)
+    return {"hr": hr, "lr": lr, "sources": made}
+
+
+def prepare_demo(root: str, scale: int) -> None:
+    """The scikit-image demo inputs (pipelines/demo_data.py) + ``ref_hr/``: reference photos at full size."""
+    from PIL import Image
+
+    from pipelines.demo_data import SPLITS, load_photo, prepare_demo_inputs
+
+    prepare_demo_inputs(root, scale=scale)
+    ref_hr = Path(root) / "ref_hr"
+    ref_hr.mkdir(parents=True, exist_ok=True)
+    for name in SPLITS["ref_photos"]:
+        if not (ref_hr / f"{name}.png").exists():
+            tmp = ref_hr / f".{name}.tmp.png"
+            Image.fromarray(load_photo(name)).save(tmp)
+            tmp.replace(ref_hr / f"{name}.png")
+
+
+# --------------------------------------------------------------------------------------------
+# Run folder: checkpoints (local or object storage), logs, latest pointer
+# --------------------------------------------------------------------------------------------
+
+
+class RunStore:
+    """The run folder through fsspec. Checkpoints are written locally, then uploaded; the pointer last."""
+
+    def __init__(self, uri: str, storage: dict | None = None) -> None:
+        self.uri = uri
+        self.fs, self.root = get_fs(uri, storage)
+        self.remote = uri.startswith("s3://")
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.local_logs = Path(self.root) / "logs" if not self.remote else Path(tempfile.mkdtemp()) / "logs"
+        self.local_logs.mkdir(parents=True, exist_ok=True)
+        if self.remote:  # continue the CSV logs of an earlier attempt
+            for name in self._ls("logs"):
+                if name.endswith(".csv"):
+                    self.fs.get_file(join_uri(self.root, f"logs/{name}"), str(self.local_logs / name))
+
+    def _ls(self, sub: str = "") -> list[str]:
+        path = join_uri(self.root, sub) if sub else self.root
+        if self.remote:
+            self.fs.invalidate_cache()
+        if not self.fs.exists(path):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+
+    def latest(self) -> dict | None:
+        path = join_uri(self.root, LATEST)
+        if self.remote:
+            self.fs.invalidate_cache()
+        if not self.fs.exists(path):
+            return None
+        return json.loads(self.fs.cat_file(path))
+
+    def put_file(self, local: str | Path, name: str) -> None:
+        target = join_uri(self.root, name)
+        if self.remote:
+            self.fs.put_file(str(local), target)
+        else:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{target}.tmp"
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, target)
+
+    def save(self, index: int, model, state: dict, metadata: dict, keep_last: int) -> str:
+        name = f"ckpt-{index:09d}"
+        with tempfile.TemporaryDirectory() as tmp:
+            save_training_state(tmp, model, state, metadata)
+            for f in ("model.safetensors", "state.pt"):
+                self.put_file(Path(tmp) / f, f"{name}/{f}")
+        if self.remote:
+            for f in self.local_logs.glob("*.csv"):
+                self.put_file(f, f"logs/{f.name}")
+        pointer = {
+            "checkpoint": name,
+            "index": index,
+            "phase": state["phase"],
+            "step": state["step"],
+            "completed": state["completed"],
+            "manifest_digest": state["manifest_digest"],
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / LATEST
+            p.write_text(json.dumps(pointer, indent=1))
+            self.put_file(p, LATEST)
+        for old in [d for d in self._ls() if d.startswith("ckpt-")][:-keep_last]:
+            self.fs.rm(join_uri(self.root, old), recursive=True)
+        return name
+
+    def load(self, name: str, model) -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            for f in ("model.safetensors", "state.pt"):
+                self.fs.get_file(join_uri(self.root, f"{name}/{f}"), str(Path(tmp) / f))
+            return load_training_state(tmp, model)
+
+
+def put_uri(local: str | Path, uri: str, storage: dict | None = None) -> None:
+    """Copy a local file to a local path or s3:// URI (atomic rename locally)."""
+    fs, path = get_fs(uri, storage)
+    if uri.startswith("s3://"):
+        fs.put_file(str(local), path)
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+
+
+# --------------------------------------------------------------------------------------------
+# Hooks
+# --------------------------------------------------------------------------------------------
+
+
+class ProgressBar(Hook):
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.bar = enabled, None
+
+    def on_start(self, phase: Phase) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=phase.total_steps, initial=phase.step, desc=phase.name, dynamic_ncols=True)
+
+    def on_step(self, phase: Phase, losses: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                {k: f"{v:.4g}" for k, v in losses.items() if k != "grad_norm"}, refresh=False
+            )
+
+    def on_end(self, phase: Phase) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class CSVLog(Hook):
+    """``logs/<phase>.csv``: step, unix time, seconds of the step, then every loss. Rows past a resumed
+    step (written after the checkpoint an interrupted run resumes from) are dropped on start."""
+
+    def __init__(self, folder: Path, every: int) -> None:
+        self.folder, self.every = folder, every
+        self.file, self.writer, self.fields = None, None, None
+
+    def on_start(self, phase: Phase) -> None:
+        path = self.folder / f"{phase.name}.csv"
+        rows = []
+        if path.exists():
+            with path.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= phase.step]
+        self.fields = list(rows[0].keys()) if rows else None
+        self.file = path.open("w", newline="")
+        if self.fields:
+            self.writer = csv.DictWriter(self.file, self.fields, extrasaction="ignore")
+            self.writer.writeheader()
+            self.writer.writerows(rows)
+
+    def on_step(self, phase: Phase, losses: dict[str, float]) -> None:
+        if phase.step % self.every and phase.step != phase.total_steps:
+            return
+        row = {
+            "step": phase.step,
+            "time": round(time.time(), 3),
+            "seconds": round(phase.last_step_seconds, 4),
+        }
+        row.update({k: f"{v:.6g}" for k, v in losses.items()})
+        if self.writer is None:
+            self.fields = list(row)
+            self.writer = csv.DictWriter(self.file, self.fields, extrasaction="ignore")
+            self.writer.writeheader()
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def on_end(self, phase: Phase) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file, self.writer = None, None
+
+
+class Checkpointer(Hook):
+    """Every ``every`` steps: resumable state (+ export); the end-of-phase save is done by the driver."""
+
+    def __init__(self, ctx: TrainContext, every: int) -> None:
+        self.ctx, self.every = ctx, every
+
+    def on_step(self, phase: Phase, losses: dict[str, float]) -> None:
+        if phase.step % self.every == 0 and phase.step < phase.total_steps:
+            self.ctx.checkpoint(phase, completed=False)
+
+
+class TrainContext:
+    """What one worker needs to run phases: model, manifest, samplers, store, rank."""
+
+    def __init__(
+        self,
+        m: TrainManifest,
+        model,
+        samplers: dict,
+        store: RunStore,
+        digest: str,
+        *,
+        rank: int,
+        world_size: int,
+        wrap=None,
+        completed: list[str],
+        index: int,
+    ) -> None:
+        self.m, self.model, self.samplers, self.store, self.digest = m, model, samplers, store, digest
+        self.rank, self.world_size, self.wrap = rank, world_size, wrap
+        self.completed, self.index = list(completed), index
+
+    def make_phase(self, name: str) -> Phase:
+        m = self.m
+        kw = {"seed": m.seed, "rank": self.rank, "world_size": self.world_size, "wrap": self.wrap}
+        if name in ("content_pretrain", "content_finetune"):
+            return PHASES[name](self.model, m.stage_a.to_core(), self.samplers["hr"], **kw)
+        if name == "degradation":
+            return PHASES[name](self.model, m.stage_b.to_core(), self.samplers["hr"], **kw)
+        return PHASES[name](self.model, m.stage_c.to_core(), self.samplers["lr"], **kw)
+
+    def checkpoint(self, phase: Phase, completed: bool) -> None:
+        self.index += 1
+        if self.rank != 0:
+            return
+        state = phase.state_dict()
+        state.update(
+            completed=self.completed + ([phase.name] if completed else []),
+            manifest_digest=self.digest,
+            index=self.index,
+        )
+        meta = {
+            "manifest_digest": self.digest,
+            "phase": phase.name,
+            "step": phase.step,
+            "kind": "train-state",
+        }
+        self.store.save(self.index, self.model, state, meta, self.m.output.keep_last)
+        if self.m.output.checkpoint and (completed or self.m.output.export_every):
+            self.export(phase)
+
+    def export(self, phase: Phase | None = None) -> str | None:
+        """Write the usable model (UNet = its EMA while stage C runs) to ``output.checkpoint``."""
+        if self.rank != 0 or not self.m.output.checkpoint:
+            return None
+        meta = {
+            "manifest_digest": self.digest,
+            "completed": self.completed,
+            "preset": self.m.preset,
+            "trained_by": "pipelines/train.py",
+        }
+        if phase is not None and phase.step < phase.total_steps:
+            meta["partial"] = f"{phase.name} at step {phase.step}/{phase.total_steps}"
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "model.safetensors"
+            ema = (
+                getattr(phase, "ema_weights", None)
+                if phase is not None and phase.step < phase.total_steps
+                else None
+            )
+            if ema is not None:
+                with ema():
+                    digest = save_model(local, self.model, meta)
+            else:
+                digest = save_model(local, self.model, meta)
+            put_uri(local, self.m.output.checkpoint, self.m.storage.model_dump())
+        return digest
+
+
+# --------------------------------------------------------------------------------------------
+# One worker's training (local: the only worker; Ray: each TorchTrainer worker)
+# --------------------------------------------------------------------------------------------
+
+
+def build_model_for(m: TrainManifest, device: torch.device):
+    from realdgen_core.config import preset
+    from realdgen_core.models import build_model
+
+    if m.init_checkpoint:
+        from pipelines.storage import fetch_to_local
+        from realdgen_core.checkpoint import load_checkpoint
+
+        model, _ = load_checkpoint(fetch_to_local(m.init_checkpoint, m.storage.model_dump()))
+    else:
+        model = build_model(preset(m.preset, m.scale), seed=m.seed)
+    return model.to(device)
+
+
+def train_worker(manifest: dict, stages: Sequence[str], **kw) -> dict:
+    """Run the requested stages on this worker; returns a summary (rank 0's is the one that matters)."""
+    return run_worker(manifest, stages, **kw)[0]
+
+
+def run_worker(
+    manifest: dict,
+    stages: Sequence[str],
+    rank: int = 0,
+    world_size: int = 1,
+    wrap=None,
+    device: str | torch.device = "cpu",
+    bar: bool | None = None,
+):
+    """(summary, trained model) of this worker."""
+    m = TrainManifest.model_validate(manifest)
+    if m.compute.torch_threads:
+        torch.set_num_threads(m.compute.torch_threads)
+    digest = manifest_digest(m)
+    device = torch.device(device)
+    model = build_model_for(m, device)
+    store = RunStore(m.output.run_dir, m.storage.model_dump())
+    latest = store.latest()
+    state, completed, index = None, [], 0
+    if latest is not None:
+        if latest["manifest_digest"] != digest:
+            raise ManifestError(
+                f"output.run_dir {m.output.run_dir!r} holds a run of another manifest "
+                f"(digest {latest['manifest_digest'][:12]}…); use a new run_dir"
+            )
+        state = store.load(latest["checkpoint"], model)
+        completed, index = list(state["completed"]), int(state["index"])
+        print(
+            f"[train] rank {rank}: resuming from {latest['checkpoint']} "
+            f"({state['phase']} step {state['step']}, done: {completed})",
+            file=sys.stderr,
+        )
+    samplers = build_samplers(m, model.config.scale, stages)
+    ctx = TrainContext(
+        m,
+        model,
+        samplers,
+        store,
+        digest,
+        rank=rank,
+        world_size=world_size,
+        wrap=wrap,
+        completed=completed,
+        index=index,
+    )
+    show = (m.progress.bar if bar is None else bar) and rank == 0
+    t_start, timings = time.time(), {}
+    for stage in stages:
+        for name in STAGES[stage]:
+            if name in ctx.completed:
+                continue
+            phase = ctx.make_phase(name)
+            if state is not None and state["phase"] == name:
+                phase.load_state_dict(state)
+            hooks: list[Hook] = [ProgressBar(show), Checkpointer(ctx, m.output.checkpoint_every)]
+            if rank == 0:
+                hooks.insert(1, CSVLog(store.local_logs, m.progress.log_every))
+            t0, s0 = time.time(), phase.step
+            run_phase(phase, hooks)
+            timings[name] = {"steps": phase.step - s0, "seconds": round(time.time() - t0, 2)}
+            ctx.checkpoint(phase, completed=True)
+            ctx.completed.append(name)
+    digest_out = ctx.export() if ctx.completed else None
+    skipped = Counter()
+    for s in samplers["sources"]:
+        skipped.update({f"{s.name}: {k}": v for k, v in s.skipped.items()})
+    summary = {
+        "completed": ctx.completed,
+        "timings": timings,
+        "wall_seconds": round(time.time() - t_start, 1),
+        "skipped_images": dict(skipped),
+        "run_dir": m.output.run_dir,
+        "checkpoint": m.output.checkpoint,
+        "model_digest": digest_out,
+        "rank": rank,
+        "world_size": world_size,
+    }
+    if skipped and rank == 0:
+        print(f"[train] skipped images: {dict(skipped)}", file=sys.stderr)
+    return summary, model
+
+
+def _ray_train_loop(config: dict) -> None:
+    """Ray Train worker: DDP over the process group Ray Train set up (gloo on CPU, NCCL on GPU)."""
+    import ray.train
+    import ray.train.torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    def wrap(module):
+        if world == 1:
+            return module
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    summary, model = run_worker(
+        config["manifest"], config["stages"], rank=rank, world_size=world, wrap=wrap, device=device, bar=False
+    )
+    # Fingerprint of every replica's weights: identical when DDP kept the workers in sync.
+    h = hashlib.sha256()
+    for v in model.state_dict().values():
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    hashes: list = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(hashes, h.hexdigest())
+    else:
+        hashes = [h.hexdigest()]
+    summary["replica_hashes"] = hashes
+    ray.train.report({"completed": len(summary["completed"]), "wall_seconds": summary["wall_seconds"]})
+    if rank == 0:
+        with open(config["summary_path"], "w") as f:
+            json.dump(summary, f)
+
+
+def run_with_ray(m: TrainManifest, stages: Sequence[str]) -> dict:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    scratch = tempfile.mkdtemp(prefix="realdgen-train-")
+    summary_path = os.path.join(scratch, "summary.json")
+    trainer = TorchTrainer(
+        _ray_train_loop,
+        train_loop_config={
+            "manifest": m.model_dump(mode="json"),
+            "stages": list(stages),
+            "summary_path": summary_path,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=m.compute.num_workers,
+            use_gpu=m.compute.use_gpu,
+            resources_per_worker={"CPU": m.compute.cpus_per_worker},
+        ),
+        run_config=RunConfig(name=f"realdgen-train-{int(time.time())}", storage_path=scratch),
+    )
+    trainer.fit()
+    with open(summary_path) as f:  # written by rank 0 (same node as the driver for local clusters)
+        return json.load(f)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("manifest", help="a `kind: train` manifest (YAML)")
+    ap.add_argument(
+        "--stages", default=None, help="comma-separated subset of A,B,C (default: the manifest's)"
+    )
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a manifest key")
+    args = ap.parse_args(argv)
+    try:
+        m = load_manifest(args.manifest, args.set, kind="train")
+        stages = tuple(s.strip().upper() for s in args.stages.split(",")) if args.stages else m.stages
+        bad = [s for s in stages if s not in STAGES]
+        if bad:
+            raise ManifestError(f"--stages: unknown stage(s) {bad}; choose from A,B,C")
+        if "C" in stages and not m.data.lr:
+            raise ManifestError("--stages C needs `data.lr` in the manifest")
+        if ("A" in stages or "B" in stages) and m.data.hr is None:
+            raise ManifestError("stages A/B need `data.hr` in the manifest")
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if m.data.prepare_demo:
+        prepare_demo(m.data.prepare_demo, m.scale)
+    if m.compute.backend == "ray":
+        summary = run_with_ray(m, stages)
+    else:
+        summary = train_worker(m.model_dump(mode="json"), stages)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Stage A: the content extractor E_cont and HR reconstructor Rec_hr, a VQ-VAE (paper §2.1, Eq. 1-2, A.1-A.2).
+
+Phase ``content_pretrain``: the whole VQ-VAE learns to reconstruct clean HR crops
+(L2 + codebook/commitment loss), with dead codes re-seeded from encoder outputs now and then.
+Phase ``content_finetune``: decoder and codebook frozen; the encoder sees bicubic_up(D(HR)) and is
+trained so that Rec_hr(quantize(E_cont(bicubic_up(D(HR))))) matches the clean HR in L2 (Eq. 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from realdgen_core.train.config import ContentStageConfig
+from realdgen_core.train.data import CropSampler, bicubic_up, child_generators, degrade_mixed, draw_kinds
+from realdgen_core.train.loop import Hook, Phase, run_phase, sample_crops, set_trainable
+
+
+class _VQReconstruction(nn.Module):
+    """Loss of phase 1: ||Rec_hr(q(E_cont(x))) - x||² + VQ loss; remembers code usage for restarts."""
+
+    def __init__(self, content: nn.Module) -> None:
+        super().__init__()
+        self.content = content
+        self.usage = torch.zeros(content.config.codebook_size, dtype=torch.long)
+        self.last_h: Tensor | None = None
+
+    def forward(self, hr: Tensor) -> dict[str, Tensor]:
+        h = self.content.encode(hr)
+        z_q, vq = self.content.quantize(h)
+        rec = F.mse_loss(self.content.decode(z_q), hr)
+        idx = self.content.quantizer.indices(h)
+        self.usage += torch.bincount(idx.flatten().cpu(), minlength=self.usage.numel())
+        self.last_h = h.detach()
+        return {"loss": rec + vq, "rec": rec.detach(), "vq": vq.detach()}
+
+
+class ContentPretrain(Phase):
+    """Phase 1 of stage A: VQ-VAE on clean HR crops."""
+
+    name = "content_pretrain"
+
+    def __init__(self, model: nn.Module, config: ContentStageConfig, hr: CropSampler, **kw) -> None:
+        super().__init__(model, config.pretrain_steps, grad_clip=config.grad_clip, **kw)
+        self.config, self.hr = config, hr
+        content = model.content
+        set_trainable(model, [content])
+        self.loss_net = _VQReconstruction(content)
+        self._finish_init(self.loss_net, [{"params": list(content.parameters()), "lr": config.lr}])
+
+    def batch(self) -> tuple:
+        return (
+            sample_crops(self.hr, self.config.batch_size, self.config.hr_crop, self.generator, self.device),
+        )
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        every = self.config.codebook_restart_every
+        first = self.step == 0  # data-dependent init: every code re-seeded from the first batch
+        if not first and (not every or (self.step + 1) % every):
+            return
+        weight = self.model.content.quantizer.codebook.weight
+        dead = torch.arange(weight.shape[0]) if first else (self.loss_net.usage == 0).nonzero().flatten()
+        if dead.numel():
+            h = self.loss_net.last_h.permute(0, 2, 3, 1).reshape(-1, weight.shape[1])
+            pick = torch.randint(0, h.shape[0], (dead.numel(),), generator=self.generator)
+            noise = torch.randn((dead.numel(), weight.shape[1]), generator=self.generator) * 1e-3
+            weight[dead.to(weight.device)] = h[pick.to(h.device)] + noise.to(h.device)
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.broadcast(weight.data, src=0)  # every worker keeps rank 0's codebook
+        self.loss_net.usage.zero_()
+
+
+class _EncoderFinetune(nn.Module):
+    """Loss of phase 2 (Eq. 1-2): ||Rec_hr(q(E_cont(bicubic_up(D(X))))) - X||² (+ commitment)."""
+
+    def __init__(self, content: nn.Module) -> None:
+        super().__init__()
+        self.content = content
+
+    def forward(self, up: Tensor, hr: Tensor) -> dict[str, Tensor]:
+        z_q, vq = self.content.quantize(self.content.encode(up))
+        rec = F.mse_loss(self.content.decode(z_q), hr)
+        return {"loss": rec + vq, "rec": rec.detach(), "vq": vq.detach()}
+
+
+class ContentFinetune(Phase):
+    """Phase 2 of stage A: encoder only, on bicubic-upsampled D(HR); decoder and codebook frozen."""
+
+    name = "content_finetune"
+
+    def __init__(self, model: nn.Module, config: ContentStageConfig, hr: CropSampler, **kw) -> None:
+        super().__init__(model, config.finetune_steps, grad_clip=config.grad_clip, **kw)
+        self.config, self.hr = config, hr
+        encoder = model.content.encoder
+        set_trainable(model, [encoder])
+        self._finish_init(
+            _EncoderFinetune(model.content),
+            [{"params": list(encoder.parameters()), "lr": config.finetune_lr}],
+        )
+
+    def batch(self) -> tuple:
+        c, g, s = self.config, self.generator, self.model.config.scale
+        hr = self.hr(c.batch_size, c.hr_crop, g)
+        lr, _ = degrade_mixed(hr, draw_kinds(c.kinds, c.batch_size, g), s, child_generators(g, c.batch_size))
+        return bicubic_up(lr, s).to(self.device), hr.to(self.device)
+
+
+def train_content_stage(
+    model: nn.Module, config: ContentStageConfig, hr: CropSampler, hooks: Sequence[Hook] = (), **kw
+) -> None:
+    """Stage A in full: the two phases one after the other."""
+    run_phase(ContentPretrain(model, config, hr, **kw), hooks)
+    run_phase(ContentFinetune(model, config, hr, **kw), hooks)

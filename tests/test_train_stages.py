@@ -1,0 +1,141 @@
+"""Each training stage lowers its loss on a fixed evaluation batch (tiny preset, CPU, seeded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from realdgen_core.config import preset
+from realdgen_core.diffusion import GaussianDiffusion
+from realdgen_core.models import build_model
+from realdgen_core.train import (
+    ArrayCropSampler,
+    ContentFinetune,
+    ContentPretrain,
+    ContentStageConfig,
+    DegradationStageConfig,
+    DegradationTrain,
+    DiffusionStageConfig,
+    DiffusionTrain,
+    SyntheticLRSampler,
+    run_phase,
+)
+from realdgen_core.train.data import bicubic_up, child_generators, degrade_mixed
+from realdgen_core.train.degradation import triplet_batch
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 spinning OpenMP threads are ~50x slower."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture()
+def model():
+    return build_model(preset("tiny", 4), seed=0)
+
+
+@pytest.fixture()
+def hr(photos):
+    return ArrayCropSampler(list(photos.values()))
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_stage_a_vq_pretrain_loss_falls(model, hr):
+    cfg = ContentStageConfig(pretrain_steps=40, finetune_steps=0, batch_size=4, hr_crop=32, lr=2e-3)
+    batch = hr(8, 32, _gen(123))
+
+    @torch.no_grad()
+    def rec_loss() -> float:
+        recon, _ = model.content(batch)
+        return float(torch.mean((recon - batch) ** 2))
+
+    before = rec_loss()
+    run_phase(ContentPretrain(model, cfg, hr, seed=0))
+    after = rec_loss()
+    assert after < 0.7 * before, (before, after)
+
+
+def test_stage_a_encoder_finetune_loss_falls_and_decoder_is_frozen(model, hr):
+    run_phase(
+        ContentPretrain(model, ContentStageConfig(pretrain_steps=200, batch_size=4, hr_crop=32, lr=3e-3), hr)
+    )
+    cfg = ContentStageConfig(pretrain_steps=0, finetune_steps=60, batch_size=4, hr_crop=32, finetune_lr=1e-3)
+    clean = hr(6, 32, _gen(7))
+    lr, _ = degrade_mixed(clean, ["realesrgan", "bsrgan"] * 3, 4, child_generators(_gen(8), 6))
+    up = bicubic_up(lr, 4)
+
+    @torch.no_grad()
+    def rec_loss() -> float:
+        z_q, _ = model.content.quantize(model.content.encode(up))
+        return float(torch.mean((model.content.decode(z_q) - clean) ** 2))
+
+    decoder = {k: v.clone() for k, v in model.content.decoder.state_dict().items()}
+    codebook = model.content.quantizer.codebook.weight.detach().clone()
+    before = rec_loss()
+    run_phase(ContentFinetune(model, cfg, hr, seed=0))
+    after = rec_loss()
+    assert after < 0.95 * before, (before, after)  # no training would leave it exactly equal
+    for k, v in model.content.decoder.state_dict().items():
+        assert torch.equal(v, decoder[k]), f"decoder tensor {k} changed"
+    assert torch.equal(model.content.quantizer.codebook.weight, codebook)
+
+
+def test_stage_b_triplet_and_reconstruction_fall(model, hr):
+    cfg = DegradationStageConfig(steps=30, batch_size=4, lr_crop=8, lr=1e-3)
+    fixed = triplet_batch(hr, DegradationStageConfig(batch_size=6, lr_crop=8), 4, _gen(99))
+    phase = DegradationTrain(model, cfg, hr, seed=0)
+    content_before = {k: v.clone() for k, v in model.content.state_dict().items()}
+
+    @torch.no_grad()
+    def losses() -> tuple[float, float]:
+        out = phase.loss_module(*fixed)
+        return float(out["triplet"]), float(out["rec_lr"])
+
+    t0, r0 = losses()
+    run_phase(phase)
+    t1, r1 = losses()
+    assert t1 + r1 < 0.8 * (t0 + r0), ((t0, r0), (t1, r1))
+    assert r1 < r0
+    for k, v in model.content.state_dict().items():
+        assert torch.equal(v, content_before[k]), f"E_cont tensor {k} changed in stage B"
+
+
+def test_stage_c_diffusion_loss_falls_with_partial_finetuning(model, hr):
+    lr_sampler = SyntheticLRSampler(hr, ("realesrgan", "bsrgan"), 4)
+    cfg = DiffusionStageConfig(steps=40, batch_size=4, lr_crop=16, lr=2e-3)
+    fixed = lr_sampler(8, 16, _gen(5))
+    diffusion = GaussianDiffusion(model.config.diffusion)
+    frozen_mid = model.content.encoder.mid.block1.conv1.weight.detach().clone()
+    last_conv = model.degradation.last_conv.weight.detach().clone()
+    first_block = model.content.first_block.conv_in.weight.detach().clone()
+
+    @torch.no_grad()
+    def loss() -> float:
+        c = model.condition(bicubic_up(fixed, 4), fixed)
+        # Same t and noise every time: the average over 4 draws of a fixed generator.
+        return (
+            sum(
+                float(diffusion.training_loss(lambda x, t: model.unet(x, c, t), fixed * 2 - 1, _gen(s)))
+                for s in range(4)
+            )
+            / 4
+        )
+
+    before = loss()
+    phase = DiffusionTrain(model, cfg, lr_sampler, seed=0)
+    run_phase(phase)
+    after = loss()  # the UNet now holds the EMA weights (finalize)
+    assert after < 0.85 * before, (before, after)
+    assert torch.equal(model.content.encoder.mid.block1.conv1.weight, frozen_mid)  # frozen part of E_cont
+    assert not torch.equal(model.degradation.last_conv.weight, last_conv)  # fine-tuned at 1e-6
+    assert not torch.equal(model.content.first_block.conv_in.weight, first_block)
+    assert (model.degradation.last_conv.weight - last_conv).abs().max() < 1e-3  # tiny lr, tiny change
+    lrs = sorted(g["lr"] for g in phase.optimizer.param_groups)
+    assert lrs == [1e-6, 2e-3]
