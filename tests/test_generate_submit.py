@@ -121,23 +121,22 @@ def test_ray_job_submit_runs_the_job(ray_head, photos, tmp_path):
     manifest.write_text(
         yaml.safe_dump(manifest_dict(str(hr), str(refs), str(out), generator__kind="bicubic"))
     )
-    r = subprocess.run(
-        [
-            _ray_bin(),
-            "job",
-            "submit",
-            "--address",
-            address,
-            "--",
-            sys.executable,
-            str(REPO / "pipelines" / "generate_dataset.py"),
-            str(manifest),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    cmd = [
+        _ray_bin(),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--",
+        sys.executable,
+        str(REPO / "pipelines" / "generate_dataset.py"),
+        str(manifest),
+    ]
+    for _ in range(12):  # the head's job agent can come up a little after its dashboard
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr:
+            break
+        time.sleep(5)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     assert "succeeded" in (r.stdout + r.stderr).lower()
     summary = json.loads(next(ln for ln in reversed(r.stdout.splitlines()) if ln.startswith('{"output"')))
