@@ -1,0 +1,118 @@
+"""Seconds per training step of each phase (A1, A2, B, C) for the tiny and small presets on this CPU.
+
+Prints JSON: per preset and phase, the median step time, the median time of drawing the batch alone
+(crops + degradations: the data side of the step), and the ratio small/tiny measured in the same run.
+Batch settings are those of manifests/train_demo.yaml (small) and of the tests (tiny); pass
+``--threads`` to set torch's intra-op threads (1 is fastest on a shared 2-core machine).
+
+    python bench/train_step_time.py --steps 5 --out bench/train_step_time.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from realdgen_core.config import preset  # noqa: E402
+from realdgen_core.models import build_model  # noqa: E402
+from realdgen_core.train import (  # noqa: E402
+    ArrayCropSampler,
+    ContentFinetune,
+    ContentPretrain,
+    ContentStageConfig,
+    DegradationStageConfig,
+    DegradationTrain,
+    DiffusionStageConfig,
+    DiffusionTrain,
+    MixtureSampler,
+    SyntheticLRSampler,
+)
+from realdgen_core.train.data import CameraLRSampler  # noqa: E402
+
+SETTINGS = {
+    "tiny": {
+        "A": ContentStageConfig(pretrain_steps=10**6, finetune_steps=10**6, batch_size=4, hr_crop=32),
+        "B": DegradationStageConfig(steps=10**6, batch_size=4, lr_crop=8),
+        "C": DiffusionStageConfig(steps=10**6, batch_size=4, lr_crop=16),
+    },
+    "small": {
+        "A": ContentStageConfig(pretrain_steps=10**6, finetune_steps=10**6, batch_size=8, hr_crop=128),
+        "B": DegradationStageConfig(steps=10**6, batch_size=8, lr_crop=32),
+        "C": DiffusionStageConfig(steps=10**6, batch_size=8, lr_crop=64),
+    },
+}
+
+
+def photos() -> list[np.ndarray]:
+    from skimage import data
+
+    return [np.ascontiguousarray(getattr(data, n)()[..., :3]) for n in ("astronaut", "coffee", "rocket")]
+
+
+def time_phase(phase, steps: int) -> dict:
+    phase.train_step()  # warm-up (allocations, first-touch)
+    step_s, batch_s = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        phase.batch()
+        batch_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        phase.train_step()
+        step_s.append(time.perf_counter() - t0)
+    return {
+        "step_s": round(statistics.median(step_s), 4),
+        "batch_s": round(statistics.median(batch_s), 4),
+        "min_step_s": round(min(step_s), 4),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--presets", default="tiny,small")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    hr = ArrayCropSampler(photos())
+    result: dict = {
+        "threads": args.threads,
+        "steps": args.steps,
+        "machine": platform.processor() or platform.machine(),
+        "presets": {},
+    }
+    for name in args.presets.split(","):
+        cfg = SETTINGS[name]
+        model = build_model(preset(name, 4), seed=0)
+        lr = MixtureSampler([SyntheticLRSampler(hr, ("realesrgan", "bsrgan"), 4), CameraLRSampler(hr, 4)])
+        out = {}
+        out["A1_content_pretrain"] = time_phase(ContentPretrain(model, cfg["A"], hr), args.steps)
+        out["A2_content_finetune"] = time_phase(ContentFinetune(model, cfg["A"], hr), args.steps)
+        out["B_degradation"] = time_phase(DegradationTrain(model, cfg["B"], hr), args.steps)
+        out["C_diffusion"] = time_phase(DiffusionTrain(model, cfg["C"], lr), args.steps)
+        out["settings"] = {k: v.to_dict() for k, v in cfg.items()}
+        result["presets"][name] = out
+        print(json.dumps({name: {k: v for k, v in out.items() if k != "settings"}}), file=sys.stderr)
+    if "tiny" in result["presets"] and "small" in result["presets"]:
+        t, s = result["presets"]["tiny"], result["presets"]["small"]
+        result["small_over_tiny"] = {
+            k: round(s[k]["step_s"] / t[k]["step_s"], 2) for k in t if k != "settings"
+        }
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Domain adaptation in one command: stage C (and optionally all of E_deg) fine-tuned from a checkpoint
+on a folder of LR images; everything else stays as it was in the checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from realdgen_core.checkpoint import load_checkpoint, save_checkpoint
+from realdgen_core.config import preset
+from realdgen_core.models import build_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_adapt_stage_c_from_checkpoint_on_lr_folder(tmp_path, photos):
+    from pipelines import train as T
+
+    base = tmp_path / "base.safetensors"
+    save_checkpoint(base, build_model(preset("tiny", 4), seed=7))
+    lr_dir = tmp_path / "my_camera"
+    lr_dir.mkdir()
+    for name, img in photos.items():  # "real LR": small photos of the user's domain
+        Image.fromarray(img[::4, ::4][:64, :64]).save(lr_dir / f"{name}.jpg", quality=40)
+    (lr_dir / "notes.txt").write_text("not an image, not listed")
+
+    path = tmp_path / "adapt.yaml"
+    path.write_text(
+        f"""
+kind: train
+init_checkpoint: {base}
+stages: [C]
+data:
+  lr: [{{kind: images, source: {{uri: {lr_dir}}}}}]
+stage_c: {{steps: 3, batch_size: 2, lr_crop: 16, degradation_trainable: all, finetune_lr: 1.0e-4}}
+output: {{run_dir: {tmp_path / "run"}, checkpoint: {tmp_path / "adapted.safetensors"}}}
+compute: {{torch_threads: 1}}
+progress: {{bar: false}}
+"""
+    )
+    assert T.main([str(path)]) == 0
+
+    before, _ = load_checkpoint(base)
+    after, meta = load_checkpoint(tmp_path / "adapted.safetensors")
+    assert meta["completed"] == ["diffusion"]
+    b, a = before.state_dict(), after.state_dict()
+    changed = {k for k in b if not torch.equal(b[k], a[k])}
+    assert any(k.startswith("unet.") for k in changed)
+    assert any(k.startswith("modulation.") for k in changed)
+    assert any(k.startswith("degradation.blocks.") for k in changed)  # all of E_deg, as asked
+    assert any(k.startswith("content.encoder.first_block.") for k in changed)
+    frozen = [k for k in b if k.startswith(("content.decoder.", "content.encoder.mid.", "lr_reconstructor."))]
+    assert frozen and not (changed & set(frozen))
