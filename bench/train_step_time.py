@@ -2,7 +2,7 @@
 
 Prints JSON: per preset and phase, the median step time, the median time of drawing the batch alone
 (crops + degradations: the data side of the step), and the ratio small/tiny measured in the same run.
-Batch settings are those of manifests/train_demo.yaml (small) and of the tests (tiny); pass
+Batch settings are read from manifests/train_demo.yaml (small) and manifests/train_tiny.yaml (tiny); pass
 ``--threads`` to set torch's intra-op threads (1 is fastest on a shared 2-core machine).
 
     python bench/train_step_time.py --steps 5 --out bench/train_step_time.json
@@ -29,28 +29,27 @@ from realdgen_core.train import (  # noqa: E402
     ArrayCropSampler,
     ContentFinetune,
     ContentPretrain,
-    ContentStageConfig,
-    DegradationStageConfig,
     DegradationTrain,
-    DiffusionStageConfig,
     DiffusionTrain,
     MixtureSampler,
     SyntheticLRSampler,
 )
 from realdgen_core.train.data import CameraLRSampler  # noqa: E402
 
-SETTINGS = {
-    "tiny": {
-        "A": ContentStageConfig(pretrain_steps=10**6, finetune_steps=10**6, batch_size=4, hr_crop=32),
-        "B": DegradationStageConfig(steps=10**6, batch_size=4, lr_crop=8),
-        "C": DiffusionStageConfig(steps=10**6, batch_size=4, lr_crop=16),
-    },
-    "small": {
-        "A": ContentStageConfig(pretrain_steps=10**6, finetune_steps=10**6, batch_size=8, hr_crop=128),
-        "B": DegradationStageConfig(steps=10**6, batch_size=8, lr_crop=32),
-        "C": DiffusionStageConfig(steps=10**6, batch_size=8, lr_crop=64),
-    },
-}
+MANIFESTS = {"tiny": "manifests/train_tiny.yaml", "small": "manifests/train_demo.yaml"}
+
+
+def settings(name: str) -> dict:
+    """Stage settings (batch sizes, crops) of the manifest that trains this preset."""
+    from pipelines.manifest import load_manifest
+
+    m = load_manifest(Path(__file__).resolve().parent.parent / MANIFESTS[name], kind="train")
+    big = {"pretrain_steps": 10**6, "finetune_steps": 10**6}
+    return {
+        "A": m.stage_a.model_copy(update=big).to_core(),
+        "B": m.stage_b.model_copy(update={"steps": 10**6}).to_core(),
+        "C": m.stage_c.model_copy(update={"steps": 10**6}).to_core(),
+    }
 
 
 def photos() -> list[np.ndarray]:
@@ -92,7 +91,7 @@ def main() -> None:
         "presets": {},
     }
     for name in args.presets.split(","):
-        cfg = SETTINGS[name]
+        cfg = settings(name)
         model = build_model(preset(name, 4), seed=0)
         lr = MixtureSampler([SyntheticLRSampler(hr, ("realesrgan", "bsrgan"), 4), CameraLRSampler(hr, 4)])
         out = {}
