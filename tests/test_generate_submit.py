@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,6 +74,21 @@ def ray_head():
             "2",
             "--temp-dir",
             temp,
+            # Every port explicit and free: other Rays on this machine hold the defaults (e.g. the
+            # dashboard agent's 52365), and a clash silently leaves the head without a job agent.
+            *[
+                arg
+                for flag in (
+                    "--dashboard-agent-listen-port",
+                    "--dashboard-agent-grpc-port",
+                    "--metrics-export-port",
+                    "--runtime-env-agent-port",
+                    "--ray-client-server-port",
+                    "--node-manager-port",
+                    "--object-manager-port",
+                )
+                for arg in (flag, str(_free_port()))
+            ],
             "--include-dashboard",
             "true",
             "--disable-usage-stats",
@@ -110,6 +126,7 @@ def ray_head():
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.ray
@@ -132,7 +149,7 @@ def test_ray_job_submit_runs_the_job(ray_head, photos, tmp_path):
         str(REPO / "pipelines" / "generate_dataset.py"),
         str(manifest),
     ]
-    for _ in range(12):  # the head's job agent can come up a little after its dashboard
+    for _ in range(6):  # the head's job agent can come up a little after its dashboard
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr:
             break
