@@ -57,6 +57,7 @@ from realdgen_core.train.data import (
 from realdgen_core.train.loop import load_training_state, save_model, save_training_state
 
 LATEST = "latest.json"
+SUMMARY = "summary.json"  # written by rank 0 of a Ray Train run
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ class SourceCropSampler:
         out = []
         small = self.small.setdefault(size, set())
         while len(out) < n:
-            if len(self.bad) + len(small) >= len(self.items) and len(self.bad | small) >= len(self.items):
+            if len(self.bad | small) >= len(self.items):
                 raise ValueError(
                     f"{self.name}: no usable image of at least {size}x{size} "
                     f"({len(self.bad)} broken, {len(small)} too small)"
@@ -215,6 +216,17 @@ class RunStore:
             return None
         return json.loads(self.fs.cat_file(path))
 
+    def write_json(self, name: str, obj) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / name
+            p.write_text(json.dumps(obj, indent=1))
+            self.put_file(p, name)
+
+    def read_json(self, name: str):
+        if self.remote:
+            self.fs.invalidate_cache()
+        return json.loads(self.fs.cat_file(join_uri(self.root, name)))
+
     def put_file(self, local: str | Path, name: str) -> None:
         target = join_uri(self.root, name)
         if self.remote:
@@ -242,10 +254,7 @@ class RunStore:
             "completed": state["completed"],
             "manifest_digest": state["manifest_digest"],
         }
-        with tempfile.TemporaryDirectory() as tmp:
-            p = Path(tmp) / LATEST
-            p.write_text(json.dumps(pointer, indent=1))
-            self.put_file(p, LATEST)
+        self.write_json(LATEST, pointer)
         for old in [d for d in self._ls() if d.startswith("ckpt-")][:-keep_last]:
             self.fs.rm(join_uri(self.root, old), recursive=True)
         return name
@@ -564,10 +573,9 @@ def _ray_train_loop(config: dict) -> None:
     else:
         hashes = [h.hexdigest()]
     summary["replica_hashes"] = hashes
-    ray.train.report({"completed": len(summary["completed"]), "wall_seconds": summary["wall_seconds"]})
-    if rank == 0:
-        with open(config["summary_path"], "w") as f:
-            json.dump(summary, f)
+    ray.train.report({"completed": len(summary["completed"])})
+    if rank == 0:  # the driver reads it back from the run folder (any node can reach it)
+        RunStore(summary["run_dir"], config["manifest"]["storage"]).write_json(SUMMARY, summary)
 
 
 def run_with_ray(m: TrainManifest, stages: Sequence[str]) -> dict:
@@ -578,13 +586,11 @@ def run_with_ray(m: TrainManifest, stages: Sequence[str]) -> dict:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     scratch = tempfile.mkdtemp(prefix="realdgen-train-")
-    summary_path = os.path.join(scratch, "summary.json")
     trainer = TorchTrainer(
         _ray_train_loop,
         train_loop_config={
             "manifest": m.model_dump(mode="json"),
             "stages": list(stages),
-            "summary_path": summary_path,
         },
         scaling_config=ScalingConfig(
             num_workers=m.compute.num_workers,
@@ -594,8 +600,7 @@ def run_with_ray(m: TrainManifest, stages: Sequence[str]) -> dict:
         run_config=RunConfig(name=f"realdgen-train-{int(time.time())}", storage_path=scratch),
     )
     trainer.fit()
-    with open(summary_path) as f:  # written by rank 0 (same node as the driver for local clusters)
-        return json.load(f)
+    return RunStore(m.output.run_dir, m.storage.model_dump()).read_json(SUMMARY)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
