@@ -196,6 +196,34 @@ def evaluate(
     return result
 
 
+def training_record(run_dir: str) -> dict:
+    """Per phase, from the run's CSV logs: steps, wall seconds, median step seconds, first/last losses."""
+    import csv
+
+    out = {}
+    for name in ("content_pretrain", "content_finetune", "degradation", "diffusion"):
+        path = Path(run_dir) / "logs" / f"{name}.csv"
+        if not path.exists():
+            continue
+        rows = list(csv.DictReader(path.open()))
+        if not rows:
+            continue
+        losses = [k for k in rows[0] if k not in ("step", "time", "seconds", "grad_norm")]
+        w = max(1, min(50, len(rows) // 5))
+        out[name] = {
+            "steps": int(rows[-1]["step"]),
+            "wall_seconds": round(
+                float(rows[-1]["time"]) - float(rows[0]["time"]) + float(rows[0]["seconds"]), 1
+            ),
+            "median_step_seconds": round(statistics.median(float(r["seconds"]) for r in rows), 3),
+            **{f"{k}_first{w}": _mean([float(r[k]) for r in rows[:w]]) for k in losses},
+            **{f"{k}_last{w}": _mean([float(r[k]) for r in rows[-w:]]) for k in losses},
+        }
+    if out:
+        out["total_wall_seconds"] = round(sum(v["wall_seconds"] for v in out.values()), 1)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint")
@@ -207,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--anchors", type=int, default=32, help="triplet anchors per kind (x3 triplets each)")
     ap.add_argument("--tau-max", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--run-dir", default=None, help="also record the training run's per-phase logs")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = evaluate(
@@ -224,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = Path(args.out)
         merged = json.loads(path.read_text()) if path.exists() else {}
         merged["heldout_metrics"] = result
+        if args.run_dir:
+            merged["training"] = training_record(args.run_dir)
         path.write_text(json.dumps(merged, indent=1) + "\n")
     return 0
 
