@@ -67,6 +67,7 @@ from pipelines.storage import (  # noqa: E402
 __all__ = ["Plan", "GenerateJob", "JobFailed", "run", "main"]
 
 MAX_ERROR_CATEGORIES = 20
+DECODE_TASK_MEMORY = 256 * 2**20  # bytes reserved per decode task
 PARQUET_SCHEMA = pa.schema(
     [
         ("input_index", pa.int64()),
@@ -374,10 +375,6 @@ def ensure_ray() -> bool:
     return True
 
 
-def _separate_stage() -> dict:
-    return {}
-
-
 class GenerateJob:
     """Run one generate manifest. ``run()`` returns the summary dict or raises :class:`JobFailed`."""
 
@@ -614,9 +611,10 @@ class GenerateJob:
             ds = ds.map_batches(
                 decode_tile_batch,
                 fn_kwargs={"config": decode_cfg},
-                # A remote-args fn keeps decode a separate CPU task stage: Ray Data would otherwise
-                # fuse it into the generation actors whenever their resource requests match.
-                ray_remote_args_fn=_separate_stage,
+                # A memory reservation for decoding (images up to limits.max_image_pixels) that also
+                # keeps decode a separate CPU task stage: Ray Data fuses a task stage into the
+                # following actor stage whenever their resource requests are equal.
+                memory=DECODE_TASK_MEMORY,
                 batch_size=c.decode_batch_size,
                 batch_format="pyarrow",
                 num_cpus=c.task_num_cpus,
