@@ -29,7 +29,10 @@ from realdgen_core.train import (  # noqa: E402
     ArrayCropSampler,
     ContentFinetune,
     ContentPretrain,
+    ContentStageConfig,
+    DegradationStageConfig,
     DegradationTrain,
+    DiffusionStageConfig,
     DiffusionTrain,
     MixtureSampler,
     SyntheticLRSampler,
@@ -40,8 +43,16 @@ MANIFESTS = {"tiny": "manifests/train_tiny.yaml", "small": "manifests/train_demo
 
 
 def settings(name: str) -> dict:
-    """Stage settings (batch sizes, crops) of the manifest that trains this preset."""
+    """Stage settings (batch sizes, crops) of the manifest that trains this preset; for ``paper``, the
+    paper's stage C (batch 8 of 256x256 LR, A.3) with 256x256 HR crops for A and 64x64 LR for B."""
     from pipelines.manifest import load_manifest
+
+    if name == "paper":
+        return {
+            "A": ContentStageConfig(pretrain_steps=10**6, finetune_steps=10**6, batch_size=8, hr_crop=256),
+            "B": DegradationStageConfig(steps=10**6, batch_size=8, lr_crop=64),
+            "C": DiffusionStageConfig(steps=10**6, batch_size=8, lr_crop=256),
+        }
 
     m = load_manifest(Path(__file__).resolve().parent.parent / MANIFESTS[name], kind="train")
     big = {"pretrain_steps": 10**6, "finetune_steps": 10**6}
@@ -58,21 +69,34 @@ def photos() -> list[np.ndarray]:
     return [np.ascontiguousarray(getattr(data, n)()[..., :3]) for n in ("astronaut", "coffee", "rocket")]
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_phase(phase, steps: int) -> dict:
-    phase.train_step()  # warm-up (allocations, first-touch)
+    device = phase.device
+    phase.train_step()  # warm-up (allocations, first-touch, kernel selection)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     step_s, batch_s = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
         phase.batch()
         batch_s.append(time.perf_counter() - t0)
+        _sync(device)
         t0 = time.perf_counter()
         phase.train_step()
+        _sync(device)
         step_s.append(time.perf_counter() - t0)
-    return {
+    out = {
         "step_s": round(statistics.median(step_s), 4),
         "batch_s": round(statistics.median(batch_s), 4),
         "min_step_s": round(min(step_s), 4),
     }
+    if device.type == "cuda":
+        out["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return out
 
 
 def main() -> None:
@@ -80,6 +104,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--presets", default="tiny,small")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (reports peak memory on cuda)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,11 +113,12 @@ def main() -> None:
         "threads": args.threads,
         "steps": args.steps,
         "machine": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "presets": {},
     }
     for name in args.presets.split(","):
         cfg = settings(name)
-        model = build_model(preset(name, 4), seed=0)
+        model = build_model(preset(name, 4), seed=0).to(args.device)
         lr = MixtureSampler([SyntheticLRSampler(hr, ("realesrgan", "bsrgan"), 4), CameraLRSampler(hr, 4)])
         out = {}
         out["A1_content_pretrain"] = time_phase(ContentPretrain(model, cfg["A"], hr), args.steps)
