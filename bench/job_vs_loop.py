@@ -57,7 +57,8 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=2, help="tiles per image")
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--tau-max", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (loop and each actor)")
+    ap.add_argument("--actors", type=int, default=1, help="generation actors of the job")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="rdg-jvl-") as tmp_s:
@@ -92,7 +93,8 @@ def main() -> None:
             "compute": {
                 "batch_size": 4,
                 "torch_threads": args.threads,
-                "actor_num_cpus": 1,
+                "actors": {"min": args.actors, "max": args.actors},
+                "actor_num_cpus": 0.5,
                 "task_num_cpus": 0.5,
             },
             "progress": {"bar": False},
@@ -160,6 +162,8 @@ def main() -> None:
                 "tau_max": args.tau_max,
                 "tile_lr": args.tile,
                 "cpus": os.cpu_count(),
+                "threads": args.threads,
+                "actors": args.actors,
                 "job": {
                     "pairs": job["pairs"],
                     "wall_s": round(job_wall, 2),
