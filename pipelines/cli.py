@@ -160,6 +160,21 @@ COMMANDS: list[Command] = [
 ]
 
 
+# Entry points that own their argument parsing: `realdgen generate ARGS…` is exactly
+# `python pipelines/generate_dataset.py ARGS…` (same for train and evaluate).
+PASSTHROUGH: dict[str, tuple[str, str]] = {
+    "generate": (
+        "pipelines.generate_dataset",
+        "run the generation job on a manifest (see `realdgen generate --help`)",
+    ),
+    "train": (
+        "pipelines.train",
+        "train or adapt RealDGen from a train manifest (see `realdgen train --help`)",
+    ),
+    "evaluate": ("pipelines.evaluate", "held-out measures of a checkpoint (see `realdgen evaluate --help`)"),
+}
+
+
 def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="realdgen",
@@ -167,6 +182,8 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
         "Run `realdgen COMMAND --help` for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in PASSTHROUGH.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     for c in commands:
         p = sub.add_parser(c.name, help=c.help, description=c.description)
         c.configure(p)
@@ -175,6 +192,12 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        import importlib
+
+        module = importlib.import_module(PASSTHROUGH[argv[0]][0])
+        return int(module.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     return int(args._run(args) or 0)
 
