@@ -53,22 +53,22 @@ def _read_header(path: Path) -> tuple[dict, int]:
                     f"{path}: not a safetensors file (it is a zip archive, e.g. a torch.save checkpoint); "
                     "it will not be unpickled. Convert it with save_checkpoint() in a trusted environment."
                 )
-            if head[:1] == b"\x80":
-                raise CheckpointError(
-                    f"{path}: not a safetensors file (it starts like a Python pickle); will not be unpickled."
-                )
+            # A pickle starts with the PROTO opcode 0x80, but so does a safetensors file whose
+            # header length has 0x80 as its low byte: decide by the structure, name the pickle
+            # only in the message.
+            hint = " (it starts like a Python pickle); will not be unpickled" if head[:1] == b"\x80" else ""
             if len(head) < 8:
-                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes){hint}")
             (n,) = struct.unpack("<Q", head)
             if n < 2 or n > _MAX_HEADER_BYTES or 8 + n > size:
                 raise CheckpointError(
-                    f"{path}: not a safetensors file (header length {n} invalid for {size} bytes)"
+                    f"{path}: not a safetensors file (header length {n} invalid for {size} bytes){hint}"
                 )
             raw = f.read(n)
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: checkpoint not found") from e
     if raw[:1] != b"{":
-        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object){hint}")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

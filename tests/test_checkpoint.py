@@ -121,6 +121,22 @@ def test_pickle_refused_without_unpickling(tmp_path: Path, kind: str) -> None:
     assert not marker.exists()
 
 
+def test_header_length_with_pickle_byte_still_loads(tmp_path: Path, model) -> None:
+    """A safetensors header length whose low byte is 0x80 makes the file start with the pickle
+    PROTO byte; the loader must decide by structure, not by that first byte (regression)."""
+    path = tmp_path / "m.safetensors"
+    for pad in range(64):  # header lengths step by 8 bytes: 32 steps cover every low byte
+        save_checkpoint(path, model, metadata={"pad": "." * 8 * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("could not produce a header length with low byte 0x80")
+    loaded, meta = load_checkpoint(path)
+    assert meta["pad"] == "." * 8 * pad
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+
+
 def test_garbage_and_missing_files(tmp_path: Path) -> None:
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")

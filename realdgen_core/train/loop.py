@@ -192,21 +192,10 @@ def run_phase(phase: Phase, hooks: Sequence[Hook] = ()) -> Phase:
 
 
 def save_model(path, model: nn.Module, metadata: dict | None = None) -> str:
-    """``realdgen_core.checkpoint.save_checkpoint``, retried with a padded metadata entry when the
-    loader's pickle guard misreads the file: a safetensors header length whose low byte is 0x80 makes
-    the file start with the pickle opcode byte (about 1 file in 32, since headers are 8-byte aligned).
-    """
-    from realdgen_core.checkpoint import CheckpointError, save_checkpoint
+    """Write the usable model with ``realdgen_core.checkpoint.save_checkpoint``; returns its digest."""
+    from realdgen_core.checkpoint import save_checkpoint
 
-    meta = dict(metadata or {})
-    for attempt in range(4):
-        try:
-            return save_checkpoint(str(path), model, metadata=meta)
-        except CheckpointError as exc:
-            if "pickle" not in str(exc) or attempt == 3:
-                raise
-            meta["header_padding"] = "." * 8 * (attempt + 1)
-    raise AssertionError("unreachable")
+    return save_checkpoint(str(path), model, metadata=dict(metadata or {}))
 
 
 def save_training_state(
