@@ -23,6 +23,7 @@ Resumable state = model tensors (``realdgen_core.checkpoint``, safetensors) + ``
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -40,10 +41,10 @@ class Hook:
     def on_start(self, phase: Phase) -> None:  # noqa: B027 - optional override
         pass
 
-    def on_step(self, phase: Phase, losses: dict[str, float]) -> None:  # noqa: B027
+    def on_step(self, phase: Phase, losses: dict[str, float]) -> None:
         pass
 
-    def on_end(self, phase: Phase) -> None:  # noqa: B027
+    def on_end(self, phase: Phase) -> None:
         pass
 
 
@@ -91,7 +92,7 @@ def phase_seed(seed: int, phase_name: str, rank: int) -> int:
     return h
 
 
-class Phase:
+class Phase(ABC):
     """One optimisation phase. Subclasses set ``name``, build ``self.net`` and implement ``losses``."""
 
     name = "phase"
@@ -127,9 +128,9 @@ class Phase:
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.0)
 
     # ------------------------------------------------------------------ the step
+    @abstractmethod
     def batch(self) -> tuple:
         """Draw this step's inputs (data + every random draw) from ``self.generator``."""
-        raise NotImplementedError
 
     def train_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -146,10 +147,10 @@ class Phase:
         self.last_step_seconds = time.perf_counter() - t0
         return {k: float(v.detach()) for k, v in losses.items()}
 
-    def after_step(self) -> None:
+    def after_step(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Called after each optimiser step (EMA updates, codebook restarts)."""
 
-    def finalize(self) -> None:
+    def finalize(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Called once the phase is done, before the model is exported (e.g. copy the EMA in)."""
 
     # ------------------------------------------------------------------ resumable state
