@@ -14,6 +14,7 @@ Transparent pixels are composited over white.
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 import tarfile
 import threading
@@ -77,6 +78,26 @@ def _uri_of(prefix: str, path: str) -> str:
     return f"{prefix}{path}" if prefix else path
 
 
+def _recorded_uri(spec_uri: str, path: str) -> str:
+    """The URI a local image is recorded (and keyed, and seeded) by: the source URI *as written in
+    the manifest* joined with the image's path below it, so the same manifest run from another
+    working directory or checkout gives the same keys, seeds and bytes. s3 URIs are already
+    location-independent and pass through unchanged; a path outside the root stays absolute."""
+    written = spec_uri[len("file://") :] if spec_uri.startswith("file://") else spec_uri
+    parts = written.rstrip("/").split("/")
+    cut = next((i for i, part in enumerate(parts) if _GLOB_CHARS & set(part)), len(parts))
+    user_root = "/".join(parts[:cut])
+    abs_root = os.path.abspath(os.path.expanduser(user_root or "."))
+    if path == abs_root:
+        return user_root or path
+    if os.path.isfile(abs_root):  # a single file (e.g. a parquet list): its folder is the root
+        user_root, abs_root = posixpath.dirname(user_root), os.path.dirname(abs_root)
+    if path.startswith(abs_root.rstrip("/") + "/"):
+        rel = path[len(abs_root.rstrip("/")) + 1 :]
+        return f"{user_root.rstrip('/')}/{rel}" if user_root else rel
+    return path
+
+
 def _ext_ok(name: str, extensions: tuple[str, ...]) -> bool:
     return name.rsplit(".", 1)[-1].lower() in extensions if "." in name else False
 
@@ -97,6 +118,10 @@ def list_source(spec, storage: Mapping | None = None) -> list[SourceItem]:
     """All images of a :class:`~pipelines.manifest.SourceSpec`, sorted by URI, ``limit`` applied."""
     prefix = "s3://" if spec.uri.startswith("s3://") else ""
     fs, path = get_fs(spec.uri, storage)
+
+    def recorded(p: str) -> str:
+        return _uri_of(prefix, p) if prefix else _recorded_uri(spec.uri, p)
+
     if prefix:
         fs.invalidate_cache()
     exts = tuple(spec.extensions)
@@ -104,14 +129,14 @@ def list_source(spec, storage: Mapping | None = None) -> list[SourceItem]:
     if spec.format == "folder":
         for p, info in _find(fs, path).items():
             if _ext_ok(p, exts):
-                items.append(SourceItem(_uri_of(prefix, p), _uri_of(prefix, p), None, info.get("size")))
+                items.append(SourceItem(recorded(p), _uri_of(prefix, p), None, info.get("size")))
     elif spec.format == "webdataset":
         for p in sorted(q for q in _find(fs, path) if q.endswith(".tar")):
             tar_uri = _uri_of(prefix, p)
             with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
                 for m in tar:
                     if m.isfile() and _ext_ok(m.name, exts):
-                        items.append(SourceItem(f"{tar_uri}#{m.name}", tar_uri, m.offset_data, m.size))
+                        items.append(SourceItem(f"{recorded(p)}#{m.name}", tar_uri, m.offset_data, m.size))
     elif spec.format == "parquet":
         import pyarrow.parquet as pq
 
@@ -124,11 +149,12 @@ def list_source(spec, storage: Mapping | None = None) -> list[SourceItem]:
                     continue
                 if "://" in u:
                     ref = u[len("file://") :] if u.startswith("file://") else u
+                    items.append(SourceItem(ref, ref, None, None))
                 elif u.startswith("/"):
-                    ref = u
-                else:
-                    ref = _uri_of(prefix, posixpath.join(base, u))
-                items.append(SourceItem(ref, ref, None, None))
+                    items.append(SourceItem(u, u, None, None))
+                else:  # relative to the parquet file: recorded relative to the source, like folders
+                    joined = posixpath.join(base, u)
+                    items.append(SourceItem(recorded(joined), _uri_of(prefix, joined), None, None))
     else:  # pragma: no cover - the manifest forbids it
         raise SourceError(f"unknown source format {spec.format!r}")
     uniq = {it.uri: it for it in items}

@@ -149,6 +149,19 @@ def test_identical_bytes_across_actors_and_batch_sizes(ray_local, inputs, tmp_pa
 
 
 @pytest.mark.ray
+def test_same_manifest_from_two_checkouts_gives_identical_bytes(ray_local, photos, tmp_path, monkeypatch):
+    """Relative paths in a manifest: keys, seeds and every byte must not depend on where it runs."""
+    outs = []
+    for copy in ("checkout_a", "checkout_b"):
+        root = tmp_path / copy
+        write_inputs(root / "data", dict(list(photos.items())[:2]), refs=2)
+        monkeypatch.chdir(root)
+        run_dict(manifest_dict("data/hr", "data/refs", "out", generator__kind="bsrgan"))
+        outs.append(dataset_bytes(root / "out"))
+    assert len(outs[0]) == 3 and outs[0] == outs[1]  # 1 tar, 1 parquet, the index
+
+
+@pytest.mark.ray
 def test_bad_inputs_get_failure_rows_and_good_ones_land(ray_local, tmp_path):
     from test_sources import write_bad_inputs
 

@@ -202,3 +202,23 @@ def test_s3_listing_and_reading(s3_bucket):
     items = list_source(SourceSpec(uri=f"s3://{s3_bucket}/hr"))
     assert [i.uri for i in items] == [f"s3://{s3_bucket}/hr/x.png"]
     assert (load_image(items[0]) == arr).all()
+
+
+def test_recorded_uris_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    """Keys and seeds hash the recorded URI: a relative manifest path run from two checkouts must
+    record the same URIs (while the bytes are still read from each checkout's own files)."""
+    listings = []
+    for copy in ("checkout_a", "checkout_b"):
+        root = tmp_path / copy
+        (root / "data" / "hr").mkdir(parents=True)
+        for name in ("x.png", "y.png"):
+            Image.new("RGB", (8, 8)).save(root / "data" / "hr" / name)
+        pq.write_table(pa.table({"uri": ["hr/x.png"]}), root / "data" / "list.parquet")
+        monkeypatch.chdir(root)
+        folder = list_source(SourceSpec(uri="data/hr"))
+        glob = list_source(SourceSpec(uri="data/*/y.png"))
+        table = list_source(SourceSpec(uri="data/list.parquet", format="parquet"))
+        assert all(Path(i.path).is_absolute() and str(root) in i.path for i in folder + glob + table)
+        listings.append(([i.uri for i in folder], [i.uri for i in glob], [i.uri for i in table]))
+    assert listings[0] == listings[1]
+    assert listings[0] == (["data/hr/x.png", "data/hr/y.png"], ["data/hr/y.png"], ["data/hr/x.png"])
