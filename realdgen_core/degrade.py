@@ -80,12 +80,14 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from realdgen_core.configs import config_from_dict
 
 __all__ = [
     "KINDS",
@@ -129,12 +131,6 @@ _GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma, as torchvision's rgb
 # configs
 
 
-def _tuplify(value):
-    if isinstance(value, list):
-        return tuple(_tuplify(v) for v in value)
-    return value
-
-
 class _ConfigMixin:
     """to_dict / from_dict (JSON round-trip) and validation shared by the degradation configs."""
 
@@ -143,11 +139,7 @@ class _ConfigMixin:
 
     @classmethod
     def from_dict(cls, d: dict):
-        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown key(s) {unknown}")
-        return cls(**{k: _tuplify(v) for k, v in d.items()})
+        return config_from_dict(cls, d)
 
     def _check_prob(self, name: str) -> None:
         p = getattr(self, name)

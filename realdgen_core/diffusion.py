@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from realdgen_core.configs import config_from_dict
+
 EpsFn = Callable[..., Tensor]
 """``eps_fn(x_t [N,C,H,W], t LongTensor[N], **cond_rows) -> ε̂ [N,C,H,W]``."""
 
@@ -49,7 +51,7 @@ class DiffusionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DiffusionConfig:
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 class Sampler(enum.StrEnum):

@@ -14,20 +14,13 @@ The building blocks (``group_norm``, ``ResnetBlock``, ``SelfAttention``) are als
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _config_from_dict(cls, d: dict):
-    """Build a frozen config from a JSON-decoded dict: lists become tuples, unknown keys are refused."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown config key(s) {unknown}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+from realdgen_core.configs import config_from_dict
 
 
 def _check_positive(cls_name: str, **values: int) -> None:
@@ -79,7 +72,7 @@ class ContentConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ContentConfig:
-        return _config_from_dict(cls, d)
+        return config_from_dict(cls, d)
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:

@@ -9,10 +9,12 @@ grid. The input may be any size; it is taken in [0, 1] and mapped to [-1, 1] int
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from realdgen_core.configs import config_from_dict
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,7 @@ class DegradationExtractorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DegradationExtractorConfig:
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"DegradationExtractorConfig: unknown config key(s) {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return config_from_dict(cls, d)
 
 
 class _ResidualBlock(nn.Module):

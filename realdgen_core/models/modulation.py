@@ -12,11 +12,13 @@ Output: ``output="none"`` returns the raw conv output (M, the diffusion conditio
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from realdgen_core.configs import config_from_dict
 
 OUTPUTS = ("none", "sigmoid")
 
@@ -57,10 +59,7 @@ class ModulationConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModulationConfig:
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"ModulationConfig: unknown config key(s) {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return config_from_dict(cls, d)
 
 
 class ModulationLayer(nn.Module):

@@ -11,16 +11,11 @@ Crop sizes and step counts are small CPU-friendly defaults, not the paper's (256
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
+
+from realdgen_core.configs import config_from_dict
 
 SYNTHETIC_KINDS = ("realesrgan", "bsrgan", "bicubic")
-
-
-def _from_dict(cls, d: dict):
-    unknown = sorted(set(d) - {f.name for f in fields(cls)})
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown key(s) {unknown}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def _check(cls_name: str, ok: bool, key: str, value) -> None:
@@ -69,7 +64,7 @@ class ContentStageConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ContentStageConfig:
-        return _from_dict(cls, d)
+        return config_from_dict(cls, d)
 
 
 @dataclass(frozen=True)
@@ -107,7 +102,7 @@ class DegradationStageConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DegradationStageConfig:
-        return _from_dict(cls, d)
+        return config_from_dict(cls, d)
 
 
 @dataclass(frozen=True)
@@ -153,4 +148,4 @@ class DiffusionStageConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DiffusionStageConfig:
-        return _from_dict(cls, d)
+        return config_from_dict(cls, d)
