@@ -598,6 +598,7 @@ class GenerateJob:
             "weights": (m.generator.content_weight, m.generator.degradation_weight),
             "start_kind": m.generator.start_kind,
             "rows_per_call": m.generator.rows_per_call,
+            "sampler": m.generator.sampler_config().to_dict(),
             "ref_bank": bank_ref,
             "torch_threads": m.compute.torch_threads or max(1, int(actor_cpus)),
         }

@@ -162,6 +162,9 @@ class ReferenceSet(StrictModel):
     weight: float = Field(1.0, gt=0, le=1e6, description="Relative weight for `pairing.mode: weighted`.")
 
 
+from realdgen_core.diffusion import SamplerConfig as _SamplerCfg  # noqa: E402 - defaults live in core
+
+
 class GeneratorSpec(StrictModel):
     """Which generator makes the LR images, and its sampling settings."""
 
@@ -188,6 +191,28 @@ class GeneratorSpec(StrictModel):
     start_kind: Literal["realesrgan", "bsrgan", "bicubic"] = Field(
         "realesrgan", description="Synthetic degradation D used to build x_τ from the HR (Alg. 2)."
     )
+    sampler: Literal["ancestral", "ddim"] = Field(
+        _SamplerCfg.kind,
+        description="realdgen reverse process: ancestral (the paper's, τ+1 UNet calls per candidate) or "
+        "ddim (strided DDIM from each candidate's τ to 0, at most `sampler_steps` calls).",
+    )
+    sampler_steps: int = Field(
+        _SamplerCfg.steps,
+        ge=1,
+        le=1000,
+        description="ddim: UNet calls per candidate (grid of min(steps, τ+1) points from τ to 0).",
+    )
+    sampler_eta: float = Field(
+        _SamplerCfg.eta,
+        ge=0,
+        le=1,
+        description="ddim: stochasticity (1 = DDPM-like noise per step, keeps the k candidates diverse; "
+        "0 = deterministic after x_τ).",
+    )
+
+    def sampler_config(self) -> _SamplerCfg:
+        """The core ``SamplerConfig`` of this section."""
+        return _SamplerCfg(kind=self.sampler, steps=self.sampler_steps, eta=self.sampler_eta)
 
     @model_validator(mode="after")
     def _check(self) -> GeneratorSpec:
@@ -472,6 +497,12 @@ def manifest_digest(manifest: StrictModel) -> str:
     """sha256 of the canonical JSON of the manifest minus fields that do not change the data."""
     exclude = getattr(type(manifest), "DIGEST_EXCLUDE", None)
     payload = manifest.model_dump(mode="json", exclude=exclude)
+    gen = payload.get("generator")
+    if isinstance(gen, dict) and gen.get("sampler") == "ancestral":
+        # steps/eta do not act on the paper's sampler, and leaving the keys out keeps the digests
+        # (so resumability) of datasets written before `generator.sampler*` existed.
+        for key in ("sampler", "sampler_steps", "sampler_eta"):
+            gen.pop(key, None)
     canon = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canon.encode()).hexdigest()
 

@@ -307,7 +307,8 @@ class GenerateLR:
     """Sample rows with an HR tile → the same rows with an LR (raw bytes) and generation fields.
 
     Config keys: ``kind, scale, checkpoint (local path), device, k, tau_min, tau_max,
-    weights, start_kind, rows_per_call, ref_bank (ndarray [N, D] or ray.ObjectRef), torch_threads``.
+    weights, start_kind, rows_per_call, sampler ({kind, steps, eta}; default ancestral),
+    ref_bank (ndarray [N, D] or ray.ObjectRef), torch_threads``.
     Loads the model once in ``__init__``. Per-sample ``torch.Generator`` seeded from the row's
     seed, so a sample's pixels do not depend on its batch.
     """
@@ -329,11 +330,13 @@ class GenerateLR:
         self.model_digest = None
         if self.kind == "realdgen":
             from pipelines.storage import fetch_to_local
+            from realdgen_core.diffusion import SamplerConfig
             from realdgen_core.generator import LRGenerator
 
             path = fetch_to_local(self.cfg["checkpoint"], self.cfg.get("storage"))
+            sampler = SamplerConfig.from_dict(dict(self.cfg.get("sampler") or {}))
             self.generator = LRGenerator.from_checkpoint(
-                path, device=device, rows_per_call=self.cfg.get("rows_per_call")
+                path, device=device, rows_per_call=self.cfg.get("rows_per_call"), sampler=sampler
             )
             self.model_digest = self.generator.digest
             bank = _resolve(self.cfg.get("ref_bank"))

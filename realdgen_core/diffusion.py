@@ -55,10 +55,70 @@ class DiffusionConfig:
 
 
 class Sampler(enum.StrEnum):
-    """Reverse-process samplers. Only the paper's ancestral DDPM exists today; the seam is here so a
-    faster sampler that can also start at τ (e.g. DDIM on a strided grid) lands without rewrites."""
+    """Reverse-process samplers, both starting at a per-row τ.
+
+    - ``ancestral``: the paper's DDPM (Alg. 2): every step t = τ … 0, τ + 1 network calls per row.
+    - ``ddim``: DDIM (Song et al. 2021, Eq. 12) on a strided sub-grid of the schedule from the
+      row's own τ down to 0 — ``min(steps, τ + 1)`` points of ``round(linspace(τ, 0, n))`` — with
+      noise ``σ = eta·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev)``. ``eta = 1`` keeps it stochastic
+      (the k candidates stay diverse), and with ``steps ≥ τ + 1`` and ``eta = 1`` it *is* the
+      ancestral sampler (same update, same draws; tested).
+    """
 
     ANCESTRAL = "ancestral"
+    DDIM = "ddim"
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Which sampler runs the reverse process and its knobs (the manifest's generator section reuses
+    these defaults). ``steps`` and ``eta`` only matter for ``ddim``."""
+
+    kind: str = "ancestral"
+    steps: int = 10
+    eta: float = 1.0
+
+    def __post_init__(self) -> None:
+        try:
+            Sampler(self.kind)
+        except ValueError:
+            raise ValueError(
+                f"sampler kind must be one of {[s.value for s in Sampler]}, got {self.kind!r}"
+            ) from None
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or not 1 <= self.steps <= 1000:
+            raise ValueError(f"sampler steps must be an int in [1, 1000], got {self.steps!r}")
+        if not 0.0 <= float(self.eta) <= 1.0:
+            raise ValueError(f"sampler eta must be in [0, 1], got {self.eta!r}")
+
+    @classmethod
+    def of(cls, sampler: SamplerConfig | Sampler | str | None) -> SamplerConfig:
+        """A config from a config, a ``Sampler`` or its name (default knobs)."""
+        if sampler is None:
+            return cls()
+        if isinstance(sampler, SamplerConfig):
+            return sampler
+        if isinstance(sampler, str):
+            return cls(kind=str(sampler))
+        raise ValueError(f"sampler must be a SamplerConfig or a sampler name, got {sampler!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SamplerConfig:
+        return config_from_dict(cls, d)
+
+    def timesteps(self, tau: int) -> list[int]:
+        """The descending 0-based timesteps a row that starts at ``tau`` is evaluated at (one
+        network call each); the row's last step always lands on t = 0 and then on x_0."""
+        tau = int(tau)
+        if self.kind == Sampler.ANCESTRAL:
+            return list(range(tau, -1, -1))
+        n = min(self.steps, tau + 1)
+        if n == 1:
+            return [tau]
+        # Spacing ≥ 1 (n ≤ τ + 1), so the rounded points are distinct; ends exactly at τ and 0.
+        return [round(tau - i * tau / (n - 1)) for i in range(n)]
 
 
 def _check_config(config: DiffusionConfig) -> None:
@@ -158,7 +218,7 @@ class GaussianDiffusion:
         *,
         cond: Mapping[str, Tensor] | None = None,
         row_groups: Sequence[Sequence[int]] | None = None,
-        sampler: Sampler | str = Sampler.ANCESTRAL,
+        sampler: SamplerConfig | Sampler | str = Sampler.ANCESTRAL,
     ) -> Tensor:
         """Algorithm 2 from a partially noised start, with a different τ per row.
 
@@ -177,12 +237,14 @@ class GaussianDiffusion:
                 one group, in group order). None = one call on all active rows (fastest). Pass
                 one group per sample to make a row's result independent of the other samples in
                 the batch even where a backend picks kernels by batch size.
-            sampler: only ``"ancestral"`` (posterior variance β̃_t, no noise at the last step).
+            sampler: a :class:`SamplerConfig` or a sampler name — ``"ancestral"`` (posterior
+                variance β̃_t, no noise at the last step) or ``"ddim"`` (strided grid from each
+                row's τ, ``SamplerConfig.timesteps``; calls hold rows at different t).
 
         Returns:
             x_0 [N, C, H, W] (not clamped).
         """
-        sampler = Sampler(sampler)
+        spec = SamplerConfig.of(sampler)
         n = x_start.shape[0]
         tau = self._check_t(tau, n, "tau")
         if len(generators) != n:
@@ -220,9 +282,84 @@ class GaussianDiffusion:
                 + self._gather(self.sqrt_one_minus_alphas_cumprod, t_rows, x_start) * eps0
             )
 
-        if sampler is Sampler.ANCESTRAL:
+        if spec.kind == Sampler.ANCESTRAL:
             return self._ancestral(eps_fn, x, tau, gen_rows, cond, groups, draw)
-        raise ValueError(f"unknown sampler {sampler!r}")  # pragma: no cover - enum guards this
+        return self._strided(eps_fn, x, tau, gen_rows, cond, groups, draw, spec)
+
+    # ------------------------------------------------------------------ one reverse step, per row
+    def step(
+        self,
+        x_t: Tensor,
+        eps: Tensor,
+        t: Sequence[int],
+        t_next: Sequence[int],
+        noise: Tensor | None,
+        eta: float = 1.0,
+    ) -> Tensor:
+        """One DDIM step per row from ``t[i]`` to ``t_next[i]`` (``-1`` = to x_0; ᾱ_{-1} = 1).
+
+        ``x̂0 = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t``;  ``x_next = √ᾱ_n·x̂0 + √(1−ᾱ_n−σ²)·ε̂ + σ·z`` with
+        ``σ = eta·√((1−ᾱ_n)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_n)``. Coefficients are formed in float64 and cast
+        once. ``noise`` ([N,...], or None when every σ is 0) is ignored where σ = 0.
+        """
+        t_idx = torch.as_tensor(list(t), dtype=torch.long)
+        n_idx = torch.as_tensor(list(t_next), dtype=torch.long)
+        abar_t = self.alphas_cumprod[t_idx]
+        abar_n = torch.where(n_idx >= 0, self.alphas_cumprod[n_idx.clamp(min=0)], torch.ones_like(abar_t))
+        sigma = eta * ((1.0 - abar_n) / (1.0 - abar_t)).sqrt() * (1.0 - abar_t / abar_n).clamp(min=0).sqrt()
+        c_x = (abar_n / abar_t).sqrt()
+        c_eps = (1.0 - abar_n - sigma**2).clamp(min=0).sqrt() - c_x * (1.0 - abar_t).sqrt()
+        shape = (-1, *([1] * (x_t.dim() - 1)))
+
+        def col(v: Tensor) -> Tensor:
+            return v.to(device=x_t.device, dtype=x_t.dtype).view(shape)
+
+        out = col(c_x) * x_t + col(c_eps) * eps.to(x_t.dtype)
+        if noise is not None and bool((sigma > 0).any()):
+            out = out + col(sigma) * noise.to(device=x_t.device, dtype=x_t.dtype)
+        return out
+
+    def _strided(self, eps_fn, x, tau, gen_rows, cond, groups, draw, spec: SamplerConfig) -> Tensor:
+        """Every row walks its own grid (``spec.timesteps(τ_i)``); grids are aligned at their ends, so
+        a row with fewer points joins later (as a small τ does in the ancestral loop). At clock c a
+        row is active when c < len(grid_i) and is evaluated at grid_i[len − 1 − c]; a group's active
+        rows share one call whatever their t. Noise is drawn per generator for its active rows
+        (row order) at every clock c > 0 when eta > 0 — no draw on the last step."""
+        device = x.device
+        grids = [spec.timesteps(v) for v in tau.tolist()]
+        lens = [len(g) for g in grids]
+        stochastic = float(spec.eta) > 0
+        for c in range(max(lens) - 1, -1, -1):
+            active = [i for i in range(len(grids)) if lens[i] > c]
+            if not active:
+                continue
+            act_set = set(active)
+            t_of = {i: grids[i][lens[i] - 1 - c] for i in active}
+            eps = {}
+            for grp in groups:
+                rows = [i for i in grp if i in act_set]
+                if not rows:
+                    continue
+                idx = torch.tensor(rows, device=device)
+                t_vec = torch.tensor([t_of[i] for i in rows], dtype=torch.long, device=device)
+                kw = {k: v[idx] for k, v in cond.items()}
+                out = eps_fn(x[idx], t_vec, **kw)
+                for j, r in enumerate(rows):
+                    eps[r] = out[j]
+            idx = torch.tensor(active, device=device)
+            e = torch.stack([eps[r] for r in active]).to(x.dtype)
+            t_next = [grids[i][lens[i] - c] if c > 0 else -1 for i in active]
+            z = None
+            if c > 0 and stochastic:
+                z = torch.empty_like(x[idx])
+                pos_of = {r: j for j, r in enumerate(active)}
+                for g, rows in gen_rows.values():
+                    rows_t = [r for r in rows if r in act_set]
+                    if rows_t:
+                        pos = torch.tensor([pos_of[r] for r in rows_t], device=device)
+                        z[pos] = draw(rows_t, g)
+            x[idx] = self.step(x[idx], e, [t_of[i] for i in active], t_next, z, float(spec.eta))
+        return x
 
     def _ancestral(self, eps_fn, x, tau, gen_rows, cond, groups, draw) -> Tensor:
         device = x.device

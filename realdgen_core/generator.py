@@ -6,7 +6,8 @@ candidates j, in this order: τ_ij ~ U{tau_range} (inclusive, 0-based schedule i
 
     x_start_ij = 2·D(HR_i, θ_ij) − 1                       (Alg. 2 prints D(x_lr); §2.3 means the HR)
     c_i        = M(E_cont(HR_i), E_deg(ref_i))
-    cand_ij    = ancestral DDPM from x_τ = √ᾱ_τ·x_start + √(1−ᾱ_τ)·ε down to t = 0, 8-bit quantised
+    cand_ij    = reverse process from x_τ = √ᾱ_τ·x_start + √(1−ᾱ_τ)·ε down to t = 0, 8-bit quantised
+                 (``sampler``: the paper's ancestral DDPM, τ+1 UNet calls; or strided DDIM, ≤ steps)
     content_error_ij     = mean((E_cont(bicubic_up(cand_ij)) − E_cont(HR_i))²)   (MSE over the content map)
     degradation_error_ij = mean((E_deg(cand_ij) − E_deg(ref_i))²)                 (MSE over the 2048 dims)
     kept_i = argmin_j  w_c·content_error_ij + w_d·degradation_error_ij            (first index on ties)
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from realdgen_core import degrade
-from realdgen_core.diffusion import GaussianDiffusion, Sampler
+from realdgen_core.diffusion import GaussianDiffusion, Sampler, SamplerConfig
 from realdgen_core.models import RealDGenModel
 
 
@@ -91,7 +92,8 @@ class LRGenerator:
         rows_per_call: ``None`` = one network call per sample; an int = fixed-size packed calls
             (see the module docstring).
         dtype: ``torch.bfloat16`` autocasts the UNet on CUDA; ignored on CPU (float32).
-        sampler: the reverse-process sampler (``"ancestral"``, the paper's).
+        sampler: the reverse-process sampler: ``"ancestral"`` (the paper's, default), ``"ddim"``
+            (strided DDIM from each row's τ, default 10 steps, eta 1) or a ``SamplerConfig``.
     """
 
     def __init__(
@@ -102,7 +104,7 @@ class LRGenerator:
         *,
         rows_per_call: int | None = None,
         dtype: torch.dtype | None = None,
-        sampler: Sampler | str = Sampler.ANCESTRAL,
+        sampler: SamplerConfig | Sampler | str = Sampler.ANCESTRAL,
     ) -> None:
         if rows_per_call is not None and (not isinstance(rows_per_call, int) or rows_per_call < 1):
             raise ValueError(f"rows_per_call must be None or a positive int, got {rows_per_call!r}")
@@ -112,7 +114,7 @@ class LRGenerator:
         self.model = model.to(self.device).eval()
         self.digest = digest
         self.rows_per_call = rows_per_call
-        self.sampler = Sampler(sampler)
+        self.sampler = SamplerConfig.of(sampler)
         self.diffusion = GaussianDiffusion(model.config.diffusion)
         use_autocast = self.device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
         self.autocast_dtype = dtype if use_autocast else None

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from realdgen_core.diffusion import DiffusionConfig, GaussianDiffusion, Sampler
+from realdgen_core.diffusion import DiffusionConfig, GaussianDiffusion, Sampler, SamplerConfig
 
 
 def _gens(seeds):
@@ -172,5 +172,136 @@ def test_sample_validates_inputs():
     with pytest.raises(ValueError, match="tau"):
         d.sample(lambda x, t: x, x, torch.tensor([1, 1000]), _gens([1, 2]))
     with pytest.raises(ValueError):
-        d.sample(lambda x, t: x, x, torch.tensor([1, 2]), _gens([1, 2]), sampler="ddim")
-    assert Sampler("ancestral") is Sampler.ANCESTRAL
+        d.sample(lambda x, t: x, x, torch.tensor([1, 2]), _gens([1, 2]), sampler="euler")
+    assert Sampler("ancestral") is Sampler.ANCESTRAL and Sampler("ddim") is Sampler.DDIM
+
+
+# ---------------------------------------------------------------------------------- DDIM (strided)
+
+
+def test_ddim_grid_starts_at_tau_ends_at_zero_and_bounds_calls():
+    spec = SamplerConfig("ddim", steps=10)
+    for tau in (0, 1, 5, 9, 10, 11, 150, 300, 999):
+        grid = spec.timesteps(tau)
+        assert grid[0] == tau and grid[-1] == 0
+        assert len(grid) == min(10, tau + 1)
+        assert all(a > b for a, b in zip(grid, grid[1:], strict=False))
+    assert spec.timesteps(300) == [300, 267, 233, 200, 167, 133, 100, 67, 33, 0]
+    assert SamplerConfig().timesteps(3) == [3, 2, 1, 0]  # ancestral: every step
+    assert SamplerConfig.from_dict(spec.to_dict()) == spec
+    assert SamplerConfig.of("ddim") == SamplerConfig("ddim") and SamplerConfig.of(spec) is spec
+
+
+def test_sampler_config_validation_names_the_value():
+    with pytest.raises(ValueError, match="'euler'"):
+        SamplerConfig("euler")
+    with pytest.raises(ValueError, match="steps .* got 0"):
+        SamplerConfig("ddim", steps=0)
+    with pytest.raises(ValueError, match="eta .* got 1.5"):
+        SamplerConfig("ddim", eta=1.5)
+
+
+def test_ddim_counts_calls_per_row_and_mixes_t_in_one_call():
+    d = GaussianDiffusion()
+    calls = []
+
+    def eps_fn(x_t, t):
+        calls.append(t.tolist())
+        return torch.zeros_like(x_t)
+
+    tau = torch.tensor([0, 300, 20, 150])
+    d.sample(
+        eps_fn, torch.zeros(4, 3, 4, 4), tau, _gens([1, 2, 3, 4]), sampler=SamplerConfig("ddim", steps=5)
+    )
+    assert len(calls) == 5  # ancestral would make 301
+    assert sum(len(c) for c in calls) == 1 + 5 + 5 + 5
+    assert calls[0] == [300, 20, 150]  # three rows at three different t share the first call
+    assert calls[-1] == [0, 0, 0, 0]
+
+
+def test_ddim_full_grid_eta1_is_the_ancestral_sampler():
+    """steps ≥ τ+1 and eta = 1: DDIM's update is DDPM's posterior step with the same draws."""
+    d = GaussianDiffusion()
+    g = torch.Generator().manual_seed(4)
+    x_start = torch.rand(5, 3, 8, 8, generator=g) * 2 - 1
+    cond = torch.rand(5, 3, 8, 8, generator=g)
+    tau = torch.tensor([0, 3, 40, 17, 40])
+    eps_fn = _conv_eps(2)
+    gens_a = _gens([1, 1, 2, 3, 3])
+    gens_a = [gens_a[0], gens_a[0], gens_a[2], gens_a[3], gens_a[3]]  # rows 0-1 and 3-4 share one
+    gens_b = _gens([1, 1, 2, 3, 3])
+    gens_b = [gens_b[0], gens_b[0], gens_b[2], gens_b[3], gens_b[3]]
+    anc = d.sample(eps_fn, x_start, tau, gens_a, cond={"c": cond})
+    ddim = d.sample(eps_fn, x_start, tau, gens_b, cond={"c": cond}, sampler=SamplerConfig("ddim", steps=1000))
+    torch.testing.assert_close(ddim, anc, atol=2e-5, rtol=0)
+    # A coarse grid is a different sampler (not silently the ancestral one).
+    coarse = d.sample(eps_fn, x_start, tau, _gens([1, 1, 2, 3, 3]), cond={"c": cond}, sampler="ddim")
+    assert (coarse[2] - anc[2]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("steps", [1, 3, 10])
+def test_ddim_with_the_true_noise_recovers_x0(eta, steps):
+    """With the exact ε of a known x0 every step's x̂0 is x0, so any grid and any eta lands on x0;
+    wrong coefficients (or a wrong ᾱ at a grid point) do not."""
+    d = GaussianDiffusion()
+    g = torch.Generator().manual_seed(8)
+    x0 = torch.rand(3, 3, 8, 8, generator=g) * 2 - 1
+
+    def eps_fn(x_t, t, x0_rows):
+        ab = d.alphas_cumprod[t.cpu()].to(x_t.dtype).view(-1, 1, 1, 1)
+        return (x_t - ab.sqrt() * x0_rows) / (1 - ab).sqrt()
+
+    tau = torch.tensor([300, 57, 999])
+    spec = SamplerConfig("ddim", steps=steps, eta=eta)
+    out = d.sample(eps_fn, x0, tau, _gens([1, 2, 3]), cond={"x0_rows": x0}, sampler=spec)
+    torch.testing.assert_close(out, x0, atol=2e-4, rtol=0)
+
+
+def test_ddim_eta0_draws_only_the_start_noise_and_eta1_keeps_drawing():
+    d = GaussianDiffusion()
+    g = torch.Generator().manual_seed(6)
+    x_start = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    cond = torch.rand(2, 3, 8, 8, generator=g)
+    eps_fn = _conv_eps(3)
+    tau = torch.tensor([200, 120])
+
+    def run(eta):
+        shared = torch.Generator().manual_seed(1)
+        out = d.sample(
+            eps_fn, x_start, tau, [shared, shared], cond={"c": cond}, sampler=SamplerConfig("ddim", 8, eta)
+        )
+        return out, torch.randn(4, generator=shared)
+
+    ref = torch.Generator().manual_seed(1)
+    torch.randn((2, 3, 8, 8), generator=ref)  # x_τ's noise only
+    after_start = torch.randn(4, generator=ref)
+    det, next0 = run(0.0)
+    sto, next1 = run(1.0)
+    assert torch.equal(next0, after_start)  # eta = 0: no draw after x_τ
+    assert not torch.equal(next1, after_start)  # eta = 1: a draw per step
+    assert torch.equal(run(1.0)[0], sto) and not torch.allclose(det, sto)
+
+
+def test_ddim_rows_independent_of_batch_when_grouped():
+    d = GaussianDiffusion()
+    g = torch.Generator().manual_seed(12)
+    n = 5
+    x_start = torch.rand(n, 3, 8, 8, generator=g) * 2 - 1
+    cond = torch.rand(n, 3, 8, 8, generator=g)
+    tau = torch.tensor([0, 70, 3, 300, 70])
+    seeds = [200 + i for i in range(n)]
+    eps_fn = _conv_eps(4)
+    spec = SamplerConfig("ddim", steps=6)
+    groups = [[i] for i in range(n)]
+    batch = d.sample(eps_fn, x_start, tau, _gens(seeds), cond={"c": cond}, row_groups=groups, sampler=spec)
+    for i in range(n):
+        alone = d.sample(
+            eps_fn,
+            x_start[i : i + 1],
+            tau[i : i + 1],
+            _gens([seeds[i]]),
+            cond={"c": cond[i : i + 1]},
+            sampler=spec,
+        )
+        assert torch.equal(alone[0], batch[i])
