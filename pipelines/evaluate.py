@@ -2,6 +2,11 @@
 
     python pipelines/evaluate.py checkpoints/realdgen-small-x4.safetensors \
         --out checkpoints/realdgen-small-x4.metrics.json
+    python pipelines/evaluate.py manifests/evaluate_codecs.yaml [--set key.path=value]   # kind: evaluate
+
+A ``.yaml`` argument runs the realism benchmark of a ``kind: evaluate`` manifest
+(``pipelines/evaluate_realism.py``: paired domains, the main job with every generator, report folder).
+The checkpoint form below is unchanged.
 
 Held-out HR crops come from ``SPLITS["heldout"]`` of ``pipelines/demo_data.py`` (scikit-image photos
 that the demo training never reads), or from ``--heldout DIR`` (any folder of images, >= 2 of them).
@@ -224,8 +229,47 @@ def training_record(run_dir: str) -> dict:
     return out
 
 
+def _is_manifest(argv: Sequence[str]) -> bool:
+    first = next((a for a in argv if not a.startswith("-")), "")
+    return first.lower().endswith((".yaml", ".yml"))
+
+
+def main_manifest(argv: Sequence[str]) -> int:
+    """``evaluate.py MANIFEST.yaml [--set k=v ...]``: run a manifest by its kind (``evaluate``)."""
+    from pipelines.evaluate_realism import run_evaluation
+    from pipelines.manifest import ManifestError, load_manifest, manifest_json_schema
+
+    ap = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description="Realism benchmark from a `kind: evaluate` manifest (docs/evaluate.md).",
+    )
+    ap.add_argument("manifest", help="manifest YAML (kind: evaluate)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    ap.add_argument("--print-schema", action="store_true", help="print the evaluate manifest's JSON schema")
+    args = ap.parse_args(argv)
+    if args.print_schema:
+        print(json.dumps(manifest_json_schema("evaluate"), indent=2))
+        return 0
+    try:
+        m = load_manifest(args.manifest, args.overrides)
+        if m.kind != "evaluate":
+            raise ManifestError(f"kind: evaluate.py runs `kind: evaluate` manifests (got {m.kind!r})")
+        result = run_evaluation(m)
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"report": str(Path(m.report.dir) / "report.md"), "summary": result["summary"]}))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _is_manifest(argv):
+        return main_manifest(argv)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0]
+        + " With a MANIFEST.yaml (kind: evaluate) instead of a checkpoint: the realism benchmark."
+    )
     ap.add_argument("checkpoint")
     ap.add_argument("--out", default=None, help="write/merge the metrics into this JSON file")
     ap.add_argument("--heldout", default=None, help="folder of held-out images (default: SPLITS['heldout'])")

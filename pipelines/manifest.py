@@ -745,3 +745,203 @@ __all__ += [
     "TrainStageB",
     "TrainStageC",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# --- kind: evaluate ---  (realism benchmark; pipelines/evaluate_realism.py reads it)
+# --------------------------------------------------------------------------------------------
+# Paired domains (HR tiles + their true LR) → adaptation (optional) → the main job with every
+# generator kind → metrics against the truth → report folder. See docs/evaluate.md.
+
+
+class EvalDomain(StrictModel):
+    """One paired domain: HR images and their true LR (same file names), plus unpaired LR of it.
+
+    Layouts (``layout: auto`` picks by the sub-folders present in ``path``):
+    - ``bench``: ``hr/`` + ``lr/`` (+ ``refs_train/``), as written by make_codec_pairs.py;
+    - ``realsr``: ``HR/`` + ``LR/`` (RealSR / DRealSR); names match after dropping a trailing
+      ``_HR`` / ``_LR<n>`` / ``_x<n>`` from the stem.
+    ``hr`` / ``lr`` / ``refs_train`` name the folders explicitly and win over the layout.
+    """
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]+$", description="Domain name (report key).")
+    path: str | None = Field(
+        None, min_length=1, description="Local domain folder; default: `root`/`name`."
+    )
+    layout: Literal["auto", "bench", "realsr"] = Field("auto", description="Folder convention.")
+    hr: str | None = Field(None, min_length=1, description="Explicit HR folder (local).")
+    lr: str | None = Field(None, min_length=1, description="Explicit true-LR folder (local).")
+    refs_train: str | None = Field(
+        None,
+        min_length=1,
+        description="Unpaired LR of the domain (adaptation, SR-proxy references); default "
+        "`refs_train/` when present, else none (adaptation skipped, SR proxy uses the true LR).",
+    )
+
+
+class EvalAdapt(StrictModel):
+    """Optional per-domain adaptation: the project's one-command `pipelines/train.py` run."""
+
+    enabled: bool = Field(False, description="Adapt the checkpoint on each domain's `refs_train`.")
+    manifest: str = Field(
+        "manifests/adapt.yaml", min_length=1, description="kind: train manifest (relative: to the repo)."
+    )
+    steps: int = Field(200, ge=1, le=10**7, description="stage_c.steps of the adaptation run.")
+    overrides: tuple[str, ...] = Field(
+        (), description="Extra `key.path=value` overrides for the adaptation manifest."
+    )
+    timeout_s: float = Field(7200, gt=0, le=10**6, description="Kill the adaptation after this long.")
+
+
+class EvalGeneration(StrictModel):
+    """How the main job (kind: generate) is run for each domain and generator."""
+
+    generators: tuple[GeneratorKind, ...] = Field(
+        ("realdgen", "realesrgan", "bsrgan", "bicubic"), min_length=1, description="Kinds compared."
+    )
+    k: int | None = Field(None, ge=1, le=64, description="realdgen best-of-k; None: the job's default.")
+    tau_min: int | None = Field(None, ge=0, le=999, description="realdgen τ min; None: the job's default.")
+    tau_max: int | None = Field(None, ge=0, le=999, description="realdgen τ max; None: the job's default.")
+    overrides: tuple[str, ...] = Field(
+        (), description="`key.path=value` overrides applied to every generated kind: generate manifest."
+    )
+    realdgen_overrides: tuple[str, ...] = Field(
+        (), description="Overrides for the realdgen jobs only (e.g. generator.sampler=ddim)."
+    )
+    tile: int = Field(64, ge=4, le=4096, description="Eval tile edge in LR pixels; pairs are cut to it.")
+    max_tiles_per_image: int = Field(
+        64, ge=1, le=100_000, description="Eval tiles cut from one larger pair (grid, top-left first)."
+    )
+    group_pattern: str = Field(
+        r"^([^_]+)",
+        min_length=1,
+        description="Regex on the file stem; group 1 (else the match) names the photo. A tile's "
+        "reference is drawn from the true LR of the OTHER photos (one job per photo).",
+    )
+    batch_size: int = Field(4, ge=1, le=4096, description="compute.batch_size of the jobs.")
+    actors: int = Field(1, ge=1, le=1024, description="Generation actors per job.")
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        import re
+
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return v
+
+
+class EvalClassifier(StrictModel):
+    """Classifier two-sample test: a small CNN tells generated LR crops from true LR crops.
+
+    Folds by photo group (train on the other photos, test on this one), so content cannot help.
+    """
+
+    enabled: bool = Field(True, description="Run the test.")
+    steps: int = Field(300, ge=1, le=10**6, description="Adam steps per fold.")
+    batch_size: int = Field(32, ge=2, le=4096, description="Crops per step (half real, half generated).")
+    crop: int = Field(32, ge=4, le=1024, description="Crop edge in LR pixels (positions on the 8-px grid).")
+    width: int = Field(32, ge=4, le=512, description="Channels of the CNN.")
+    lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate.")
+
+
+class EvalSRProxy(StrictModel):
+    """SR proxy (paper Table 1, small): one small SR net per generator, scored on the real pairs.
+
+    Training pairs: the generator's LR of HR tiles that are neither the eval photos nor the
+    benchmark's training photos, with the domain's `refs_train` as references.
+    """
+
+    enabled: bool = Field(True, description="Run the SR proxy.")
+    hr: SourceSpec | None = Field(
+        None, description="HR images for the training pairs; default: scikit-image photos in `photos`."
+    )
+    photos: tuple[str, ...] = Field(
+        ("motorcycle_left", "motorcycle_right", "camera", "brick", "grass", "gravel", "moon", "clock"),
+        min_length=1,
+        description="Bundled scikit-image photos (pipelines/demo_data.load_photo) used when `hr` is None.",
+    )
+    tiles_per_image: int = Field(2, ge=1, le=10_000, description="Training tiles per HR image.")
+    steps: int = Field(300, ge=1, le=10**6, description="Adam steps per generator.")
+    batch_size: int = Field(16, ge=1, le=4096, description="LR crops per step.")
+    crop: int = Field(32, ge=4, le=1024, description="LR crop edge of training crops.")
+    width: int = Field(32, ge=4, le=512, description="Channels of the SR net.")
+    blocks: int = Field(3, ge=1, le=64, description="Hidden conv layers of the SR net.")
+    lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate.")
+
+
+class EvalLearnedMetrics(StrictModel):
+    """Metrics that need pretrained weights: only from local files, skipped with a notice otherwise."""
+
+    lpips_weights: str | None = Field(
+        None, description="Local LPIPS weights file (needs the `lpips` package)."
+    )
+    fid_weights: str | None = Field(None, description="Local Inception weights for FID (not bundled).")
+
+
+class EvalReportSpec(StrictModel):
+    """Where the report goes."""
+
+    dir: str = Field(..., min_length=1, description="Local report folder (report.md, report.json, PNGs).")
+    grid_rows: int = Field(6, ge=1, le=256, description="Tiles per domain in the grid image.")
+    fresh: bool = Field(
+        False, description="Delete the run's work folder first (otherwise finished jobs are reused)."
+    )
+
+
+class EvalCompute(StrictModel):
+    """Sizing (does not change the numbers beyond float noise)."""
+
+    torch_threads: int = Field(1, ge=1, le=256, description="torch threads here and per generation actor.")
+
+
+class EvaluateManifest(StrictModel):
+    """kind: evaluate — realism of generated LR against true LR of paired domains (issue 8)."""
+
+    kind: Literal["evaluate"] = Field("evaluate", description="Manifest kind.")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of the jobs, crops, classifier and SR proxy.")
+    scale: int = Field(4, ge=2, le=8, description="SR scale: HR size = LR size × scale.")
+    checkpoint: str | None = Field(
+        None, description="RealDGen checkpoint (local .safetensors); needed when realdgen is compared."
+    )
+    root: str | None = Field(None, description="Folder holding one sub-folder per domain (`domains[].path`).")
+    domains: list[EvalDomain] = Field(..., min_length=1, description="Paired domains to measure.")
+    adapt: EvalAdapt = Field(default_factory=EvalAdapt, description="Per-domain adaptation.")
+    generation: EvalGeneration = Field(default_factory=EvalGeneration, description="The main job's runs.")
+    classifier: EvalClassifier = Field(default_factory=EvalClassifier, description="Two-sample test.")
+    sr_proxy: EvalSRProxy = Field(default_factory=EvalSRProxy, description="SR proxy.")
+    learned_metrics: EvalLearnedMetrics = Field(
+        default_factory=EvalLearnedMetrics, description="LPIPS / FID from local weights."
+    )
+    report: EvalReportSpec = Field(..., description="Report folder.")
+    compute: EvalCompute = Field(default_factory=EvalCompute, description="Threads.")
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluateManifest:
+        names = [d.name for d in self.domains]
+        if len(set(names)) != len(names):
+            raise ValueError(f"domain names must be unique, got {names}")
+        for i, d in enumerate(self.domains):
+            if d.path is None and self.root is None and (d.hr is None or d.lr is None):
+                raise ValueError(f"domains[{i}] ({d.name}) needs `path`, `root`, or both `hr` and `lr`")
+        if "realdgen" in self.generation.generators and not self.checkpoint:
+            raise ValueError("generation.generators includes realdgen: set `checkpoint`")
+        if self.adapt.enabled and not self.checkpoint:
+            raise ValueError("adapt.enabled needs `checkpoint`")
+        return self
+
+
+MANIFEST_KINDS["evaluate"] = EvaluateManifest
+__all__ += [
+    "EvaluateManifest",
+    "EvalDomain",
+    "EvalAdapt",
+    "EvalGeneration",
+    "EvalClassifier",
+    "EvalSRProxy",
+    "EvalLearnedMetrics",
+    "EvalReportSpec",
+    "EvalCompute",
+]

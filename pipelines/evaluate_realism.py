@@ -1,0 +1,792 @@
+"""Realism benchmark (``kind: evaluate``): generated LR against true LR of paired domains, via the main job.
+
+    python pipelines/evaluate.py manifests/evaluate_codecs.yaml [--set key.path=value ...]
+
+Per domain (a folder of HR images and their true LR, e.g. one pipeline of
+``shared/bench/make_codec_pairs.py`` or a RealSR/DRealSR ``HR/`` + ``LR/`` pair):
+
+1. **Tiles.** Every (HR, LR) pair is checked (HR = LR × scale, bottom/right cropped to it) and cut
+   into ``generation.tile``-px LR tiles (HR tiles ``tile × scale``), written under the work folder
+   as ``tiles/hr/<group>/<name>.png`` and ``tiles/lr/<group>/<name>.png``. A pair that is exactly
+   one tile keeps its name. ``group`` is the photo: ``generation.group_pattern`` on the file stem.
+2. **Adaptation** (``adapt.enabled``): ``python pipelines/train.py <adapt.manifest> --set
+   init_checkpoint=… --set data.lr.0.source.uri=<refs_train> --set stage_c.steps=… --set
+   output.checkpoint=… --set output.run_dir=…`` in a subprocess; its checkpoint replaces the base one
+   for this domain. Whatever the adaptation stores in the checkpoint is used as the job uses it.
+3. **Generation through the main job** (``pipelines.generate_dataset.run``, one local Ray for the whole
+   evaluation): a ``kind: generate`` manifest per run with ``tiling: {tile, grid, max_tiles_per_image:
+   1}`` so the whole HR tile maps to the whole LR tile. Honest references (pairing): realdgen runs one
+   job per photo group whose ``refs`` are the true LR tiles of the *other* groups (a tile's own true LR
+   is never its reference); the baselines (random θ, no reference) run one job over all tiles. The
+   shards are read back (``pipelines.reader.decode_pair``) and matched to tiles by ``hr_source``; the
+   HR pixels in the shard are checked against the tile.
+4. **Metrics against the true LR**, per tile then averaged: PSNR/SSIM (``realdgen_core.metrics``,
+   scikit-image), the relative gaps of noise level, Laplacian energy and 8×8 blockiness
+   (``realdgen_core.realism``), the classifier two-sample test and the SR proxy
+   (``realdgen_core.probes``). SR-proxy training pairs come from other HR photos
+   (``sr_proxy.photos``) with the domain's ``refs_train`` as references.
+5. **Report** in ``report.dir``: ``report.json``, ``report.md``, PNGs (pipelines/eval_report.py).
+
+Re-running reuses finished work (generate jobs resume; the adapted checkpoint is kept under a name
+that hashes its inputs; generated datasets live under a folder named by the checkpoint digest);
+``report.fresh: true`` starts over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipelines.manifest import (
+    EvalDomain,
+    EvaluateManifest,
+    ManifestError,
+    apply_overrides,
+    parse_manifest,
+)
+from realdgen_core import realism
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+_REALSR_SUFFIX = re.compile(r"_(HR|LR\d*|x\d+)$", re.IGNORECASE)
+
+__all__ = ["Tile", "DomainTiles", "prepare_domain", "run_evaluation", "group_of"]
+
+
+# --------------------------------------------------------------------------------------------
+# Domains and tiles
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tile:
+    name: str
+    group: str
+    hr: np.ndarray
+    lr: np.ndarray
+
+
+@dataclass
+class DomainTiles:
+    name: str
+    layout: str
+    hr_dir: Path
+    lr_dir: Path
+    refs_dir: Path | None
+    tiles_root: Path
+    tiles: list[Tile]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def groups(self) -> list[str]:
+        return sorted({t.group for t in self.tiles})
+
+
+def group_of(stem: str, pattern: str) -> str:
+    """Photo group of a file stem: regex group 1 (else the whole match, else the stem)."""
+    mt = re.search(pattern, stem)
+    if not mt:
+        return stem
+    g = mt.group(1) if mt.groups() else mt.group(0)
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", g) or stem
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+
+def _rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _resolve_dirs(m: EvaluateManifest, d: EvalDomain) -> tuple[str, Path, Path, Path | None]:
+    base = Path(d.path) if d.path else (Path(m.root) / d.name if m.root else None)
+    layout = d.layout
+    if layout == "auto" and base is not None:
+        if (base / "hr").is_dir() and (base / "lr").is_dir():
+            layout = "bench"
+        elif (base / "HR").is_dir() and (base / "LR").is_dir():
+            layout = "realsr"
+    if d.hr and d.lr:
+        hr, lr = Path(d.hr), Path(d.lr)
+        layout = layout if layout != "auto" else "explicit"
+    elif base is None or layout == "auto":
+        raise ManifestError(
+            f"domains.{d.name}: no hr/+lr/ or HR/+LR/ folders under {str(base)!r} (set `hr` and `lr`)"
+        )
+    else:
+        sub = ("hr", "lr") if layout == "bench" else ("HR", "LR")
+        hr, lr = Path(d.hr or base / sub[0]), Path(d.lr or base / sub[1])
+    refs = Path(d.refs_train) if d.refs_train else None
+    if refs is None and base is not None and (base / "refs_train").is_dir():
+        refs = base / "refs_train"
+    for what, p in (("hr", hr), ("lr", lr), ("refs_train", refs)):
+        if p is not None and not p.is_dir():
+            raise ManifestError(f"domains.{d.name}.{what}: not a folder (got {str(p)!r})")
+    return layout, hr, lr, refs
+
+
+def _match_key(stem: str, layout: str) -> str:
+    return _REALSR_SUFFIX.sub("", stem) if layout == "realsr" else stem
+
+
+def prepare_domain(m: EvaluateManifest, d: EvalDomain, work: Path) -> DomainTiles:
+    """Pair HR with true LR by name, cut both into eval tiles, write them per group under ``work``."""
+    layout, hr_dir, lr_dir, refs = _resolve_dirs(m, d)
+    s, t = m.scale, m.generation.tile
+    lr_by_key = {_match_key(p.stem, layout): p for p in _images(lr_dir)}
+    tiles: list[Tile] = []
+    notes: list[str] = []
+    unmatched = []
+    for hp in _images(hr_dir):
+        key = _match_key(hp.stem, layout)
+        lp = lr_by_key.get(key)
+        if lp is None:
+            unmatched.append(hp.name)
+            continue
+        hr, lr = _rgb(hp), _rgb(lp)
+        lh, lw = lr.shape[:2]
+        if hr.shape[0] < lh * s or hr.shape[1] < lw * s:
+            raise ManifestError(
+                f"domains.{d.name}: {hp.name} is {hr.shape[1]}x{hr.shape[0]}, smaller than {s} x its LR "
+                f"{lw}x{lh} ({lp.name})"
+            )
+        if hr.shape[0] != lh * s or hr.shape[1] != lw * s:
+            notes.append(f"{hp.name}: HR cropped bottom/right to {s} x LR ({lw * s}x{lh * s})")
+            hr = hr[: lh * s, : lw * s]
+        group = group_of(hp.stem, m.generation.group_pattern)
+        if lh == t and lw == t:
+            tiles.append(Tile(key, group, np.ascontiguousarray(hr), np.ascontiguousarray(lr)))
+            continue
+        cut = 0
+        for y in range(0, lh - t + 1, t):
+            for x in range(0, lw - t + 1, t):
+                if cut >= m.generation.max_tiles_per_image:
+                    break
+                tiles.append(
+                    Tile(
+                        f"{key}_{y}_{x}",
+                        group,
+                        np.ascontiguousarray(hr[y * s : (y + t) * s, x * s : (x + t) * s]),
+                        np.ascontiguousarray(lr[y : y + t, x : x + t]),
+                    )
+                )
+                cut += 1
+        if cut == 0:
+            notes.append(f"{hp.name}: LR {lw}x{lh} is smaller than one {t}-px tile; skipped")
+    if unmatched:
+        notes.append(f"{len(unmatched)} HR image(s) without a true LR of the same name, e.g. {unmatched[:3]}")
+    if not tiles:
+        raise ManifestError(f"domains.{d.name}: no (HR, LR) tile found in {str(hr_dir)!r} / {str(lr_dir)!r}")
+    names = [x.name for x in tiles]
+    if len(set(names)) != len(names):
+        raise ManifestError(f"domains.{d.name}: tile names collide (HR names must be unique)")
+    root = work / "tiles"
+    for tl in tiles:
+        for kind, img in (("hr", tl.hr), ("lr", tl.lr)):
+            p = root / kind / tl.group / f"{tl.name}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            if not p.exists():
+                Image.fromarray(img).save(p)
+    if refs is None:
+        notes.append("no refs_train/: adaptation skipped; SR-proxy references are the domain's true LR tiles")
+    return DomainTiles(d.name, layout, hr_dir, lr_dir, refs, root, tiles, notes)
+
+
+# --------------------------------------------------------------------------------------------
+# The main job
+# --------------------------------------------------------------------------------------------
+
+
+def _sha(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def generate_manifest_dict(
+    m: EvaluateManifest,
+    *,
+    kind: str,
+    hr: str,
+    refs: list[tuple[str, str]],
+    out: str,
+    checkpoint: str | None,
+    tiles_per_image: int,
+    tiling_mode: str = "grid",
+    max_failure_fraction: float = 0.0,
+) -> dict:
+    """A ``kind: generate`` manifest (raw mapping) for one evaluation run, overrides applied."""
+    gen: dict = {"kind": kind}
+    if kind == "realdgen":
+        gen["checkpoint"] = checkpoint
+        for key in ("k", "tau_min", "tau_max"):
+            v = getattr(m.generation, key)
+            if v is not None:
+                gen[key] = v
+    data = {
+        "kind": "generate",
+        "seed": m.seed,
+        "scale": m.scale,
+        "hr": {"uri": hr},
+        "refs": [{"name": name, "domain": name, "source": {"uri": uri}} for name, uri in refs],
+        "generator": gen,
+        "tiling": {"tile": m.generation.tile, "mode": tiling_mode, "max_tiles_per_image": tiles_per_image},
+        "pairing": {"mode": "random", "refs_per_tile": 1},
+        "output": {"uri": out, "name": "eval", "inputs_per_shard": 256, "preview": False},
+        "limits": {"max_failure_fraction": max_failure_fraction},
+        "compute": {
+            "batch_size": m.generation.batch_size,
+            "actors": {"min": m.generation.actors, "max": m.generation.actors},
+            "torch_threads": m.compute.torch_threads,
+        },
+        "progress": {"bar": False},
+    }
+    overrides = list(m.generation.overrides)
+    if kind == "realdgen":
+        overrides += list(m.generation.realdgen_overrides)
+    return apply_overrides(data, overrides)
+
+
+def run_generate(data: dict, log: Callable[[str], None]) -> dict:
+    """Validate and run one generate manifest in this process (Ray already up); returns its summary."""
+    from pipelines.generate_dataset import run
+
+    manifest = parse_manifest(data, origin="(evaluate)", kind="generate")
+    return run(manifest, log=lambda s: log(f"    job: {s}"))
+
+
+def read_dataset(
+    out: str, scale: int, one_per_image: bool = True
+) -> dict[str, tuple[np.ndarray, np.ndarray, dict]]:
+    """All samples of a generated dataset: HR file stem (``one_per_image``, checked) or sample key
+    → (hr, lr, meta)."""
+    from pipelines.reader import decode_pair, list_shards
+
+    found: dict[str, tuple[np.ndarray, np.ndarray, dict]] = {}
+    for entry in list_shards(out):
+        with tarfile.open(entry.url, "r") as tar:
+            members: dict[str, dict[str, bytes]] = {}
+            for mem in tar:
+                if not mem.isfile():
+                    continue
+                key, _, suffix = mem.name.rsplit("/", 1)[-1].partition(".")
+                members.setdefault(key, {})[suffix] = tar.extractfile(mem).read()
+        for key, files in members.items():
+            hr, lr, meta = decode_pair(files, key, scale)
+            stem = Path(meta["hr_source"].rsplit("#", 1)[-1]).stem if one_per_image else key
+            if stem in found:
+                raise RuntimeError(f"{out}: two samples for HR {stem!r} (expected one tile per image)")
+            found[stem] = (hr, lr, meta)
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Adaptation
+# --------------------------------------------------------------------------------------------
+
+
+def adapt_checkpoint(
+    m: EvaluateManifest, domain: DomainTiles, base_ckpt: str, base_digest: str, work: Path, log
+) -> tuple[str, float]:
+    """Run the one-command adaptation on the domain's refs_train; returns (checkpoint, seconds)."""
+    manifest = Path(m.adapt.manifest)
+    if not manifest.is_absolute():
+        manifest = REPO / manifest
+    refs = sorted(p.name for p in _images(domain.refs_dir))
+    tag = _sha(base_digest, m.adapt.steps, list(m.adapt.overrides), manifest.read_text(), refs, m.seed)[:12]
+    folder = work / f"adapt-{tag}"
+    ckpt = folder / "adapted.safetensors"
+    done = folder / "_done.json"
+    if ckpt.exists() and done.exists():
+        log(f"  adaptation: reusing {ckpt}")
+        return str(ckpt), float(json.loads(done.read_text()).get("seconds", 0.0))
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        str(REPO / "pipelines" / "train.py"),
+        str(manifest),
+        "--set",
+        f"init_checkpoint={Path(base_ckpt).resolve()}",
+        "--set",
+        f"data.lr.0.source.uri={domain.refs_dir.resolve()}",
+        "--set",
+        f"stage_c.steps={m.adapt.steps}",
+        "--set",
+        f"output.checkpoint={ckpt.resolve()}",
+        "--set",
+        f"output.run_dir={(folder / 'run').resolve()}",
+        "--set",
+        f"seed={m.seed}",
+        "--set",
+        f"compute.torch_threads={m.compute.torch_threads}",
+        "--set",
+        "progress.bar=false",
+        *[x for o in m.adapt.overrides for x in ("--set", o)],
+    ]
+    log(f"  adaptation: {' '.join(cmd[1:])}")
+    t0 = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": str(m.compute.torch_threads)}
+    proc = subprocess.run(
+        cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=m.adapt.timeout_s
+    )
+    seconds = time.perf_counter() - t0
+    (folder / "train.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    if proc.returncode != 0 or not ckpt.exists():
+        tail = (proc.stderr or proc.stdout)[-2000:]
+        raise RuntimeError(f"adaptation failed (exit {proc.returncode}); log {folder / 'train.log'}:\n{tail}")
+    done.write_text(json.dumps({"seconds": round(seconds, 1), "cmd": cmd[1:]}, indent=1))
+    log(f"  adaptation: done in {seconds:.0f} s -> {ckpt}")
+    return str(ckpt), seconds
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+def tile_metrics(gen: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """PSNR/SSIM (RGB, 0–255) and the three statistics of a generated and a true LR tile."""
+    from realdgen_core.metrics import psnr, ssim
+
+    g, t = realism.lr_stats(gen), realism.lr_stats(truth)
+    row = {"psnr": psnr(gen, truth), "ssim": ssim(gen, truth)}
+    for k in realism.STATS:
+        row[k] = g[k]
+        row[f"{k}_gap"] = realism.relative_gap(g[k], t[k])
+    return row
+
+
+def _mean(xs) -> float:
+    xs = [float(x) for x in xs]
+    return round(float(np.mean(xs)), 4) if xs else float("nan")
+
+
+def summarise(rows: list[dict]) -> dict:
+    keys = ["psnr", "ssim", *realism.STATS, *[f"{k}_gap" for k in realism.STATS]]
+    return {k: _mean(r[k] for r in rows) for k in keys}
+
+
+def _load_demo_photos(names, folder: Path) -> Path:
+    from pipelines.demo_data import load_photo
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        p = folder / f"{n}.png"
+        if not p.exists():
+            Image.fromarray(load_photo(n)).save(p)
+    return folder
+
+
+def _learned_metric_notices(m: EvaluateManifest) -> list[str]:
+    notes = []
+    lm = m.learned_metrics
+    if lm.lpips_weights is None:
+        notes.append(
+            "LPIPS skipped: no `learned_metrics.lpips_weights` (pretrained weights cannot be downloaded)"
+        )
+    elif not Path(lm.lpips_weights).is_file():
+        notes.append(f"LPIPS skipped: weights file not found ({lm.lpips_weights})")
+    else:
+        try:
+            import lpips  # noqa: F401
+        except ImportError:
+            notes.append("LPIPS skipped: weights given but the `lpips` package is not installed")
+    if lm.fid_weights is None:
+        notes.append("FID skipped: no `learned_metrics.fid_weights` (Inception weights are not bundled)")
+    else:
+        notes.append(f"FID skipped: not implemented in this build (weights given: {lm.fid_weights})")
+    return notes
+
+
+def _lpips_scores(m: EvaluateManifest, pairs: list[tuple[np.ndarray, np.ndarray]]) -> float | None:
+    lm = m.learned_metrics
+    if lm.lpips_weights is None or not Path(lm.lpips_weights).is_file():
+        return None
+    try:
+        import lpips
+        import torch
+    except ImportError:
+        return None
+    net = lpips.LPIPS(net="alex", model_path=lm.lpips_weights, pnet_rand=True, verbose=False)
+    vals = []
+    with torch.no_grad():
+        for a, b in pairs:
+            ta = torch.from_numpy(a).permute(2, 0, 1)[None].float() / 127.5 - 1
+            tb = torch.from_numpy(b).permute(2, 0, 1)[None].float() / 127.5 - 1
+            vals.append(float(net(ta, tb)))
+    return _mean(vals)
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def _default_log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def evaluate_domain(
+    m: EvaluateManifest, d: EvalDomain, work: Path, sr_hr: str | None, log
+) -> tuple[dict, dict]:
+    """Measure one domain; returns (its report section, images for the report: tiles + LR per generator)."""
+    from realdgen_core.checkpoint import checkpoint_digest
+
+    t_dom = time.perf_counter()
+    dwork = work / d.name
+    dom = prepare_domain(m, d, dwork)
+    groups = dom.groups
+    log(f"[{d.name}] {len(dom.tiles)} tiles in {len(groups)} photo group(s) {groups}, layout {dom.layout}")
+    for n in dom.notes:
+        log(f"[{d.name}] note: {n}")
+    timings: dict[str, float] = {}
+    section: dict = {
+        "layout": dom.layout,
+        "hr_dir": str(dom.hr_dir),
+        "lr_dir": str(dom.lr_dir),
+        "refs_train": str(dom.refs_dir) if dom.refs_dir else None,
+        "tiles": len(dom.tiles),
+        "groups": {g: sum(1 for t in dom.tiles if t.group == g) for g in groups},
+        "notes": list(dom.notes),
+    }
+    ckpt = m.checkpoint
+    digest = checkpoint_digest(ckpt) if ckpt else None
+    section["base_model_digest"] = digest
+    if m.adapt.enabled:
+        if dom.refs_dir is None:
+            section["notes"].append("adaptation skipped: the domain has no refs_train/")
+        else:
+            ckpt, secs = adapt_checkpoint(m, dom, ckpt, digest, dwork, log)
+            digest = checkpoint_digest(ckpt)
+            timings["adapt_s"] = round(secs, 1)
+    section["checkpoint"] = ckpt
+    section["model_digest"] = digest
+    section["adapted"] = bool(m.adapt.enabled and dom.refs_dir is not None)
+
+    truth = {t.name: t.lr for t in dom.tiles}
+    hr_tiles = {t.name: t.hr for t in dom.tiles}
+    truth_stats = {n: realism.lr_stats(a) for n, a in truth.items()}
+    section["truth"] = {k: _mean(s[k] for s in truth_stats.values()) for k in realism.STATS}
+    generated: dict[str, dict[str, np.ndarray]] = {}
+    metas: dict[str, dict[str, dict]] = {}
+    tiles_root = dom.tiles_root
+    for kind in m.generation.generators:
+        t0 = time.perf_counter()
+        tag = f"realdgen-{digest[:12]}" if kind == "realdgen" else kind
+        found: dict = {}
+        if kind == "realdgen":
+            for g in groups:
+                others = [o for o in groups if o != g]
+                if not others:
+                    raise ManifestError(
+                        f"domains.{d.name}: one photo group only ({g}); honest references need at least "
+                        "two (set generation.group_pattern)"
+                    )
+                out = dwork / "gen" / tag / g
+                data = generate_manifest_dict(
+                    m,
+                    kind=kind,
+                    hr=str((tiles_root / "hr" / g).resolve()),
+                    refs=[(f"truelr-{o}", str((tiles_root / "lr" / o).resolve())) for o in others],
+                    out=str(out.resolve()),
+                    checkpoint=str(Path(ckpt).resolve()),
+                    tiles_per_image=1,
+                )
+                log(
+                    f"[{d.name}] {kind}: photo {g} ({section['groups'][g]} tiles), refs = true LR of {others}"
+                )
+                run_generate(data, log)
+                found.update(read_dataset(str(out), m.scale))
+        else:
+            out = dwork / "gen" / tag
+            data = generate_manifest_dict(
+                m,
+                kind=kind,
+                hr=str((tiles_root / "hr").resolve()),
+                refs=[],
+                out=str(out.resolve()),
+                checkpoint=None,
+                tiles_per_image=1,
+            )
+            log(f"[{d.name}] {kind}: {len(dom.tiles)} tiles")
+            run_generate(data, log)
+            found.update(read_dataset(str(out), m.scale))
+        missing = sorted(set(truth) - set(found))
+        if missing:
+            raise RuntimeError(
+                f"[{d.name}] {kind}: no generated LR for {len(missing)} tile(s), e.g. {missing[:3]}"
+            )
+        for name, (hr, lr, meta) in found.items():
+            if name not in truth:
+                raise RuntimeError(f"[{d.name}] {kind}: unexpected sample for {name!r}")
+            if meta.get("hr_box") != [0, 0, hr.shape[1], hr.shape[0]] or not np.array_equal(
+                hr, hr_tiles[name]
+            ):
+                raise RuntimeError(f"[{d.name}] {kind}: the shard's HR of {name} is not the whole eval tile")
+            if lr.shape != truth[name].shape:
+                raise RuntimeError(
+                    f"[{d.name}] {kind}: LR of {name} is {lr.shape}, true LR {truth[name].shape}"
+                )
+        generated[kind] = {n: found[n][1] for n in truth}
+        metas[kind] = {n: found[n][2] for n in truth}
+        timings[f"generate_{kind}_s"] = round(time.perf_counter() - t0, 1)
+
+    # Full-reference metrics and statistic gaps, per tile.
+    gens_out: dict[str, dict] = {}
+    names = sorted(truth)
+    for kind, lrs in generated.items():
+        rows = []
+        for n in names:
+            r = tile_metrics(lrs[n], truth[n])
+            rows.append({"tile": n, "group": next(t.group for t in dom.tiles if t.name == n), **r})
+        gens_out[kind] = {"metrics": summarise(rows), "per_tile": rows}
+        log(
+            f"[{d.name}] {kind}: PSNR {gens_out[kind]['metrics']['psnr']:.2f} dB, SSIM "
+            f"{gens_out[kind]['metrics']['ssim']:.3f}, noise gap {gens_out[kind]['metrics']['noise_gap']:.2f}"
+        )
+        lp = _lpips_scores(m, [(lrs[n], truth[n]) for n in names])
+        if lp is not None:
+            gens_out[kind]["metrics"]["lpips"] = lp
+        if kind == "realdgen":
+            ms = [metas[kind][n] for n in names]
+            gens_out[kind]["shard_values"] = {
+                "tau": [x.get("tau") for x in ms],
+                "content_error": [x.get("content_error") for x in ms],
+                "degradation_error": [x.get("degradation_error") for x in ms],
+                "ref_source": [Path(str(x.get("ref_source"))).name for x in ms],
+            }
+            own = [n for n, x in zip(names, ms, strict=True) if Path(str(x.get("ref_source"))).stem == n]
+            if own:
+                raise RuntimeError(f"[{d.name}] a tile was its own reference: {own[:3]}")
+
+    # Classifier two-sample test.
+    if m.classifier.enabled:
+        import torch
+
+        from realdgen_core.probes import two_sample_test
+
+        torch.set_num_threads(m.compute.torch_threads)
+        grp = [next(t.group for t in dom.tiles if t.name == n) for n in names]
+        c = m.classifier
+        for kind, lrs in generated.items():
+            t0 = time.perf_counter()
+            res = two_sample_test(
+                [truth[n] for n in names],
+                [lrs[n] for n in names],
+                grp,
+                steps=c.steps,
+                batch_size=c.batch_size,
+                crop=c.crop,
+                width=c.width,
+                lr=c.lr,
+                seed=m.seed,
+            )
+            gens_out[kind]["classifier"] = res
+            gens_out[kind]["metrics"]["classifier_accuracy"] = res["accuracy"]
+            timings[f"classifier_{kind}_s"] = round(time.perf_counter() - t0, 1)
+            log(f"[{d.name}] {kind}: classifier accuracy {res['accuracy']:.3f} (0.5 = indistinguishable)")
+
+    # SR proxy.
+    if m.sr_proxy.enabled:
+        section["sr_proxy"] = sr_proxy_domain(
+            m, d, dom, dwork, work, sr_hr, ckpt, digest, gens_out, timings, log
+        )
+
+    section["generators"] = gens_out
+    section["timings"] = {**timings, "domain_s": round(time.perf_counter() - t_dom, 1)}
+    images = {"tiles": dom.tiles, "generated": generated}
+    return section, images
+
+
+def sr_proxy_domain(m, d, dom, dwork, work, sr_hr, ckpt, digest, gens_out, timings, log) -> dict:
+    import torch
+
+    from realdgen_core.probes import evaluate_sr_proxy, train_sr_proxy
+
+    torch.set_num_threads(m.compute.torch_threads)
+    sp = m.sr_proxy
+    real_pairs = [(t.hr, t.lr) for t in sorted(dom.tiles, key=lambda t: t.name)]
+    refs_dir = dom.refs_dir or (dom.tiles_root / "lr")
+    out: dict = {
+        "train_hr": sr_hr,
+        "references": str(refs_dir),
+        "bicubic_upsampling": evaluate_sr_proxy(None, real_pairs, m.scale),
+    }
+    for kind in m.generation.generators:
+        t0 = time.perf_counter()
+        if kind == "realdgen":
+            target = dwork / "sr_pairs" / f"realdgen-{digest[:12]}"
+            refs = [("refs_train", str(refs_dir.resolve()))]
+        else:  # random θ, no reference: the same dataset serves every domain
+            target = work / "_shared" / "sr_pairs" / kind
+            refs = []
+        data = generate_manifest_dict(
+            m,
+            kind=kind,
+            hr=sr_hr,
+            refs=refs,
+            out=str(target.resolve()),
+            checkpoint=str(Path(ckpt).resolve()) if ckpt else None,
+            tiles_per_image=sp.tiles_per_image,
+            max_failure_fraction=0.5,
+        )
+        log(f"[{d.name}] SR proxy: {kind} training pairs")
+        run_generate(data, log)
+        pairs = [
+            (hr, lr)
+            for _, (hr, lr, _) in sorted(read_dataset(str(target), m.scale, one_per_image=False).items())
+        ]
+        net, info = train_sr_proxy(
+            pairs,
+            m.scale,
+            steps=sp.steps,
+            batch_size=sp.batch_size,
+            crop=sp.crop,
+            width=sp.width,
+            blocks=sp.blocks,
+            lr=sp.lr,
+            seed=m.seed,
+        )
+        res = evaluate_sr_proxy(net, real_pairs, m.scale)
+        res.update(train_pairs=len(pairs), **info)
+        gens_out[kind]["sr_proxy"] = res
+        gens_out[kind]["metrics"]["sr_psnr"] = res["psnr"]
+        gens_out[kind]["metrics"]["sr_ssim"] = res["ssim"]
+        timings[f"sr_proxy_{kind}_s"] = round(time.perf_counter() - t0, 1)
+        log(
+            f"[{d.name}] SR proxy {kind}: {res['psnr']:.2f} dB / {res['ssim']:.3f} on the real pairs "
+            f"({len(pairs)} train pairs)"
+        )
+    return out
+
+
+def run_evaluation(m: EvaluateManifest, *, log: Callable[[str], None] = _default_log) -> dict:
+    """Run a ``kind: evaluate`` manifest; writes the report folder and returns report.json's dict."""
+    import torch
+
+    from pipelines.eval_report import write_report
+    from pipelines.generate_dataset import ensure_ray
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(m.compute.torch_threads)
+    report_dir = Path(m.report.dir)
+    work = report_dir / "work"
+    if m.report.fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", str(m.compute.torch_threads))
+    sr_hr = None
+    if m.sr_proxy.enabled:
+        if m.sr_proxy.hr is not None:
+            sr_hr = m.sr_proxy.hr.uri
+        else:
+            sr_hr = str(_load_demo_photos(m.sr_proxy.photos, work / "_shared" / "sr_hr").resolve())
+    for d in m.domains:  # bad paths fail before Ray starts
+        _resolve_dirs(m, d)
+    if m.checkpoint and not Path(m.checkpoint).is_file():
+        raise ManifestError(f"checkpoint: file not found (got {m.checkpoint!r})")
+    notices = _learned_metric_notices(m)
+    for n in notices:
+        log(f"notice: {n}")
+    started_ray = ensure_ray()
+    domains: dict[str, dict] = {}
+    images: dict[str, dict] = {}
+    try:
+        for d in m.domains:
+            domains[d.name], images[d.name] = evaluate_domain(m, d, work, sr_hr, log)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    result = {
+        "kind": "evaluate",
+        "manifest": m.model_dump(mode="json"),
+        "checkpoint": m.checkpoint,
+        "definitions": DEFINITIONS,
+        "notices": notices,
+        "domains": domains,
+        "summary": summary_table(domains, m.generation.generators),
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_report(result, images, report_dir, grid_rows=m.report.grid_rows, scale=m.scale)
+    log(f"report: {report_dir / 'report.md'} ({result['seconds']:.0f} s)")
+    return result
+
+
+SUMMARY_KEYS = (
+    "psnr",
+    "ssim",
+    "noise_gap",
+    "laplacian_gap",
+    "blockiness_gap",
+    "classifier_accuracy",
+    "sr_psnr",
+    "sr_ssim",
+)
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "sr_psnr": True, "sr_ssim": True}
+
+
+def summary_table(domains: dict, generators) -> dict:
+    """Per metric and domain: each generator's value, the best generator, realdgen's margin to the
+    best baseline (positive = realdgen better)."""
+    out: dict = {}
+    for key in SUMMARY_KEYS:
+        per: dict = {}
+        for dname, sec in domains.items():
+            vals = {g: sec["generators"][g]["metrics"].get(key) for g in generators if g in sec["generators"]}
+            vals = {g: v for g, v in vals.items() if v is not None}
+            if not vals:
+                continue
+
+            def badness(g, v=vals, k=key):
+                if k == "classifier_accuracy":
+                    return abs(v[g] - 0.5)
+                return -v[g] if HIGHER_IS_BETTER.get(k, False) else v[g]
+
+            best = min(vals, key=badness)
+            row = {"values": vals, "best": best}
+            base = [g for g in vals if g != "realdgen"]
+            if "realdgen" in vals and base:
+                bb = min(base, key=badness)
+                row["best_baseline"] = bb
+                row["realdgen_margin"] = round(badness(bb) - badness("realdgen"), 4)
+            per[dname] = row
+        if per:
+            out[key] = per
+    return out
+
+
+DEFINITIONS = {
+    "psnr": "PSNR (dB) of the generated LR tile to the true LR tile, RGB, 0-255, skimage.metrics; "
+    "mean over tiles",
+    "ssim": "SSIM (Gaussian window sigma 1.5, mean over RGB channels), skimage.metrics; mean over tiles",
+    "noise": "Immerkaer (1996) noise sigma of the luma 0.299R+0.587G+0.114B (0-255): "
+    "sqrt(pi/2)/(6(H-2)(W-2)) * sum|Y*N|, N=[[1,-2,1],[-2,4,-2],[1,-2,1]]",
+    "laplacian": "mean of (Y*L)^2 over valid pixels, L = 4-neighbour Laplacian [[0,1,0],[1,-4,1],[0,1,0]]",
+    "blockiness": "mean |dY| of neighbour pairs straddling 8-px block boundaries / mean |dY| of all other "
+    "neighbour pairs (horizontal and vertical pooled); 1 = no blocks",
+    "*_gap": "relative gap |g - t| / max(t, 1e-3) of a statistic of the generated (g) and true (t) LR tile; "
+    "mean over tiles (0 = same statistic)",
+    "classifier_accuracy": "held-out crop accuracy of a small CNN trained to tell generated from true LR "
+    "crops of the same tiles, leave-one-photo-out folds; 0.5 = indistinguishable",
+    "sr_psnr/sr_ssim": "a small SR net (convs + pixel shuffle, residual on bicubic) trained for a fixed "
+    "budget on the generator's pairs of other HR photos (domain refs_train as references), scored on the "
+    "domain's real (HR, true LR) tiles, crop_border = scale",
+    "references": "realdgen: a tile's reference is drawn (seeded, uniform) from the true LR tiles of the "
+    "other photo groups; baselines draw a random theta and use no reference",
+}
