@@ -1,0 +1,292 @@
+"""kind: evaluate end to end on synthetic codec stand-ins, checked against numbers computed here.
+
+The stand-in "codec" is Pillow: bicubic downscale ×4 of the whole photo, then JPEG at quality 30,
+tiles cut from the result (the layout of shared/bench/make_codec_pairs.py: refs_train/, hr/, lr/).
+The report's per-tile PSNR, SSIM and statistic gaps are recomputed from the shards' bytes with
+plain numpy / scipy formulas (not the code path of the pipeline), and the references are checked to
+come from the other photo.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.manifest import ManifestError, parse_manifest
+from realdgen_core import realism
+
+S, T = 4, 16  # scale, LR tile
+
+
+def _standin(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    h, w = img.shape[0] // S * S, img.shape[1] // S * S
+    hr = img[:h, :w]
+    small = Image.fromarray(hr).resize((w // S, h // S), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=30)
+    return hr, np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("bench")
+    d = root / "jpeg-standin"
+    for sub in ("hr", "lr", "refs_train"):
+        (d / sub).mkdir(parents=True)
+    _, lr = _standin(data.chelsea())
+    for i in range(6):
+        Image.fromarray(lr[:T, i * T : (i + 1) * T]).save(d / "refs_train" / f"chelsea_0_{i}.png")
+    for name, (y, x) in (("astronaut", (24, 36)), ("coffee", (24, 48))):
+        hr, lr = _standin(getattr(data, name)())
+        for j in range(2):
+            xx = x + j * T
+            key = f"{name}_{y}_{xx}"
+            Image.fromarray(hr[y * S : (y + T) * S, xx * S : (xx + T) * S]).save(d / "hr" / f"{key}.png")
+            Image.fromarray(lr[y : y + T, xx : xx + T]).save(d / "lr" / f"{key}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from realdgen_core.checkpoint import save_checkpoint
+    from realdgen_core.config import preset
+    from realdgen_core.models import build_model
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(path, build_model(preset("tiny")))
+    return path
+
+
+def _manifest(bench: Path, ckpt: Path, out: Path, **extra) -> dict:
+    data = {
+        "kind": "evaluate",
+        "checkpoint": str(ckpt),
+        "root": str(bench),
+        "domains": [{"name": "jpeg-standin"}],
+        "generation": {"tile": T, "k": 2, "tau_max": 3, "generators": ["realdgen", "bicubic"]},
+        "classifier": {"steps": 40, "crop": 8, "batch_size": 16, "width": 8},
+        "sr_proxy": {
+            "photos": ["camera"],
+            "tiles_per_image": 2,
+            "steps": 20,
+            "crop": 8,
+            "batch_size": 4,
+            "width": 8,
+            "blocks": 1,
+        },
+        "report": {"dir": str(out)},
+    }
+    data.update(extra)
+    return data
+
+
+# ---- independent formulas ---------------------------------------------------------------------
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * math.log10(255.0**2 / mse)
+
+
+def _ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Wang et al. 2004 with an 11-tap Gaussian (σ = 1.5), valid windows, mean over channels."""
+    from scipy.signal import convolve2d
+
+    r = np.arange(-5, 6)
+    k1 = np.exp(-0.5 * (r / 1.5) ** 2)
+    k = np.outer(k1, k1) / k1.sum() ** 2
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    out = []
+    for ch in range(3):
+        x, y = a[..., ch].astype(np.float64), b[..., ch].astype(np.float64)
+
+        def f(z):
+            return convolve2d(z, k, mode="valid")
+
+        mx, my = f(x), f(y)
+        vx, vy, cxy = f(x * x) - mx * mx, f(y * y) - my * my, f(x * y) - mx * my
+        s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+        out.append(s.mean())
+    return float(np.mean(out))
+
+
+def _y(a):
+    a = a.astype(np.float64)
+    return a[..., 0] * 0.299 + a[..., 1] * 0.587 + a[..., 2] * 0.114
+
+
+def _stats(a: np.ndarray) -> dict[str, float]:
+    from scipy.signal import convolve2d
+
+    y = _y(a)
+    n = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], float)
+    lap = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], float)
+    h, w = y.shape
+    noise = math.sqrt(math.pi / 2) * np.abs(convolve2d(y, n, mode="valid")).sum() / (6 * (h - 2) * (w - 2))
+    energy = float(np.mean(convolve2d(y, lap, mode="valid") ** 2))
+    on, off = [], []
+    for x in range(w - 1):
+        (on if x % 8 == 7 else off).extend(np.abs(y[:, x + 1] - y[:, x]))
+    for yy in range(h - 1):
+        (on if yy % 8 == 7 else off).extend(np.abs(y[yy + 1, :] - y[yy, :]))
+    return {"noise": noise, "laplacian": energy, "blockiness": float(np.mean(on) / np.mean(off))}
+
+
+def _shard_samples(folder: Path) -> dict[str, tuple[np.ndarray, dict]]:
+    """HR stem -> (LR uint8, json) read straight from the tar files."""
+    out = {}
+    for tar_path in sorted(folder.rglob("*.tar")):
+        with tarfile.open(tar_path) as t:
+            files: dict[str, dict[str, bytes]] = {}
+            for mem in t.getmembers():
+                key, _, suffix = mem.name.partition(".")
+                files.setdefault(key, {})[suffix] = t.extractfile(mem).read()
+        for f in files.values():
+            meta = json.loads(f["json"])
+            lr = np.asarray(Image.open(io.BytesIO(f["lr.png"])).convert("RGB"))
+            out[Path(meta["hr_source"]).stem] = (lr, meta)
+    return out
+
+
+# ---- tests ------------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_tiny_evaluation_report_matches_independent_numbers(ray_local, bench, tiny_ckpt, tmp_path):
+    from pipelines.evaluate_realism import run_evaluation
+
+    out = tmp_path / "report"
+    m = parse_manifest(_manifest(bench, tiny_ckpt, out))
+    result = run_evaluation(m, log=lambda *_: None)
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["summary"] == json.loads(json.dumps(result["summary"]))
+    for name in (
+        "report.md",
+        "grid_jpeg-standin.png",
+        "bars_psnr.png",
+        "bars_classifier_accuracy.png",
+        "hist_jpeg-standin.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    dom = rep["domains"]["jpeg-standin"]
+    assert dom["tiles"] == 4 and dom["groups"] == {"astronaut": 2, "coffee": 2}
+    truth_dir = bench / "jpeg-standin" / "lr"
+    truth = {p.stem: np.asarray(Image.open(p).convert("RGB")) for p in truth_dir.glob("*.png")}
+    work = out / "work" / "jpeg-standin" / "gen"
+    for kind in ("bicubic", "realdgen"):
+        folder = next(p for p in work.iterdir() if p.name.startswith(kind))
+        samples = _shard_samples(folder)
+        assert sorted(samples) == sorted(truth)
+        per_tile = {r["tile"]: r for r in dom["generators"][kind]["per_tile"]}
+        mine = {k: [] for k in ("psnr", "ssim", "noise_gap", "laplacian_gap", "blockiness_gap")}
+        for name, (lr, meta) in samples.items():
+            assert lr.shape == (T, T, 3) and meta["hr_box"] == [
+                0,
+                0,
+                T * S,
+                T * S,
+            ]  # whole tile -> whole tile
+            t, g = _stats(truth[name]), _stats(lr)
+            row = {
+                "psnr": _psnr(lr, truth[name]),
+                "ssim": _ssim(lr, truth[name]),
+                **{f"{k}_gap": abs(g[k] - t[k]) / max(t[k], 1e-3) for k in t},
+            }
+            for k, v in row.items():
+                assert per_tile[name][k] == pytest.approx(v, rel=1e-6, abs=1e-9), (kind, name, k)
+                mine[k].append(v)
+            if kind == "realdgen":  # honest reference: the true LR of the OTHER photo
+                own, ref = name.split("_")[0], Path(meta["ref_source"])
+                assert ref.parent.name != own and ref.parent.parent.name == "lr", meta["ref_source"]
+        for k, vs in mine.items():
+            assert dom["generators"][kind]["metrics"][k] == pytest.approx(np.mean(vs), abs=1e-4)
+    # The bicubic stand-in's own downscale is bicubic too: bicubic is far closer than a random tiny model.
+    g = {k: dom["generators"][k]["metrics"] for k in ("bicubic", "realdgen")}
+    margin = rep["summary"]["psnr"]["jpeg-standin"]["realdgen_margin"]
+    assert margin == pytest.approx(g["realdgen"]["psnr"] - g["bicubic"]["psnr"], abs=1e-3)
+    # Classifier: both photos held out once, 2 classes x 2 tiles x (16/8)^2 crops each.
+    clf = dom["generators"]["realdgen"]["classifier"]
+    assert [f["held_out"] for f in clf["folds"]] == ["astronaut", "coffee"] and clf["test_crops"] == 32
+    assert 0.0 <= clf["accuracy"] <= 1.0
+    # SR proxy: 2 training tiles of `camera` per generator, scored on the 4 real pairs.
+    for kind in ("bicubic", "realdgen"):
+        sp = dom["generators"][kind]["sr_proxy"]
+        assert sp["train_pairs"] == 2 and len(sp["per_tile_psnr"]) == 4 and math.isfinite(sp["psnr"])
+    # realdgen metadata read back for the histograms
+    sv = dom["generators"]["realdgen"]["shard_values"]
+    assert len(sv["tau"]) == 4 and all(0 <= t <= 3 for t in sv["tau"])
+
+
+def test_statistics_behave():
+    rng = np.random.default_rng(0)
+    flat = np.full((64, 64, 3), 128, np.uint8)
+    noisy = np.clip(128 + rng.normal(0, 10, (64, 64, 1)), 0, 255).round().astype(np.uint8).repeat(3, axis=2)
+    assert realism.noise_level(flat) == 0.0 and realism.blockiness(flat) == 1.0
+    assert realism.noise_level(noisy) == pytest.approx(10, rel=0.1)
+    blocks = np.kron(rng.integers(0, 255, (8, 8)), np.ones((8, 8))).astype(np.uint8)  # 8x8 constant blocks
+    ramp = (np.add.outer(np.arange(64), np.arange(64)) * 2).astype(np.uint8)
+    assert realism.blockiness(np.stack([blocks] * 3, axis=2)) > 100
+    assert realism.blockiness(np.stack([ramp] * 3, axis=2)) == pytest.approx(1.0)
+    for img in (noisy, np.stack([ramp] * 3, axis=2)):
+        mine = _stats(img)
+        assert realism.lr_stats(img) == pytest.approx(mine, rel=1e-9)
+    assert realism.relative_gap(3.0, 2.0) == 0.5 and realism.relative_gap(1.0, 0.0) == 1000.0
+
+
+def test_evaluate_manifest_is_strict(tmp_path, bench, tiny_ckpt):
+    good = _manifest(bench, tiny_ckpt, tmp_path / "r")
+    assert parse_manifest(good).generation.group_pattern == "^([^_]+)"
+    with pytest.raises(ManifestError, match="classifier.stepz: unknown key"):
+        parse_manifest({**good, "classifier": {"stepz": 3}})
+    with pytest.raises(ManifestError, match="set `checkpoint`"):
+        parse_manifest({**good, "checkpoint": None})
+    with pytest.raises(ManifestError, match="group_pattern: not a regular expression"):
+        parse_manifest({**good, "generation": {"group_pattern": "("}})
+    with pytest.raises(ManifestError, match="greater than or equal to 1"):
+        parse_manifest({**good, "sr_proxy": {"steps": 0}})
+
+
+def test_cli_dispatches_manifest_and_reports_bad_paths(tmp_path, bench, tiny_ckpt, capsys):
+    import yaml
+
+    from pipelines.evaluate import main
+
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump(_manifest(bench, tiny_ckpt, tmp_path / "r")))
+    assert main([str(p), "--set", "domains.0.name=missing"]) == 2
+    assert "no hr/+lr/ or HR/+LR/" in capsys.readouterr().err
+    assert main([str(p), "--set", "checkpoint=/nope.safetensors"]) == 2
+    assert "checkpoint: file not found" in capsys.readouterr().err
+
+
+def test_realsr_layout_pairs_by_name_and_cuts_tiles(tmp_path):
+    from pipelines.evaluate_realism import prepare_domain
+
+    rng = np.random.default_rng(1)
+    for sub in ("HR", "LR"):
+        (tmp_path / "d" / sub).mkdir(parents=True)
+    hr = rng.integers(0, 255, (130, 200, 3), dtype=np.uint8)  # not a multiple of 4 x 16: cropped
+    lr = rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    Image.fromarray(hr).save(tmp_path / "d" / "HR" / "Canon_001_HR.png")
+    Image.fromarray(lr).save(tmp_path / "d" / "LR" / "Canon_001_LR4.png")
+    m = parse_manifest(
+        {
+            "kind": "evaluate",
+            "domains": [{"name": "d", "path": str(tmp_path / "d")}],
+            "generation": {"tile": 16, "generators": ["bicubic"]},
+            "report": {"dir": str(tmp_path / "r")},
+        }
+    )
+    dom = prepare_domain(m, m.domains[0], tmp_path / "w")
+    assert dom.layout == "realsr" and len(dom.tiles) == 6 and {t.group for t in dom.tiles} == {"Canon"}
+    t = next(t for t in dom.tiles if t.name == "Canon_001_16_32")
+    assert np.array_equal(t.lr, lr[16:32, 32:48]) and np.array_equal(t.hr, hr[64:128, 128:192])
