@@ -245,7 +245,8 @@ def generate_manifest_dict(
         "generator": gen,
         "tiling": {"tile": m.generation.tile, "mode": tiling_mode, "max_tiles_per_image": tiles_per_image},
         "pairing": {"mode": "random", "refs_per_tile": 1},
-        "output": {"uri": out, "name": "eval", "inputs_per_shard": 256, "preview": False},
+        # overwrite: a dataset left by a different manifest is replaced (same manifest: resumed)
+        "output": {"uri": out, "name": "eval", "inputs_per_shard": 256, "preview": False, "mode": "overwrite"},
         "limits": {"max_failure_fraction": max_failure_fraction},
         "compute": {
             "batch_size": m.generation.batch_size,
