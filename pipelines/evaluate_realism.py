@@ -246,7 +246,13 @@ def generate_manifest_dict(
         "tiling": {"tile": m.generation.tile, "mode": tiling_mode, "max_tiles_per_image": tiles_per_image},
         "pairing": {"mode": "random", "refs_per_tile": 1},
         # overwrite: a dataset left by a different manifest is replaced (same manifest: resumed)
-        "output": {"uri": out, "name": "eval", "inputs_per_shard": 256, "preview": False, "mode": "overwrite"},
+        "output": {
+            "uri": out,
+            "name": "eval",
+            "inputs_per_shard": 256,
+            "preview": False,
+            "mode": "overwrite",
+        },
         "limits": {"max_failure_fraction": max_failure_fraction},
         "compute": {
             "batch_size": m.generation.batch_size,
@@ -261,12 +267,23 @@ def generate_manifest_dict(
     return apply_overrides(data, overrides)
 
 
-def run_generate(data: dict, log: Callable[[str], None]) -> dict:
-    """Validate and run one generate manifest in this process (Ray already up); returns its summary."""
+def run_generate(data: dict, log: Callable[[str], None], cwd: Path) -> dict:
+    """Validate and run one generate manifest in this process (Ray already up); returns its summary.
+
+    Runs with ``cwd`` as the working directory: the work folder's own inputs are written relative to
+    it, so the job records the same URIs — hence the same keys and per-sample seeds — wherever the
+    report folder is (the baselines draw the same θ for a tile in every run and every domain).
+    Workers read images by absolute path, so only the driver's listing sees the relative URIs.
+    """
     from pipelines.generate_dataset import run
 
     manifest = parse_manifest(data, origin="(evaluate)", kind="generate")
-    return run(manifest, log=lambda s: log(f"    job: {s}"))
+    before = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return run(manifest, log=lambda s: log(f"    job: {s}"))
+    finally:
+        os.chdir(before)
 
 
 def read_dataset(
@@ -483,7 +500,6 @@ def evaluate_domain(
     section["truth"] = {k: _mean(s[k] for s in truth_stats.values()) for k in realism.STATS}
     generated: dict[str, dict[str, np.ndarray]] = {}
     metas: dict[str, dict[str, dict]] = {}
-    tiles_root = dom.tiles_root
     for kind in m.generation.generators:
         t0 = time.perf_counter()
         tag = f"realdgen-{digest[:12]}" if kind == "realdgen" else kind
@@ -500,8 +516,8 @@ def evaluate_domain(
                 data = generate_manifest_dict(
                     m,
                     kind=kind,
-                    hr=str((tiles_root / "hr" / g).resolve()),
-                    refs=[(f"truelr-{o}", str((tiles_root / "lr" / o).resolve())) for o in others],
+                    hr=f"tiles/hr/{g}",
+                    refs=[(f"truelr-{o}", f"tiles/lr/{o}") for o in others],
                     out=str(out.resolve()),
                     checkpoint=str(Path(ckpt).resolve()),
                     tiles_per_image=1,
@@ -509,21 +525,21 @@ def evaluate_domain(
                 log(
                     f"[{d.name}] {kind}: photo {g} ({section['groups'][g]} tiles), refs = true LR of {others}"
                 )
-                run_generate(data, log)
+                run_generate(data, log, dwork)
                 found.update(read_dataset(str(out), m.scale))
         else:
             out = dwork / "gen" / tag
             data = generate_manifest_dict(
                 m,
                 kind=kind,
-                hr=str((tiles_root / "hr").resolve()),
+                hr="tiles/hr",
                 refs=[],
                 out=str(out.resolve()),
                 checkpoint=None,
                 tiles_per_image=1,
             )
             log(f"[{d.name}] {kind}: {len(dom.tiles)} tiles")
-            run_generate(data, log)
+            run_generate(data, log, dwork)
             found.update(read_dataset(str(out), m.scale))
         missing = sorted(set(truth) - set(found))
         if missing:
@@ -645,7 +661,7 @@ def sr_proxy_domain(m, d, dom, dwork, work, sr_hr, ckpt, digest, gens_out, timin
             max_failure_fraction=0.5,
         )
         log(f"[{d.name}] SR proxy: {kind} training pairs")
-        run_generate(data, log)
+        run_generate(data, log, work)
         pairs = [
             (hr, lr)
             for _, (hr, lr, _) in sorted(read_dataset(str(target), m.scale, one_per_image=False).items())
@@ -692,9 +708,11 @@ def run_evaluation(m: EvaluateManifest, *, log: Callable[[str], None] = _default
     sr_hr = None
     if m.sr_proxy.enabled:
         if m.sr_proxy.hr is not None:
-            sr_hr = m.sr_proxy.hr.uri
+            uri = m.sr_proxy.hr.uri  # the user's path: absolute, since jobs run in the work folder
+            sr_hr = uri if "://" in uri else str(Path(uri).resolve())
         else:
-            sr_hr = str(_load_demo_photos(m.sr_proxy.photos, work / "_shared" / "sr_hr").resolve())
+            _load_demo_photos(m.sr_proxy.photos, work / "_shared" / "sr_hr")
+            sr_hr = "_shared/sr_hr"  # relative to the work folder (see run_generate)
     for d in m.domains:  # bad paths fail before Ray starts
         _resolve_dirs(m, d)
     if m.checkpoint and not Path(m.checkpoint).is_file():

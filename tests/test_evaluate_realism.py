@@ -189,12 +189,10 @@ def test_tiny_evaluation_report_matches_independent_numbers(ray_local, bench, ti
         per_tile = {r["tile"]: r for r in dom["generators"][kind]["per_tile"]}
         mine = {k: [] for k in ("psnr", "ssim", "noise_gap", "laplacian_gap", "blockiness_gap")}
         for name, (lr, meta) in samples.items():
-            assert lr.shape == (T, T, 3) and meta["hr_box"] == [
-                0,
-                0,
-                T * S,
-                T * S,
-            ]  # whole tile -> whole tile
+            assert lr.shape == (T, T, 3)
+            assert meta["hr_box"] == [0, 0, T * S, T * S]  # the whole HR tile -> the whole LR tile
+            # recorded relative to the work folder: keys and seeds do not depend on where the report is
+            assert meta["hr_source"].startswith("tiles/hr/"), meta["hr_source"]
             t, g = _stats(truth[name]), _stats(lr)
             row = {
                 "psnr": _psnr(lr, truth[name]),
