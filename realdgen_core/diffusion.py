@@ -18,6 +18,7 @@ device afterwards, so results do not depend on the device's RNG.
 from __future__ import annotations
 
 import enum
+import heapq
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -141,6 +142,32 @@ def _check_config(config: DiffusionConfig) -> None:
         )
 
 
+@dataclass
+class BatchingStats:
+    """What a continuously batched sampling run computed (hardware-independent cost figures)."""
+
+    calls: int = 0  # network calls, each of exactly rows_per_call rows
+    rows_computed: int = 0  # calls × rows_per_call (padding included)
+    rows_useful: int = 0  # row evaluations some sample needed (Σ over rows of its grid length)
+
+    @property
+    def padding_ratio(self) -> float:
+        """rows computed / rows useful (1.0 = every row of every call was useful)."""
+        return self.rows_computed / self.rows_useful if self.rows_useful else 1.0
+
+    def add(self, other: BatchingStats) -> None:
+        self.calls += other.calls
+        self.rows_computed += other.rows_computed
+        self.rows_useful += other.rows_useful
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host tensor → ``device`` without a host sync: pinned + non_blocking on CUDA, as is on CPU."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class GaussianDiffusion:
     """Linear-β DDPM maths (ε-prediction). Buffers are float64, computed once, cast on use."""
 
@@ -246,13 +273,6 @@ class GaussianDiffusion:
         """
         spec = SamplerConfig.of(sampler)
         n = x_start.shape[0]
-        tau = self._check_t(tau, n, "tau")
-        if len(generators) != n:
-            raise ValueError(f"sample needs one generator per row ({n}), got {len(generators)}")
-        cond = dict(cond or {})
-        for k, v in cond.items():
-            if v.shape[0] != n:
-                raise ValueError(f"cond[{k!r}] has leading dim {v.shape[0]}, expected {n}")
         if row_groups is None:
             groups = [list(range(n))]
         else:
@@ -260,19 +280,38 @@ class GaussianDiffusion:
             flat = sorted(i for g in groups for i in g)
             if flat != list(range(n)):
                 raise ValueError("row_groups must partition the rows 0..N-1 exactly once")
+        tau, cond, gen_rows, draw, x = self._start(x_start, tau, generators, cond)
         if n == 0:
-            return x_start.clone()
+            return x
 
-        # Rows sharing a generator object draw together (first-seen order of the generator).
+        if spec.kind == Sampler.ANCESTRAL:
+            return self._ancestral(eps_fn, x, tau, gen_rows, cond, groups, draw)
+        return self._strided(eps_fn, x, tau, gen_rows, cond, groups, draw, spec)
+
+    def _start(self, x_start: Tensor, tau: Tensor, generators: Sequence[torch.Generator], cond):
+        """Validate the sampling inputs and noise every row to its τ: returns
+        ``(tau, cond, gen_rows, draw, x_τ)``; ``gen_rows`` maps each generator object (first-seen
+        order) to its rows, and ``draw(rows, g)`` draws their noise together, in row order."""
+        n = x_start.shape[0]
+        tau = self._check_t(tau, n, "tau")
+        if len(generators) != n:
+            raise ValueError(f"sample needs one generator per row ({n}), got {len(generators)}")
+        cond = dict(cond or {})
+        for k, v in cond.items():
+            if v.shape[0] != n:
+                raise ValueError(f"cond[{k!r}] has leading dim {v.shape[0]}, expected {n}")
         gen_rows: dict[int, tuple[torch.Generator, list[int]]] = {}
         for i, g in enumerate(generators):
             gen_rows.setdefault(id(g), (g, []))[1].append(i)
 
         def draw(rows_of: list[int], g: torch.Generator) -> Tensor:
-            z = torch.randn((len(rows_of), *x_start.shape[1:]), generator=g, dtype=torch.float32)
+            # On the generator's own device: a CUDA generator draws on the GPU (no host copy).
+            z = torch.randn(
+                (len(rows_of), *x_start.shape[1:]), generator=g, dtype=torch.float32, device=g.device
+            )
             return z.to(device=x_start.device, dtype=x_start.dtype)
 
-        x = torch.empty_like(x_start)
+        x = x_start.clone()
         for g, rows in gen_rows.values():
             idx = torch.tensor(rows, device=x_start.device)
             eps0 = draw(rows, g)
@@ -281,10 +320,7 @@ class GaussianDiffusion:
                 self._gather(self.sqrt_alphas_cumprod, t_rows, x_start) * x_start[idx]
                 + self._gather(self.sqrt_one_minus_alphas_cumprod, t_rows, x_start) * eps0
             )
-
-        if spec.kind == Sampler.ANCESTRAL:
-            return self._ancestral(eps_fn, x, tau, gen_rows, cond, groups, draw)
-        return self._strided(eps_fn, x, tau, gen_rows, cond, groups, draw, spec)
+        return tau, cond, gen_rows, draw, x
 
     # ------------------------------------------------------------------ one reverse step, per row
     def step(
@@ -311,13 +347,143 @@ class GaussianDiffusion:
         c_eps = (1.0 - abar_n - sigma**2).clamp(min=0).sqrt() - c_x * (1.0 - abar_t).sqrt()
         shape = (-1, *([1] * (x_t.dim() - 1)))
 
-        def col(v: Tensor) -> Tensor:
-            return v.to(device=x_t.device, dtype=x_t.dtype).view(shape)
-
-        out = col(c_x) * x_t + col(c_eps) * eps.to(x_t.dtype)
+        c_x, c_eps, c_sigma = to_device(torch.stack([c_x, c_eps, sigma]).to(x_t.dtype), x_t.device).unbind(0)
+        out = c_x.view(shape) * x_t + c_eps.view(shape) * eps.to(x_t.dtype)
         if noise is not None and bool((sigma > 0).any()):
-            out = out + col(sigma) * noise.to(device=x_t.device, dtype=x_t.dtype)
+            out = out + c_sigma.view(shape) * noise.to(device=x_t.device, dtype=x_t.dtype)
         return out
+
+    def ancestral_step(self, x_t: Tensor, eps: Tensor, t: Sequence[int], noise: Tensor | None) -> Tensor:
+        """The DDPM posterior step of ``_ancestral`` with one t per row (same float ops per row):
+        ``1/√α_t·(x_t − β_t/√(1−ᾱ_t)·ε̂) + σ_t·z`` (σ_0 = 0: rows at t = 0 take z = 0)."""
+        t_idx = torch.as_tensor(list(t), dtype=torch.long)
+        shape = (-1, *([1] * (x_t.dim() - 1)))
+        coefs = torch.stack(
+            [self.recip_sqrt_alphas[t_idx], self.eps_coef[t_idx], self.posterior_std[t_idx]]
+        ).to(x_t.dtype)
+        recip, eps_c, std = to_device(coefs, x_t.device).unbind(0)
+        out = recip.view(shape) * (x_t - eps_c.view(shape) * eps.to(x_t.dtype))
+        if noise is not None:
+            out = out + std.view(shape) * noise
+        return out
+
+    def sample_continuous(
+        self,
+        eps_fn: EpsFn,
+        x_start: Tensor,
+        tau: Tensor,
+        generators: Sequence[torch.Generator],
+        *,
+        rows_per_call: int,
+        cond: Mapping[str, Tensor] | None = None,
+        sampler: SamplerConfig | Sampler | str = Sampler.ANCESTRAL,
+        stats: BatchingStats | None = None,
+    ) -> Tensor:
+        """The samplers of :meth:`sample` with continuous batching (vLLM-style) of the rows.
+
+        Every ``eps_fn`` call holds exactly ``rows_per_call`` rows (zero rows pad only when fewer
+        are pending in all), taken from any sample and at any t. A *sample* is the set of rows that
+        share a generator object; it keeps a clock like ``sample``'s (its rows are evaluated at the
+        same clock, their draws are made together in row order once all of them have their ε̂), so
+        each sample gets the very draws, inputs and float ops of :meth:`sample` — only the other
+        rows of its network calls differ.
+
+        Scheduling: each call takes the pending rows of the samples with the most steps left
+        (Hu's highest-level-first, ties by sample then row), so a sample whose rows start late
+        (small τ) joins when the others have come down to its level and all samples finish
+        together: calls stay full until the last few. Measured (``bench/continuous_batching.py``):
+        rows computed / rows useful ≈ 1.001 once the batch holds ≥ 2·rows_per_call rows (k = 4,
+        τ ~ U{0..300}); below that the longest chain (τ_max + 1 calls) bounds the run and calls
+        cannot be filled.
+
+        A row's result then depends on ``rows_per_call`` but not on its call-mates provided the
+        backend computes a row independently of the others in a same-shaped batch (true for CPU
+        and for fixed cuDNN algorithms). ``stats`` (if given) accumulates calls and rows.
+        """
+        spec = SamplerConfig.of(sampler)
+        r_call = int(rows_per_call)
+        if r_call < 1:
+            raise ValueError(f"rows_per_call must be a positive int, got {rows_per_call!r}")
+        tau, cond, gen_rows, draw, x = self._start(x_start, tau, generators, cond)
+        n = x.shape[0]
+        if n == 0:
+            return x
+        device = x.device
+        grids = [spec.timesteps(v) for v in tau.tolist()]
+        lens = [len(g) for g in grids]
+        noisy = spec.kind == Sampler.ANCESTRAL or float(spec.eta) > 0
+        samples = list(gen_rows.values())
+        clock = [max(lens[r] for r in rows) - 1 for _, rows in samples]
+        owner = [0] * n
+        for si, (_, rows) in enumerate(samples):
+            for r in rows:
+                owner[r] = si
+        pending = [0] * len(samples)
+        heap: list[tuple[int, int, int]] = []
+        eps_buf = torch.empty_like(x)
+        run = stats if stats is not None else BatchingStats()
+        run.rows_useful += sum(lens)
+
+        def enqueue(si: int) -> None:
+            active = [r for r in samples[si][1] if lens[r] > clock[si]]
+            pending[si] = len(active)
+            for r in active:
+                heapq.heappush(heap, (-clock[si], si, r))
+
+        def t_at(r: int, c: int) -> int:
+            return grids[r][lens[r] - 1 - c]
+
+        def advance(done: list[int]) -> None:
+            rows_all: list[int] = []
+            t_all: list[int] = []
+            t_next: list[int] = []
+            zs: list[Tensor] = []
+            for si in done:
+                g, rows = samples[si]
+                c = clock[si]
+                active = [r for r in rows if lens[r] > c]
+                rows_all += active
+                t_all += [t_at(r, c) for r in active]
+                t_next += [t_at(r, c - 1) if c > 0 else -1 for r in active]
+                if noisy:
+                    zs.append(draw(active, g) if c > 0 else x.new_zeros((len(active), *x.shape[1:])))
+            idx = to_device(torch.tensor(rows_all), device)
+            z = torch.cat(zs) if noisy else None
+            if spec.kind == Sampler.ANCESTRAL:
+                x[idx] = self.ancestral_step(x[idx], eps_buf[idx], t_all, z)
+            else:
+                x[idx] = self.step(x[idx], eps_buf[idx], t_all, t_next, z, float(spec.eta))
+            for si in done:
+                clock[si] -= 1
+                if clock[si] >= 0:
+                    enqueue(si)
+
+        for si in range(len(samples)):
+            enqueue(si)
+        while heap:
+            take = [heapq.heappop(heap) for _ in range(min(r_call, len(heap)))]
+            rows = [r for _, _, r in take]
+            m = len(rows)
+            idx = to_device(torch.tensor(rows), device)
+            t_host = torch.zeros(r_call, dtype=torch.long)
+            t_host[:m] = torch.tensor([t_at(r, clock[owner[r]]) for r in rows])
+            xin, kw = x[idx], {k: v[idx] for k, v in cond.items()}
+            if m < r_call:
+                xin = torch.cat([xin, xin.new_zeros((r_call - m, *xin.shape[1:]))])
+                kw = {k: torch.cat([v, v.new_zeros((r_call - m, *v.shape[1:]))]) for k, v in kw.items()}
+            out = eps_fn(xin, to_device(t_host, device), **kw)
+            eps_buf[idx] = out[:m].to(eps_buf.dtype)
+            run.calls += 1
+            run.rows_computed += r_call
+            done = []
+            for r in rows:
+                si = owner[r]
+                pending[si] -= 1
+                if pending[si] == 0:
+                    done.append(si)
+            if done:
+                advance(done)
+        return x
 
     def _strided(self, eps_fn, x, tau, gen_rows, cond, groups, draw, spec: SamplerConfig) -> Tensor:
         """Every row walks its own grid (``spec.timesteps(τ_i)``); grids are aligned at their ends, so

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from realdgen_core import degrade
-from realdgen_core.diffusion import GaussianDiffusion, Sampler, SamplerConfig
+from realdgen_core.diffusion import BatchingStats, GaussianDiffusion, Sampler, SamplerConfig
 from realdgen_core.models import RealDGenModel
 
 
@@ -61,6 +61,7 @@ class GenerationResult:
     thetas: list[list[dict]]  # θ of D used to build x_start, per sample per candidate
     candidates: Tensor | None = None  # [B,k,3,h,w] all candidates (only with return_candidates=True)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase of this call
+    batching: BatchingStats | None = None  # UNet calls/rows of this call (continuous batching only)
 
 
 def bicubic_up(lr: Tensor, scale: int) -> Tensor:
@@ -298,27 +299,31 @@ class LRGenerator:
             with autocast:
                 return self.model.unet(x_t, c, t).float()
 
+        batching = None
         if self.rows_per_call is None:
             # One call per sample per step (its active candidates); diffusion groups the rows.
-            def eps_fn(x_t: Tensor, t: Tensor, c: Tensor) -> Tensor:
-                return unet_rows(x_t, t, c)
-
-            groups = sample_rows
+            x0 = self.diffusion.sample(
+                unet_rows,
+                x_start_p,
+                tau.reshape(-1),
+                row_gens,
+                cond={"c": cond_p},
+                row_groups=sample_rows,
+                sampler=self.sampler,
+            )
         else:
-
-            def eps_fn(x_t: Tensor, t: Tensor, c: Tensor) -> Tensor:
-                return self._run(unet_rows, [x_t, t, c], [])
-
-            groups = None
-        x0 = self.diffusion.sample(
-            eps_fn,
-            x_start_p,
-            tau.reshape(-1),
-            row_gens,
-            cond={"c": cond_p},
-            row_groups=groups,
-            sampler=self.sampler,
-        )
+            # Continuous batching: every UNet call holds exactly rows_per_call rows of any samples.
+            batching = BatchingStats()
+            x0 = self.diffusion.sample_continuous(
+                unet_rows,
+                x_start_p,
+                tau.reshape(-1),
+                row_gens,
+                rows_per_call=self.rows_per_call,
+                cond={"c": cond_p},
+                sampler=self.sampler,
+                stats=batching,
+            )
         cands = quantize_8bit((x0[..., :h, :w].float() + 1.0) * 0.5)
         lap("unet")
 
@@ -346,6 +351,7 @@ class LRGenerator:
             thetas=thetas,
             candidates=cands if return_candidates else None,
             timings=timings,
+            batching=batching,
         )
 
     # ------------------------------------------------------------------ validation
