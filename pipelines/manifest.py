@@ -843,7 +843,7 @@ class EvalClassifier(StrictModel):
     steps: int = Field(300, ge=1, le=10**6, description="Adam steps per fold.")
     batch_size: int = Field(32, ge=2, le=4096, description="Crops per step (half real, half generated).")
     crop: int = Field(32, ge=4, le=1024, description="Crop edge in LR pixels (positions on the 8-px grid).")
-    width: int = Field(32, ge=4, le=512, description="Channels of the CNN.")
+    width: int = Field(16, ge=4, le=512, description="Channels of the CNN (cost ~ width²).")
     lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate.")
 
 
@@ -866,9 +866,9 @@ class EvalSRProxy(StrictModel):
     tiles_per_image: int = Field(2, ge=1, le=10_000, description="Training tiles per HR image.")
     steps: int = Field(300, ge=1, le=10**6, description="Adam steps per generator.")
     batch_size: int = Field(16, ge=1, le=4096, description="LR crops per step.")
-    crop: int = Field(32, ge=4, le=1024, description="LR crop edge of training crops.")
+    crop: int = Field(24, ge=4, le=1024, description="LR crop edge of training crops.")
     width: int = Field(32, ge=4, le=512, description="Channels of the SR net.")
-    blocks: int = Field(3, ge=1, le=64, description="Hidden conv layers of the SR net.")
+    blocks: int = Field(2, ge=1, le=64, description="Hidden conv layers of the SR net.")
     lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate.")
 
 
