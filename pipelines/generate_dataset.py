@@ -17,8 +17,10 @@ shard (tar, parquet, then ``_stats.json`` last) as soon as all its inputs have r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
+import logging
 import os
 import socket
 import sys
@@ -45,6 +47,7 @@ from pipelines.manifest import (  # noqa: E402
     manifest_digest,
     manifest_json_schema,
 )
+from pipelines.progress import JobProgress  # noqa: E402
 from pipelines.sources import ImageError, SourceError, SourceItem, list_source, load_image  # noqa: E402
 from pipelines.stages import (  # noqa: E402
     GenerateLR,
@@ -74,6 +77,83 @@ def decode_task_memory(max_image_pixels: int) -> int:
     times over (file bytes, PIL's decode, the converted array), at least 512 MiB. Ray measured
     ~318 MiB for the demo's photos, above the 256 MiB first reserved here."""
     return max(512 * 2**20, 9 * int(max_image_pixels))
+
+
+def quiet_ray_data_progress() -> None:
+    """Send Ray Data's progress-module records to Ray Data's session log file only.
+
+    The job turns Ray Data's progress bars off because it shows its own progress; Ray Data's
+    progress module then logs, once, a warning that its bars are disabled. Its records go to the
+    ``ray-data.log`` file handler that Ray Data's logging configuration attaches to ``ray.data``
+    (or nowhere, under a custom configuration without one); every other Ray Data record keeps its
+    console handler.
+    """
+    from ray.data._internal.logging import SessionFileHandler
+
+    files = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, SessionFileHandler)]
+    progress = logging.getLogger("ray.data._internal.progress")
+    progress.propagate = False
+    for h in files:
+        if h not in progress.handlers:
+            progress.addHandler(h)
+
+
+@contextlib.contextmanager
+def native_stderr_to(path: str | None):
+    """While inside: native writes to file descriptor 2 go to ``path``; Python's ``sys.stderr``
+    (the job's progress and messages, Ray's Python loggers, tracebacks) keeps the console.
+
+    Ray core's C++ logger in a driver writes every ERROR record both to the driver's log file
+    (``python-core-driver-*.log`` in the session's log folder) and to stderr, unlike Ray's other
+    processes, whose native stderr Ray itself sends to files. Ray Data creates its actors with
+    restarts on and its own state as object-store arguments, for which Ray core logs an
+    ``E core_worker.cc`` line per driver (ray-project/ray #53727, #57733) that a user cannot act
+    on. Sending the driver's native stderr to a file in the same log folder keeps such records
+    (a copy of what the driver log holds) off the console and out of ``ray job logs``; worker
+    errors still reach both, as Python exceptions and Ray Data's log records. ``None``: no change.
+    """
+    if path is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    console = open(os.dup(2), "w", buffering=1, errors="backslashreplace")  # noqa: SIM115
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    previous = sys.stderr
+    # Logging handlers created earlier (Ray's own among them) hold the old stderr object.
+    handlers = [
+        h
+        for lg in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        for h in getattr(lg, "handlers", [])
+        if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is previous
+    ]
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stderr = console
+    for h in handlers:
+        h.setStream(console)
+    try:
+        yield
+    finally:
+        console.flush()
+        for h in handlers:
+            h.setStream(previous)
+        sys.stderr = previous
+        os.dup2(saved, 2)
+        os.close(saved)
+        console.close()
+
+
+def driver_native_log_path() -> str | None:
+    """``realdgen-driver-<pid>.err`` in this Ray session's log folder, or None when unknown."""
+    try:
+        import ray
+
+        logs = ray._private.worker._global_node.get_logs_dir_path()
+    except Exception:
+        return None
+    return os.path.join(logs, f"realdgen-driver-{os.getpid()}.err")
 
 
 PARQUET_SCHEMA = pa.schema(
@@ -374,6 +454,15 @@ def ensure_ray() -> bool:
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         if root not in paths:
             os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+        # Ray turns token authentication on for a new local cluster when RAY_AUTH_MODE is unset
+        # and prints a notice saying so; choosing it explicitly keeps it on, without the notice
+        # (RAY_AUTH_MODE=disabled in the environment still opts out). Ray's config read the
+        # environment when ray was imported: refresh it as Ray does when it turns the mode on.
+        if "RAY_AUTH_MODE" not in os.environ:
+            from ray._raylet import Config
+
+            os.environ["RAY_AUTH_MODE"] = "token"
+            Config.initialize("")
         ray.init(
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
@@ -386,9 +475,12 @@ def ensure_ray() -> bool:
 class GenerateJob:
     """Run one generate manifest. ``run()`` returns the summary dict or raises :class:`JobFailed`."""
 
-    def __init__(self, manifest: GenerateManifest, *, log=print) -> None:
+    def __init__(self, manifest: GenerateManifest, *, log=print, native_stderr_to_log: bool = False) -> None:
         self.m = manifest
         self.log = log
+        # The CLI sends the driver's native stderr to the Ray session's log folder while the
+        # pipeline runs (see native_stderr_to); library callers keep their streams as they are.
+        self.native_stderr_to_log = native_stderr_to_log
         self.storage = storage_kwargs(manifest.storage)
         self.store = DatasetStore(manifest.output.uri, self.storage)
 
@@ -606,12 +698,14 @@ class GenerateJob:
         t_gen = time.perf_counter()
         n_pairs = 0
         n_samples_failed = 0
-        bar = None
         if pending_rows:
             import ray.data
 
             ctx = ray.data.DataContext.get_current()
+            # The job shows its own progress (samples, pairs/s: pipelines/progress.py); Ray Data's
+            # progress module then only says that its bars are off, which belongs in its log file.
             ctx.enable_progress_bars = False
+            quiet_ray_data_progress()
             ctx.execution_options.preserve_order = False
             c = m.compute
             ds = ray.data.from_items(
@@ -640,17 +734,22 @@ class GenerateJob:
             ds = ds.map_batches(
                 encode_sample_batch,
                 fn_kwargs={"config": {"scale": m.scale}},
-                batch_size=c.encode_batch_size,
+                # Never wait for more rows than one generation batch yields: a larger bundle holds
+                # finished samples back from the driver (and from the progress display).
+                batch_size=min(c.encode_batch_size, c.batch_size),
                 batch_format="pyarrow",
                 num_cpus=c.task_num_cpus,
             )
-            if m.progress.bar:
-                try:
-                    from tqdm import tqdm
-
-                    bar = tqdm(total=len(pending_rows), unit="img", desc="generate", file=sys.stderr)
-                except ImportError:  # pragma: no cover
-                    bar = None
+            console = contextlib.ExitStack()
+            console.enter_context(
+                native_stderr_to(driver_native_log_path() if self.native_stderr_to_log else None)
+            )
+            bar = JobProgress(
+                len(pending_rows),
+                m.tiling.max_tiles_per_image * m.pairing.refs_per_tile,
+                enabled=m.progress.bar,
+                interval_s=m.progress.interval_s,
+            )
             try:
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     for row in batch.to_pylist():
@@ -660,10 +759,10 @@ class GenerateJob:
                             st.expected_samples += row.get("n_samples") or 0
                             if row["status"] != "ok":
                                 failed_inputs += 1
-                            if bar is not None:
-                                bar.update(1)
+                            bar.input_reported(row.get("n_samples"), row["status"] == "ok")
                         else:
                             st.samples[row["key"]] = row
+                            bar.sample_done(row["status"] == "ok")
                         if st.complete():
                             stats = writer.write(st)
                             written.append(stats)
@@ -682,8 +781,8 @@ class GenerateJob:
                                 f"(limits.max_failure_fraction = {budget}); see the shards' parquet files"
                             )
             finally:
-                if bar is not None:
-                    bar.close()
+                bar.close()
+                console.close()
         gen_wall = time.perf_counter() - t_gen
         if states:
             raise JobFailed(f"{len(states)} shard(s) never completed: {sorted(states)[:5]}")
@@ -808,7 +907,7 @@ def main(argv: list[str] | None = None) -> int:
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    job = GenerateJob(m, log=lambda s: print(s, file=sys.stderr, flush=True))
+    job = GenerateJob(m, log=lambda s: print(s, file=sys.stderr, flush=True), native_stderr_to_log=True)
     if args.dry_run:
         complete: set[str] = set()
         try:

@@ -315,7 +315,14 @@ class ComputeSpec(StrictModel):
 class ProgressSpec(StrictModel):
     """Progress display (excluded from the digest)."""
 
-    bar: bool = Field(True, description="Show a tqdm progress bar on stderr.")
+    bar: bool = Field(
+        True,
+        description="Show progress on stderr: a tqdm bar on a terminal, otherwise a 'progress:' line "
+        "(samples done/expected, inputs, pairs/s) as samples complete.",
+    )
+    interval_s: float = Field(
+        5.0, ge=0, le=3600, description="Least seconds between two 'progress:' lines when not on a terminal."
+    )
     heartbeat_s: float = Field(10.0, gt=0, le=3600, description="Lock heartbeat period in seconds.")
 
 

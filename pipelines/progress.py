@@ -1,0 +1,145 @@
+"""What the generation job shows while it runs: samples done of expected, inputs, pairs/s.
+
+The driver feeds it the rows it receives from the pipeline (one ``input`` row per HR image, one
+``sample`` row per (tile, reference) pair). The expected number of samples starts as the plan's
+upper bound (inputs x tiles per image x references per tile) and becomes exact as each input
+reports how many samples it yields. On a terminal it draws a tqdm bar; otherwise (``ray job logs``,
+a pipe, CI) it prints a plain ``progress:`` line whenever samples complete, at most one every
+``interval_s`` seconds, and always a last one.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class JobProgress:
+    """Counts samples and inputs as they complete and shows them (see the module docstring)."""
+
+    def __init__(
+        self,
+        inputs: int,
+        max_samples_per_input: int,
+        *,
+        stream: IO[str] | None = None,
+        enabled: bool = True,
+        interval_s: float = 5.0,
+        tty: bool | None = None,
+        clock=time.perf_counter,
+    ) -> None:
+        self.inputs = int(inputs)
+        self.per_input = int(max_samples_per_input)
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.interval_s = float(interval_s)
+        self.clock = clock
+        self.t0 = clock()
+        self.inputs_done = 0
+        self.inputs_failed = 0
+        self.samples_reported = 0  # samples announced by the inputs that reported
+        self.samples_ok = 0
+        self.samples_failed = 0
+        self.shards = 0
+        self._last_line = -1.0
+        self._last_count = -1
+        if tty is None:
+            tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.bar = None
+        if enabled and tty:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.expected, unit="sample", desc="generate", file=self.stream)
+            except ImportError:  # pragma: no cover - tqdm is a dependency
+                self.bar = None
+
+    # ------------------------------------------------------------------ counts
+    @property
+    def expected(self) -> int:
+        """Samples expected: exact for the inputs that reported, the plan's bound for the others."""
+        return self.samples_reported + (self.inputs - self.inputs_done) * self.per_input
+
+    @property
+    def done(self) -> int:
+        return self.samples_ok + self.samples_failed
+
+    def rate(self) -> float:
+        elapsed = self.clock() - self.t0
+        return self.samples_ok / elapsed if elapsed > 0 else 0.0
+
+    # ------------------------------------------------------------------ events
+    def input_reported(self, n_samples: int | None, ok: bool) -> None:
+        self.inputs_done += 1
+        self.samples_reported += int(n_samples or 0)
+        if not ok:
+            self.inputs_failed += 1
+        self._show()
+
+    def sample_done(self, ok: bool) -> None:
+        if ok:
+            self.samples_ok += 1
+        else:
+            self.samples_failed += 1
+        self._show()
+
+    def shard_written(self) -> None:
+        self.shards += 1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self._update_bar()
+            self.bar.close()
+            self.bar = None
+        elif self.enabled and self.done != self._last_count:
+            self._line()
+
+    # ------------------------------------------------------------------ display
+    def line(self) -> str:
+        expected = max(self.expected, self.done)
+        pct = 100.0 * self.done / expected if expected else 100.0
+        elapsed = self.clock() - self.t0
+        parts = [
+            f"progress: {self.done}/{expected} samples ({pct:.0f}%)",
+            f"{self.inputs_done}/{self.inputs} inputs",
+        ]
+        if self.samples_failed or self.inputs_failed:
+            parts.append(f"{self.samples_failed} samples and {self.inputs_failed} inputs failed")
+        parts.append(f"{self.rate():.3f} pairs/s")
+        parts.append(f"{_clock(elapsed)} elapsed")
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        if self.done and rate > 0 and expected > self.done:
+            parts.append(f"~{_clock((expected - self.done) / rate)} left")
+        return ", ".join(parts)
+
+    def _line(self) -> None:
+        print(self.line(), file=self.stream, flush=True)
+        self._last_line = self.clock()
+        self._last_count = self.done
+
+    def _update_bar(self) -> None:
+        bar = self.bar
+        bar.total = max(self.expected, self.done)
+        bar.n = self.done
+        bar.set_postfix_str(
+            f"{self.inputs_done}/{self.inputs} inputs, {self.rate():.3f} pairs/s", refresh=False
+        )
+        bar.refresh()
+
+    def _show(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self._update_bar()
+            return
+        if self.done == self._last_count:
+            return
+        if self._last_line >= 0 and self.clock() - self._last_line < self.interval_s:
+            return
+        self._line()

@@ -1,0 +1,109 @@
+"""What a user sees: the demo manifest's job run as the README runs it, its console captured.
+
+The job runs in a subprocess (its own embedded Ray, as `python pipelines/generate_dataset.py
+manifests/demo.yaml` does) with a tiny checkpoint and a few inputs. Its stderr is read line by
+line as it is written: progress lines must arrive while generation is still running (not all at
+the end), and Ray's noise that a user cannot act on must not appear.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from test_generate_job import REPO, validate
+
+NOISE = {
+    "actor constructor-argument error": re.compile(r"core_worker\.cc.*constructor arguments"),
+    "progress bars disabled warning": re.compile(r"Progress bars disabled"),
+    "token authentication notice": re.compile(r"Token authentication is (enabled|disabled)"),
+}
+PROGRESS = re.compile(r"^progress: (\d+)/(\d+) samples .* (\d+)/(\d+) inputs, ([\d.]+) pairs/s")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from realdgen_core.checkpoint import save_checkpoint
+    from realdgen_core.config import preset
+    from realdgen_core.models import build_model
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(path, build_model(preset("tiny")))
+    return path
+
+
+def _read_lines(stream, sink: list[tuple[float, str]]) -> None:
+    for line in iter(stream.readline, ""):
+        sink.append((time.monotonic(), line.rstrip("\n")))
+
+
+@pytest.mark.ray
+def test_demo_job_console_shows_progress_as_it_goes_and_no_ray_noise(tiny_checkpoint, tmp_path):
+    demo, out = tmp_path / "demo", tmp_path / "out"
+    overrides = {
+        "demo_inputs": demo,
+        "hr.uri": demo / "hr",
+        "hr.limit": 4,
+        "refs.0.source.uri": demo / "refs",
+        "generator.checkpoint": tiny_checkpoint,
+        "generator.k": 2,
+        "generator.tau_max": 150,  # enough denoising steps that each batch takes a moment
+        "tiling.tile": 16,
+        "tiling.max_tiles_per_image": 2,
+        "output.uri": out,
+        "output.inputs_per_shard": 2,
+        "compute.batch_size": 2,
+        "compute.actor_num_cpus": 0.5,
+        "compute.task_num_cpus": 0.5,
+        "progress.interval_s": 0,
+    }
+    cmd = [sys.executable, str(REPO / "pipelines" / "generate_dataset.py"), "manifests/demo.yaml"]
+    for key, value in overrides.items():
+        cmd += ["--set", f"{key}={value}"]
+    # A user's environment: no RAY_ADDRESS, RAY_AUTH_MODE unset (the suite's fixture sets it).
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
+    )
+    err: list[tuple[float, str]] = []
+    reader = threading.Thread(target=_read_lines, args=(proc.stderr, err), daemon=True)
+    reader.start()
+    try:
+        stdout, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=30)
+    console = "\n".join(line for _, line in err)
+    assert proc.returncode == 0, console[-4000:]
+
+    for what, pattern in NOISE.items():
+        assert not pattern.search(console), f"{what} on the console:\n{console}"
+
+    progress = [(t, PROGRESS.match(line)) for t, line in err if PROGRESS.match(line)]
+    done = [int(m.group(1)) for _, m in progress]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    pairs = summary["pairs"]
+    assert pairs == 8 and summary["inputs_failed"] == 0
+    assert done == sorted(done) and done[-1] == pairs, console
+    assert int(progress[-1][1].group(2)) == pairs and int(progress[-1][1].group(3)) == 4
+    # Samples reached the console in several steps while generation ran: at least two lines
+    # with different counts below the total, and time passed between the first sample and the
+    # last (all rows arriving at the end would print them within milliseconds of each other).
+    partial = sorted({d for d in done if 0 < d < pairs})
+    assert len(partial) >= 2, console
+    t_first = next(t for (t, m) in progress if int(m.group(1)) > 0)
+    t_last = progress[-1][0]
+    assert t_last - t_first > 0.5, console
+    assert float(progress[-1][1].group(5)) > 0
+    # the summary follows the progress, as before
+    done_line = next(i for i, (_, line) in enumerate(err) if line.startswith("done: "))
+    assert done_line > max(i for i, (_, line) in enumerate(err) if PROGRESS.match(line))
+    validate(str(out), "--scale", "4")
