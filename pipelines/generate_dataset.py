@@ -678,6 +678,13 @@ class GenerateJob:
             "refs": [{"uri": r["uri"], "set": r["set"], "domain": r["domain"]} for r in plan.refs],
             "sets": plan.sets,
         }
+        if m.generator.kind == "realdgen" and m.compute.starts_in_decode:
+            decode_cfg["starts"] = {
+                "k": m.generator.k,
+                "tau_min": m.generator.tau_min,
+                "tau_max": m.generator.tau_max,
+                "start_kind": m.generator.start_kind,
+            }
         gen_cfg = {
             "kind": m.generator.kind,
             "scale": m.scale,
@@ -691,6 +698,9 @@ class GenerateJob:
             "start_kind": m.generator.start_kind,
             "rows_per_call": m.generator.rows_per_call,
             "sampler": m.generator.sampler_config().to_dict(),
+            "precision": m.generator.precision,
+            "channels_last": m.generator.channels_last,
+            "compile": m.generator.compile,
             "ref_bank": bank_ref,
             "torch_threads": m.compute.torch_threads or max(1, int(actor_cpus)),
         }

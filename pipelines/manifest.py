@@ -210,6 +210,20 @@ class GeneratorSpec(StrictModel):
         "0 = deterministic after x_τ).",
     )
 
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="realdgen UNet precision on GPU actors: auto = bf16 on CUDA (autocast of the UNet "
+        "only; encoders, M and the filter stay fp32), fp32 otherwise. CPU actors always run fp32.",
+    )
+    channels_last: bool = Field(
+        False, description="realdgen: UNet in channels-last memory format on CUDA (ignored on CPU)."
+    )
+    compile: bool = Field(
+        False,
+        description="realdgen: torch.compile the UNet on CUDA (ignored on CPU); pays with `rows_per_call` "
+        "(one call shape); costs a compile per actor start.",
+    )
+
     def sampler_config(self) -> _SamplerCfg:
         """The core ``SamplerConfig`` of this section."""
         return _SamplerCfg(kind=self.sampler, steps=self.sampler_steps, eta=self.sampler_eta)
@@ -310,6 +324,11 @@ class ComputeSpec(StrictModel):
     )
     task_num_cpus: float = Field(1.0, gt=0, le=1024, description="CPUs per decode/encode task.")
     torch_threads: int | None = Field(None, ge=1, le=256, description="torch threads per CPU actor.")
+    starts_in_decode: bool = Field(
+        True,
+        description="realdgen: compute x_start = D(HR, θ) of the k candidates in the CPU decode tasks "
+        "instead of the generation actor (same bytes; keeps the GPU actor's CPU work small).",
+    )
 
 
 class ProgressSpec(StrictModel):
@@ -510,6 +529,11 @@ def manifest_digest(manifest: StrictModel) -> str:
         # (so resumability) of datasets written before `generator.sampler*` existed.
         for key in ("sampler", "sampler_steps", "sampler_eta"):
             gen.pop(key, None)
+    if isinstance(gen, dict):
+        # Same for the GPU-only knobs at their defaults (CPU bytes never depend on them).
+        for key, default in (("precision", "auto"), ("channels_last", False), ("compile", False)):
+            if gen.get(key, default) == default:
+                gen.pop(key, None)
     canon = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canon.encode()).hexdigest()
 

@@ -69,6 +69,7 @@ ROW_SCHEMA = pa.schema(
         ("domain", pa.string()),
         ("hr", pa.binary()),  # raw uint8 HxWx3 tile (HR edge = tile × scale)
         ("lr", pa.binary()),  # raw uint8 hxwx3
+        ("x_start", pa.binary()),  # realdgen: raw uint8 k×h×w×3, D(HR, θ_j) from the decode stage
         ("tile_hr", pa.int64()),
         ("generator", pa.string()),
         ("k", pa.int64()),
@@ -207,12 +208,38 @@ class DecodeTile:
     """Input rows (one per HR image) → one ``input`` report row + one ``sample`` row per pair.
 
     Config keys: ``seed, scale, tile, tiling_mode, max_tiles, max_pixels, max_bytes, storage,
-    pairing {mode, refs_per_tile}, refs [{uri, set, domain}], sets [{name, weight, start, count}]``.
+    pairing {mode, refs_per_tile}, refs [{uri, set, domain}], sets [{name, weight, start, count}]``,
+    optional ``starts {k, tau_min, tau_max, start_kind}``: also compute realdgen's x_start =
+    D(HR, θ_j) for the k candidates here, on the CPU (from the sample's seed, exactly as
+    ``LRGenerator.generate`` would), so the GPU actor does not.
     """
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.cfg = dict(config)
         self.tile_hr = int(self.cfg["tile"]) * int(self.cfg["scale"])
+        self.starts = self.cfg.get("starts")
+
+    def _add_starts(self, samples: list[dict]) -> None:
+        import torch
+
+        from realdgen_core.generator import draw_starts, start_images
+
+        st, s, t = self.starts, int(self.cfg["scale"]), self.tile_hr
+        for r in samples:
+            hr = torch.from_numpy(np.frombuffer(r["hr"], np.uint8).reshape(t, t, 3).copy())
+            hr = hr.permute(2, 0, 1)[None].float().div_(255.0)
+            _, _, thetas = draw_starts(
+                1,
+                int(st["k"]),
+                s,
+                (int(st["tau_min"]), int(st["tau_max"])),
+                [int(r["seed"])],
+                st["start_kind"],
+            )
+            x = start_images(hr, thetas)[0]  # [k,3,h,w], 8-bit valued
+            r["x_start"] = (
+                x.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy().tobytes()
+            )
 
     def _one(self, row: Mapping[str, Any]) -> list[dict]:
         cfg = self.cfg
@@ -279,6 +306,12 @@ class DecodeTile:
                         "tile_hr": self.tile_hr,
                     }
                 )
+        if self.starts:
+            try:
+                self._add_starts(samples)
+            except Exception:  # the actor computes them (and reports a failure there, per sample)
+                for r in samples:
+                    r["x_start"] = None
         report.update(n_samples=len(samples), seconds=time.perf_counter() - t0)
         return [report, *samples]
 
@@ -308,6 +341,7 @@ class GenerateLR:
 
     Config keys: ``kind, scale, checkpoint (local path), device, k, tau_min, tau_max,
     weights, start_kind, rows_per_call, sampler ({kind, steps, eta}; default ancestral),
+    precision (auto | fp32 | bf16; auto = bf16 on CUDA), channels_last, compile (CUDA only),
     ref_bank (ndarray [N, D] or ray.ObjectRef), torch_threads``.
     Loads the model once in ``__init__``. Per-sample ``torch.Generator`` seeded from the row's
     seed, so a sample's pixels do not depend on its batch.
@@ -335,8 +369,18 @@ class GenerateLR:
 
             path = fetch_to_local(self.cfg["checkpoint"], self.cfg.get("storage"))
             sampler = SamplerConfig.from_dict(dict(self.cfg.get("sampler") or {}))
+            precision = self.cfg.get("precision") or "auto"
+            if precision not in ("auto", "fp32", "bf16"):
+                raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+            bf16 = precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
             self.generator = LRGenerator.from_checkpoint(
-                path, device=device, rows_per_call=self.cfg.get("rows_per_call"), sampler=sampler
+                path,
+                device=device,
+                rows_per_call=self.cfg.get("rows_per_call"),
+                sampler=sampler,
+                dtype=torch.bfloat16 if bf16 else None,
+                channels_last=bool(self.cfg.get("channels_last")),
+                compile=bool(self.cfg.get("compile")),
             )
             self.model_digest = self.generator.digest
             bank = _resolve(self.cfg.get("ref_bank"))
@@ -354,6 +398,11 @@ class GenerateLR:
             if self.bank is None or any(r["ref_index"] is None for r in rows):
                 raise RuntimeError("realdgen needs a reference for every sample")
             emb = self.bank[torch.tensor([int(r["ref_index"]) for r in rows])]
+            starts = None
+            if all(r.get("x_start") for r in rows):  # computed by the decode stage
+                k, lt = int(t["k"]), tile // self.scale
+                raw = np.stack([np.frombuffer(r["x_start"], np.uint8).reshape(k, lt, lt, 3) for r in rows])
+                starts = torch.from_numpy(raw).permute(0, 1, 4, 2, 3).float().div_(255.0)
             res = self.generator.generate(
                 x.to(self.device),
                 k=int(t["k"]),
@@ -362,6 +411,7 @@ class GenerateLR:
                 ref_embeddings=emb.to(self.device),
                 weights=tuple(t["weights"]),
                 start_kind=t["start_kind"],
+                starts=starts,
             )
             lr = res.lr
             kept = res.kept.tolist()
@@ -385,6 +435,7 @@ class GenerateLR:
         for i, r in enumerate(rows):
             r["lr"] = np.ascontiguousarray(lr8[i]).tobytes()
             r["generator"] = self.kind
+            r["x_start"] = None
 
     def __call__(self, batch: pa.Table | Mapping[str, Any]) -> pa.Table:
         rows = _rows(batch)
@@ -447,7 +498,7 @@ class EncodeSample:
         rows = _rows(batch)
         for r in rows:
             if r["row_type"] != "sample" or r["status"] != "ok":
-                r["hr"] = r["lr"] = None
+                r["hr"] = r["lr"] = r["x_start"] = None
                 continue
             try:
                 t = int(r["tile_hr"])
@@ -459,7 +510,7 @@ class EncodeSample:
                 r.update(hr_png=files["hr.png"], lr_png=files["lr.png"], json=files["json"])
             except Exception as exc:
                 r.update(status="failed", error=f"encode: {type(exc).__name__}: {exc}")
-            r["hr"] = r["lr"] = None
+            r["hr"] = r["lr"] = r["x_start"] = None
         return rows_to_table(rows)
 
 

@@ -73,6 +73,36 @@ def quantize_8bit(x: Tensor) -> Tensor:
     return torch.round(x.clamp(0.0, 1.0) * 255.0) / 255.0
 
 
+def draw_starts(
+    b: int, k: int, scale: int, tau_range: tuple[int, int], seeds: Sequence[int], start_kind: str
+) -> tuple[list[torch.Generator], Tensor, list[list[dict]]]:
+    """Each sample's first draws: τ_ij then θ_ij for j < k, from ``Generator().manual_seed(seed_i)``.
+
+    Returns the generators (positioned after these draws), τ [b,k] and θ [b][k]. Cheap (no
+    image work), so a stage that only needs x_start can redo it and hand ``start_images`` on.
+    """
+    gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    lo, hi = int(tau_range[0]), int(tau_range[1])
+    tau = torch.empty((b, k), dtype=torch.long)
+    thetas: list[list[dict]] = []
+    for i, g in enumerate(gens):
+        row = []
+        for j in range(k):
+            tau[i, j] = int(torch.randint(lo, hi + 1, (), generator=g))
+            row.append(degrade.sample_theta(start_kind, scale, g))
+        thetas.append(row)
+    return gens, tau, thetas
+
+
+def start_images(hr: Tensor, thetas: Sequence[Sequence[dict]]) -> Tensor:
+    """x_start before scaling: D(HR_i, θ_ij) on the CPU → [B,k,3,h,w] in [0,1], 8-bit valued (D ends
+    by rounding to 8 bit, so uint8 carries it losslessly). ``hr``: [B,3,H,W], modcropped."""
+    hr_cpu = hr.detach().to("cpu", torch.float32)
+    return torch.stack(
+        [degrade.apply(hr_cpu[i : i + 1].expand(len(th), -1, -1, -1), th) for i, th in enumerate(thetas)]
+    )
+
+
 def _pad_to_multiple(x: Tensor, m: int) -> Tensor:
     """Pad bottom/right of [N,C,h,w] to multiples of m (reflect where possible, else replicate)."""
     h, w = x.shape[-2:]
@@ -93,6 +123,12 @@ class LRGenerator:
         rows_per_call: ``None`` = one network call per sample; an int = fixed-size packed calls
             (see the module docstring).
         dtype: ``torch.bfloat16`` autocasts the UNet on CUDA; ignored on CPU (float32).
+        channels_last: run the UNet in channels-last memory format (CUDA only; ignored on CPU).
+        compile: ``torch.compile`` the UNet (CUDA only; ignored on CPU). Pays with
+            ``rows_per_call`` (one shape per call); per-sample calls vary in size and recompile.
+        device_noise: draw the sampling noise on ``device`` from one device generator per sample
+            (seeded from the sample's CPU generator). ``None`` = on CUDA only. CPU runs keep the
+            CPU generators (today's bytes); bytes then depend on the device *type* only.
         sampler: the reverse-process sampler: ``"ancestral"`` (the paper's, default), ``"ddim"``
             (strided DDIM from each row's τ, default 10 steps, eta 1) or a ``SamplerConfig``.
     """
@@ -106,6 +142,9 @@ class LRGenerator:
         rows_per_call: int | None = None,
         dtype: torch.dtype | None = None,
         sampler: SamplerConfig | Sampler | str = Sampler.ANCESTRAL,
+        device_noise: bool | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         if rows_per_call is not None and (not isinstance(rows_per_call, int) or rows_per_call < 1):
             raise ValueError(f"rows_per_call must be None or a positive int, got {rows_per_call!r}")
@@ -116,9 +155,17 @@ class LRGenerator:
         self.digest = digest
         self.rows_per_call = rows_per_call
         self.sampler = SamplerConfig.of(sampler)
+        self.device_noise = (self.device.type == "cuda") if device_noise is None else bool(device_noise)
         self.diffusion = GaussianDiffusion(model.config.diffusion)
         use_autocast = self.device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
         self.autocast_dtype = dtype if use_autocast else None
+        on_cuda = self.device.type == "cuda"
+        self.channels_last = bool(channels_last) and on_cuda
+        if self.channels_last:
+            self.model.unet.to(memory_format=torch.channels_last)
+        self._unet = self.model.unet
+        if compile and on_cuda:
+            self._unet = torch.compile(self.model.unet, dynamic=False)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs) -> LRGenerator:
@@ -215,6 +262,7 @@ class LRGenerator:
         weights: tuple[float, float] = (1.0, 1.0),
         start_kind: str = "realesrgan",
         return_candidates: bool = False,
+        starts: Tensor | None = None,
     ) -> GenerationResult:
         """Generate one realistic LR per HR (best of k candidates).
 
@@ -230,6 +278,9 @@ class LRGenerator:
             weights: (w_content, w_degradation) of the filter's combined error.
             start_kind: the kind of D that degrades the HR into x_start.
             return_candidates: also return all k candidates ([B,k,3,h,w]).
+            starts: D(HR_i, θ_ij) already computed elsewhere (``start_images(hr, draw_starts(...)[2])``,
+                e.g. in the job's CPU decode stage), [B,k,3,h,w] in [0,1]; τ and θ are still
+                drawn here (cheap) so that the sampling noise that follows them is the same.
         """
         timings: dict[str, float] = {}
         clock = time.perf_counter()
@@ -251,22 +302,20 @@ class LRGenerator:
         h, w = H // s, W // s
 
         # 1. Per-sample draws: τ then θ for each candidate, from the sample's own generator.
-        gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-        lo, hi = int(tau_range[0]), int(tau_range[1])
-        tau = torch.empty((b, k), dtype=torch.long)
-        thetas: list[list[dict]] = []
-        for i, g in enumerate(gens):
-            row = []
-            for j in range(k):
-                tau[i, j] = int(torch.randint(lo, hi + 1, (), generator=g))
-                row.append(degrade.sample_theta(start_kind, s, g))
-            thetas.append(row)
-        hr_cpu = hr.detach().to("cpu")
-        x_start = torch.cat(
-            [degrade.apply(hr_cpu[i : i + 1].expand(k, -1, -1, -1), thetas[i]) for i in range(b)]
-        )
-        x_start = (x_start.to(self.device) * 2.0 - 1.0).contiguous()
+        gens, tau, thetas = draw_starts(b, k, s, tau_range, seeds, start_kind)
+        if starts is None:
+            starts = start_images(hr, thetas)
+        elif tuple(starts.shape) != (b, k, 3, h, w):
+            raise ValueError(f"starts must be [B,k,3,h,w] = {(b, k, 3, h, w)}, got {tuple(starts.shape)}")
+        x_start = (starts.reshape(b * k, 3, h, w).to(self.device, torch.float32) * 2.0 - 1.0).contiguous()
         lap("degrade")
+        if self.device_noise:
+            # Sampling noise from one device generator per sample, seeded by the sample's CPU
+            # generator after its τ/θ draws: draws happen on the device, no host copies.
+            gens = [
+                torch.Generator(self.device).manual_seed(int(torch.randint(0, 2**62, (), generator=g)))
+                for g in gens
+            ]
 
         # 2. Condition c = M(E_cont(HR), E_deg(ref)), one row per sample.
         hr_dev = hr.to(self.device)
@@ -296,8 +345,11 @@ class LRGenerator:
         )
 
         def unet_rows(x_t: Tensor, t: Tensor, c: Tensor) -> Tensor:
+            if self.channels_last:
+                x_t = x_t.contiguous(memory_format=torch.channels_last)
+                c = c.contiguous(memory_format=torch.channels_last)
             with autocast:
-                return self.model.unet(x_t, c, t).float()
+                return self._unet(x_t, c, t).float().contiguous()
 
         batching = None
         if self.rows_per_call is None:
