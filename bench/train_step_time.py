@@ -44,15 +44,15 @@ MANIFESTS = {"tiny": "manifests/train_tiny.yaml", "small": "manifests/train_demo
 
 def settings(name: str) -> dict:
     """Stage settings (batch sizes, crops) of the manifest that trains this preset; for ``paper``, the
-    paper's stage C (batch 8 of 256x256 LR, A.3) with 256x256 HR crops for A and 64x64 LR for B."""
-    from pipelines.manifest import load_manifest
-
+    paper's stage C (batch 8 of 256x256 LR, A.3) with 256x256 HR crops for A and 64x64 LR for B.
+    The paper branch needs no pydantic (GPU images may lack the pipelines' dependencies)."""
     if name == "paper":
         return {
             "A": ContentStageConfig(pretrain_steps=10**6, finetune_steps=10**6, batch_size=8, hr_crop=256),
             "B": DegradationStageConfig(steps=10**6, batch_size=8, lr_crop=64),
             "C": DiffusionStageConfig(steps=10**6, batch_size=8, lr_crop=256),
         }
+    from pipelines.manifest import load_manifest
 
     m = load_manifest(Path(__file__).resolve().parent.parent / MANIFESTS[name], kind="train")
     big = {"pretrain_steps": 10**6, "finetune_steps": 10**6}
@@ -63,10 +63,21 @@ def settings(name: str) -> dict:
     }
 
 
-def photos() -> list[np.ndarray]:
+def photos(min_side: int = 0) -> list[np.ndarray]:
+    """Three scikit-image photos; upscaled (bicubic) so the shorter side is ≥ ``min_side`` — stage C
+    of ``paper`` crops 256² LR from 1024² HR, larger than the bundled photos."""
+    from PIL import Image
     from skimage import data
 
-    return [np.ascontiguousarray(getattr(data, n)()[..., :3]) for n in ("astronaut", "coffee", "rocket")]
+    out = []
+    for n in ("astronaut", "coffee", "rocket"):
+        im = np.ascontiguousarray(getattr(data, n)()[..., :3])
+        if min(im.shape[:2]) < min_side:
+            f = min_side / min(im.shape[:2])
+            size = (round(im.shape[1] * f) + 1, round(im.shape[0] * f) + 1)
+            im = np.asarray(Image.fromarray(im).resize(size, Image.BICUBIC))
+        out.append(im)
+    return out
 
 
 def _sync(device: torch.device) -> None:
@@ -108,7 +119,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    hr = ArrayCropSampler(photos())
+    need = 4 * 256 + 16 if "paper" in args.presets.split(",") else 0
+    hr = ArrayCropSampler(photos(need))
     result: dict = {
         "threads": args.threads,
         "steps": args.steps,

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from realdgen_core.configs import config_from_dict
@@ -102,8 +103,49 @@ class ResnetBlock(nn.Module):
         return self.skip(x) + h
 
 
+FULL_ATTENTION_MAX_SCORES = 2**24
+"""Above this many attention scores per (image, head) — 4096 positions, a 64² map — attention runs
+in query chunks (``chunked_attention``); at or below it, one SDPA call as before (same bytes)."""
+
+CHUNK_SCORES_BUDGET = 2**27
+"""Scores materialised per chunk, over the whole batch and all heads (512 MiB in fp32)."""
+
+
+def chunked_attention(q: Tensor, k: Tensor, v: Tensor, budget: int | None = None) -> Tensor:
+    """softmax(q·kᵀ/√d)·v over query chunks: [b, heads, n, d] → [b, heads, n, d].
+
+    Memory O(chunk·n) instead of O(n²) whatever SDPA kernel the device offers (the fused
+    memory-efficient kernels do not take every head size; the math fallback materialises all n²
+    scores: 128 GiB for stage C of the ``paper`` preset, whose content encoder attends over the
+    256² positions of a 1024² HR crop). Under autograd each chunk is checkpointed (recomputed in
+    the backward pass), so the scores are never all alive at once there either. ``budget``:
+    scores per chunk over batch and heads (default ``CHUNK_SCORES_BUDGET``).
+    """
+    b, h, n, _ = q.shape
+    budget = CHUNK_SCORES_BUDGET if budget is None else int(budget)
+    chunk = max(1, min(n, budget // max(1, b * h * k.shape[-2])))
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    outs = []
+    for s in range(0, n, chunk):
+        qs = q[:, :, s : s + chunk]
+        if grad:
+            outs.append(
+                torch.utils.checkpoint.checkpoint(
+                    F.scaled_dot_product_attention, qs, k, v, use_reentrant=False
+                )
+            )
+        else:
+            outs.append(F.scaled_dot_product_attention(qs, k, v))
+    return torch.cat(outs, dim=2)
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the spatial positions of a feature map, with a residual."""
+    """Multi-head self-attention over the spatial positions of a feature map, with a residual.
+
+    Maps with more than 4096 positions attend in query chunks (``chunked_attention``), so memory
+    stays linear in the positions (stage C of the ``paper`` preset at 256² LR crops).
+    """
 
     def __init__(self, channels: int, groups: int, num_heads: int = 1) -> None:
         super().__init__()
@@ -118,7 +160,10 @@ class SelfAttention(nn.Module):
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
         q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # [b, heads, hw, d]
-        out = F.scaled_dot_product_attention(q, k, v)
+        if (h * w) ** 2 <= FULL_ATTENTION_MAX_SCORES:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = chunked_attention(q, k, v)
         out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj(out)
 
