@@ -222,6 +222,15 @@ def _markdown(result: dict, figures: list[str], gens: list[str]) -> str:
             lines.append(
                 f"- SR proxy floor (bicubic upsampling of the true LR): {b['psnr']:.2f} dB / {b['ssim']:.4f}"
             )
+        clf = {g: v["classifier"] for g, v in sec["generators"].items() if "classifier" in v}
+        if clf:
+            lines.append(
+                "- classifier accuracy (95% CI over test crops): "
+                + "; ".join(
+                    f"{g} {c['accuracy']:.3f} [{c['accuracy_ci95'][0]:.2f}, {c['accuracy_ci95'][1]:.2f}]"
+                    for g, c in clf.items()
+                )
+            )
         lines.append(f"- timings (s): {sec['timings']}")
         lines.append("")
         lines.append(f"![grid](grid_{d}.png)")

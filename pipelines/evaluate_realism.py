@@ -609,21 +609,29 @@ def evaluate_domain(
         c = m.classifier
         for kind, lrs in generated.items():
             t0 = time.perf_counter()
-            res = two_sample_test(
-                [truth[n] for n in names],
-                [lrs[n] for n in names],
-                grp,
-                steps=c.steps,
-                batch_size=c.batch_size,
-                crop=c.crop,
-                width=c.width,
-                lr=c.lr,
-                seed=m.seed,
-            )
+            runs = [
+                two_sample_test(
+                    [truth[n] for n in names],
+                    [lrs[n] for n in names],
+                    grp,
+                    steps=c.steps,
+                    batch_size=c.batch_size,
+                    crop=c.crop,
+                    width=c.width,
+                    lr=c.lr,
+                    seed=m.seed + 1000 * r,
+                )
+                for r in range(c.repeats)
+            ]
+            res = pool_classifier_runs(runs)
             gens_out[kind]["classifier"] = res
             gens_out[kind]["metrics"]["classifier_accuracy"] = res["accuracy"]
             timings[f"classifier_{kind}_s"] = round(time.perf_counter() - t0, 1)
-            log(f"[{d.name}] {kind}: classifier accuracy {res['accuracy']:.3f} (0.5 = indistinguishable)")
+            lo, hi = res["accuracy_ci95"]
+            log(
+                f"[{d.name}] {kind}: classifier accuracy {res['accuracy']:.3f} "
+                f"(95% CI {lo:.2f}-{hi:.2f}; 0.5 = not told apart)"
+            )
 
     # SR proxy.
     if m.sr_proxy.enabled:
@@ -675,19 +683,27 @@ def sr_proxy_domain(m, d, dom, dwork, work, sr_hr, ckpt, digest, gens_out, timin
             (hr, lr)
             for _, (hr, lr, _) in sorted(read_dataset(str(target), m.scale, one_per_image=False).items())
         ]
-        net, info = train_sr_proxy(
-            pairs,
-            m.scale,
-            steps=sp.steps,
-            batch_size=sp.batch_size,
-            crop=sp.crop,
-            width=sp.width,
-            blocks=sp.blocks,
-            lr=sp.lr,
-            seed=m.seed,
-        )
-        res = evaluate_sr_proxy(net, real_pairs, m.scale)
-        res.update(train_pairs=len(pairs), **info)
+        runs = []
+        for r in range(sp.repeats):
+            net, info = train_sr_proxy(
+                pairs,
+                m.scale,
+                steps=sp.steps,
+                batch_size=sp.batch_size,
+                crop=sp.crop,
+                width=sp.width,
+                blocks=sp.blocks,
+                lr=sp.lr,
+                seed=m.seed + 1000 * r,
+            )
+            runs.append({**evaluate_sr_proxy(net, real_pairs, m.scale), **info})
+        res = dict(runs[0])
+        if len(runs) > 1:  # mean over seeds; the spread says how much a ranking can be trusted
+            for k in ("psnr", "ssim"):
+                vals = [x[k] for x in runs]
+                res[k], res[f"{k}_std"] = round(float(np.mean(vals)), 4), round(float(np.std(vals)), 4)
+            res["runs"] = [{k: x[k] for k in ("psnr", "ssim", "last_loss")} for x in runs]
+        res.update(train_pairs=len(pairs))
         gens_out[kind]["sr_proxy"] = res
         gens_out[kind]["metrics"]["sr_psnr"] = res["psnr"]
         gens_out[kind]["metrics"]["sr_ssim"] = res["ssim"]
@@ -697,6 +713,27 @@ def sr_proxy_domain(m, d, dom, dwork, work, sr_hr, ckpt, digest, gens_out, timin
             f"({len(pairs)} train pairs)"
         )
     return out
+
+
+def pool_classifier_runs(runs: list[dict]) -> dict:
+    """One classifier result from seeded repeats: accuracy = mean, CI over the pooled test crops."""
+    from realdgen_core.probes import wilson_interval
+
+    if len(runs) == 1:
+        return runs[0]
+    correct = sum(round(r["accuracy"] * r["test_crops"]) for r in runs)
+    total = sum(r["test_crops"] for r in runs)
+    accs = [r["accuracy"] for r in runs]
+    return {
+        "accuracy": round(correct / total, 4),
+        "accuracy_ci95": [round(v, 4) for v in wilson_interval(correct, total)],
+        "accuracy_std": round(float(np.std(accs)), 4),
+        "tile_accuracy": round(float(np.mean([r["tile_accuracy"] for r in runs])), 4),
+        "test_crops": total,
+        "repeats": accs,
+        "folds": [f for r in runs for f in r["folds"]],
+        "chance": 0.5,
+    }
 
 
 def run_evaluation(m: EvaluateManifest, *, log: Callable[[str], None] = _default_log) -> dict:

@@ -876,6 +876,9 @@ class EvalClassifier(StrictModel):
     crop: int = Field(32, ge=4, le=1024, description="Crop edge in LR pixels (positions on the 8-px grid).")
     width: int = Field(16, ge=4, le=512, description="Channels of the CNN (cost ~ width²).")
     lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate.")
+    repeats: int = Field(
+        1, ge=1, le=100, description="Seeded repeats, pooled (narrower interval, repeats × the cost)."
+    )
 
 
 class EvalSRProxy(StrictModel):
@@ -901,6 +904,9 @@ class EvalSRProxy(StrictModel):
     width: int = Field(32, ge=4, le=512, description="Channels of the SR net.")
     blocks: int = Field(2, ge=1, le=64, description="Hidden conv layers of the SR net.")
     lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate.")
+    repeats: int = Field(
+        1, ge=1, le=100, description="Seeded repeats per generator, averaged (report gives the spread)."
+    )
 
 
 class EvalLearnedMetrics(StrictModel):

@@ -73,7 +73,7 @@ def _manifest(bench: Path, ckpt: Path, out: Path, **extra) -> dict:
         "root": str(bench),
         "domains": [{"name": "jpeg-standin"}],
         "generation": {"tile": T, "k": 2, "tau_max": 3, "generators": ["realdgen", "bicubic"]},
-        "classifier": {"steps": 40, "crop": 8, "batch_size": 16, "width": 8},
+        "classifier": {"steps": 40, "crop": 8, "batch_size": 16, "width": 8, "repeats": 2},
         "sr_proxy": {
             "photos": ["camera"],
             "tiles_per_image": 2,
@@ -82,6 +82,7 @@ def _manifest(bench: Path, ckpt: Path, out: Path, **extra) -> dict:
             "batch_size": 4,
             "width": 8,
             "blocks": 1,
+            "repeats": 2,
         },
         "report": {"dir": str(out)},
     }
@@ -211,14 +212,17 @@ def test_tiny_evaluation_report_matches_independent_numbers(ray_local, bench, ti
     g = {k: dom["generators"][k]["metrics"] for k in ("bicubic", "realdgen")}
     margin = rep["summary"]["psnr"]["jpeg-standin"]["realdgen_margin"]
     assert margin == pytest.approx(g["realdgen"]["psnr"] - g["bicubic"]["psnr"], abs=1e-3)
-    # Classifier: both photos held out once, 2 classes x 2 tiles x (16/8)^2 crops each.
+    # Classifier, 2 seeded repeats: both photos held out once per repeat, 2 classes x 2 tiles x
+    # (16/8)^2 crops each per fold.
     clf = dom["generators"]["realdgen"]["classifier"]
-    assert [f["held_out"] for f in clf["folds"]] == ["astronaut", "coffee"] and clf["test_crops"] == 32
-    assert 0.0 <= clf["accuracy"] <= 1.0
+    assert [f["held_out"] for f in clf["folds"]] == ["astronaut", "coffee"] * 2 and clf["test_crops"] == 64
+    assert len(clf["repeats"]) == 2 and clf["accuracy"] == pytest.approx(np.mean(clf["repeats"]), abs=1e-3)
+    assert 0.0 <= clf["accuracy_ci95"][0] <= clf["accuracy"] <= clf["accuracy_ci95"][1] <= 1.0
     # SR proxy: 2 training tiles of `camera` per generator, scored on the 4 real pairs.
     for kind in ("bicubic", "realdgen"):
         sp = dom["generators"][kind]["sr_proxy"]
         assert sp["train_pairs"] == 2 and len(sp["per_tile_psnr"]) == 4 and math.isfinite(sp["psnr"])
+        assert sp["psnr"] == pytest.approx(np.mean([r["psnr"] for r in sp["runs"]]), abs=1e-3)
     # realdgen metadata read back for the histograms
     sv = dom["generators"]["realdgen"]["shard_values"]
     assert len(sv["tau"]) == 4 and all(0 <= t <= 3 for t in sv["tau"])
