@@ -20,12 +20,14 @@ ever mixes rows whose shape or membership depends on other samples:
 - ``rows_per_call=None`` (default): every network call holds the rows of exactly one sample (its
   HR, its reference, or its active candidates), so a sample makes the very same calls alone or in
   any batch — nothing is assumed about the backend. Costs one call per sample per step.
-- ``rows_per_call=R``: the rows of all samples are packed into calls of exactly R rows (the last
-  one zero-padded): the throughput path for GPUs (R ≥ B·k puts every candidate of the batch in one
-  UNet call). A row's result then depends on R, never on its batch-mates, provided the backend
-  computes a row independently of its position inside a same-shaped batch — true for the CPU
-  backend (tested) and for fixed cuDNN algorithms (leave ``cudnn.benchmark`` off). R is part of
-  a dataset's identity: changing it may flip low bits.
+- ``rows_per_call=R``: continuous batching (``GaussianDiffusion.sample_continuous``): every UNet
+  call holds exactly R pending rows of any samples at any t (zero rows pad only the last calls);
+  the throughput path for GPUs. Keep B·k ≥ 4·R so calls stay full (rows computed / useful ≈ 1.001).
+  The encoders and the filter run in fixed-size packed calls of R rows. A row's result then
+  depends on R, never on its batch-mates, provided the backend computes a row independently of
+  its position inside a same-shaped batch — true for the CPU backend (tested) and for fixed cuDNN
+  algorithms (leave ``cudnn.benchmark`` off). R is part of a dataset's identity: changing it may
+  flip low bits.
 
 Precision: everything runs in float32; on CUDA, ``dtype=torch.bfloat16`` autocasts the UNet only
 (>99% of the cost; the encoders, M and the filter stay float32 so the filter's ranking is not
