@@ -767,6 +767,9 @@ def run_evaluation(m: EvaluateManifest, *, log: Callable[[str], None] = _default
     for n in notices:
         log(f"notice: {n}")
     started_ray = ensure_ray()
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # one INFO block per job drowns the progress
     domains: dict[str, dict] = {}
     images: dict[str, dict] = {}
     try:
