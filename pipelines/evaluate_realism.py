@@ -87,6 +87,7 @@ class DomainTiles:
     lr_dir: Path
     refs_dir: Path | None
     tiles_root: Path
+    work: Path  # this domain's work folder (named by the digest of its data)
     tiles: list[Tile]
     notes: list[str] = field(default_factory=list)
 
@@ -195,6 +196,17 @@ def prepare_domain(m: EvaluateManifest, d: EvalDomain, work: Path) -> DomainTile
     names = [x.name for x in tiles]
     if len(set(names)) != len(names):
         raise ManifestError(f"domains.{d.name}: tile names collide (HR names must be unique)")
+    # The domain's work folder is named by a digest of its content (tiles, groups, refs_train bytes),
+    # so re-generated or edited benchmark data never reuses datasets made from the old data.
+    h = hashlib.sha256(json.dumps([m.scale, t, m.generation.group_pattern]).encode())
+    for tl in sorted(tiles, key=lambda x: x.name):
+        h.update(f"{tl.name}|{tl.group}|".encode())
+        h.update(tl.hr.tobytes())
+        h.update(tl.lr.tobytes())
+    for p in _images(refs) if refs is not None else []:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    work = work / f"data-{h.hexdigest()[:12]}"
     root = work / "tiles"
     for tl in tiles:
         for kind, img in (("hr", tl.hr), ("lr", tl.lr)):
@@ -204,7 +216,7 @@ def prepare_domain(m: EvaluateManifest, d: EvalDomain, work: Path) -> DomainTile
                 Image.fromarray(img).save(p)
     if refs is None:
         notes.append("no refs_train/: adaptation skipped; SR-proxy references are the domain's true LR tiles")
-    return DomainTiles(d.name, layout, hr_dir, lr_dir, refs, root, tiles, notes)
+    return DomainTiles(d.name, layout, hr_dir, lr_dir, refs, root, work, tiles, notes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,8 +335,8 @@ def adapt_checkpoint(
     manifest = Path(m.adapt.manifest)
     if not manifest.is_absolute():
         manifest = REPO / manifest
-    refs = sorted(p.name for p in _images(domain.refs_dir))
-    tag = _sha(base_digest, m.adapt.steps, list(m.adapt.overrides), manifest.read_text(), refs, m.seed)[:12]
+    # (the domain's work folder already names the refs_train content)
+    tag = _sha(base_digest, m.adapt.steps, list(m.adapt.overrides), manifest.read_text(), m.seed)[:12]
     folder = work / f"adapt-{tag}"
     ckpt = folder / "adapted.safetensors"
     done = folder / "_done.json"
@@ -471,8 +483,8 @@ def evaluate_domain(
     from realdgen_core.checkpoint import checkpoint_digest
 
     t_dom = time.perf_counter()
-    dwork = work / d.name
-    dom = prepare_domain(m, d, dwork)
+    dom = prepare_domain(m, d, work / d.name)
+    dwork = dom.work
     groups = dom.groups
     log(f"[{d.name}] {len(dom.tiles)} tiles in {len(groups)} photo group(s) {groups}, layout {dom.layout}")
     for n in dom.notes:
@@ -645,6 +657,18 @@ def evaluate_domain(
     return section, images
 
 
+def _sr_source_key(sr_hr: str, work: Path) -> str:
+    """Digest of the SR-proxy HR source (URI + names and sizes of local files): shared baseline
+    pairs are regenerated when the photos change."""
+    local = (work / sr_hr) if not Path(sr_hr).is_absolute() else Path(sr_hr)
+    listing = (
+        sorted((str(p.relative_to(local)), p.stat().st_size) for p in local.rglob("*") if p.is_file())
+        if "://" not in sr_hr and local.is_dir()
+        else []
+    )
+    return _sha(sr_hr, listing)[:12]
+
+
 def sr_proxy_domain(m, d, dom, dwork, work, sr_hr, ckpt, digest, gens_out, timings, log) -> dict:
     import torch
 
@@ -665,7 +689,7 @@ def sr_proxy_domain(m, d, dom, dwork, work, sr_hr, ckpt, digest, gens_out, timin
             target = dwork / "sr_pairs" / f"realdgen-{digest[:12]}"
             refs = [("refs_train", str(refs_dir.resolve()))]
         else:  # random θ, no reference: the same dataset serves every domain
-            target = work / "_shared" / "sr_pairs" / kind
+            target = work / "_shared" / f"sr_pairs-{_sr_source_key(sr_hr, work)}" / kind
             refs = []
         data = generate_manifest_dict(
             m,

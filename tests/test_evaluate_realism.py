@@ -182,7 +182,7 @@ def test_tiny_evaluation_report_matches_independent_numbers(ray_local, bench, ti
     assert dom["tiles"] == 4 and dom["groups"] == {"astronaut": 2, "coffee": 2}
     truth_dir = bench / "jpeg-standin" / "lr"
     truth = {p.stem: np.asarray(Image.open(p).convert("RGB")) for p in truth_dir.glob("*.png")}
-    work = out / "work" / "jpeg-standin" / "gen"
+    (work,) = (out / "work" / "jpeg-standin").glob("data-*/gen")  # one folder, named by the data digest
     for kind in ("bicubic", "realdgen"):
         folder = next(p for p in work.iterdir() if p.name.startswith(kind))
         samples = _shard_samples(folder)
