@@ -369,14 +369,28 @@ def adapt_checkpoint(
     log(f"  adaptation: {' '.join(cmd[1:])}")
     t0 = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": str(m.compute.torch_threads)}
-    proc = subprocess.run(
-        cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=m.adapt.timeout_s
-    )
+    log_path = folder / "train.log"
+    csv_path = folder / "run" / "logs" / "diffusion.csv"
+    with log_path.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=out, stderr=subprocess.STDOUT)
+        last = time.perf_counter()
+        while proc.poll() is None:  # progress from the run's CSV log every 30 s
+            time.sleep(1.0)
+            if time.perf_counter() - t0 > m.adapt.timeout_s:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(
+                    f"adaptation exceeded adapt.timeout_s = {m.adapt.timeout_s}; log {log_path}"
+                )
+            if time.perf_counter() - last >= 30 and csv_path.exists():
+                last = time.perf_counter()
+                rows = csv_path.read_text().strip().splitlines()
+                step = rows[-1].split(",", 1)[0] if len(rows) > 1 else "0"
+                log(f"  adaptation: step {step}/{m.adapt.steps} ({last - t0:.0f} s)")
     seconds = time.perf_counter() - t0
-    (folder / "train.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     if proc.returncode != 0 or not ckpt.exists():
-        tail = (proc.stderr or proc.stdout)[-2000:]
-        raise RuntimeError(f"adaptation failed (exit {proc.returncode}); log {folder / 'train.log'}:\n{tail}")
+        tail = log_path.read_text()[-2000:]
+        raise RuntimeError(f"adaptation failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     done.write_text(json.dumps({"seconds": round(seconds, 1), "cmd": cmd[1:]}, indent=1))
     log(f"  adaptation: done in {seconds:.0f} s -> {ckpt}")
     return str(ckpt), seconds

@@ -292,3 +292,28 @@ def test_realsr_layout_pairs_by_name_and_cuts_tiles(tmp_path):
     assert dom.layout == "realsr" and len(dom.tiles) == 6 and {t.group for t in dom.tiles} == {"Canon"}
     t = next(t for t in dom.tiles if t.name == "Canon_001_16_32")
     assert np.array_equal(t.lr, lr[16:32, 32:48]) and np.array_equal(t.hr, hr[64:128, 128:192])
+
+
+@pytest.mark.ray
+def test_adaptation_runs_the_one_command_and_its_checkpoint_generates(ray_local, bench, tiny_ckpt, tmp_path):
+    from pipelines.evaluate_realism import run_evaluation
+    from realdgen_core.checkpoint import checkpoint_digest
+
+    out = tmp_path / "report"
+    data = _manifest(
+        bench,
+        tiny_ckpt,
+        out,
+        adapt={"enabled": True, "steps": 2, "overrides": ["stage_c.lr_crop=8", "stage_c.batch_size=2"]},
+        classifier={"enabled": False},
+        sr_proxy={"enabled": False},
+    )
+    data["generation"]["generators"] = ["realdgen"]
+    rep = run_evaluation(parse_manifest(data), log=lambda *_: None)
+    dom = rep["domains"]["jpeg-standin"]
+    assert dom["adapted"] and dom["base_model_digest"] == checkpoint_digest(tiny_ckpt)
+    assert dom["model_digest"] == checkpoint_digest(dom["checkpoint"]) != dom["base_model_digest"]
+    assert "stage_c.steps=2" in (Path(dom["checkpoint"]).parent / "_done.json").read_text()
+    (gen,) = (out / "work" / "jpeg-standin").glob("data-*/gen")
+    samples = _shard_samples(next(gen.glob("realdgen-*")))
+    assert len(samples) == 4 and {m["model_digest"] for _, m in samples.values()} == {dom["model_digest"]}
