@@ -678,7 +678,10 @@ class GenerateJob:
             "refs": [{"uri": r["uri"], "set": r["set"], "domain": r["domain"]} for r in plan.refs],
             "sets": plan.sets,
         }
-        if m.generator.kind == "realdgen" and m.compute.starts_in_decode:
+        # x_start in the CPU decode tasks for the synthetic start kinds (a start chosen against the
+        # reference, e.g. a domain calibration, stays with the generator).
+        synthetic_start = m.generator.start_kind in ("realesrgan", "bsrgan", "bicubic")
+        if m.generator.kind == "realdgen" and m.compute.starts_in_decode and synthetic_start:
             decode_cfg["starts"] = {
                 "k": m.generator.k,
                 "tau_min": m.generator.tau_min,
