@@ -392,9 +392,9 @@ class GaussianDiffusion:
         (Hu's highest-level-first, ties by sample then row), so a sample whose rows start late
         (small τ) joins when the others have come down to its level and all samples finish
         together: calls stay full until the last few. Measured (``bench/continuous_batching.py``):
-        rows computed / rows useful ≈ 1.001 once the batch holds ≥ 2·rows_per_call rows (k = 4,
-        τ ~ U{0..300}); below that the longest chain (τ_max + 1 calls) bounds the run and calls
-        cannot be filled.
+        rows computed / rows useful ≤ 1.002 once the batch holds ≥ 4·rows_per_call rows (k = 4,
+        τ ~ U{0..300}), 1.05–1.09 at 2·rows_per_call; with fewer rows the longest chain
+        (τ_max + 1 calls) bounds the run and calls cannot be filled.
 
         A row's result then depends on ``rows_per_call`` but not on its call-mates provided the
         backend computes a row independently of the others in a same-shaped batch (true for CPU
