@@ -7,7 +7,9 @@ Splits (disjoint by photo; ``cat`` is the same picture as ``chelsea`` and is nev
 
 - ``hr_train``: HR content for training stages A/B and the demo generation job;
 - ``ref_photos``: photos turned into stand-in LR references (stage C corpus, demo references);
-- ``heldout``: never used in training; the evaluation crops come from here.
+- ``heldout``: never used in training; the evaluation crops come from here. These are the EVAL
+  photos of the realism benchmark (``shared/bench/make_codec_pairs.py``: astronaut, coffee), so
+  a checkpoint trained on these splits is never trained on the benchmark's evaluation photos.
 
 Grayscale photos are used as RGB (three equal channels): they add texture and text content.
 """
@@ -23,8 +25,8 @@ from PIL import Image
 
 SPLITS: dict[str, tuple[str, ...]] = {
     "hr_train": (
-        "astronaut",
-        "coffee",
+        "chelsea",
+        "rocket",
         "hubble_deep_field",
         "immunohistochemistry",
         "motorcycle_left",
@@ -35,10 +37,10 @@ SPLITS: dict[str, tuple[str, ...]] = {
         "text",
     ),
     "ref_photos": ("retina", "motorcycle_right", "gravel", "moon", "clock", "page"),
-    "heldout": ("chelsea", "rocket"),
+    "heldout": ("astronaut", "coffee"),
 }
 
-_LAYOUT_VERSION = 1
+_LAYOUT_VERSION = 2
 
 
 def load_photo(name: str) -> np.ndarray:

@@ -246,6 +246,23 @@ def _checkpoint_info(m: GenerateManifest, storage: dict) -> tuple[str | None, st
     return local, digest
 
 
+def _checkpoint_calibration(local: str | None) -> dict | None:
+    """The domain calibration recorded in a checkpoint's metadata (``realdgen_core.calibrate``), or None."""
+    if local is None:
+        return None
+    from safetensors import safe_open
+
+    from realdgen_core.calibrate import METADATA_KEY, DomainCalibration
+
+    with safe_open(local, framework="pt") as f:
+        meta = f.metadata() or {}
+    try:
+        cal = json.loads(meta.get("metadata", "{}")).get(METADATA_KEY)
+        return None if cal is None else DomainCalibration.from_dict(cal).to_dict()
+    except (ValueError, AttributeError) as exc:
+        raise ManifestError(f"generator.checkpoint: invalid domain calibration: {exc}") from None
+
+
 def make_plan(m: GenerateManifest) -> Plan:
     """List inputs and references (sorted), assign shards and keys; raises ManifestError early."""
     storage = storage_kwargs(m.storage)
@@ -254,6 +271,11 @@ def make_plan(m: GenerateManifest) -> Plan:
 
         prepare_demo_inputs(m.demo_inputs, scale=m.scale)
     checkpoint_local, model_digest = _checkpoint_info(m, storage)
+    calibration = _checkpoint_calibration(checkpoint_local)
+    try:
+        m = m.model_copy(update={"generator": m.generator.resolved(calibration)})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ManifestError(f"generator: {exc}") from None
     hr_items = _list(m.hr, storage, "hr")
     per = m.output.inputs_per_shard
     inputs = []
@@ -579,6 +601,8 @@ class GenerateJob:
         t_start = time.perf_counter()
         plan = plan or make_plan(m)
         self.plan = plan
+        # The plan's manifest has the generator settings resolved (domain calibration or paper).
+        self.m = m = plan.manifest
         started_ray = ensure_ray()
         lock = RunLock(self.store, heartbeat_s=m.progress.heartbeat_s)
         try:
@@ -650,7 +674,7 @@ class GenerateJob:
         writer = ShardWriter(self.store, plan)
         states: dict[int, ShardState] = {i: ShardState(i, len(plan.shard_inputs(i))) for i in pending_shards}
         pending_rows = [
-            {k: r[k] for k in ("shard", "input_index", "key", "uri", "path", "offset", "size")}
+            {k: r.get(k) for k in ("shard", "input_index", "key", "uri", "path", "offset", "size", "error")}
             for i in pending_shards
             for r in plan.shard_inputs(i)
         ]
@@ -699,6 +723,8 @@ class GenerateJob:
             "tau_max": m.generator.tau_max,
             "weights": (m.generator.content_weight, m.generator.degradation_weight),
             "start_kind": m.generator.start_kind,
+            "filter_norm": bool(m.generator.filter_norm),
+            "start_bank": m.generator.start_bank,
             "rows_per_call": m.generator.rows_per_call,
             "sampler": m.generator.sampler_config().to_dict(),
             "precision": m.generator.precision,

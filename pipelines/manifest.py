@@ -175,11 +175,40 @@ class GeneratorSpec(StrictModel):
         None, description="RealDGen checkpoint (.safetensors; local path, file:// or s3://). realdgen only."
     )
     k: int = Field(4, ge=1, le=64, description="Best-of-k candidates per pair (realdgen).")
-    tau_min: int = Field(0, ge=0, le=999, description="Smallest start step τ (realdgen).")
-    tau_max: int = Field(300, ge=0, le=999, description="Largest start step τ; Table 3 of the paper: 300.")
-    content_weight: float = Field(1.0, ge=0, le=1e6, description="Weight of the content error in best-of-k.")
-    degradation_weight: float = Field(
-        1.0, ge=0, le=1e6, description="Weight of the degradation error in best-of-k."
+    calibration: Literal["auto", "off"] = Field(
+        "auto",
+        description="realdgen: `auto` takes every τ / start / filter setting left unset here from the "
+        "checkpoint's domain calibration (written by adaptation, realdgen_core/calibrate.py); `off`, "
+        "or a checkpoint without one, uses the paper's settings (τ ~ U{0..300}, Real-ESRGAN start, "
+        "raw errors weighted 1:1).",
+    )
+    tau_min: int | None = Field(
+        None, ge=0, le=999, description="Smallest start step τ (realdgen). Unset: calibration, else 0."
+    )
+    tau_max: int | None = Field(
+        None,
+        ge=0,
+        le=999,
+        description="Largest start step τ (realdgen). Unset: calibration, else 300 (paper Table 3).",
+    )
+    content_weight: float | None = Field(
+        None, ge=0, le=1e6, description="Weight of the content error in best-of-k. Unset: calibration, else 1."
+    )
+    degradation_weight: float | None = Field(
+        None,
+        ge=0,
+        le=1e6,
+        description="Weight of the degradation error in best-of-k. Unset: calibration, else 1.",
+    )
+    filter_norm: bool | None = Field(
+        None,
+        description="Divide each best-of-k error by its mean over the sample's candidates before "
+        "weighting (scale-free weights). Unset: calibration, else false.",
+    )
+    start_bank: list[dict[str, Any]] | None = Field(
+        None,
+        description="start_kind `domain`: the start θs to choose from per sample (filled from the "
+        "checkpoint's calibration when unset; realdgen_core/calibrate.py).",
     )
     rows_per_call: int | None = Field(
         None,
@@ -188,8 +217,11 @@ class GeneratorSpec(StrictModel):
         description="realdgen: None = one network call per sample (batch-independent on any backend); "
         "an int packs rows into fixed-size calls (GPU throughput). Part of the data's identity.",
     )
-    start_kind: Literal["realesrgan", "bsrgan", "bicubic"] = Field(
-        "realesrgan", description="Synthetic degradation D used to build x_τ from the HR (Alg. 2)."
+    start_kind: Literal["realesrgan", "bsrgan", "bicubic", "domain"] | None = Field(
+        None,
+        description="D used to build x_τ from the HR (Alg. 2): a synthetic model, or `domain` (per "
+        "sample, the calibration's start θ closest to the reference in E_deg space). Unset: "
+        "calibration, else realesrgan.",
     )
     sampler: Literal["ancestral", "ddim"] = Field(
         _SamplerCfg.kind,
@@ -228,9 +260,47 @@ class GeneratorSpec(StrictModel):
         """The core ``SamplerConfig`` of this section."""
         return _SamplerCfg(kind=self.sampler, steps=self.sampler_steps, eta=self.sampler_eta)
 
+    def resolved(self, calibration: dict | None) -> GeneratorSpec:
+        """Every unset τ / start / filter setting filled in: from ``calibration`` (a checkpoint's
+        ``DomainCalibration.to_dict()``) when given and ``calibration: auto``, else the paper's."""
+        paper = {
+            "tau_min": 0,
+            "tau_max": 300,
+            "start_kind": "realesrgan",
+            "content_weight": 1.0,
+            "degradation_weight": 1.0,
+            "filter_norm": False,
+        }
+        if calibration is not None and self.calibration == "auto" and self.kind == "realdgen":
+            src = {
+                "tau_min": int(calibration["tau_min"]),
+                "tau_max": int(calibration["tau_max"]),
+                "start_kind": "domain",
+                "content_weight": float(calibration["weights"][0]),
+                "degradation_weight": float(calibration["weights"][1]),
+                "filter_norm": bool(calibration.get("filter_norm", True)),
+            }
+        else:
+            src = paper
+        update = {key: value for key, value in src.items() if getattr(self, key) is None}
+        start_kind = update.get("start_kind", self.start_kind)
+        if start_kind == "domain" and self.start_bank is None:
+            if calibration is None:
+                raise ValueError(
+                    "generator.start_kind: `domain` needs `start_bank` or a checkpoint with a domain "
+                    "calibration (run the adaptation, manifests/adapt.yaml)"
+                )
+            update["start_bank"] = [dict(t) for t in calibration["bank"]]
+        if update.get("tau_min", self.tau_min) > update.get("tau_max", self.tau_max):
+            raise ValueError(
+                f"generator: tau_min ({update.get('tau_min', self.tau_min)}) must be <= tau_max "
+                f"({update.get('tau_max', self.tau_max)}) after filling in the calibration"
+            )
+        return self.model_copy(update=update)
+
     @model_validator(mode="after")
     def _check(self) -> GeneratorSpec:
-        if self.tau_min > self.tau_max:
+        if self.tau_min is not None and self.tau_max is not None and self.tau_min > self.tau_max:
             raise ValueError(f"tau_min ({self.tau_min}) must be <= tau_max ({self.tau_max})")
         if self.kind == "realdgen" and not self.checkpoint:
             raise ValueError("kind 'realdgen' needs `checkpoint`")
@@ -530,6 +600,11 @@ def manifest_digest(manifest: StrictModel) -> str:
         for key in ("sampler", "sampler_steps", "sampler_eta"):
             gen.pop(key, None)
     if isinstance(gen, dict):
+        # Settings that did not exist before domain calibrations, at their resolved paper values,
+        # keep the digests of datasets written before them.
+        for key, default in (("calibration", "auto"), ("filter_norm", False), ("start_bank", None)):
+            if gen.get(key, default) == default:
+                gen.pop(key, None)
         # Same for the GPU-only knobs at their defaults (CPU bytes never depend on them).
         for key, default in (("precision", "auto"), ("channels_last", False), ("compile", False)):
             if gen.get(key, default) == default:

@@ -412,6 +412,8 @@ class GenerateLR:
                 weights=tuple(t["weights"]),
                 start_kind=t["start_kind"],
                 starts=starts,
+                start_bank=t.get("start_bank"),
+                filter_norm=bool(t.get("filter_norm", False)),
             )
             lr = res.lr
             kept = res.kept.tolist()

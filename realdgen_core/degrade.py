@@ -117,6 +117,9 @@ __all__ = [
 ]
 
 KINDS = ("realesrgan", "bsrgan", "bicubic")
+# θ kinds that are never drawn by ``sample_theta`` but may be applied: ``domain`` θs are fixed start
+# degradations fitted to a reference domain (``realdgen_core.calibrate``).
+APPLY_KINDS = (*KINDS, "domain")
 SCALES = (2, 4)
 THETA_VERSION = 1
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
@@ -923,9 +926,9 @@ def _sample_bsrgan(g: torch.Generator, scale: int, cfg: BSRGANConfig) -> list[di
     return ops
 
 
-def _check_kind_scale(kind: str, scale: int) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+def _check_kind_scale(kind: str, scale: int, kinds: tuple[str, ...] = KINDS) -> None:
+    if kind not in kinds:
+        raise ValueError(f"kind must be one of {kinds}, got {kind!r}")
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
 
@@ -1022,7 +1025,7 @@ def apply(hr: torch.Tensor, thetas: Sequence[dict]) -> torch.Tensor:
     if len(scales) > 1:
         raise ValueError(f"all θs of a batch must share one scale, got {sorted(scales)}")
     for t in thetas:
-        _check_kind_scale(t["kind"], int(t["scale"]))
+        _check_kind_scale(t["kind"], int(t["scale"]), APPLY_KINDS)
         if t.get("version") != THETA_VERSION:
             raise ValueError(f"θ version {t.get('version')!r} is not supported (expected {THETA_VERSION})")
     if not thetas:

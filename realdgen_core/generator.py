@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from realdgen_core import degrade
+from realdgen_core import calibrate, degrade
 from realdgen_core.diffusion import BatchingStats, GaussianDiffusion, Sampler, SamplerConfig
 from realdgen_core.models import RealDGenModel
 
@@ -265,6 +265,8 @@ class LRGenerator:
         start_kind: str = "realesrgan",
         return_candidates: bool = False,
         starts: Tensor | None = None,
+        start_bank: Sequence[dict] | None = None,
+        filter_norm: bool = False,
     ) -> GenerationResult:
         """Generate one realistic LR per HR (best of k candidates).
 
@@ -283,6 +285,13 @@ class LRGenerator:
             starts: D(HR_i, θ_ij) already computed elsewhere (``start_images(hr, draw_starts(...)[2])``,
                 e.g. in the job's CPU decode stage), [B,k,3,h,w] in [0,1]; τ and θ are still
                 drawn here (cheap) so that the sampling noise that follows them is the same.
+            start_bank: with ``start_kind="domain"``: the start θs of a domain calibration
+                (``realdgen_core.calibrate``); each sample's k candidates start from the bank entries
+                whose D(HR_i, θ) is closest to its reference in E_deg space (one per candidate, best
+                first). τ and a noise seed per candidate are still drawn from the sample's generator.
+            filter_norm: divide each error by its mean over the sample's k candidates before
+                weighting, so the two terms weigh as ``weights`` say whatever their scales (E_deg
+                errors are ~100x smaller than E_cont errors for the demo checkpoint).
         """
         timings: dict[str, float] = {}
         clock = time.perf_counter()
@@ -304,7 +313,26 @@ class LRGenerator:
         h, w = H // s, W // s
 
         # 1. Per-sample draws: τ then θ for each candidate, from the sample's own generator.
-        gens, tau, thetas = draw_starts(b, k, s, tau_range, seeds, start_kind)
+        domain_start = start_kind == "domain"
+        if domain_start:
+            if start_bank is None:
+                raise ValueError("start_kind='domain' needs start_bank (a domain calibration's start θs)")
+            if starts is not None:
+                raise ValueError("start_kind='domain' chooses its starts here; do not pass starts")
+            calibrate.check_bank(start_bank, s)
+        gens, tau, thetas = draw_starts(b, k, s, tau_range, seeds, "bicubic" if domain_start else start_kind)
+        if domain_start:
+            ref_emb_sel = self._reference_embeddings(refs, ref_embeddings, b)
+            for i in range(b):
+                errs = calibrate.bank_errors(
+                    self.model.degradation, hr[i : i + 1], ref_emb_sel[i], start_bank, self.device
+                )
+                idx = calibrate.choose_starts(errs, k)
+                # the bicubic draw above consumed one noise seed per candidate: reuse it
+                thetas[i] = [
+                    calibrate.instantiate(start_bank[j], thetas[i][c]["noise_seed"])
+                    for c, j in enumerate(idx)
+                ]
         if starts is None:
             starts = start_images(hr, thetas)
         elif tuple(starts.shape) != (b, k, 3, h, w):
@@ -324,11 +352,8 @@ class LRGenerator:
         per_sample = [[i] for i in range(b)]
         content_hr = self._run(self.model.content.encode, [hr_dev], per_sample)
         lap("content")
-        if ref_embeddings is None:
-            ref_emb = self.degradation_embeddings(refs)
-        else:
-            ref_emb = torch.as_tensor(ref_embeddings).detach().float().cpu()
-        ref_emb = self._broadcast_refs(ref_emb, b).to(self.device)
+        ref_emb = ref_emb_sel if domain_start else self._reference_embeddings(refs, ref_embeddings, b)
+        ref_emb = ref_emb.to(self.device)
         lap("degradation")
         cond = self._run(self.model.modulation, [content_hr, ref_emb], per_sample)
         lap("modulation")
@@ -390,7 +415,12 @@ class LRGenerator:
         deg_err = (deg_c.float() - ref_emb.float().repeat_interleave(k, 0)).pow(2).mean(1)
         content_err = content_err.view(b, k).cpu()
         deg_err = deg_err.view(b, k).cpu()
-        combined = float(weights[0]) * content_err + float(weights[1]) * deg_err
+        if filter_norm:
+            eps = torch.finfo(torch.float32).tiny
+            combined = float(weights[0]) * content_err / content_err.mean(1, keepdim=True).clamp_min(eps)
+            combined = combined + float(weights[1]) * deg_err / deg_err.mean(1, keepdim=True).clamp_min(eps)
+        else:
+            combined = float(weights[0]) * content_err + float(weights[1]) * deg_err
         kept = torch.argmin(combined, dim=1)
         cands = cands.view(b, k, 3, h, w).cpu()
         lr = cands[torch.arange(b), kept].contiguous()
@@ -428,9 +458,17 @@ class LRGenerator:
             raise ValueError(
                 f"weights must be two non-negative floats (content, degradation), got {weights!r}"
             )
-        if start_kind not in degrade.KINDS:
-            raise ValueError(f"start_kind must be one of {degrade.KINDS}, got {start_kind!r}")
+        if start_kind not in (*degrade.KINDS, "domain"):
+            raise ValueError(f"start_kind must be one of {(*degrade.KINDS, 'domain')}, got {start_kind!r}")
         return hr, b
+
+    def _reference_embeddings(self, refs, ref_embeddings: Tensor | None, b: int) -> Tensor:
+        """E_deg of the references, [B, D] float32 on CPU."""
+        if ref_embeddings is None:
+            emb = self.degradation_embeddings(refs)
+        else:
+            emb = torch.as_tensor(ref_embeddings).detach().float().cpu()
+        return self._broadcast_refs(emb, b)
 
     def _broadcast_refs(self, emb: Tensor, b: int) -> Tensor:
         d = self.model.config.degradation.out_dim

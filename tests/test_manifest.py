@@ -36,7 +36,29 @@ def test_valid_manifest_and_defaults(tmp_path):
     m = load_manifest(write(tmp_path, BASE))
     assert isinstance(m, GenerateManifest)
     assert m.tiling.tile == 64 and m.output.mode == "resume" and m.refs[0].source.format == "webdataset"
-    assert m.generator.tau_max == 300  # the paper's best τ (Table 3)
+    assert m.generator.tau_max is None  # unset: the checkpoint's calibration, else the paper's
+    g = m.generator.resolved(None)
+    assert (g.tau_min, g.tau_max, g.start_kind) == (0, 300, "realesrgan")  # the paper's (Table 3)
+    assert (g.content_weight, g.degradation_weight, g.filter_norm) == (1.0, 1.0, False)
+
+
+def test_generator_resolves_from_a_domain_calibration():
+    from pipelines.manifest import GeneratorSpec
+    from realdgen_core.calibrate import DomainCalibration, start_bank
+
+    cal = DomainCalibration("codec", 0, 40, start_bank(4, (0.0, 1.2), (0, 70)), (0.25, 1.0)).to_dict()
+    spec = GeneratorSpec(kind="realdgen", checkpoint="c.safetensors", tau_max=90)
+    g = spec.resolved(cal)
+    # set keys win, unset ones come from the calibration
+    assert (g.tau_min, g.tau_max, g.start_kind) == (0, 90, "domain")
+    assert (g.content_weight, g.degradation_weight, g.filter_norm) == (0.25, 1.0, True)
+    assert [t["ops"] for t in g.start_bank] == [t["ops"] for t in cal["bank"]] and len(g.start_bank) == 4
+    off = GeneratorSpec(kind="realdgen", checkpoint="c.safetensors", calibration="off").resolved(cal)
+    assert (off.tau_max, off.start_kind, off.start_bank) == (300, "realesrgan", None)
+    with pytest.raises(ValueError, match="tau_min .* must be <= tau_max"):
+        GeneratorSpec(kind="realdgen", checkpoint="c.safetensors", tau_min=60).resolved(cal)
+    with pytest.raises(ValueError, match="needs `start_bank`"):
+        GeneratorSpec(kind="realdgen", checkpoint="c.safetensors", start_kind="domain").resolved(None)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,171 @@
+"""Per-domain start degradations and τ: the paper's "auto-selection of T" future work (§3.4, §4).
+
+Generation starts at ``x_τ = √ᾱ_τ·D(HR) + √(1−ᾱ_τ)·ε`` (Alg. 2). The paper draws D from a fixed
+synthetic model and τ from a fixed range, and notes that τ "should not be a manual set but rather
+a variable that correlates with the degradation process". This module makes both follow the
+reference domain:
+
+- **Start bank.** A small grid of plain start degradations θ (kind ``domain``): isotropic Gaussian
+  blur of the HR (σ in HR pixels), antialiased bicubic ×1/s, optional JPEG (Pillow's libjpeg,
+  4:2:0). Each candidate of each sample starts from the bank entries whose D(HR_i, θ) is closest to
+  the sample's reference in the degradation extractor's space, ``‖E_deg(D(HR_i, θ)) − E_deg(ref_i)‖²``
+  (the very error the best-of-k filter uses, applied to the start instead of only to the end).
+  This is per sample, so it needs no paired data and follows the reference it is given.
+- **τ per domain.** ``calibrate_tau`` generates the LR of calibration HR crops with references
+  from a *validation split* of the domain's unpaired LR for each candidate ``tau_max`` and keeps the
+  one whose outputs are closest to their references in E_deg space, preferring the smaller τ
+  when the difference is within the measurement noise (fidelity falls as τ grows, Table 3).
+
+Why not fit a single θ to the domain's statistics: measured on codec data (docs/realism.md), the
+mean statistics of a domain's LR (noise level, blur, E_deg mean) depend on *what* the pictures show
+as much as on how they were degraded — refs of smooth scenes (retina, star fields) read as "blurry"
+whatever the codec — so a single fitted θ followed the scenes, not the codec. Matching each sample
+to its own reference, content against comparable content, was far more robust.
+
+The result is a :class:`DomainCalibration` stored in the adapted checkpoint's metadata
+(``calibration``) and used by the generation job by default.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from realdgen_core import degrade
+
+METADATA_KEY = "calibration"
+
+DEFAULT_BLUR_SIGMAS: tuple[float, ...] = (0.0, 0.8, 1.2, 1.6, 2.0, 2.4, 3.0)
+DEFAULT_JPEG_QUALITIES: tuple[int, ...] = (0, 90, 70, 50, 35)  # 0 = no JPEG
+DEFAULT_TAU_GRID: tuple[int, ...] = (0, 25, 50, 100, 200, 300)
+
+
+def start_theta(scale: int, blur_sigma: float, jpeg_quality: int) -> dict:
+    """One start degradation θ (kind ``domain``): blur σ (HR px, 0 = none) → bicubic_aa ×1/s → JPEG q (0 = none)."""
+    if scale not in degrade.SCALES:
+        raise ValueError(f"scale must be one of {degrade.SCALES}, got {scale!r}")
+    if not 0.0 <= float(blur_sigma) <= 10.0:
+        raise ValueError(f"blur_sigma must be in [0, 10] HR pixels, got {blur_sigma!r}")
+    if not (int(jpeg_quality) == 0 or 1 <= int(jpeg_quality) <= 100):
+        raise ValueError(f"jpeg_quality must be 0 (none) or in [1, 100], got {jpeg_quality!r}")
+    ops: list[dict] = []
+    if blur_sigma > 0:
+        # 21 taps as in D; covers ±3σ up to σ = 3.3, wider kernels are truncated (and renormalised).
+        size = 21 if blur_sigma <= 3.3 else 2 * math.ceil(3 * blur_sigma) + 1
+        kernel = {"type": "iso", "size": size, "sigma_x": float(blur_sigma), "sigma_y": float(blur_sigma)}
+        ops.append({"name": "blur", "op": "blur", "kernel": {**kernel, "rotation": 0.0}})
+    ops.append({"name": "resize", "op": "resize", "relative_to": "lr", "factor": 1.0, "mode": "bicubic_aa"})
+    if jpeg_quality:
+        ops.append({"name": "jpeg", "op": "jpeg", "quality": int(jpeg_quality)})
+    return {
+        "version": degrade.THETA_VERSION,
+        "kind": "domain",
+        "scale": int(scale),
+        "noise_seed": 0,
+        "ops": ops,
+    }
+
+
+def start_bank(
+    scale: int,
+    blur_sigmas: Sequence[float] = DEFAULT_BLUR_SIGMAS,
+    jpeg_qualities: Sequence[int] = DEFAULT_JPEG_QUALITIES,
+) -> tuple[dict, ...]:
+    """The grid of start θs (blur-major order); see :func:`start_theta`."""
+    if not blur_sigmas or not jpeg_qualities:
+        raise ValueError("a start bank needs at least one blur sigma and one JPEG quality")
+    return tuple(start_theta(scale, s, q) for s in blur_sigmas for q in jpeg_qualities)
+
+
+def check_bank(bank: Sequence[dict], scale: int) -> None:
+    """Raise ValueError unless ``bank`` is a non-empty list of ``domain`` θs of this scale."""
+    if not bank:
+        raise ValueError("the start bank is empty")
+    for i, th in enumerate(bank):
+        if not isinstance(th, dict) or th.get("kind") != "domain" or int(th.get("scale", -1)) != scale:
+            raise ValueError(f"start bank entry {i} is not a 'domain' θ of scale {scale}: {th!r}")
+
+
+@dataclass(frozen=True)
+class DomainCalibration:
+    """What adaptation records for a reference domain; the job's defaults when present.
+
+    ``bank``: start θs the per-sample selection chooses from; ``tau_min``/``tau_max``: the τ range;
+    ``weights``: the best-of-k filter's (content, degradation) weights, applied to errors normalised
+    per sample (``filter_norm``); ``scores``: what the selection measured, for the record.
+    """
+
+    domain: str
+    tau_min: int
+    tau_max: int
+    bank: tuple[dict, ...]
+    weights: tuple[float, float] = (0.0, 1.0)
+    filter_norm: bool = True
+    scores: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["bank"] = [dict(t) for t in self.bank]
+        d["weights"] = list(self.weights)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DomainCalibration:
+        try:
+            cal = cls(
+                domain=str(d["domain"]),
+                tau_min=int(d["tau_min"]),
+                tau_max=int(d["tau_max"]),
+                bank=tuple(dict(t) for t in d["bank"]),
+                weights=(float(d["weights"][0]), float(d["weights"][1])),
+                filter_norm=bool(d.get("filter_norm", True)),
+                scores=dict(d.get("scores", {})),
+            )
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            raise ValueError(f"invalid domain calibration {d!r}: {e}") from e
+        if not 0 <= cal.tau_min <= cal.tau_max:
+            raise ValueError(
+                f"calibration tau range must satisfy 0 <= tau_min <= tau_max, got {cal.tau_min}, {cal.tau_max}"
+            )
+        if min(cal.weights) < 0:
+            raise ValueError(f"calibration weights must be non-negative, got {cal.weights}")
+        return cal
+
+
+def from_metadata(metadata: dict) -> DomainCalibration | None:
+    """The calibration recorded in checkpoint metadata, or None."""
+    d = metadata.get(METADATA_KEY)
+    return None if d is None else DomainCalibration.from_dict(d)
+
+
+# ------------------------------------------------------------------ per-sample start selection
+
+
+@torch.inference_mode()
+def bank_errors(
+    degradation_net: torch.nn.Module, hr: Tensor, ref_emb: Tensor, bank: Sequence[dict], device: torch.device
+) -> Tensor:
+    """‖E_deg(D(HR, θ_b)) − ref_emb‖² / dim for every bank entry b of ONE sample.
+
+    ``hr``: [1,3,H,W] in [0,1] (modcropped), ``ref_emb``: [D]. Returns float32 [len(bank)] on CPU.
+    Each D(HR, θ_b) is embedded in one call of the sample's own bank (same shape every time), so the
+    result does not depend on the batch the sample came in.
+    """
+    starts = degrade.apply(hr.detach().to("cpu", torch.float32).expand(len(bank), -1, -1, -1), list(bank))
+    emb = degradation_net(starts.to(device)).float()
+    return (emb - ref_emb.to(device).float()[None]).pow(2).mean(1).cpu()
+
+
+def choose_starts(errors: Tensor, k: int) -> list[int]:
+    """Bank indices for k candidates: the k lowest errors (stable order; cycles when k > bank size)."""
+    order = torch.sort(errors, stable=True).indices.tolist()
+    return [order[j % len(order)] for j in range(k)]
+
+
+def instantiate(theta: dict, noise_seed: int) -> dict:
+    """A bank θ with the candidate's own noise seed (bank θs hold no noise ops today; kept for ones that do)."""
+    return {**theta, "noise_seed": int(noise_seed)}
