@@ -38,6 +38,10 @@ SPLITS: dict[str, tuple[str, ...]] = {
     ),
     "ref_photos": ("retina", "motorcycle_right", "gravel", "moon", "clock", "page"),
     "heldout": ("astronaut", "coffee"),
+    # Default content for domain calibrations (pipelines/train.py `calibration`): photos in neither
+    # split of the realism benchmark (shared/bench/make_codec_pairs.py), so calibrating on its
+    # refs_train never pairs a reference with its own scene.
+    "calibration": ("motorcycle_right", "gravel", "moon", "camera", "brick", "grass", "coins", "clock"),
 }
 
 _LAYOUT_VERSION = 2

@@ -192,7 +192,10 @@ class GeneratorSpec(StrictModel):
         description="Largest start step τ (realdgen). Unset: calibration, else 300 (paper Table 3).",
     )
     content_weight: float | None = Field(
-        None, ge=0, le=1e6, description="Weight of the content error in best-of-k. Unset: calibration, else 1."
+        None,
+        ge=0,
+        le=1e6,
+        description="Weight of the content error in best-of-k. Unset: calibration, else 1.",
     )
     degradation_weight: float | None = Field(
         None,
@@ -593,6 +596,9 @@ def manifest_digest(manifest: StrictModel) -> str:
     """sha256 of the canonical JSON of the manifest minus fields that do not change the data."""
     exclude = getattr(type(manifest), "DIGEST_EXCLUDE", None)
     payload = manifest.model_dump(mode="json", exclude=exclude)
+    cal = payload.get("calibration")
+    if payload.get("kind") == "train" and isinstance(cal, dict) and not cal.get("enabled"):
+        payload.pop("calibration")  # off: training is exactly as before the section existed
     gen = payload.get("generator")
     if isinstance(gen, dict) and gen.get("sampler") == "ancestral":
         # steps/eta do not act on the paper's sampler, and leaving the keys out keeps the digests
@@ -794,6 +800,39 @@ class TrainProgress(StrictModel):
     log_every: int = Field(1, ge=1, description="Write a CSV loss row every N steps.")
 
 
+class TrainCalibration(StrictModel):
+    """Domain calibration after stage C (realdgen_core/calibrate.py): τ and the start bank for the
+    domain of `data.lr`'s `images` components, recorded in the exported checkpoint and used by the
+    generation job by default. A hash of each LR file's name puts it in the validation split, which
+    stage C then never reads."""
+
+    enabled: bool = Field(False, description="Calibrate and record the result in output.checkpoint.")
+    domain: str = Field("domain", min_length=1, max_length=200, description="Name recorded with it.")
+    val_fraction: float = Field(
+        0.25, ge=0.05, le=0.9, description="Share of the domain's LR files held out for calibration."
+    )
+    hr: SourceSpec | None = Field(
+        None,
+        description="Calibration HR content (never the domain's own scenes). Default: scikit-image "
+        "photos of pipelines/demo_data.py SPLITS['calibration'].",
+    )
+    pairs: int = Field(12, ge=1, le=4096, description="(HR crop, validation LR) pairs per τ tried.")
+    hr_crop: int = Field(256, ge=16, le=4096, description="HR crop side (a multiple of the scale).")
+    tau_grid: tuple[int, ...] = Field(
+        (0, 25, 50, 100, 200, 300), min_length=1, description="tau_max values tried (0-based steps)."
+    )
+    blur_sigmas: tuple[float, ...] = Field(
+        (0.0, 0.8, 1.2, 1.6, 2.0, 2.4, 3.0), min_length=1, description="Start bank: HR blur σ (px)."
+    )
+    jpeg_qualities: tuple[int, ...] = Field(
+        (0, 90, 70, 50, 35), min_length=1, description="Start bank: JPEG qualities (0 = none)."
+    )
+    k: int = Field(4, ge=1, le=64, description="Best-of-k while calibrating (as the job uses).")
+    content_weight: float = Field(0.0, ge=0, le=1e6, description="Filter weight of the content error.")
+    degradation_weight: float = Field(1.0, ge=0, le=1e6, description="Filter weight of the E_deg error.")
+    sampler_steps: int = Field(10, ge=1, le=1000, description="DDIM steps while calibrating τ.")
+
+
 class TrainManifest(StrictModel):
     """kind: train — RealDGen's three-stage training (A content, B degradation, C Decoupled DDPM)."""
 
@@ -821,9 +860,19 @@ class TrainManifest(StrictModel):
     output: TrainOutput = Field(..., description="Run folder and export.")
     compute: TrainCompute = Field(default_factory=TrainCompute, description="Local or Ray Train.")
     progress: TrainProgress = Field(default_factory=TrainProgress, description="Progress and logs.")
+    calibration: TrainCalibration = Field(
+        default_factory=TrainCalibration, description="Domain calibration of τ and the start (adaptation)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainManifest:
+        if self.calibration.enabled:
+            if not self.output.checkpoint:
+                raise ValueError("calibration.enabled needs `output.checkpoint` (where it is recorded)")
+            if not any(c.kind == "images" for c in self.data.lr):
+                raise ValueError("calibration.enabled needs a `data.lr` component of kind `images`")
+            if self.calibration.hr_crop % self.scale:
+                raise ValueError(f"calibration.hr_crop {self.calibration.hr_crop} is not a multiple of scale")
         if ("A" in self.stages or "B" in self.stages) and self.data.hr is None:
             raise ValueError("stages A and B need `data.hr`")
         if "C" in self.stages:
@@ -842,6 +891,7 @@ class TrainManifest(StrictModel):
 MANIFEST_KINDS["train"] = TrainManifest
 __all__ += [
     "TrainManifest",
+    "TrainCalibration",
     "TrainData",
     "TrainLRSource",
     "TrainOutput",
@@ -871,9 +921,7 @@ class EvalDomain(StrictModel):
     """
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9_-]+$", description="Domain name (report key).")
-    path: str | None = Field(
-        None, min_length=1, description="Local domain folder; default: `root`/`name`."
-    )
+    path: str | None = Field(None, min_length=1, description="Local domain folder; default: `root`/`name`.")
     layout: Literal["auto", "bench", "realsr"] = Field("auto", description="Folder convention.")
     hr: str | None = Field(None, min_length=1, description="Explicit HR folder (local).")
     lr: str | None = Field(None, min_length=1, description="Explicit true-LR folder (local).")

@@ -152,6 +152,12 @@ def build_samplers(m: TrainManifest, scale: int, stages: Sequence[str]) -> dict[
         for i, c in enumerate(m.data.lr):
             if c.kind == "images":
                 comps.append(source(c.source, f"data.lr[{i}]"))
+                if m.calibration.enabled:  # the validation split is the calibration's alone
+                    comps[-1].items = calibration_split(comps[-1].items, m.calibration.val_fraction)[0]
+                    if not comps[-1].items:
+                        raise ValueError(
+                            f"data.lr[{i}]: no image left for training after the validation split"
+                        )
             else:
                 base = source(c.source, f"data.lr[{i}].source") if c.source is not None else hr
                 comps.append(
@@ -162,6 +168,84 @@ def build_samplers(m: TrainManifest, scale: int, stages: Sequence[str]) -> dict[
             weights.append(c.weight)
         lr = MixtureSampler(comps, weights)
     return {"hr": hr, "lr": lr, "sources": made}
+
+
+def calibration_split(items: Sequence[SourceItem], fraction: float) -> tuple[list, list]:
+    """(train, validation) items of a domain's LR source, by a hash of each item's URI."""
+    from realdgen_core.calibrate import split_validation
+
+    train, val = split_validation([it.uri for it in items], fraction)
+    return [items[i] for i in train], [items[i] for i in val]
+
+
+def calibrate_checkpoint(m: TrainManifest) -> dict:
+    """Choose τ for the domain of ``data.lr`` on its validation split and record the calibration
+    (``realdgen_core.calibrate.DomainCalibration``) in ``output.checkpoint``'s metadata.
+
+    The weights are untouched (same model digest); the job reads the calibration by default.
+    """
+    from pipelines.storage import fetch_to_local
+    from realdgen_core import calibrate
+    from realdgen_core.checkpoint import load_checkpoint, save_checkpoint
+    from realdgen_core.diffusion import SamplerConfig
+    from realdgen_core.generator import LRGenerator
+
+    cal_m = m.calibration
+    storage = m.storage.model_dump()
+    t0 = time.time()
+    g = torch.Generator().manual_seed(m.seed + 7919)
+    refs: list[torch.Tensor] = []
+    for i, c in enumerate(m.data.lr):
+        if c.kind != "images":
+            continue
+        items = calibration_split(list_source(c.source, storage), cal_m.val_fraction)[1]
+        sampler = SourceCropSampler(
+            items, storage, m.data.cache_images, m.data.max_image_pixels, f"data.lr[{i}]"
+        )
+        for it in range(len(items)):
+            img = sampler._image(it)
+            if img is not None:
+                refs.append(img)
+    if not refs:
+        raise ValueError("calibration: the validation split of data.lr holds no readable image")
+    if cal_m.hr is not None:
+        hr_src = SourceCropSampler(
+            list_source(cal_m.hr, storage),
+            storage,
+            m.data.cache_images,
+            m.data.max_image_pixels,
+            "calibration.hr",
+        )
+        hr = hr_src(cal_m.pairs, cal_m.hr_crop, g)
+    else:
+        from pipelines.demo_data import SPLITS, load_photo
+
+        photos = [to_tensor(load_photo(n)) for n in SPLITS["calibration"]]
+        photos = [p for p in photos if min(p.shape[-2:]) >= cal_m.hr_crop]
+        if not photos:
+            raise ValueError(f"calibration: no default photo is at least {cal_m.hr_crop}px")
+        hr = torch.stack([random_crop(photos[i % len(photos)], cal_m.hr_crop, g) for i in range(cal_m.pairs)])
+    pair_refs = [refs[int(j)] for j in torch.randint(0, len(refs), (cal_m.pairs,), generator=g)]
+    local = fetch_to_local(m.output.checkpoint, storage)
+    model, meta = load_checkpoint(local)
+    gen = LRGenerator(model, sampler=SamplerConfig(kind="ddim", steps=cal_m.sampler_steps, eta=1.0))
+    bank = calibrate.start_bank(model.config.scale, cal_m.blur_sigmas, cal_m.jpeg_qualities)
+    weights = (cal_m.content_weight, cal_m.degradation_weight)
+    tau_max, scores = calibrate.calibrate_tau(
+        gen, hr, pair_refs, bank, tau_grid=cal_m.tau_grid, k=cal_m.k, weights=weights, seed=m.seed
+    )
+    scores.update(
+        validation_images=len(refs), seconds=round(time.time() - t0, 1), sampler_steps=cal_m.sampler_steps
+    )
+    cal = calibrate.DomainCalibration(cal_m.domain, 0, tau_max, bank, weights, True, scores)
+    meta = {k: v for k, v in meta.items() if k != "digest"}
+    meta[calibrate.METADATA_KEY] = cal.to_dict()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model.safetensors"
+        save_checkpoint(out, model, meta)
+        put_uri(out, m.output.checkpoint, storage)
+    print(f"[train] calibration of {cal_m.domain!r}: tau_max {tau_max} ({scores})", file=sys.stderr)
+    return {"domain": cal_m.domain, "tau_max": tau_max, **scores}
 
 
 def prepare_demo(root: str, scale: int) -> None:
@@ -632,6 +716,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = run_with_ray(m, stages)
     else:
         summary = train_worker(m.model_dump(mode="json"), stages)
+    if m.calibration.enabled:
+        summary["calibration"] = calibrate_checkpoint(m)
     print(json.dumps(summary, indent=1))
     return 0
 

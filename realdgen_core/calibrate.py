@@ -45,7 +45,7 @@ DEFAULT_TAU_GRID: tuple[int, ...] = (0, 25, 50, 100, 200, 300)
 
 
 def start_theta(scale: int, blur_sigma: float, jpeg_quality: int) -> dict:
-    """One start degradation θ (kind ``domain``): blur σ (HR px, 0 = none) → bicubic_aa ×1/s → JPEG q (0 = none)."""
+    """One start θ (kind ``domain``): blur σ (HR px, 0 = none) → bicubic_aa ×1/s → JPEG q (0 = none)."""
     if scale not in degrade.SCALES:
         raise ValueError(f"scale must be one of {degrade.SCALES}, got {scale!r}")
     if not 0.0 <= float(blur_sigma) <= 10.0:
@@ -129,7 +129,8 @@ class DomainCalibration:
             raise ValueError(f"invalid domain calibration {d!r}: {e}") from e
         if not 0 <= cal.tau_min <= cal.tau_max:
             raise ValueError(
-                f"calibration tau range must satisfy 0 <= tau_min <= tau_max, got {cal.tau_min}, {cal.tau_max}"
+                f"calibration tau range must satisfy 0 <= tau_min <= tau_max, got "
+                f"{cal.tau_min}, {cal.tau_max}"
             )
         if min(cal.weights) < 0:
             raise ValueError(f"calibration weights must be non-negative, got {cal.weights}")
@@ -167,5 +168,88 @@ def choose_starts(errors: Tensor, k: int) -> list[int]:
 
 
 def instantiate(theta: dict, noise_seed: int) -> dict:
-    """A bank θ with the candidate's own noise seed (bank θs hold no noise ops today; kept for ones that do)."""
+    """A bank θ with the candidate's own noise seed (no bank op draws noise today; kept for ones that do)."""
     return {**theta, "noise_seed": int(noise_seed)}
+
+
+# ------------------------------------------------------------------ τ per domain
+
+
+def split_validation(names: Sequence[str], fraction: float) -> tuple[list[int], list[int]]:
+    """(train, validation) indices of a domain's LR files, decided by a hash of each name.
+
+    A file's side depends on its name only (not on the listing or its order), so adding files to a
+    domain never moves an old file across; at least one file lands on each side when there are two.
+    """
+    import hashlib
+
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction!r}")
+    keyed = [(int(hashlib.sha256(n.encode()).hexdigest()[:12], 16) / 16**12, i) for i, n in enumerate(names)]
+    val = sorted(i for u, i in keyed if u < fraction)
+    train = sorted(i for u, i in keyed if u >= fraction)
+    if len(names) >= 2 and not val:
+        val = [min(keyed)[1]]
+        train = [i for i in train if i != val[0]]
+    if len(names) >= 2 and not train:
+        train = [max(keyed)[1]]
+        val = [i for i in val if i != train[0]]
+    return train, val
+
+
+def calibrate_tau(
+    generator,
+    hr: Tensor,
+    refs: Sequence[Tensor],
+    bank: Sequence[dict],
+    *,
+    tau_grid: Sequence[int] = DEFAULT_TAU_GRID,
+    k: int = 4,
+    weights: tuple[float, float] = (0.0, 1.0),
+    filter_norm: bool = True,
+    seed: int = 0,
+) -> tuple[int, dict]:
+    """Choose ``tau_max`` for a domain from its validation LR (unpaired), with the start bank in use.
+
+    ``hr``: [N,3,H,W] calibration HR crops (content the domain's LR does not show); ``refs``: N
+    validation LR images of the domain (crop i is paired with refs[i]). For every ``tau_max`` of
+    the grid, generates the N pairs (τ ~ U{0..tau_max}, the generator's sampler) and measures the
+    kept outputs' degradation error to their references (E_deg MSE, what the filter measures).
+    Returns the smallest ``tau_max`` whose mean error is within one standard error of the best
+    one — a larger τ must buy a measurably closer degradation to be worth the fidelity it costs
+    (paper Table 3) — and the per-τ scores.
+    """
+    if len(refs) != hr.shape[0] or not len(refs):
+        raise ValueError(
+            f"calibrate_tau needs one reference per HR crop, got {hr.shape[0]} crops, {len(refs)} refs"
+        )
+    grid = sorted({int(t) for t in tau_grid})
+    if not grid or grid[0] < 0:
+        raise ValueError(f"tau_grid must hold non-negative steps, got {tau_grid!r}")
+    seeds = [seed * 1_000_003 + i for i in range(hr.shape[0])]
+    scores: dict[str, dict] = {}
+    for tau_max in grid:
+        res = generator.generate(
+            hr,
+            list(refs),
+            k=k,
+            tau_range=(0, tau_max),
+            seeds=seeds,
+            start_kind="domain",
+            start_bank=bank,
+            weights=weights,
+            filter_norm=filter_norm,
+        )
+        rows = torch.arange(hr.shape[0])
+        de = res.degradation_errors[rows, res.kept].double()
+        ce = res.content_errors[rows, res.kept].double()
+        n = de.numel()
+        scores[str(tau_max)] = {
+            "degradation_error": float(de.mean()),
+            "degradation_error_se": float(de.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0,
+            "content_error": float(ce.mean()),
+        }
+    best = min(grid, key=lambda t: scores[str(t)]["degradation_error"])
+    limit = scores[str(best)]["degradation_error"] + scores[str(best)]["degradation_error_se"]
+    chosen = min(t for t in grid if scores[str(t)]["degradation_error"] <= limit)
+    return chosen, {"per_tau_max": scores, "best_tau_max": best, "pairs": int(hr.shape[0])}

@@ -1,0 +1,149 @@
+"""Domain calibration: start bank, per-sample start choice, τ selection, and its path into the job."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from realdgen_core import calibrate, degrade
+from realdgen_core.checkpoint import load_checkpoint, save_checkpoint
+from realdgen_core.config import preset
+from realdgen_core.diffusion import SamplerConfig
+from realdgen_core.generator import LRGenerator
+from realdgen_core.models import build_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _hr(photos, name, size=64):
+    img = torch.from_numpy(photos[name][:size, :size].copy()).permute(2, 0, 1).float() / 255
+    return img[None]
+
+
+def test_start_theta_is_blur_resize_jpeg_and_replays(photos):
+    hr = _hr(photos, "astronaut")
+    plain = degrade.apply(hr, [calibrate.start_theta(4, 0.0, 0)])
+    # no blur, no JPEG: exactly the antialiased bicubic downscale, 8-bit rounded
+    want = degrade.quantize_8bit(degrade.resize(hr, (16, 16), "bicubic_aa"))
+    assert torch.equal(plain, want)
+    blurred = degrade.apply(hr, [calibrate.start_theta(4, 2.0, 0)])
+    lap = lambda x: (x[..., 1:, :] - x[..., :-1, :]).abs().mean()  # noqa: E731
+    assert lap(blurred) < 0.9 * lap(plain)
+    jp = degrade.apply(hr, [calibrate.start_theta(4, 0.0, 30)])
+    assert not torch.equal(jp, plain) and torch.equal(
+        jp, degrade.apply(hr, [calibrate.start_theta(4, 0.0, 30)])
+    )
+    bank = calibrate.start_bank(4, (0.0, 1.0, 2.0), (0, 50))
+    assert len(bank) == 6 and all(t["kind"] == "domain" for t in bank)
+    with pytest.raises(ValueError, match="jpeg_quality"):
+        calibrate.start_theta(4, 1.0, 101)
+    with pytest.raises(ValueError, match="not a 'domain'"):
+        calibrate.check_bank([degrade.sample_theta("bicubic", 4, torch.Generator())], 4)
+
+
+def test_domain_start_picks_the_bank_entry_of_the_reference(photos):
+    """A reference made by bank entry b* on the same content has E_deg error exactly 0 to b*'s start,
+    so every sample's first candidate starts from b* (a broken selection picks by index or at random)."""
+    gen = LRGenerator(build_model(preset("tiny", 4), seed=3))
+    bank = calibrate.start_bank(4, (0.0, 1.2, 2.4), (0, 40))
+    hr = torch.cat([_hr(photos, "astronaut"), _hr(photos, "coffee")])
+    for want in (4, 1):
+        ref = degrade.apply(hr, [bank[want], bank[want]])
+        res = gen.generate(hr, ref, k=2, tau_range=(0, 0), seeds=[1, 2], start_kind="domain", start_bank=bank)
+        for i in range(2):
+            assert res.thetas[i][0]["ops"] == bank[want]["ops"]
+            assert res.thetas[i][1]["ops"] != bank[want]["ops"]
+    with pytest.raises(ValueError, match="needs start_bank"):
+        gen.generate(hr, ref, k=2, seeds=[1, 2], start_kind="domain")
+
+
+def test_filter_norm_makes_weights_scale_free():
+    gen = LRGenerator(build_model(preset("tiny", 4), seed=5))
+    hr = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ref = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    kw = dict(k=4, tau_range=(0, 20), seeds=[9], start_kind="bicubic")
+    only_deg = gen.generate(hr, ref, weights=(0.0, 1.0), filter_norm=True, **kw)
+    assert int(only_deg.kept[0]) == int(only_deg.degradation_errors[0].argmin())
+    only_c = gen.generate(hr, ref, weights=(1.0, 0.0), filter_norm=True, **kw)
+    assert int(only_c.kept[0]) == int(only_c.content_errors[0].argmin())
+    both = gen.generate(hr, ref, weights=(1.0, 1.0), filter_norm=True, **kw)
+    ce, de = both.content_errors[0], both.degradation_errors[0]
+    want = int((ce / ce.mean() + de / de.mean()).argmin())
+    assert int(both.kept[0]) == want
+
+
+def test_split_validation_is_by_name():
+    names = [f"img_{i:03d}.png" for i in range(200)]
+    train, val = calibrate.split_validation(names, 0.25)
+    assert sorted(train + val) == list(range(200)) and not set(train) & set(val)
+    assert 25 <= len(val) <= 75
+    # adding files never moves an old one across, and order does not matter
+    t2, v2 = calibrate.split_validation(list(reversed(names)) + ["new.png"], 0.25)
+    rev = list(reversed(names))
+    assert {rev[i] for i in v2 if i < 200} == {names[i] for i in val}
+    assert calibrate.split_validation(["a.png", "b.png"], 0.01)[1]  # both sides non-empty
+
+
+def test_calibrate_tau_prefers_small_tau_within_noise(photos):
+    gen = LRGenerator(build_model(preset("tiny", 4), seed=2), sampler=SamplerConfig(kind="ddim", steps=2))
+    bank = calibrate.start_bank(4, (0.0, 1.6), (0,))
+    hr = torch.cat([_hr(photos, "astronaut", 32), _hr(photos, "coffee", 32)])
+    refs = [
+        degrade.apply(_hr(photos, "chelsea", 32), [bank[1]])[0],
+        degrade.apply(_hr(photos, "rocket", 32), [bank[0]])[0],
+    ]
+    tau, scores = calibrate.calibrate_tau(gen, hr, refs, bank, tau_grid=(0, 3, 30), k=2)
+    per = scores["per_tau_max"]
+    assert set(per) == {"0", "3", "30"} and scores["pairs"] == 2
+    best = min(per, key=lambda t: per[t]["degradation_error"])
+    limit = per[best]["degradation_error"] + per[best]["degradation_error_se"]
+    assert tau == min(int(t) for t in per if per[t]["degradation_error"] <= limit)
+    assert tau <= int(best)
+
+
+def test_adaptation_records_a_calibration_the_job_uses(tmp_path, photos):
+    from pipelines import train as T
+    from pipelines.generate_dataset import _checkpoint_calibration
+    from pipelines.manifest import GeneratorSpec
+
+    base = tmp_path / "base.safetensors"
+    save_checkpoint(base, build_model(preset("tiny", 4), seed=7))
+    lr_dir = tmp_path / "codec"
+    lr_dir.mkdir()
+    for name, img in sorted(photos.items()):
+        for j in range(2):
+            Image.fromarray(img[j * 64 :: 4, ::4][:40, :40]).save(lr_dir / f"{name}_{j}.jpg", quality=35)
+    path = tmp_path / "adapt.yaml"
+    path.write_text(
+        f"""
+kind: train
+init_checkpoint: {base}
+stages: [C]
+data:
+  lr: [{{kind: images, source: {{uri: {lr_dir}}}}}]
+stage_c: {{steps: 2, batch_size: 2, lr_crop: 16}}
+output: {{run_dir: {tmp_path / "run"}, checkpoint: {tmp_path / "adapted.safetensors"}}}
+compute: {{torch_threads: 1}}
+progress: {{bar: false}}
+calibration: {{enabled: true, domain: codec, pairs: 2, hr_crop: 32, tau_grid: [0, 4], blur_sigmas: [0.0, 2.0],
+               jpeg_qualities: [0, 35], k: 2, sampler_steps: 2}}
+"""
+    )
+    assert T.main([str(path)]) == 0
+    model, meta = load_checkpoint(tmp_path / "adapted.safetensors")
+    cal = calibrate.from_metadata(meta)
+    assert cal is not None and cal.domain == "codec" and cal.tau_max in (0, 4) and len(cal.bank) == 4
+    assert set(cal.scores["per_tau_max"]) == {"0", "4"} and cal.scores["validation_images"] >= 1
+    assert meta["completed"] == ["diffusion"]  # the training metadata is kept
+    # the job resolves its unset settings from it
+    got = _checkpoint_calibration(str(tmp_path / "adapted.safetensors"))
+    g = GeneratorSpec(kind="realdgen", checkpoint="x").resolved(got)
+    assert (g.start_kind, g.tau_max, g.filter_norm) == ("domain", cal.tau_max, True)
+    assert [t["ops"] for t in g.start_bank] == [t["ops"] for t in cal.bank]
