@@ -21,6 +21,11 @@ Options (the keys BasicSR's paired datasets use, plus ``dataroot``):
     mean: ~                               # optional per-channel normalisation, as in BasicSR
     std: ~
     max_cached_shards: 64                 # header tables kept per process
+    max_pixels: 64000000                  # per image, from its header (decompression bombs)
+    max_member_bytes: 268435456           # a larger tar member is not read
+
+Shards are untrusted: members other than ``KEY.{hr.png,lr.png,json}`` are never read, and bad
+samples (repeated keys, truncated tars, images over the pixel limit, …) are replaced as below.
 """
 
 from __future__ import annotations
@@ -32,7 +37,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipelines.reader import BadSample, PairTransform, ShardRandomAccess, resolve_shards
+from pipelines.reader import (
+    MAX_MEMBER_BYTES,
+    MAX_PIXELS,
+    BadSample,
+    PairTransform,
+    ShardRandomAccess,
+    resolve_shards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +74,30 @@ class RealDGenPairedDataset(Dataset):
             scale=int(scale) if scale is not None else None,
             use_hflip=bool(opt.get("use_hflip", True)) and train,
             use_rot=bool(opt.get("use_rot", True)) and train,
+            max_pixels=int(opt.get("max_pixels", MAX_PIXELS)),
         )
         if train and self.transform.gt_size is None:
             raise KeyError("RealDGenPairedDataset: phase 'train' needs opt['gt_size']")
         self.mean = opt.get("mean")
         self.std = opt.get("std")
         endpoint = opt.get("endpoint_url")
+        self.skipped: Counter = Counter()
         self.access = ShardRandomAccess(
             resolve_shards(opt["dataroot"], endpoint),
             endpoint,
             max_cached_shards=int(opt.get("max_cached_shards", 64)),
+            skip=self._skip_member,
+            max_member_bytes=int(opt.get("max_member_bytes", MAX_MEMBER_BYTES)),
         )
-        self.skipped: Counter = Counter()
         self._rng: tuple[int, np.random.Generator] | None = None
 
     def __len__(self) -> int:
         return len(self.access)
+
+    def _skip_member(self, exc: BadSample) -> None:
+        """A tar member the scan left unread (unsafe name, unexpected extension, too large, …)."""
+        self.skipped[exc.reason] += 1
+        log.warning("RealDGenPairedDataset: %s", exc)
 
     def _generator(self) -> np.random.Generator:
         # One generator per process, seeded from torch's per-worker seed (which BasicSR derives
@@ -91,12 +111,12 @@ class RealDGenPairedDataset(Dataset):
         n = len(self)
         for attempt in range(MAX_SUBSTITUTES):
             i = (index + attempt) % n
-            files, key, url = self.access.get(i)
             try:
+                files, key, url = self.access.get(i)  # a sample marked bad by the scan raises here
                 out = self.transform(files, key, url, self._generator())
             except BadSample as exc:
                 self.skipped[exc.reason] += 1
-                log.warning("RealDGenPairedDataset: sample %s in %s skipped: %s", key, url, exc)
+                log.warning("RealDGenPairedDataset: sample %d skipped: %s", i, exc)
                 continue
             if self.mean is not None or self.std is not None:
                 mean = torch.tensor(self.mean if self.mean is not None else [0.0] * 3).view(3, 1, 1)

@@ -13,11 +13,16 @@ Layout written under ``out_dir`` (a local folder: BasicSR's disk backend reads l
     export.json                     source URI, counts, scale(s), skipped samples
 
 Lines are sorted by key, so the files are the same whatever the shard order.
+
+Shards are untrusted input (see :mod:`pipelines.reader`): only members named
+``KEY.hr.png``/``KEY.lr.png``/``KEY.json`` with ``KEY`` matching ``[A-Za-z0-9_-]+`` are read, so a
+file name is always ``{key}.png`` inside ``hr/`` or ``lr/``; each write is also checked to stay
+inside ``out_dir`` and never follows a symbolic link already there. Everything skipped is counted
+by reason in ``export.json``.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -25,9 +30,16 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from webdataset.tariterators import group_by_keys, tar_file_expander
-
-from pipelines.reader import BadSample, ShardEntry, decode_pair, filesystem, list_shards
+from pipelines.reader import (
+    KEY_RE,
+    BadSample,
+    ShardEntry,
+    decode_pair,
+    filesystem,
+    iter_tar_samples,
+    list_shards,
+    png_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,23 +66,50 @@ class ExportResult:
 
 
 def iter_raw_samples(
-    shards: list[ShardEntry], endpoint_url: str | None = None, on_error=None
+    shards: list[ShardEntry], endpoint_url: str | None = None, on_skip=None
 ) -> Iterator[dict]:
-    """Stream raw samples (``{'__key__', '__url__', 'hr.png', 'lr.png', 'json'}`` bytes) in shard order."""
-    fs = filesystem(shards[0].url, endpoint_url)[0] if shards else None
+    """Stream raw samples (``{'__key__', '__url__', 'hr.png', 'lr.png', 'json'}`` bytes) in shard order.
 
-    def opened():
-        for shard in shards:
-            with fs.open(shard.url, "rb") as stream:
-                yield {"url": shard.url, "stream": stream}
+    Read with :func:`pipelines.reader.iter_tar_samples` (untrusted members are never read; a key
+    repeated across the shards is skipped). ``on_skip(BadSample)`` hears every skip, a shard that
+    cannot be opened included (reason ``shard_error``); without it the first one raises.
+    """
 
-    def handler(exc: Exception) -> bool:
-        if on_error is None:
+    def skip(exc: BadSample) -> None:
+        if on_skip is None:
             raise exc
-        on_error(exc)
-        return True
+        on_skip(exc)
 
-    return group_by_keys(tar_file_expander(opened(), handler=handler), handler=handler)
+    if not shards:
+        return
+    fs = filesystem(shards[0].url, endpoint_url)[0]
+    seen: set[str] = set()
+    for shard in shards:
+        try:
+            stream = fs.open(shard.url, "rb")
+        except Exception as exc:
+            skip(BadSample("shard_error", f"{shard.url}: cannot be opened: {type(exc).__name__}: {exc}"))
+            continue
+        with stream:
+            yield from iter_tar_samples(stream, shard.url, skip, seen=seen)
+
+
+def _write_inside(root: str, sub: str, key: str, data: bytes) -> None:
+    """Write ``root/sub/{key}.png``: refuses a key that is not ``[A-Za-z0-9_-]+``, a path that would
+    resolve outside ``root/sub``, and a symbolic link in its place (never followed)."""
+    if not KEY_RE.match(key):
+        raise BadSample("bad_key", f"key {key!r} does not match [A-Za-z0-9_-]+; nothing written")
+    folder = os.path.realpath(os.path.join(root, sub))
+    path = os.path.join(folder, f"{key}.png")
+    if os.path.dirname(os.path.realpath(path)) != folder:
+        raise BadSample("unsafe_name", f"{key}.png would be written outside {folder}; nothing written")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:  # ELOOP: a symbolic link sits where the file goes
+        raise BadSample("unsafe_name", f"cannot write {path}: {exc}; nothing written") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def export_dataset(
@@ -86,37 +125,36 @@ def export_dataset(
     os.makedirs(os.path.join(out_dir, "lr"), exist_ok=True)
     skipped: Counter = Counter()
 
-    def on_error(exc: Exception) -> None:
-        skipped["shard_error"] += 1
-        log.warning("export: skipping the rest of a shard: %r", exc)
+    def on_skip(exc: BadSample) -> None:
+        skipped[exc.reason] += 1
+        log.warning("export: skipping: %s", exc)
 
     rows: list[tuple[str, int, int]] = []
     scales: Counter = Counter()
-    seen: set[str] = set()
-    for raw in iter_raw_samples(list_shards(uri, endpoint_url), endpoint_url, on_error):
+    for raw in iter_raw_samples(list_shards(uri, endpoint_url), endpoint_url, on_skip):
         if limit is not None and len(rows) >= limit:
             break
         key = raw["__key__"]
         try:
-            if key in seen:
-                raise BadSample("duplicate_key", f"{key} appears twice")
             if verify:
                 hr, _, meta = decode_pair(raw, key)
                 h, w = hr.shape[:2]
                 scale = int(meta["scale"])
             else:
-                from PIL import Image
-
-                w, h = Image.open(io.BytesIO(raw["hr.png"])).size
-                scale = int(json.loads(raw["json"])["scale"])
+                missing = [m for m in ("hr.png", "lr.png", "json") if m not in raw]
+                if missing:
+                    raise BadSample("missing_member", f"{key} lacks {missing}")
+                w, h = png_size(raw["hr.png"], f"{key}.hr.png")
+                png_size(raw["lr.png"], f"{key}.lr.png")
+                try:
+                    scale = int(json.loads(raw["json"])["scale"])
+                except Exception as exc:
+                    raise BadSample("bad_json", f"{key}: json without an int 'scale': {exc}") from None
+            for sub, member in (("hr", "hr.png"), ("lr", "lr.png")):
+                _write_inside(out_dir, sub, key, raw[member])
         except BadSample as exc:
-            skipped[exc.reason] += 1
-            log.warning("export: skipping %s: %s", key, exc)
+            on_skip(exc)
             continue
-        seen.add(key)
-        for sub, member in (("hr", "hr.png"), ("lr", "lr.png")):
-            with open(os.path.join(out_dir, sub, f"{key}.png"), "wb") as f:
-                f.write(raw[member])
         rows.append((key, h, w))
         scales[scale] += 1
     rows.sort()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import re
 from collections import Counter
@@ -19,7 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from pipelines.reader import BadSample, decode_pair, filesystem, list_shards, read_index
+from pipelines.reader import BadSample, check_member, decode_pair, filesystem, list_shards, read_index
+
+log = logging.getLogger(__name__)
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 SHARD_RE = re.compile(r"^(?P<name>.+)-(?P<num>\d{6})\.tar$")
@@ -174,10 +177,11 @@ def inspect_dataset(
     rng = np.random.default_rng(seed)
     reservoir: list[dict] = []
 
-    def on_error(exc: Exception) -> None:
-        report.unreadable["shard_error"] += 1
+    def on_skip(exc: BadSample) -> None:  # untrusted members and broken tars: counted by reason
+        report.unreadable[exc.reason] += 1
+        log.warning("inspect: skipping: %s", exc)
 
-    for raw in iter_raw_samples(shards, endpoint_url, on_error):
+    for raw in iter_raw_samples(shards, endpoint_url, on_skip):
         try:
             meta = json.loads(raw["json"])
         except Exception:
@@ -321,19 +325,23 @@ def check_contract(
         try:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
                 for m in tar:
-                    if not m.isfile():
+                    try:  # untrusted: a member that is not KEY.{hr.png,lr.png,json} is never read
+                        key, suffix = check_member(m)
+                    except BadSample as exc:
+                        problems.append(f"{name}: {exc}")
                         continue
-                    if "/" in m.name or m.name.startswith("."):
-                        problems.append(f"{name}: member {m.name!r} is not a flat file name")
-                    key, _, suffix = m.name.rsplit("/", 1)[-1].partition(".")
-                    if not KEY_RE.match(key):
-                        problems.append(f"{name}: key {key!r} does not match [A-Za-z0-9_-]+")
                     if key in groups and key != last:
                         problems.append(f"{name}: members of {key} are not adjacent")
-                    groups.setdefault(key, {})[suffix] = tar.extractfile(m).read()
+                    if suffix in groups.get(key, {}):
+                        problems.append(f"{name}: {key} holds {suffix} twice")
+                    member = tar.extractfile(m).read()
+                    if len(member) != m.size:
+                        got = len(member)
+                        problems.append(f"{name}: member {m.name!r} is truncated ({got} of {m.size} B)")
+                    groups.setdefault(key, {})[suffix] = member
                     last = key
-        except tarfile.TarError as exc:
-            problems.append(f"{name}: unreadable tar: {exc}")
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            problems.append(f"{name}: unreadable or truncated tar: {type(exc).__name__}: {exc}")
             continue
         for key, files in groups.items():
             if key in seen:

@@ -19,6 +19,15 @@ Images are decoded with Pillow and never resampled: crops are taken at matching 
 (``lq`` box = ``gt`` box / scale) and flips/transposes are applied identically to both.
 Samples that break the contract (missing member, not RGB, LR × scale ≠ HR, …) are skipped,
 counted in :attr:`PairedShardDataset.skipped` and logged; they never stop training.
+
+Shards may come from anywhere, so every reader here (and export/inspect, which use
+:func:`iter_tar_samples` and :func:`scan_tar`) treats them as untrusted input: only regular
+members named ``KEY.hr.png``, ``KEY.lr.png`` or ``KEY.json`` with ``KEY`` matching
+``[A-Za-z0-9_-]+`` are read at all (``..``, absolute paths, folders, links, odd characters and any
+other extension — a ``.pyd``/``.pth``/``.pickle`` among them — are skipped with a reason and
+their bytes are never read, let alone unpickled); a key that appears twice, a member that appears
+twice in one sample, a member over ``max_member_bytes``, an image over ``max_pixels`` (checked from
+the PNG header, before decoding) or not a PNG, and a truncated tar are skipped with a reason too.
 """
 
 from __future__ import annotations
@@ -29,10 +38,13 @@ import json
 import logging
 import os
 import random
+import re
 import tarfile
+import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from zlib import error as zlib_error
 
 import fsspec
 import numpy as np
@@ -40,12 +52,14 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "_index.json"
 MEMBERS = ("hr.png", "lr.png", "json")
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # ARCHITECTURE §5
+MAX_PIXELS = 64_000_000  # per image, checked from the header (the job's limits.max_image_pixels default)
+MAX_MEMBER_BYTES = 256 * 2**20  # a member larger than this is not read
 
 
 class BadSample(ValueError):
@@ -54,6 +68,7 @@ class BadSample(ValueError):
     def __init__(self, reason: str, message: str):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
+        self.message = message
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,10 +185,33 @@ def resolve_shards(source: str | Sequence[str], endpoint_url: str | None = None)
 # --------------------------------------------------------------------------------------------
 
 
-def _decode_png(data: bytes, what: str) -> np.ndarray:
+def png_size(data: bytes, what: str, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """``(width, height)`` from a PNG's header, without decoding; :class:`BadSample` when the bytes
+    are not a PNG or the image has more than ``max_pixels`` pixels (a decompression bomb)."""
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        # Pillow's own bomb check has its own global limit and message; ours is checked below.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=["PNG"])
+    except Image.DecompressionBombError as exc:
+        raise BadSample("too_many_pixels", f"{what}: {exc}") from None
+    except Exception as exc:
+        raise BadSample("decode_error", f"{what} is not a PNG: {type(exc).__name__}: {exc}") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise BadSample("too_many_pixels", f"{what} is {w}x{h} = {w * h} pixels > limit {max_pixels}")
+    return w, h
+
+
+def _decode_png(data: bytes, what: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    png_size(data, what, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=["PNG"])
+            img.load()
+    except Image.DecompressionBombError as exc:
+        raise BadSample("too_many_pixels", f"{what}: {exc}") from None
     except Exception as exc:  # any decoder failure is the sample's fault, not the reader's
         raise BadSample("decode_error", f"{what} does not decode: {exc}") from exc
     if img.mode != "RGB":
@@ -181,12 +219,17 @@ def _decode_png(data: bytes, what: str) -> np.ndarray:
     return np.asarray(img)
 
 
-def decode_pair(files: dict, key: str, scale: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+def decode_pair(
+    files: dict, key: str, scale: int | None = None, max_pixels: int = MAX_PIXELS
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """Check and decode one sample's members into ``(hr, lr, meta)``; hr/lr uint8 HWC RGB.
 
     ``files`` maps member suffixes (``hr.png``, ``lr.png``, ``json``) to bytes. ``scale``, when
-    given, must match the sample's json. Raises :class:`BadSample` naming what is wrong.
+    given, must match the sample's json; each image may have at most ``max_pixels`` pixels
+    (checked from its header before decoding). Raises :class:`BadSample` naming what is wrong.
     """
+    if not isinstance(key, str) or not KEY_RE.match(key):
+        raise BadSample("bad_key", f"key {key!r} does not match [A-Za-z0-9_-]+")
     missing = [m for m in MEMBERS if m not in files]
     if missing:
         raise BadSample("missing_member", f"{key} lacks {missing}")
@@ -197,14 +240,114 @@ def decode_pair(files: dict, key: str, scale: int | None = None) -> tuple[np.nda
         raise BadSample("bad_json", f"{key}: json unreadable or without an int 'scale': {exc}") from exc
     if scale is not None and s != scale:
         raise BadSample("scale_mismatch", f"{key}: json scale {s}, reader expects {scale}")
-    hr = _decode_png(files["hr.png"], f"{key}.hr.png")
-    lr = _decode_png(files["lr.png"], f"{key}.lr.png")
+    if not isinstance(meta, dict):
+        raise BadSample("bad_json", f"{key}: json is a {type(meta).__name__}, not an object")
+    hr = _decode_png(files["hr.png"], f"{key}.hr.png", max_pixels)
+    lr = _decode_png(files["lr.png"], f"{key}.lr.png", max_pixels)
     if hr.shape[0] != lr.shape[0] * s or hr.shape[1] != lr.shape[1] * s:
         raise BadSample(
             "size_mismatch",
             f"{key}: hr {hr.shape[1]}x{hr.shape[0]} is not {s} x lr {lr.shape[1]}x{lr.shape[0]}",
         )
     return hr, lr, meta
+
+
+# --------------------------------------------------------------------------------------------
+# Untrusted tars: which members are read at all, and how members become samples
+# --------------------------------------------------------------------------------------------
+
+
+def check_member(m: tarfile.TarInfo, max_member_bytes: int = MAX_MEMBER_BYTES) -> tuple[str, str]:
+    """``(key, suffix)`` of a member the readers may read, else :class:`BadSample` saying why.
+
+    Readable: a regular file named ``KEY.SUFFIX`` (an optional leading ``./`` aside: no folder,
+    no ``..``, not absolute), ``KEY`` matching ``[A-Za-z0-9_-]+``, ``SUFFIX`` one of
+    ``hr.png``/``lr.png``/``json``, at most ``max_member_bytes`` bytes. Nothing else is read.
+    """
+    name = m.name
+    if not m.isreg():
+        kind = "link" if (m.issym() or m.islnk()) else "folder" if m.isdir() else "special file"
+        raise BadSample("not_a_file", f"member {name!r} is a {kind}, not a regular file")
+    bare = name[2:] if name.startswith("./") else name
+    if bare.startswith("/") or "/" in bare or "\\" in bare or bare in ("", ".", ".."):
+        raise BadSample("unsafe_name", f"member {name!r} is not a plain file name (absolute, folder or '..')")
+    key, dot, suffix = bare.partition(".")
+    if not KEY_RE.match(key):
+        raise BadSample("bad_key", f"member {name!r}: key {key!r} does not match [A-Za-z0-9_-]+")
+    if suffix not in MEMBERS:
+        raise BadSample("unexpected_member", f"member {name!r} is not one of {list(MEMBERS)}; not read")
+    if m.size > max_member_bytes:
+        raise BadSample("member_too_large", f"member {name!r} has {m.size} bytes > limit {max_member_bytes}")
+    return key, suffix
+
+
+def _tar_error(url: str, exc: BaseException) -> BadSample:
+    text = str(exc) or type(exc).__name__
+    truncated = isinstance(exc, EOFError) or "unexpected end" in text or "truncated" in text.lower()
+    reason = "truncated_tar" if truncated else "bad_tar"
+    return BadSample(reason, f"{url}: {type(exc).__name__}: {text}; the rest of this shard is skipped")
+
+
+def iter_tar_samples(
+    stream,
+    url: str,
+    skip: Callable[[BadSample], None],
+    *,
+    seen: set[str] | None = None,
+    max_member_bytes: int = MAX_MEMBER_BYTES,
+) -> Iterator[dict]:
+    """The samples of one tar stream, in order: ``{"__key__", "__url__", suffix: bytes, …}``.
+
+    Members that :func:`check_member` refuses are skipped unread. A sample whose key was seen
+    before (in this tar, or in ``seen``, shared across the shards of one pass), or that holds a
+    member twice, is skipped whole: which copy is meant is ambiguous. A truncated or corrupt tar
+    ends the shard: the samples before it are kept, the one being read is dropped. Every skip
+    calls ``skip(BadSample)`` (reason + message naming the shard and member); ``skip`` may raise.
+    """
+    seen = set() if seen is None else seen
+    current: dict | None = None
+    problem: BadSample | None = None
+
+    def finish():
+        if current is None:
+            return None
+        if problem is not None:
+            skip(problem)
+            return None
+        return current
+
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|")
+        for m in tar:
+            try:
+                key, suffix = check_member(m, max_member_bytes)
+            except BadSample as exc:
+                skip(BadSample(exc.reason, f"{url}: {exc.message}"))
+                continue
+            if current is None or key != current["__key__"]:
+                done = finish()
+                if done is not None:
+                    yield done
+                current, problem = {"__key__": key, "__url__": url}, None
+                if key in seen:
+                    problem = BadSample("duplicate_key", f"{url}: key {key} appears again; skipped")
+                seen.add(key)
+            if problem is not None:
+                continue
+            if suffix in current:
+                problem = BadSample("duplicate_member", f"{url}: {key} holds {suffix} twice; skipped")
+                continue
+            data = tar.extractfile(m).read()
+            if len(data) != m.size:
+                raise EOFError(f"member {m.name!r} ends after {len(data)} of {m.size} bytes")
+            current[suffix] = data
+    except (tarfile.TarError, EOFError, OSError, zlib_error) as exc:
+        current = None  # possibly incomplete
+        skip(_tar_error(url, exc))
+        return
+    done = finish()
+    if done is not None:
+        yield done
 
 
 def paired_random_crop(
@@ -273,6 +416,7 @@ class PairTransform:
     use_hflip: bool = True
     use_rot: bool = True
     return_meta: bool = False
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self):
         if self.scale is not None and self.scale < 1:
@@ -284,7 +428,7 @@ class PairTransform:
                 raise ValueError(f"gt_size {self.gt_size} is not a multiple of scale {self.scale}")
 
     def __call__(self, files: dict, key: str, shard_url: str, rng: np.random.Generator) -> dict:
-        hr, lr, meta = decode_pair(files, key, self.scale)
+        hr, lr, meta = decode_pair(files, key, self.scale, self.max_pixels)
         s = int(meta["scale"])
         if self.gt_size is not None:
             if self.gt_size % s:
@@ -359,6 +503,8 @@ class PairedShardDataset(IterableDataset):
             at construction (build the dataset after ``init_process_group``).
         endpoint_url: S3 endpoint (else ``AWS_ENDPOINT_URL``); credentials only from the env.
         strict: raise on a bad sample instead of skipping and counting it.
+        max_pixels: most pixels an HR or LR image may have (checked from its header).
+        max_member_bytes: most bytes a tar member may have to be read.
     """
 
     def __init__(
@@ -379,11 +525,14 @@ class PairedShardDataset(IterableDataset):
         endpoint_url: str | None = None,
         return_meta: bool = False,
         strict: bool = False,
+        max_pixels: int = MAX_PIXELS,
+        max_member_bytes: int = MAX_MEMBER_BYTES,
     ):
         super().__init__()
         self.endpoint_url = endpoint_url
         self.shards = resolve_shards(source, endpoint_url)
-        self.transform = PairTransform(gt_size, scale, use_hflip, use_rot, return_meta)
+        self.transform = PairTransform(gt_size, scale, use_hflip, use_rot, return_meta, max_pixels)
+        self.max_member_bytes = int(max_member_bytes)
         self.shuffle = shuffle
         self.shuffle_buffer = int(shuffle_buffer)
         self.seed = int(seed)
@@ -467,11 +616,29 @@ class PairedShardDataset(IterableDataset):
         log.warning("skipping the rest of shard %s: %r", url or "?", exc)
         return True
 
+    def _skip(self, exc: BadSample) -> None:
+        if self.strict:
+            raise exc
+        self.skipped[exc.reason] += 1
+        log.warning("skipping: %s", exc)
+
+    def _raw_samples(self, shards: Iterator[ShardEntry]) -> Iterator[dict]:
+        # Keys of this pass (this rank and worker): a repeat is skipped. A resampled stream draws
+        # the same shards again on purpose, so there a key only has to be unique in its shard.
+        seen: set[str] = set()
+        for opened in self._open(shards):
+            yield from iter_tar_samples(
+                opened["stream"],
+                opened["url"],
+                self._skip,
+                seen=None if self.resampled else seen,
+                max_member_bytes=self.max_member_bytes,
+            )
+
     def __iter__(self) -> Iterator[dict]:
         slot, n_slots, worker = self._slot()
         shards = self._shard_stream(slot, n_slots, worker)
-        files = tar_file_expander(self._open(shards), handler=self._shard_error)
-        samples: Iterator[dict] = group_by_keys(files, handler=self._shard_error)
+        samples: Iterator[dict] = self._raw_samples(shards)
         if self.shuffle_buffer > 1:
             buf_rng = random.Random(
                 int(
@@ -509,32 +676,55 @@ class PairedShardDataset(IterableDataset):
 
 @dataclass(frozen=True)
 class MemberSpan:
-    """Where one sample's members lie in its tar: one contiguous byte span, member offsets inside."""
+    """Where one sample's members lie in its tar: one contiguous byte span, member offsets inside.
+
+    ``problem`` (reason, message) marks a sample that must not be read (a repeated key, a member
+    held twice, or the place of samples a truncated tar lost); reading it raises that BadSample.
+    """
 
     key: str
     start: int
     end: int
     members: dict[str, tuple[int, int]]  # suffix -> (offset from start, size)
+    problem: tuple[str, str] | None = None
 
 
-def scan_tar(fs: fsspec.AbstractFileSystem, url: str) -> list[MemberSpan]:
-    """Read a tar's headers (not its data) and return its samples in order."""
+def scan_tar(
+    fs: fsspec.AbstractFileSystem,
+    url: str,
+    skip: Callable[[BadSample], None] | None = None,
+    max_member_bytes: int = MAX_MEMBER_BYTES,
+) -> tuple[list[MemberSpan], BadSample | None]:
+    """Read a tar's headers (not its data): ``(samples in order, the tar error that ended the
+    scan or None)``. Members :func:`check_member` refuses are left out (``skip`` is told)."""
     grouped: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
-    with fs.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        for m in tar:
-            if not m.isreg():
-                continue
-            base = m.name.rsplit("/", 1)[-1]
-            key, dot, suffix = base.partition(".")
-            if not dot:
-                continue
-            grouped.setdefault(key, {})[suffix.lower()] = (m.offset_data, m.size)
+    problems: dict[str, tuple[str, str]] = {}
+    last = None
+    error = None
+    try:
+        with fs.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for m in tar:
+                try:
+                    key, suffix = check_member(m, max_member_bytes)
+                except BadSample as exc:
+                    if skip is not None:
+                        skip(BadSample(exc.reason, f"{url}: {exc.message}"))
+                    continue
+                if key in grouped and key != last and key not in problems:
+                    problems[key] = ("duplicate_key", f"{url}: key {key} appears twice; skipped")
+                elif suffix in grouped.get(key, {}) and key not in problems:
+                    problems[key] = ("duplicate_member", f"{url}: {key} holds {suffix} twice; skipped")
+                grouped.setdefault(key, {})[suffix] = (m.offset_data, m.size)
+                last = key
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        error = _tar_error(url, exc)
     spans = []
     for key, members in grouped.items():
         start = min(o for o, _ in members.values())
         end = max(o + n for o, n in members.values())
-        spans.append(MemberSpan(key, start, end, {s: (o - start, n) for s, (o, n) in members.items()}))
-    return spans
+        rel = {s: (o - start, n) for s, (o, n) in members.items()}
+        spans.append(MemberSpan(key, start, end, rel, problems.get(key)))
+    return spans, error
 
 
 class ShardRandomAccess:
@@ -545,8 +735,15 @@ class ShardRandomAccess:
     """
 
     def __init__(
-        self, shards: Sequence[ShardEntry], endpoint_url: str | None = None, max_cached_shards: int = 64
+        self,
+        shards: Sequence[ShardEntry],
+        endpoint_url: str | None = None,
+        max_cached_shards: int = 64,
+        skip: Callable[[BadSample], None] | None = None,
+        max_member_bytes: int = MAX_MEMBER_BYTES,
     ):
+        self.skip = skip
+        self.max_member_bytes = int(max_member_bytes)
         if any(s.samples is None for s in shards):
             raise ValueError("random access needs per-shard sample counts (an _index.json)")
         self.shards = list(shards)
@@ -573,11 +770,20 @@ class ShardRandomAccess:
         if si in self._tables:
             self._tables.move_to_end(si)
             return self._tables[si]
-        table = scan_tar(self._fs(), self.shards[si].url)
-        if len(table) != self.shards[si].samples:
-            raise ValueError(
-                f"{self.shards[si].url} holds {len(table)} samples, the index says {self.shards[si].samples}"
-            )
+        url = self.shards[si].url
+        table, error = scan_tar(self._fs(), url, self.skip, self.max_member_bytes)
+        expected = self.shards[si].samples
+        if error is not None and len(table) <= expected:
+            # A truncated tar: its lost samples keep their places in the index, and each read of
+            # one raises the tar's error (a skip for the caller), so the other shards stay usable.
+            if table and table[-1].problem is None:
+                last = table[-1]
+                table[-1] = MemberSpan(
+                    last.key, last.start, last.end, last.members, (error.reason, str(error))
+                )
+            table += [MemberSpan("?", 0, 0, {}, (error.reason, str(error)))] * (expected - len(table))
+        if len(table) != expected:
+            raise ValueError(f"{url} holds {len(table)} samples, the index says {expected}")
         self._tables[si] = table
         while len(self._tables) > self.max_cached:
             self._tables.popitem(last=False)
@@ -590,6 +796,10 @@ class ShardRandomAccess:
         si = bisect.bisect_right(self.cum, index) - 1
         span = self._table(si)[index - self.cum[si]]
         url = self.shards[si].url
+        if span.problem is not None:
+            raise BadSample(*span.problem)
         blob = self._fs().cat_file(url, start=span.start, end=span.end)
+        if len(blob) != span.end - span.start:
+            raise BadSample("truncated_tar", f"{url}: sample {span.key} ends early (truncated tar)")
         files = {s: blob[o : o + n] for s, (o, n) in span.members.items()}
         return files, span.key, url

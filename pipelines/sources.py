@@ -65,13 +65,14 @@ class SourceItem:
     path: str  # the URI of the object holding the bytes (the tar for WebDataset members)
     offset: int | None = None  # byte range inside `path` (WebDataset members)
     size: int | None = None  # size in bytes when known from the listing
+    error: str | None = None  # found unusable while listing (reading it raises ImageError(error))
 
     def to_row(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_row(cls, row: Mapping) -> SourceItem:
-        return cls(row["uri"], row["path"], row.get("offset"), row.get("size"))
+        return cls(row["uri"], row["path"], row.get("offset"), row.get("size"), row.get("error"))
 
 
 def _uri_of(prefix: str, path: str) -> str:
@@ -133,10 +134,23 @@ def list_source(spec, storage: Mapping | None = None) -> list[SourceItem]:
     elif spec.format == "webdataset":
         for p in sorted(q for q in _find(fs, path) if q.endswith(".tar")):
             tar_uri = _uri_of(prefix, p)
+            seen: dict[str, int] = {}
             with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
                 for m in tar:
-                    if m.isfile() and _ext_ok(m.name, exts):
-                        items.append(SourceItem(f"{recorded(p)}#{m.name}", tar_uri, m.offset_data, m.size))
+                    if not (m.isfile() and _ext_ok(m.name, exts)):
+                        continue
+                    uri = f"{recorded(p)}#{m.name}"
+                    if m.name in seen:
+                        # Two members under one name: which is "the" image is ambiguous (tar
+                        # extraction keeps the last). The first stays the input; each later one
+                        # becomes an input of its own that fails with this reason (a failure row).
+                        seen[m.name] += 1
+                        err = f"duplicate member: {m.name!r} appears {seen[m.name]} times in {tar_uri}"
+                        uri = f"{uri}~dup{seen[m.name] - 1}"
+                        items.append(SourceItem(uri, tar_uri, m.offset_data, m.size, err))
+                        continue
+                    seen[m.name] = 1
+                    items.append(SourceItem(uri, tar_uri, m.offset_data, m.size))
     elif spec.format == "parquet":
         import pyarrow.parquet as pq
 
@@ -164,6 +178,8 @@ def list_source(spec, storage: Mapping | None = None) -> list[SourceItem]:
 
 def read_item_bytes(item: SourceItem, storage: Mapping | None = None, max_bytes: int | None = None) -> bytes:
     """The bytes of one image; raises :class:`ImageError` (missing/too big/unreadable)."""
+    if item.error:
+        raise ImageError(item.error)
     if max_bytes is not None and item.size is not None and item.size > max_bytes:
         raise ImageError(f"file too large: {item.size} bytes > limit {max_bytes}")
     fs, path = get_fs(item.path, storage)
