@@ -696,6 +696,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--stages", default=None, help="comma-separated subset of A,B,C (default: the manifest's)"
     )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a manifest key")
+    ap.add_argument(
+        "--calibrate-only",
+        action="store_true",
+        help="train nothing: (re)calibrate output.checkpoint on the domain of data.lr (the manifest's "
+        "`calibration` section, enabled or not) and record it there",
+    )
     args = ap.parse_args(argv)
     try:
         m = load_manifest(args.manifest, args.set, kind="train")
@@ -712,6 +718,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if m.data.prepare_demo:
         prepare_demo(m.data.prepare_demo, m.scale)
+    if args.calibrate_only:
+        m = m.model_copy(update={"calibration": m.calibration.model_copy(update={"enabled": True})})
+        try:
+            TrainManifest.model_validate(m.model_dump())
+        except ValueError as exc:
+            print(f"error: --calibrate-only: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps({"calibration": calibrate_checkpoint(m)}, indent=1))
+        return 0
     if m.compute.backend == "ray":
         summary = run_with_ray(m, stages)
     else:

@@ -147,3 +147,11 @@ calibration: {{enabled: true, domain: codec, pairs: 2, hr_crop: 32, tau_grid: [0
     g = GeneratorSpec(kind="realdgen", checkpoint="x").resolved(got)
     assert (g.start_kind, g.tau_max, g.filter_norm) == ("domain", cal.tau_max, True)
     assert [t["ops"] for t in g.start_bank] == [t["ops"] for t in cal.bank]
+    # --calibrate-only: trains nothing, re-records the calibration (here a one-point grid)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert T.main([str(path), "--calibrate-only", "--set", "calibration.tau_grid=[7]"]) == 0
+    again, meta2 = load_checkpoint(tmp_path / "adapted.safetensors")
+    cal2 = calibrate.from_metadata(meta2)
+    assert cal2.tau_max == 7 and set(cal2.scores["per_tau_max"]) == {"7"}
+    assert meta2["digest"] == meta["digest"]  # same weights
+    assert all(torch.equal(before[k], v) for k, v in again.state_dict().items())
