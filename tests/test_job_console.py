@@ -72,15 +72,23 @@ def test_demo_job_console_shows_progress_as_it_goes_and_no_ray_noise(tiny_checkp
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
     )
+    # One reader thread per pipe (communicate() would read stderr too and take lines away).
     err: list[tuple[float, str]] = []
-    reader = threading.Thread(target=_read_lines, args=(proc.stderr, err), daemon=True)
-    reader.start()
+    out_lines: list[tuple[float, str]] = []
+    readers = [
+        threading.Thread(target=_read_lines, args=(proc.stderr, err), daemon=True),
+        threading.Thread(target=_read_lines, args=(proc.stdout, out_lines), daemon=True),
+    ]
+    for r in readers:
+        r.start()
     try:
-        stdout, _ = proc.communicate(timeout=600)
+        proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
-    reader.join(timeout=30)
+    for r in readers:
+        r.join(timeout=30)
+    stdout = "\n".join(line for _, line in out_lines)
     console = "\n".join(line for _, line in err)
     assert proc.returncode == 0, console[-4000:]
 
