@@ -822,10 +822,10 @@ class TrainCalibration(StrictModel):
         (0, 25, 50, 100, 200, 300), min_length=1, description="tau_max values tried (0-based steps)."
     )
     blur_sigmas: tuple[float, ...] = Field(
-        (0.0, 0.8, 1.2, 1.6, 2.0, 2.4, 3.0), min_length=1, description="Start bank: HR blur σ (px)."
+        (0.0, 1.0, 1.6, 2.2, 3.0), min_length=1, description="Start bank: HR blur σ (px)."
     )
     jpeg_qualities: tuple[int, ...] = Field(
-        (0, 90, 70, 50, 35), min_length=1, description="Start bank: JPEG qualities (0 = none)."
+        (0, 85, 60, 40), min_length=1, description="Start bank: JPEG qualities (0 = none)."
     )
     k: int = Field(4, ge=1, le=64, description="Best-of-k while calibrating (as the job uses).")
     content_weight: float = Field(0.0, ge=0, le=1e6, description="Filter weight of the content error.")

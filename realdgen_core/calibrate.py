@@ -39,8 +39,9 @@ from realdgen_core import degrade
 
 METADATA_KEY = "calibration"
 
-DEFAULT_BLUR_SIGMAS: tuple[float, ...] = (0.0, 0.8, 1.2, 1.6, 2.0, 2.4, 3.0)
-DEFAULT_JPEG_QUALITIES: tuple[int, ...] = (0, 90, 70, 50, 35)  # 0 = no JPEG
+# 20 entries: each costs one E_deg call per sample (the bank is embedded once per sample).
+DEFAULT_BLUR_SIGMAS: tuple[float, ...] = (0.0, 1.0, 1.6, 2.2, 3.0)
+DEFAULT_JPEG_QUALITIES: tuple[int, ...] = (0, 85, 60, 40)  # 0 = no JPEG
 DEFAULT_TAU_GRID: tuple[int, ...] = (0, 25, 50, 100, 200, 300)
 
 
@@ -227,16 +228,25 @@ def calibrate_tau(
     if not grid or grid[0] < 0:
         raise ValueError(f"tau_grid must hold non-negative steps, got {tau_grid!r}")
     seeds = [seed * 1_000_003 + i for i in range(hr.shape[0])]
+    ref_emb = generator.degradation_embeddings(list(refs))
+    # the start choice does not depend on τ: embed each pair's bank once for the whole grid
+    errors = torch.stack(
+        [
+            bank_errors(generator.model.degradation, hr[i : i + 1], ref_emb[i], bank, generator.device)
+            for i in range(hr.shape[0])
+        ]
+    )
     scores: dict[str, dict] = {}
     for tau_max in grid:
         res = generator.generate(
             hr,
-            list(refs),
+            ref_embeddings=ref_emb,
             k=k,
             tau_range=(0, tau_max),
             seeds=seeds,
             start_kind="domain",
             start_bank=bank,
+            start_bank_errors=errors,
             weights=weights,
             filter_norm=filter_norm,
         )

@@ -266,6 +266,7 @@ class LRGenerator:
         return_candidates: bool = False,
         starts: Tensor | None = None,
         start_bank: Sequence[dict] | None = None,
+        start_bank_errors: Tensor | None = None,
         filter_norm: bool = False,
     ) -> GenerationResult:
         """Generate one realistic LR per HR (best of k candidates).
@@ -289,6 +290,8 @@ class LRGenerator:
                 (``realdgen_core.calibrate``); each sample's k candidates start from the bank entries
                 whose D(HR_i, θ) is closest to its reference in E_deg space (one per candidate, best
                 first). τ and a noise seed per candidate are still drawn from the sample's generator.
+            start_bank_errors: [B, len(start_bank)] E_deg errors of the bank already computed for
+                these samples and references (``calibrate.bank_errors``), e.g. reused across τ.
             filter_norm: divide each error by its mean over the sample's k candidates before
                 weighting, so the two terms weigh as ``weights`` say whatever their scales (E_deg
                 errors are ~100x smaller than E_cont errors for the demo checkpoint).
@@ -320,13 +323,21 @@ class LRGenerator:
             if starts is not None:
                 raise ValueError("start_kind='domain' chooses its starts here; do not pass starts")
             calibrate.check_bank(start_bank, s)
+            if start_bank_errors is not None and tuple(start_bank_errors.shape) != (b, len(start_bank)):
+                raise ValueError(
+                    f"start_bank_errors must be [B, len(start_bank)] = {(b, len(start_bank))}, "
+                    f"got {tuple(start_bank_errors.shape)}"
+                )
         gens, tau, thetas = draw_starts(b, k, s, tau_range, seeds, "bicubic" if domain_start else start_kind)
         if domain_start:
             ref_emb_sel = self._reference_embeddings(refs, ref_embeddings, b)
             for i in range(b):
-                errs = calibrate.bank_errors(
-                    self.model.degradation, hr[i : i + 1], ref_emb_sel[i], start_bank, self.device
-                )
+                if start_bank_errors is not None:
+                    errs = start_bank_errors[i]
+                else:
+                    errs = calibrate.bank_errors(
+                        self.model.degradation, hr[i : i + 1], ref_emb_sel[i], start_bank, self.device
+                    )
                 idx = calibrate.choose_starts(errs, k)
                 # the bicubic draw above consumed one noise seed per candidate: reuse it
                 thetas[i] = [
