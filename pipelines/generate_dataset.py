@@ -88,8 +88,10 @@ def quiet_ray_data_progress() -> None:
     (or nowhere, under a custom configuration without one); every other Ray Data record keeps its
     console handler.
     """
-    from ray.data._internal.logging import SessionFileHandler
-
+    try:
+        from ray.data._internal.logging import SessionFileHandler
+    except ImportError:  # another Ray layout: leave Ray Data's logging as it is
+        return
     files = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, SessionFileHandler)]
     progress = logging.getLogger("ray.data._internal.progress")
     progress.propagate = False
@@ -481,10 +483,13 @@ def ensure_ray() -> bool:
         # (RAY_AUTH_MODE=disabled in the environment still opts out). Ray's config read the
         # environment when ray was imported: refresh it as Ray does when it turns the mode on.
         if "RAY_AUTH_MODE" not in os.environ:
-            from ray._raylet import Config
-
-            os.environ["RAY_AUTH_MODE"] = "token"
-            Config.initialize("")
+            try:
+                from ray._raylet import Config
+            except ImportError:  # another Ray layout: keep Ray's default (and its notice)
+                Config = None
+            if Config is not None:
+                os.environ["RAY_AUTH_MODE"] = "token"
+                Config.initialize("")
         ray.init(
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
