@@ -8,7 +8,7 @@ run; the figure of merit is the PSNR of the kept LR to the true LR, averaged ove
 loss ``psnr(ancestral) − psnr(fast)`` with a per-tile paired standard error.
 
     python /work/shared/bench/make_codec_pairs.py /tmp/codec
-    python bench/fast_sampler.py --data /tmp/codec --tiles-per-pipeline 4   # ~15 min, 1 thread (ancestral: most of it)
+    python bench/fast_sampler.py --data /tmp/codec --tiles-per-pipeline 4  # ~15 min, 1 thread
     python bench/fast_sampler.py --data /tmp/codec --steps 5,10,20 --eta 1,0
 
 UNet cost is counted, not timed: ``calls`` (network invocations; the per-sample default path
