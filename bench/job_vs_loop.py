@@ -87,7 +87,13 @@ def main() -> None:
             "scale": scale,
             "hr": {"uri": str(hr_dir)},
             "refs": [{"name": "r", "source": {"uri": str(ref_dir)}}],
-            "generator": {"kind": "realdgen", "checkpoint": str(ckpt), "k": args.k, "tau_max": args.tau_max},
+            "generator": {
+                "kind": "realdgen",
+                "checkpoint": str(ckpt),
+                "k": args.k,
+                "tau_max": args.tau_max,
+                "calibration": "off",
+            },  # the loop below runs the paper's start: same work
             "tiling": {"tile": args.tile, "max_tiles_per_image": args.tiles},
             "output": {"uri": str(tmp / "out"), "inputs_per_shard": 2, "preview": False},
             "compute": {
