@@ -14,14 +14,6 @@ from realdgen_core.generator import LRGenerator
 from realdgen_core.models import build_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _hr(photos, name, size=64):
     img = torch.from_numpy(photos[name][:size, :size].copy()).permute(2, 0, 1).float() / 255
     return img[None]

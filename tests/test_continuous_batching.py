@@ -14,14 +14,6 @@ from realdgen_core.generator import LRGenerator
 from realdgen_core.models import build_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _rowwise_eps(x, t, c):
     """Elementwise in the row, so a row's ε̂ is bit-identical whatever its call-mates."""
     return torch.tanh(x * 0.7 + c * 0.3) * (1 + t.float().view(-1, 1, 1, 1) / 500)

@@ -16,14 +16,6 @@ from realdgen_core.generator import LRGenerator, draw_starts, start_images
 from realdgen_core.models import build_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def model4():
     return build_model(preset("tiny", 4), seed=0)
