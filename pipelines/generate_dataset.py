@@ -223,9 +223,10 @@ def _list(spec, storage: dict, key: str) -> list[SourceItem]:
     return items
 
 
-def _checkpoint_info(m: GenerateManifest, storage: dict) -> tuple[str | None, str | None]:
+def _checkpoint_info(m: GenerateManifest, storage: dict) -> tuple[str | None, str | None, dict | None]:
+    """(local path, model digest, domain calibration or None) of a realdgen manifest's checkpoint."""
     if m.generator.kind != "realdgen":
-        return None, None
+        return None, None, None
     uri = m.generator.checkpoint
     assert uri is not None
     fs, path = get_fs(uri, storage)
@@ -245,24 +246,26 @@ def _checkpoint_info(m: GenerateManifest, storage: dict) -> tuple[str | None, st
         raise ManifestError(f"generator.checkpoint: not a RealDGen checkpoint: {exc} (got {uri!r})") from None
     if config.get("scale") not in (None, m.scale):
         raise ManifestError(f"scale: the checkpoint is x{config.get('scale')} (got {m.scale})")
-    return local, digest
+    return local, digest, _calibration_of(meta)
 
 
-def _checkpoint_calibration(local: str | None) -> dict | None:
-    """The domain calibration recorded in a checkpoint's metadata (``realdgen_core.calibrate``), or None."""
-    if local is None:
-        return None
-    from safetensors import safe_open
-
+def _calibration_of(meta: dict) -> dict | None:
+    """The domain calibration in a checkpoint's safetensors metadata (realdgen_core.calibrate) or None."""
     from realdgen_core.calibrate import METADATA_KEY, DomainCalibration
 
-    with safe_open(local, framework="pt") as f:
-        meta = f.metadata() or {}
     try:
         cal = json.loads(meta.get("metadata", "{}")).get(METADATA_KEY)
         return None if cal is None else DomainCalibration.from_dict(cal).to_dict()
     except (ValueError, AttributeError) as exc:
         raise ManifestError(f"generator.checkpoint: invalid domain calibration: {exc}") from None
+
+
+def _checkpoint_calibration(local: str) -> dict | None:
+    """The domain calibration recorded in the checkpoint file ``local``, or None."""
+    from safetensors import safe_open
+
+    with safe_open(local, framework="pt") as f:
+        return _calibration_of(f.metadata() or {})
 
 
 def make_plan(m: GenerateManifest) -> Plan:
@@ -272,8 +275,7 @@ def make_plan(m: GenerateManifest) -> Plan:
         from pipelines.demo_data import prepare_demo_inputs
 
         prepare_demo_inputs(m.demo_inputs, scale=m.scale)
-    checkpoint_local, model_digest = _checkpoint_info(m, storage)
-    calibration = _checkpoint_calibration(checkpoint_local)
+    checkpoint_local, model_digest, calibration = _checkpoint_info(m, storage)
     try:
         m = m.model_copy(update={"generator": m.generator.resolved(calibration)})
     except (ValueError, KeyError, TypeError) as exc:
