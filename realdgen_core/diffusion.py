@@ -499,33 +499,47 @@ class GaussianDiffusion:
             active = [i for i in range(len(grids)) if lens[i] > c]
             if not active:
                 continue
-            act_set = set(active)
             t_of = {i: grids[i][lens[i] - 1 - c] for i in active}
-            eps = {}
-            for grp in groups:
-                rows = [i for i in grp if i in act_set]
-                if not rows:
-                    continue
-                idx = torch.tensor(rows, device=device)
-                t_vec = torch.tensor([t_of[i] for i in rows], dtype=torch.long, device=device)
-                kw = {k: v[idx] for k, v in cond.items()}
-                out = eps_fn(x[idx], t_vec, **kw)
-                for j, r in enumerate(rows):
-                    eps[r] = out[j]
+            e = self._eps_of_groups(eps_fn, x, active, t_of, cond, groups)
             idx = torch.tensor(active, device=device)
-            e = torch.stack([eps[r] for r in active]).to(x.dtype)
             t_next = [grids[i][lens[i] - c] if c > 0 else -1 for i in active]
             z = None
             if c > 0 and stochastic:
-                z = torch.empty_like(x[idx])
-                pos_of = {r: j for j, r in enumerate(active)}
-                for g, rows in gen_rows.values():
-                    rows_t = [r for r in rows if r in act_set]
-                    if rows_t:
-                        pos = torch.tensor([pos_of[r] for r in rows_t], device=device)
-                        z[pos] = draw(rows_t, g)
+                z = self._noise_of_rows(x[idx], active, gen_rows, draw)
             x[idx] = self.step(x[idx], e, [t_of[i] for i in active], t_next, z, float(spec.eta))
         return x
+
+    @staticmethod
+    def _eps_of_groups(eps_fn, x: Tensor, active: list[int], t_of: dict, cond, groups) -> Tensor:
+        """ε̂ of the ``active`` rows (stacked in that order): one ``eps_fn`` call per group, on the
+        group's active rows at their timesteps ``t_of[row]``."""
+        act_set = set(active)
+        eps = {}
+        for grp in groups:
+            rows = [i for i in grp if i in act_set]
+            if not rows:
+                continue
+            idx = torch.tensor(rows, device=x.device)
+            t_vec = torch.tensor([t_of[i] for i in rows], dtype=torch.long, device=x.device)
+            kw = {k: v[idx] for k, v in cond.items()}
+            out = eps_fn(x[idx], t_vec, **kw)
+            for j, r in enumerate(rows):
+                eps[r] = out[j]
+        return torch.stack([eps[r] for r in active]).to(x.dtype)
+
+    @staticmethod
+    def _noise_of_rows(like: Tensor, active: list[int], gen_rows, draw) -> Tensor:
+        """Fresh noise shaped like ``like`` for the ``active`` rows: each generator draws for its own
+        active rows together, in row order (so a generator's draws depend only on its rows)."""
+        act_set = set(active)
+        z = torch.empty_like(like)
+        pos_of = {r: j for j, r in enumerate(active)}
+        for g, rows in gen_rows.values():
+            rows_t = [r for r in rows if r in act_set]
+            if rows_t:
+                pos = torch.tensor([pos_of[r] for r in rows_t], device=like.device)
+                z[pos] = draw(rows_t, g)
+        return z
 
     def _ancestral(self, eps_fn, x, tau, gen_rows, cond, groups, draw) -> Tensor:
         device = x.device
@@ -534,30 +548,12 @@ class GaussianDiffusion:
             active = [i for i in range(len(tau_list)) if tau_list[i] >= t]
             if not active:
                 continue
-            act_set = set(active)
-            eps = {}
-            for grp in groups:
-                rows = [i for i in grp if i in act_set]
-                if not rows:
-                    continue
-                idx = torch.tensor(rows, device=device)
-                t_vec = torch.full((len(rows),), t, dtype=torch.long, device=device)
-                kw = {k: v[idx] for k, v in cond.items()}
-                out = eps_fn(x[idx], t_vec, **kw)
-                for j, r in enumerate(rows):
-                    eps[r] = out[j]
+            e = self._eps_of_groups(eps_fn, x, active, dict.fromkeys(active, t), cond, groups)
             idx = torch.tensor(active, device=device)
-            e = torch.stack([eps[r] for r in active]).to(x.dtype)
             xa = x[idx]
             mean = float(self.recip_sqrt_alphas[t]) * (xa - float(self.eps_coef[t]) * e)
             if t > 0:
-                z = torch.empty_like(xa)
-                pos_of = {r: j for j, r in enumerate(active)}
-                for g, rows in gen_rows.values():
-                    rows_t = [r for r in rows if r in act_set]
-                    if rows_t:
-                        pos = torch.tensor([pos_of[r] for r in rows_t], device=device)
-                        z[pos] = draw(rows_t, g)
+                z = self._noise_of_rows(xa, active, gen_rows, draw)
                 mean = mean + float(self.posterior_std[t]) * z
             x[idx] = mean
         return x
