@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from pipelines.storage import get_fs
+from pipelines.storage import TransientStorageError, get_fs, with_retries
 
 __all__ = [
     "SourceItem",
@@ -177,26 +177,37 @@ def list_source(spec, storage: Mapping | None = None) -> list[SourceItem]:
 
 
 def read_item_bytes(item: SourceItem, storage: Mapping | None = None, max_bytes: int | None = None) -> bytes:
-    """The bytes of one image; raises :class:`ImageError` (missing/too big/unreadable)."""
+    """The bytes of one image; raises :class:`ImageError` (missing/too big/unreadable).
+
+    Transient storage errors (connection refused/reset, timeouts, 5xx, throttling) are retried
+    (:func:`~pipelines.storage.with_retries`); if storage stays unavailable for the whole budget
+    :class:`~pipelines.storage.TransientStorageError` is raised, never :class:`ImageError`: an
+    input that was only unavailable must not become a permanent failure row.
+    """
     if item.error:
         raise ImageError(item.error)
     if max_bytes is not None and item.size is not None and item.size > max_bytes:
         raise ImageError(f"file too large: {item.size} bytes > limit {max_bytes}")
     fs, path = get_fs(item.path, storage)
-    try:
+
+    def fetch() -> bytes:
         if item.offset is not None:
-            data = fs.cat_file(path, start=item.offset, end=item.offset + (item.size or 0))
-        else:
-            if max_bytes is not None and item.size is None:
-                size = fs.size(path)
-                if size is not None and size > max_bytes:
-                    raise ImageError(f"file too large: {size} bytes > limit {max_bytes}")
-            data = fs.cat_file(path)
+            return fs.cat_file(path, start=item.offset, end=item.offset + (item.size or 0))
+        if max_bytes is not None and item.size is None:
+            size = fs.size(path)
+            if size is not None and size > max_bytes:
+                raise ImageError(f"file too large: {size} bytes > limit {max_bytes}")
+        return fs.cat_file(path)
+
+    try:
+        data = with_retries(fetch, what=f"read {item.uri}")
+    except TransientStorageError:
+        raise  # the task fails and is retried; no failure row
     except FileNotFoundError:
         raise ImageError(f"missing: {item.uri} not found") from None
     except ImageError:
         raise
-    except Exception as exc:  # network / permission problems become a failure row, not a crash
+    except Exception as exc:  # permission problems and the like become a failure row, not a crash
         raise ImageError(f"unreadable: {type(exc).__name__}: {exc}") from None
     return data
 

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.sources import ImageError, SourceItem, load_image
+from pipelines.storage import TransientStorageError
 
 __all__ = [
     "ROW_SCHEMA",
@@ -263,6 +264,8 @@ class DecodeTile:
             )
         except ImageError as exc:
             return [{**report, "status": "failed", "error": exc.reason, "seconds": time.perf_counter() - t0}]
+        except TransientStorageError:
+            raise  # storage unavailable, not a bad input: fail the task so Ray retries it
         except Exception as exc:  # never let one input sink the shard
             err = f"unexpected: {type(exc).__name__}: {exc}"
             return [{**report, "status": "failed", "error": err, "seconds": time.perf_counter() - t0}]

@@ -7,22 +7,35 @@ around, so nothing secret reaches task arguments or logs).
 
 Atomicity: a local file is written to a hidden temporary name and renamed into place; an S3
 object is written with one PUT, which is atomic for readers.
+
+Transient failures: every :class:`DatasetStore` operation and :func:`fetch_to_local` runs inside
+:func:`with_retries`, which retries errors :func:`is_transient` classifies as passing (connection
+refused/reset, timeouts, HTTP 5xx, throttling) with exponential backoff and jitter for a time
+budget (``REALDGEN_STORAGE_RETRY_S``, default 120 s) and then raises
+:class:`TransientStorageError`. Anything else (missing object, access denied, bad data) propagates
+at once. s3fs and botocore are configured to fail fast (5 s connect / 60 s read timeouts, no
+s3fs-level retry, botocore ``max_attempts=2``, i.e. at most two quick retries) so this loop owns
+the policy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
 import json
+import logging
 import os
+import random
 import socket
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 
@@ -36,6 +49,11 @@ __all__ = [
     "RunLock",
     "LockError",
     "fetch_to_local",
+    "TransientStorageError",
+    "is_transient",
+    "with_retries",
+    "retry_budget_s",
+    "RETRY_ENV",
     "INDEX_NAME",
     "PREVIEW_NAME",
     "LOCK_NAME",
@@ -44,6 +62,262 @@ __all__ = [
 INDEX_NAME = "_index.json"
 PREVIEW_NAME = "_preview.png"
 LOCK_NAME = "_lock.json"
+RETRY_ENV = "REALDGEN_STORAGE_RETRY_S"
+DEFAULT_RETRY_S = 120.0
+
+log = logging.getLogger("realdgen.storage")
+T = TypeVar("T")
+
+
+# s3fs/botocore fail fast; :func:`with_retries` owns the retry policy.
+def _s3_config() -> dict:
+    """botocore ``Config`` arguments (a fresh dict per call): short timeouts, few retries.
+
+    botocore counts ``max_attempts`` as retries after the first try (``total_max_attempts``
+    would count them all): a refused connection costs about one to two seconds per call."""
+    return {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2, "mode": "standard"}}
+
+
+_S3FS_RETRIES = 1  # attempts per s3fs call (s3fs's own loop; 1 = no retry of its own)
+
+
+# ------------------------------------------------------------------------------------------------
+# Transient errors and the retry loop
+# ------------------------------------------------------------------------------------------------
+
+
+class TransientStorageError(RuntimeError):
+    """Storage stayed unavailable for the whole retry budget (connection, timeout, 5xx, throttling).
+
+    Not a property of the object read or written: the caller should fail the task (so it is
+    retried later), never record the input as permanently failed."""
+
+
+# S3 / AWS error codes that mean "try again later".
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "PriorRequestNotComplete",
+        "InternalError",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "OperationAborted",  # "a conflicting conditional operation is in progress; try again"
+        "ConditionalRequestConflict",  # 409 from a concurrent conditional write; retry
+        "EC2ThrottledException",
+    }
+)
+# Plain OSError errnos of a network that is (for now) not there.
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, n)
+    for n in (
+        "ECONNREFUSED",
+        "ECONNRESET",
+        "ECONNABORTED",
+        "EPIPE",
+        "ETIMEDOUT",
+        "EHOSTUNREACH",
+        "EHOSTDOWN",
+        "ENETUNREACH",
+        "ENETDOWN",
+        "ENETRESET",
+        "EAGAIN",
+    )
+    if hasattr(errno, n)
+)
+# Definitely not transient, whatever they were raised from.
+_PERMANENT_TYPES = (
+    FileNotFoundError,
+    PermissionError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    ValueError,  # bad data (json.JSONDecodeError, ImageError, …)
+    TypeError,
+    KeyError,
+)
+
+
+def _client_error_info(exc: BaseException) -> tuple[str, int | None] | None:
+    """``(code, http status)`` of a botocore ``ClientError``-like exception, else ``None``."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, Mapping):
+        return None
+    err = response.get("Error") or {}
+    meta = response.get("ResponseMetadata") or {}
+    code = str(err.get("Code") or "")
+    status = meta.get("HTTPStatusCode")
+    if status is None and code.isdigit():
+        status = int(code)
+    try:
+        status = int(status) if status is not None else None
+    except (TypeError, ValueError):
+        status = None
+    return code, status
+
+
+@functools.cache
+def _transient_types() -> tuple[type[BaseException], ...]:
+    """Exception types of botocore and aiohttp that mean "not reachable right now"."""
+    types: list[type[BaseException]] = []
+    try:  # connection failures, closed connections, read timeouts, unparsable replies
+        from botocore import exceptions as bce
+        from botocore.parsers import ResponseParserError
+
+        types += [
+            bce.ConnectionError,  # EndpointConnectionError, ConnectTimeoutError, SSLError, proxy
+            bce.HTTPClientError,  # ConnectionClosedError, ReadTimeoutError, ResponseStreamingError
+            bce.IncompleteReadError,
+            ResponseParserError,  # throttling replies sometimes arrive as invalid XML (s3fs #484)
+        ]
+    except ImportError:  # pragma: no cover - botocore ships with s3fs
+        pass
+    try:  # refused, reset, ServerDisconnected, payload cut short, server timeouts
+        import aiohttp
+
+        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def _classify(exc: BaseException) -> bool | None:
+    """True: transient; False: permanent; None: this link says nothing (look at its cause)."""
+    if isinstance(exc, TransientStorageError):
+        return True
+    if isinstance(exc, _PERMANENT_TYPES):
+        return False
+    info = _client_error_info(exc)
+    if info is not None:  # an S3 answer: its code / status decide
+        code, status = info
+        if code in _TRANSIENT_CODES:
+            return True
+        if status is not None and (status >= 500 or status == 429):
+            return code != "NotImplemented"  # 501: the store lacks a feature, retrying won't help
+        return False
+    if isinstance(exc, _transient_types()):
+        return True
+    # builtins: ConnectionRefused/Reset/Aborted, BrokenPipe, TimeoutError (socket.timeout,
+    # asyncio.TimeoutError, fsspec's FSTimeoutError)
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` means "storage is unavailable right now" rather than "this is wrong".
+
+    Transient: connection refused/reset, endpoint connection errors, timeouts, a server that
+    closed the connection, HTTP 5xx (but 501), 429 and the S3 codes ``SlowDown``, ``Throttling``,
+    ``RequestTimeout``, ``InternalError``, ``ServiceUnavailable`` (and kin). Not transient: a
+    missing object or bucket, access denied, invalid data, anything unknown. s3fs translates
+    botocore errors into builtins (``OSError(EIO)`` for a 500, ``TimeoutError`` for
+    ``RequestTimeout``, …) with the original as ``__cause__`` (or ``__context__``), so the chain is
+    walked: the first link that says anything decides.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen or len(seen) > 32:
+            continue
+        seen.add(id(e))
+        verdict = _classify(e)
+        if verdict is not None:
+            return verdict
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    return False
+
+
+def retry_budget_s() -> float:
+    """The retry budget in seconds: ``REALDGEN_STORAGE_RETRY_S``, else 120."""
+    raw = os.environ.get(RETRY_ENV)
+    if raw:
+        try:
+            return max(0.0, float(raw))
+        except ValueError:
+            log.warning("ignoring %s=%r (not a number); using %.0f s", RETRY_ENV, raw, DEFAULT_RETRY_S)
+    return DEFAULT_RETRY_S
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().replace("\n", " ")
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def with_retries(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    budget_s: float | None = None,
+    initial_s: float = 0.2,
+    max_backoff_s: float = 5.0,
+    log_every_s: float = 5.0,
+    sleep: Callable[[float], Any] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """``fn()``, retried on transient errors (:func:`is_transient`) until ``budget_s`` is spent.
+
+    Backoff is exponential from ``initial_s`` up to ``max_backoff_s``, each wait drawn uniformly
+    from its upper half (jitter), never past the budget; the last attempt is made when the
+    budget runs out. Then :class:`TransientStorageError` is raised, naming ``what`` and the last
+    error. Non-transient errors propagate unchanged at once; a :class:`TransientStorageError`
+    from an inner call (whose own budget is spent) too. Retries are logged to
+    ``realdgen.storage`` at most once every ``log_every_s``. ``budget_s`` defaults to
+    :func:`retry_budget_s`. ``fn`` must be safe to repeat (whole-object reads and PUTs are).
+    """
+    budget = retry_budget_s() if budget_s is None else max(0.0, float(budget_s))
+    start = clock()
+    delay = initial_s
+    attempts = 0
+    last_log = -float("inf")
+    while True:
+        try:
+            out = fn()
+        except TransientStorageError:
+            raise
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            attempts += 1
+            now = clock()
+            elapsed = now - start
+            remaining = budget - elapsed
+            if remaining <= 0:
+                raise TransientStorageError(
+                    f"{what}: storage unavailable for {elapsed:.0f} s "
+                    f"({attempts} attempt{'s' if attempts != 1 else ''}; last error: {_describe(exc)})"
+                ) from exc
+            if now - last_log >= log_every_s:
+                last_log = now
+                log.warning(
+                    "%s: storage unavailable (%s); retrying, %.0f s of %.0f s budget left",
+                    what,
+                    _describe(exc),
+                    remaining,
+                    budget,
+                )
+            sleep(min(remaining, random.uniform(delay / 2, delay)))
+            delay = min(max_backoff_s, delay * 2)
+            continue
+        if attempts:
+            log.info("%s: storage reachable again after %d failed attempts", what, attempts)
+        return out
 
 
 def storage_kwargs(options: Any | None) -> dict:
@@ -63,14 +337,16 @@ def get_fs(uri: str, options: Mapping | None = None) -> tuple[fsspec.AbstractFil
     if uri.startswith("s3://"):
         import s3fs
 
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"config_kwargs": _s3_config()}
         endpoint = opts.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             kwargs["endpoint_url"] = endpoint
         region = opts.get("region") or os.environ.get("AWS_DEFAULT_REGION")
         if region:
             kwargs["client_kwargs"] = {"region_name": region}
-        return s3fs.S3FileSystem(**kwargs), uri[len("s3://") :].rstrip("/")
+        fs = s3fs.S3FileSystem(**kwargs)
+        fs.retries = _S3FS_RETRIES  # an instance attribute (s3fs has no constructor argument for it)
+        return fs, uri[len("s3://") :].rstrip("/")
     path = uri[len("file://") :] if uri.startswith("file://") else uri
     return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
 
@@ -92,24 +368,39 @@ def shard_stem(name: str, index: int) -> str:
 
 
 def fetch_to_local(uri: str, options: Mapping | None = None) -> str:
-    """Local path of ``uri``: itself when local, else a cached download (keyed by URI)."""
+    """Local path of ``uri``: itself when local, else a cached download (keyed by URI).
+
+    The download is retried on transient errors (:func:`with_retries`)."""
     if not uri.startswith("s3://"):
         return get_fs(uri)[1]
     fs, path = get_fs(uri, options)
     cache = os.path.join(tempfile.gettempdir(), "realdgen-cache")
     os.makedirs(cache, exist_ok=True)
-    info = fs.info(path)
-    tag = hashlib.sha256(f"{uri}|{info.get('size')}|{info.get('ETag', '')}".encode()).hexdigest()[:16]
-    local = os.path.join(cache, f"{tag}-{os.path.basename(path)}")
-    if not os.path.exists(local):
-        tmp = f"{local}.{uuid.uuid4().hex}.tmp"
-        fs.get_file(path, tmp)
-        os.replace(tmp, local)
-    return local
+
+    def fetch() -> str:
+        info = fs.info(path)
+        tag = hashlib.sha256(f"{uri}|{info.get('size')}|{info.get('ETag', '')}".encode()).hexdigest()[:16]
+        local = os.path.join(cache, f"{tag}-{os.path.basename(path)}")
+        if not os.path.exists(local):
+            tmp = f"{local}.{uuid.uuid4().hex}.tmp"
+            try:
+                fs.get_file(path, tmp)
+                os.replace(tmp, local)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        return local
+
+    return with_retries(fetch, what=f"fetch {uri}")
 
 
 class DatasetStore:
-    """A dataset folder (local or s3): list names, read/write whole objects atomically, delete."""
+    """A dataset folder (local or s3): list names, read/write whole objects atomically, delete.
+
+    Every operation is retried on transient storage errors (:func:`with_retries`; ``budget_s``
+    overrides the default budget) and raises :class:`TransientStorageError` when storage stays
+    unavailable; other errors (a missing object, access denied) propagate at once.
+    """
 
     def __init__(self, uri: str, options: Mapping | None = None) -> None:
         self.uri = uri.rstrip("/")
@@ -120,12 +411,18 @@ class DatasetStore:
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"
 
+    def _what(self, verb: str, name: str | None = None) -> str:
+        return f"{verb} {join_uri(self.uri, name) if name else self.uri}"
+
     def ensure(self) -> None:
         if not self.remote:
             os.makedirs(self.root, exist_ok=True)
 
-    def names(self) -> list[str]:
+    def names(self, *, budget_s: float | None = None) -> list[str]:
         """Sorted names of the objects directly in the folder (fresh listing, no cache)."""
+        return with_retries(self._names, what=self._what("list"), budget_s=budget_s)
+
+    def _names(self) -> list[str]:
         if self.remote:
             self.fs.invalidate_cache(self.root)
             try:
@@ -137,29 +434,42 @@ class DatasetStore:
             return []
         return sorted(n for n in os.listdir(self.root) if os.path.isfile(os.path.join(self.root, n)))
 
-    def exists(self, name: str) -> bool:
-        if self.remote:
-            self.fs.invalidate_cache(self.path(name))
-            return self.fs.exists(self.path(name))
-        return os.path.exists(self.path(name))
+    def exists(self, name: str, *, budget_s: float | None = None) -> bool:
+        def probe() -> bool:
+            if self.remote:
+                self.fs.invalidate_cache(self.path(name))
+                return self.fs.exists(self.path(name))
+            return os.path.exists(self.path(name))
 
-    def read_bytes(self, name: str) -> bytes:
-        if self.remote:
-            return self.fs.cat_file(self.path(name))
-        with open(self.path(name), "rb") as f:
-            return f.read()
+        return with_retries(probe, what=self._what("check", name), budget_s=budget_s)
+
+    def read_bytes(self, name: str, *, budget_s: float | None = None) -> bytes:
+        def read() -> bytes:
+            if self.remote:
+                return self.fs.cat_file(self.path(name))
+            with open(self.path(name), "rb") as f:
+                return f.read()
+
+        return with_retries(read, what=self._what("read", name), budget_s=budget_s)
 
     def read_json(self, name: str) -> Any:
         return json.loads(self.read_bytes(name))
 
-    def write_bytes(self, name: str, data: bytes) -> None:
-        """Write a whole object atomically (temp + rename locally; one PUT on s3)."""
+    def write_bytes(self, name: str, data: bytes, *, budget_s: float | None = None) -> None:
+        """Write a whole object atomically (temp + rename locally; one PUT on s3).
+
+        A retried PUT rewrites the whole object, so retrying is idempotent."""
+        data = bytes(data)
+        with_retries(lambda: self._write(name, data), what=self._what("write", name), budget_s=budget_s)
+
+    def _write(self, name: str, data: bytes) -> None:
         if self.remote:
-            self.fs.pipe_file(self.path(name), bytes(data))
+            self.fs.pipe_file(self.path(name), data)
             return
-        self.ensure()
         final = self.path(name)
-        tmp = os.path.join(self.root, f".{name}.{uuid.uuid4().hex}.tmp")
+        folder, base = os.path.split(final)
+        os.makedirs(folder, exist_ok=True)  # names may hold folders (the run's _work/ scratch)
+        tmp = os.path.join(folder, f".{base}.{uuid.uuid4().hex}.tmp")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -173,12 +483,15 @@ class DatasetStore:
     def write_json(self, name: str, obj: Any, *, indent: int | None = 2) -> None:
         self.write_bytes(name, (json.dumps(obj, indent=indent, sort_keys=True) + "\n").encode())
 
-    def delete(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            if self.remote:
-                self.fs.rm_file(self.path(name))
-            else:
-                os.unlink(self.path(name))
+    def delete(self, name: str, *, budget_s: float | None = None) -> None:
+        def rm() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                if self.remote:
+                    self.fs.rm_file(self.path(name))
+                else:
+                    os.unlink(self.path(name))
+
+        with_retries(rm, what=self._what("delete", name), budget_s=budget_s)
 
     def clean_temporaries(self) -> None:
         """Remove temp files a crashed writer left behind (local only; s3 has none)."""
@@ -209,14 +522,46 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _error_code(exc: BaseException) -> str | None:
+    """The S3 error code (``"PreconditionFailed"``, ``"NotImplemented"``, …) in ``exc``'s chain."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        info = _client_error_info(e)
+        if info is not None:
+            return info[0] or (str(info[1]) if info[1] is not None else None)
+        todo.extend((e.__cause__, e.__context__))
+    return None
+
+
+# Answers of a store that does not do conditional writes (fall back to write-then-verify).
+_NO_CONDITIONAL_CODES = frozenset({"NotImplemented", "501", "InvalidArgument", "InvalidRequest", "400"})
+
+
 @dataclass
 class RunLock:
     """``_lock.json`` in the output folder: host, pid, run id and a heartbeat.
 
     Acquire refuses when a live job holds it; a lock whose pid is dead on this host, or whose
-    heartbeat is older than ``stale_s``, is taken over. On s3 the create is write-then-verify
-    (best effort: two jobs starting in the same second could both win; the shard writes are
-    still atomic and deterministic, so the worst case is duplicated work, not a corrupt dataset).
+    heartbeat is older than ``stale_s``, is taken over.
+
+    Creating it: locally ``O_CREAT | O_EXCL``. On s3 a conditional PUT (``If-None-Match: *``,
+    s3fs ``pipe_file(mode="create")``): exactly one of several jobs starting together creates
+    it; the others get ``412 PreconditionFailed`` and apply the liveness rules to the holder.
+    The creator still reads the lock back once (covers a store that silently ignores the
+    header). A stale holder is taken over by a plain overwrite followed by the same read-back
+    (best effort: two jobs taking over the same stale lock in the same instant could both win;
+    the shard writes are atomic and deterministic, so the worst case is duplicated work, not a
+    corrupt dataset). A store that rejects the header (``501 NotImplemented`` / ``400``) gets
+    that write-then-verify for the create too (logged once per lock). ``conditional`` records
+    what the last acquire used: ``True`` (conditional create), ``False`` (fallback) or ``None``.
+
+    Every storage call is retried through outages (:func:`with_retries`); the heartbeat thread
+    never dies of one: a failed beat is logged and the next one tried on schedule.
     """
 
     store: DatasetStore
@@ -229,6 +574,7 @@ class RunLock:
         self.pid = os.getpid()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.conditional: bool | None = None
         if self.stale_s is None:
             self.stale_s = max(30.0, 6 * self.heartbeat_s)
 
@@ -250,8 +596,54 @@ class RunLock:
             return _pid_alive(int(holder.get("pid", -1)))
         return True
 
+    def _refuse_if_live(self, holder: dict | None) -> None:
+        if holder is not None and holder.get("run_id") != self.run_id and self._is_live(holder):
+            raise LockError(
+                f"{self.store.uri} is being written by another live job "
+                f"(host {holder.get('host')}, pid {holder.get('pid')}, heartbeat "
+                f"{time.time() - float(holder.get('heartbeat', 0)):.0f}s ago); "
+                f"wait for it or remove {LOCK_NAME} if it is dead"
+            )
+
+    def _create_conditional(self) -> bool | None:
+        """Conditional PUT: True created, False someone holds it, None not supported here."""
+        store = self.store
+        path = store.path(LOCK_NAME)
+        payload = self._payload()
+
+        def put() -> bool | None:
+            try:
+                store.fs.pipe_file(path, payload, mode="create")
+                return True
+            except Exception as exc:
+                code = _error_code(exc)
+                if isinstance(exc, FileExistsError) or code in ("PreconditionFailed", "412"):
+                    return False
+                if code in _NO_CONDITIONAL_CODES:
+                    log.info(
+                        "%s: the store rejects conditional writes (%s); creating %s by write-then-verify",
+                        store.uri,
+                        code,
+                        LOCK_NAME,
+                    )
+                    return None
+                raise
+
+        return with_retries(put, what=store._what("create", LOCK_NAME))
+
+    def _write_and_verify(self) -> None:
+        self.store.write_bytes(LOCK_NAME, self._payload())
+        self._verify()
+
+    def _verify(self) -> None:
+        time.sleep(0.05)
+        check = self._holder()
+        if not check or check.get("run_id") != self.run_id:
+            raise LockError(f"{self.store.uri}: lost the race for {LOCK_NAME} to another job")
+
     def acquire(self) -> None:
         self.store.ensure()
+        self.conditional = None
         if not self.store.remote:
             path = self.store.path(LOCK_NAME)
             try:
@@ -262,37 +654,66 @@ class RunLock:
                 return
             except FileExistsError:
                 pass
-        holder = self._holder()
-        if holder is not None and holder.get("run_id") != self.run_id and self._is_live(holder):
-            raise LockError(
-                f"{self.store.uri} is being written by another live job "
-                f"(host {holder.get('host')}, pid {holder.get('pid')}, heartbeat "
-                f"{time.time() - float(holder.get('heartbeat', 0)):.0f}s ago); "
-                f"wait for it or remove {LOCK_NAME} if it is dead"
-            )
-        self.store.write_bytes(LOCK_NAME, self._payload())
-        time.sleep(0.05)
-        check = self._holder()
-        if not check or check.get("run_id") != self.run_id:
-            raise LockError(f"{self.store.uri}: lost the race for {LOCK_NAME} to another job")
+            holder = self._holder()
+            self._refuse_if_live(holder)
+            self._write_and_verify()
+            self._start_heartbeat()
+            return
+        created = self._create_conditional()
+        self.conditional = created is not None
+        if created:
+            self._verify()
+        else:
+            holder = self._holder()
+            if created is False and holder is not None and holder.get("run_id") == self.run_id:
+                # A retried create whose first attempt did land (its answer was lost): ours.
+                self._start_heartbeat()
+                return
+            self._refuse_if_live(holder)
+            self._write_and_verify()  # a stale (or vanished) holder: take over
         self._start_heartbeat()
 
     def _start_heartbeat(self) -> None:
+        self._stop.clear()
+
         def beat() -> None:
+            last_log = -float("inf")
             while not self._stop.wait(self.heartbeat_s):
-                with contextlib.suppress(Exception):
-                    self.store.write_bytes(LOCK_NAME, self._payload())
+                try:
+                    # A budget of one period: an outage costs beats, never the thread.
+                    self.store.write_bytes(LOCK_NAME, self._payload(), budget_s=self.heartbeat_s)
+                except Exception as exc:  # never let the heartbeat end (or crash the job)
+                    now = time.monotonic()
+                    if now - last_log >= max(30.0, self.heartbeat_s):
+                        last_log = now
+                        log.warning(
+                            "%s: lock heartbeat failed (%s); still trying every %.0f s",
+                            self.store.uri,
+                            _describe(exc),
+                            self.heartbeat_s,
+                        )
 
         self._thread = threading.Thread(target=beat, name="realdgen-lock-heartbeat", daemon=True)
         self._thread.start()
 
     def release(self) -> None:
+        """Stop the heartbeat and delete the lock if it is still ours (best effort: if storage
+        is unreachable the lock is left behind and goes stale after ``stale_s``)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
-        holder = self._holder()
-        if holder is not None and holder.get("run_id") == self.run_id:
-            self.store.delete(LOCK_NAME)
+            self._thread.join(timeout=max(5.0, self.heartbeat_s + 5.0))
+        try:
+            holder = self._holder()
+            if holder is not None and holder.get("run_id") == self.run_id:
+                self.store.delete(LOCK_NAME)
+        except Exception as exc:
+            log.warning(
+                "%s: could not release %s (%s); it goes stale after %.0f s",
+                self.store.uri,
+                LOCK_NAME,
+                _describe(exc),
+                self.stale_s,
+            )
 
     def __enter__(self) -> RunLock:
         self.acquire()

@@ -1,0 +1,432 @@
+"""Storage outages: transient errors are retried with backoff, never become failure rows; the lock.
+
+A fault-injecting TCP proxy (tests/faultproxy.py) sits between s3fs and the moto server; taking it
+down gives clients connection refused (new connections) and resets (live ones).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from faultproxy import FaultProxy
+from PIL import Image
+
+from pipelines.sources import ImageError, SourceItem, read_item_bytes
+from pipelines.stages import DecodeTile, base_key
+from pipelines.storage import (
+    LOCK_NAME,
+    RETRY_ENV,
+    DatasetStore,
+    LockError,
+    RunLock,
+    TransientStorageError,
+    fetch_to_local,
+    get_fs,
+    is_transient,
+    with_retries,
+)
+
+
+@pytest.fixture()
+def proxy(s3_server):
+    with FaultProxy(int(s3_server.rsplit(":", 1)[1])) as p:
+        yield p
+
+
+@pytest.fixture()
+def short_budget(monkeypatch):
+    monkeypatch.setenv(RETRY_ENV, "1")
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------
+# classification and the retry loop (no network)
+# ------------------------------------------------------------------------------------------------
+
+
+def _client_error(code: str, status: int, op: str = "GetObject"):
+    from botocore.exceptions import ClientError
+
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, op
+    )
+
+
+def _translated(err):
+    """What s3fs raises for a botocore error (cause set) …"""
+    from s3fs.errors import translate_boto_error
+
+    return translate_boto_error(err)
+
+
+def _raised_in_except(outer, inner):
+    """… or raises while handling one (context set, as ``set_cause=False`` does)."""
+    try:
+        try:
+            raise inner
+        except Exception:
+            raise outer  # noqa: B904 - __context__ is the point
+    except Exception as exc:
+        return exc
+
+
+def test_is_transient_classifies_s3fs_botocore_aiohttp_and_os_errors():
+    import aiohttp
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        ReadTimeoutError,
+    )
+
+    transient = [
+        ConnectionRefusedError(111, "Connection refused"),
+        ConnectionResetError(104, "reset"),
+        TimeoutError("timed out"),
+        EndpointConnectionError(endpoint_url="http://x"),
+        ConnectTimeoutError(endpoint_url="http://x"),
+        ReadTimeoutError(endpoint_url="http://x"),
+        ConnectionClosedError(endpoint_url="http://x"),
+        aiohttp.ServerDisconnectedError(),
+        _client_error("SlowDown", 503),
+        _client_error("Throttling", 400),
+        _client_error("RequestTimeout", 400),
+        _client_error("InternalError", 500),
+        _client_error("ServiceUnavailable", 503),
+        _client_error("BadGateway", 502),
+        _translated(_client_error("InternalError", 500)),  # OSError(EREMOTEIO) from ClientError
+        _translated(_client_error("SlowDown", 503)),  # OSError(EBUSY)
+        _translated(_client_error("503", 503)),
+        _translated(_client_error("RequestTimeout", 400)),  # TimeoutError
+        _raised_in_except(OSError(5, "Input/output error"), _client_error("InternalError", 500)),
+        _raised_in_except(RuntimeError("wrapped"), EndpointConnectionError(endpoint_url="http://x")),
+        TransientStorageError("x"),
+    ]
+    permanent = [
+        FileNotFoundError("nope"),
+        PermissionError("denied"),
+        _client_error("NoSuchKey", 404),
+        _client_error("NoSuchBucket", 404),
+        _client_error("AccessDenied", 403),
+        _client_error("NotImplemented", 501),
+        _translated(_client_error("NoSuchKey", 404)),  # FileNotFoundError
+        _translated(_client_error("NoSuchBucket", 404)),
+        _translated(_client_error("AccessDenied", 403)),  # PermissionError
+        json.JSONDecodeError("bad", "x", 0),
+        ValueError("invalid data"),
+        NoCredentialsError(),
+        RuntimeError("something else"),
+        OSError(5, "local disk I/O error"),
+        # a definite answer on top wins over a transient error it was raised while handling
+        _raised_in_except(FileNotFoundError("gone"), ConnectionResetError(104, "reset")),
+    ]
+    assert [e for e in transient if not is_transient(e)] == []
+    assert [e for e in permanent if is_transient(e)] == []
+
+
+def test_with_retries_backoff_budget_and_permanent_errors(caplog):
+    now = [0.0]
+    sleeps: list[float] = []
+
+    def sleep(s):
+        sleeps.append(s)
+        now[0] += s
+
+    calls = [0]
+
+    def flaky():
+        calls[0] += 1
+        if calls[0] < 4:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return "ok"
+
+    kw = {"sleep": sleep, "clock": lambda: now[0]}
+    with caplog.at_level(logging.WARNING, logger="realdgen.storage"):
+        assert with_retries(flaky, what="read s3://b/k", budget_s=60, **kw) == "ok"
+    assert calls[0] == 4 and len(sleeps) == 3
+    assert 0.1 <= sleeps[0] <= 0.2 and 0.2 <= sleeps[1] <= 0.4 and 0.4 <= sleeps[2] <= 0.8
+    assert len([r for r in caplog.records if "storage unavailable" in r.message]) == 1  # rate-limited
+
+    def down():
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    sleeps.clear()
+    now[0] = 0.0
+    with pytest.raises(TransientStorageError, match=r"write s3://b/k: storage unavailable for 30 s"):
+        with_retries(down, what="write s3://b/k", budget_s=30, **kw)
+    assert max(sleeps) <= 5.0 and abs(sum(sleeps) - 30) < 1e-9  # capped backoff, budget exactly spent
+
+    def missing():
+        calls[0] += 1
+        raise FileNotFoundError("s3://b/k")
+
+    calls[0] = 0
+    with pytest.raises(FileNotFoundError):
+        with_retries(missing, what="read", budget_s=30, **kw)
+    assert calls[0] == 1
+
+    def inner_spent():
+        calls[0] += 1
+        raise TransientStorageError("inner: storage unavailable for 120 s")
+
+    calls[0] = 0
+    with pytest.raises(TransientStorageError, match="inner"):
+        with_retries(inner_spent, what="outer", budget_s=30, **kw)
+    assert calls[0] == 1  # an inner budget is not multiplied by an outer one
+
+
+def test_get_fs_fails_fast_and_stays_credential_free(s3_server):
+    fs, _ = get_fs("s3://b/p", {"endpoint_url": s3_server, "key": "SECRET", "secret": "SECRET"})
+    assert fs.retries == 1
+    assert fs.config_kwargs["retries"] == {"max_attempts": 2, "mode": "standard"}
+    assert fs.config_kwargs["connect_timeout"] <= 10 and fs.config_kwargs["read_timeout"] <= 60
+    assert fs.key is None and fs.secret is None and "SECRET" not in repr(fs.storage_args)
+    assert fs.endpoint_url == s3_server
+
+
+# ------------------------------------------------------------------------------------------------
+# through the proxy
+# ------------------------------------------------------------------------------------------------
+
+
+def test_store_operations_ride_out_a_short_outage(proxy, s3_bucket, caplog):
+    uri = f"s3://{s3_bucket}/ds"
+    store = DatasetStore(uri, {"endpoint_url": proxy.url})
+    assert store.fs.endpoint_url == proxy.url  # its own s3fs instance, not the moto one
+    store.write_bytes("old.bin", b"old bytes")
+    assert store.names() == ["old.bin"]
+    payload = bytes(range(256)) * 64
+
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="realdgen.storage"):
+        up = proxy.down_for(3.0)
+        with ThreadPoolExecutor(4) as pool:
+            write = pool.submit(store.write_bytes, "new.bin", payload)
+            read = pool.submit(store.read_bytes, "old.bin")
+            names = pool.submit(store.names)
+            fetched = pool.submit(fetch_to_local, f"{uri}/old.bin", {"endpoint_url": proxy.url})
+            assert write.result(timeout=30) is None
+            assert read.result(timeout=30) == b"old bytes"
+            assert "old.bin" in names.result(timeout=30)
+            with open(fetched.result(timeout=30), "rb") as f:
+                assert f.read() == b"old bytes"
+        up.join()
+    took = time.monotonic() - t0
+    assert 2.5 < took < 25, took
+    assert store.read_bytes("new.bin") == payload
+    assert store.names() == ["new.bin", "old.bin"] and store.exists("new.bin")
+    warned = [r.getMessage() for r in caplog.records if r.name == "realdgen.storage"]
+    assert any("storage unavailable" in m and f"{uri}/new.bin" in m for m in warned), warned
+    assert not any("testing" in m for m in warned)  # the dummy credentials never reach the log
+
+
+def test_store_operations_give_up_after_the_budget(proxy, s3_bucket, short_budget):
+    uri = f"s3://{s3_bucket}/ds"
+    store = DatasetStore(uri, {"endpoint_url": proxy.url})
+    store.write_bytes("a.bin", b"a")
+    proxy.down()
+    try:
+        for op, what in (
+            (lambda: store.write_bytes("b.bin", b"b"), f"write {uri}/b.bin"),
+            (lambda: store.read_bytes("a.bin"), f"read {uri}/a.bin"),
+            (lambda: store.names(), f"list {uri}"),
+            (lambda: store.exists("a.bin"), f"check {uri}/a.bin"),
+            (lambda: store.delete("a.bin"), f"delete {uri}/a.bin"),
+        ):
+            t0 = time.monotonic()
+            with pytest.raises(TransientStorageError) as info:
+                op()
+            took = time.monotonic() - t0
+            assert str(info.value).startswith(f"{what}: storage unavailable for "), str(info.value)
+            assert "last error: " in str(info.value)
+            assert 0.9 < took < 5, (what, took)  # budget 1 s (outage lasts longer)
+    finally:
+        proxy.up()
+    assert store.read_bytes("a.bin") == b"a" and not store.exists("b.bin")
+
+
+def test_read_item_bytes_outage_is_transient_missing_is_an_image_error(proxy, s3_bucket, monkeypatch):
+    opts = {"endpoint_url": proxy.url}
+    fs, _ = get_fs(f"s3://{s3_bucket}", opts)
+    fs.pipe_file(f"{s3_bucket}/img/a.png", b"png bytes")
+    there = SourceItem(f"s3://{s3_bucket}/img/a.png", f"s3://{s3_bucket}/img/a.png")
+    gone = SourceItem(f"s3://{s3_bucket}/img/gone.png", f"s3://{s3_bucket}/img/gone.png")
+    assert read_item_bytes(there, opts) == b"png bytes"
+
+    monkeypatch.setenv(RETRY_ENV, "60")
+    t0 = time.monotonic()
+    with pytest.raises(ImageError, match=r"^missing: s3://.*/img/gone.png not found$"):
+        read_item_bytes(gone, opts)
+    assert time.monotonic() - t0 < 5  # not retried for the budget
+
+    monkeypatch.setenv(RETRY_ENV, "1")
+    proxy.down()
+    try:
+        with pytest.raises(TransientStorageError, match=r"^read s3://.*/img/a.png: storage unavailable"):
+            read_item_bytes(there, opts)
+        member = SourceItem(f"{there.uri}#m.png", there.path, offset=0, size=3)  # a range read
+        with pytest.raises(TransientStorageError):
+            read_item_bytes(member, opts, max_bytes=10)
+    finally:
+        proxy.up()
+    assert read_item_bytes(there, opts) == b"png bytes"
+
+
+def test_decode_tile_fails_the_task_on_an_outage_and_records_real_failures(proxy, s3_bucket, short_budget):
+    opts = {"endpoint_url": proxy.url}
+    fs, _ = get_fs(f"s3://{s3_bucket}", opts)
+    rng = np.random.default_rng(0)
+    fs.pipe_file(f"{s3_bucket}/hr/a.png", _png(rng.integers(0, 256, (40, 72, 3), dtype=np.uint8)))
+
+    def row(i, name):
+        uri = f"s3://{s3_bucket}/hr/{name}"
+        return {
+            "shard": 0,
+            "input_index": i,
+            "key": base_key(uri),
+            "uri": uri,
+            "path": uri,
+            "offset": None,
+            "size": None,
+        }
+
+    decode = DecodeTile(
+        {
+            "seed": 3,
+            "scale": 2,
+            "tile": 16,
+            "tiling_mode": "grid",
+            "max_tiles": 4,
+            "max_pixels": 10**6,
+            "max_bytes": None,
+            "storage": opts,
+            "pairing": {"mode": "round_robin", "refs_per_tile": 1},
+            "refs": [{"uri": "r0", "set": "s", "domain": None}],
+            "sets": [],
+        }
+    )
+    t = decode([row(0, "a.png"), row(1, "missing.png")]).to_pylist()
+    reports = [r for r in t if r["row_type"] == "input"]
+    assert [r["status"] for r in reports] == ["ok", "failed"]
+    assert reports[1]["error"].startswith("missing: ")  # a real failure stays a failure row
+
+    proxy.down()
+    try:
+        with pytest.raises(TransientStorageError, match="hr/a.png"):
+            decode([row(0, "a.png")])  # no failure row: the task fails and Ray retries it
+    finally:
+        proxy.up()
+    assert [r["status"] for r in decode([row(0, "a.png")]).to_pylist() if r["row_type"] == "input"] == ["ok"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the lock
+# ------------------------------------------------------------------------------------------------
+
+
+def test_moto_honours_if_none_match_on_put_object(s3_server, s3_bucket):
+    fs, _ = get_fs(f"s3://{s3_bucket}", {"endpoint_url": s3_server})
+    fs.pipe_file(f"{s3_bucket}/x", b"1", mode="create")
+    with pytest.raises(FileExistsError):
+        fs.pipe_file(f"{s3_bucket}/x", b"2", mode="create")
+    assert fs.cat_file(f"{s3_bucket}/x") == b"1"
+
+
+def test_run_lock_race_on_s3_exactly_one_wins_by_conditional_create(s3_server, s3_bucket):
+    uri = f"s3://{s3_bucket}/out"
+    for _ in range(3):
+        locks = [RunLock(DatasetStore(uri, {"endpoint_url": s3_server}), heartbeat_s=0.5) for _ in range(4)]
+        barrier = threading.Barrier(len(locks))
+        results: list[object] = [None] * len(locks)
+
+        def go(i, locks=locks, barrier=barrier, results=results):
+            barrier.wait()
+            try:
+                locks[i].acquire()
+                results[i] = "won"
+            except LockError as exc:
+                results[i] = exc
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(len(locks))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        winners = [locks[i] for i, r in enumerate(results) if r == "won"]
+        assert len(winners) == 1, results
+        assert all(isinstance(r, LockError) for r in results if r != "won")
+        winner = winners[0]
+        assert winner.conditional is True  # the create was the conditional PUT (moto honours it)
+        assert json.loads(winner.store.read_bytes(LOCK_NAME))["run_id"] == winner.run_id
+        assert winner._create_conditional() is False  # a second conditional create: 412
+        winner.release()
+        assert not winner.store.exists(LOCK_NAME)
+
+
+def test_run_lock_takes_over_a_stale_holder_on_s3(s3_server, s3_bucket):
+    store = DatasetStore(f"s3://{s3_bucket}/out", {"endpoint_url": s3_server})
+    stale = {"host": "elsewhere", "pid": 1, "run_id": "dead", "heartbeat": time.time() - 3600}
+    store.write_bytes(LOCK_NAME, json.dumps(stale).encode())
+    lock = RunLock(store, heartbeat_s=0.5)
+    lock.acquire()
+    try:
+        assert lock.conditional is True and json.loads(store.read_bytes(LOCK_NAME))["run_id"] == lock.run_id
+        with pytest.raises(LockError, match="another live job"):
+            RunLock(DatasetStore(store.uri, {"endpoint_url": s3_server})).acquire()
+    finally:
+        lock.release()
+
+
+def test_run_lock_falls_back_when_the_store_rejects_conditional_writes(s3_server, s3_bucket, monkeypatch):
+    store = DatasetStore(f"s3://{s3_bucket}/out", {"endpoint_url": s3_server})
+    real = store.fs.pipe_file  # fsspec puts the sync methods on the instance
+
+    def no_conditional(path, data, mode="overwrite", **kw):
+        if mode == "create":
+            from s3fs.errors import translate_boto_error
+
+            raise translate_boto_error(_client_error("NotImplemented", 501, "PutObject"))
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(store.fs, "pipe_file", no_conditional)
+    lock = RunLock(store, heartbeat_s=0.5)
+    lock.acquire()
+    try:
+        assert lock.conditional is False
+        assert json.loads(store.read_bytes(LOCK_NAME))["run_id"] == lock.run_id
+        with pytest.raises(LockError):
+            RunLock(DatasetStore(store.uri, {"endpoint_url": s3_server})).acquire()
+    finally:
+        lock.release()
+
+
+def test_run_lock_heartbeat_survives_an_outage(proxy, s3_bucket, short_budget):
+    store = DatasetStore(f"s3://{s3_bucket}/out", {"endpoint_url": proxy.url})
+    lock = RunLock(store, heartbeat_s=0.3)
+    lock.acquire()
+    try:
+        proxy.down_for(2.0).join()
+        assert lock._thread is not None and lock._thread.is_alive()
+        deadline = time.monotonic() + 10
+        while True:  # beats resume once storage is back
+            beat = json.loads(store.read_bytes(LOCK_NAME))["heartbeat"]
+            if time.time() - beat < 1.0:
+                break
+            assert time.monotonic() < deadline, "the heartbeat did not resume"
+            time.sleep(0.2)
+    finally:
+        lock.release()
+    assert not store.exists(LOCK_NAME)
