@@ -32,6 +32,7 @@ __all__ = [
     "ImageError",
     "SourceError",
     "list_source",
+    "index_tar",
     "read_item_bytes",
     "decode_image",
     "load_image",
@@ -115,8 +116,71 @@ def _find(fs, path: str) -> dict[str, dict]:
     return fs.find(path, detail=True)
 
 
-def list_source(spec, storage: Mapping | None = None) -> list[SourceItem]:
-    """All images of a :class:`~pipelines.manifest.SourceSpec`, sorted by URI, ``limit`` applied."""
+def index_tar(
+    tar_uri: str, recorded: str, extensions: tuple[str, ...], storage: Mapping | None = None
+) -> list[SourceItem]:
+    """The image members of one WebDataset shard, by byte range. Never raises for a bad shard.
+
+    A shard that cannot be read as a tar, or that ends early (cut off inside a member, or before
+    its end-of-archive blocks), still yields what could be indexed; what is lost becomes an item
+    with an ``error``, so it is recorded as a failure row of the job instead of stopping it:
+    a member cut off inside its data fails as ``truncated``, and a shard that cannot be walked
+    (or whose tail is missing) gets one ``unreadable shard`` item for the members that cannot be
+    listed. Storage errors (the shard could not be fetched at all) do propagate, so that the
+    listing is retried rather than the shard recorded as bad.
+    """
+    fs, p = get_fs(tar_uri, storage)
+    size = fs.size(p)
+    items: list[SourceItem] = []
+    seen: dict[str, int] = {}
+    end = 0  # where the last member's data (padded to 512-byte blocks) ends
+    problem: str | None = None
+    try:
+        with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for m in tar:
+                end = m.offset_data + -(-m.size // 512) * 512
+                if not (m.isfile() and _ext_ok(m.name, extensions)):
+                    continue
+                uri = f"{recorded}#{m.name}"
+                err = None
+                if m.offset_data + m.size > size:
+                    stop = m.offset_data + m.size
+                    err = f"truncated: member {m.name!r} ends at byte {stop} of a {size}-byte shard {tar_uri}"
+                elif m.name in seen:
+                    # Two members under one name: which is "the" image is ambiguous (tar
+                    # extraction keeps the last). The first stays the input; each later one
+                    # becomes an input of its own that fails with this reason (a failure row).
+                    seen[m.name] += 1
+                    err = f"duplicate member: {m.name!r} appears {seen[m.name]} times in {tar_uri}"
+                    uri = f"{uri}~dup{seen[m.name] - 1}"
+                else:
+                    seen[m.name] = 1
+                items.append(SourceItem(uri, tar_uri, m.offset_data, m.size, err))
+    except (tarfile.TarError, EOFError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    if (
+        problem is None
+        and size - end < 1024
+        and not (items and items[-1].error and items[-1].error.startswith("truncated"))
+    ):
+        problem = f"no end-of-archive marker after byte {end} of {size}"
+    if problem is not None:
+        err = f"unreadable shard: {tar_uri} ({problem}); members after the {len(items)} listed cannot be read"
+        items.append(SourceItem(f"{recorded}#<unreadable>", tar_uri, None, None, err))
+    return items
+
+
+def _index_tars_here(tars, extensions, storage):
+    return [index_tar(t, r, extensions, storage) for t, r in tars]
+
+
+def list_source(spec, storage: Mapping | None = None, map_tars=None) -> list[SourceItem]:
+    """All images of a :class:`~pipelines.manifest.SourceSpec`, sorted by URI, ``limit`` applied.
+
+    ``map_tars(tars, extensions, storage)``: indexes WebDataset shards (``tars`` is a list of
+    ``(tar_uri, recorded_uri)``) and returns one member list per tar, in order; by default each
+    tar is indexed here with :func:`index_tar`, one after another (the job fans them out as Ray
+    tasks)."""
     prefix = "s3://" if spec.uri.startswith("s3://") else ""
     fs, path = get_fs(spec.uri, storage)
 
@@ -132,25 +196,13 @@ def list_source(spec, storage: Mapping | None = None) -> list[SourceItem]:
             if _ext_ok(p, exts):
                 items.append(SourceItem(recorded(p), _uri_of(prefix, p), None, info.get("size")))
     elif spec.format == "webdataset":
-        for p in sorted(q for q in _find(fs, path) if q.endswith(".tar")):
-            tar_uri = _uri_of(prefix, p)
-            seen: dict[str, int] = {}
-            with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-                for m in tar:
-                    if not (m.isfile() and _ext_ok(m.name, exts)):
-                        continue
-                    uri = f"{recorded(p)}#{m.name}"
-                    if m.name in seen:
-                        # Two members under one name: which is "the" image is ambiguous (tar
-                        # extraction keeps the last). The first stays the input; each later one
-                        # becomes an input of its own that fails with this reason (a failure row).
-                        seen[m.name] += 1
-                        err = f"duplicate member: {m.name!r} appears {seen[m.name]} times in {tar_uri}"
-                        uri = f"{uri}~dup{seen[m.name] - 1}"
-                        items.append(SourceItem(uri, tar_uri, m.offset_data, m.size, err))
-                        continue
-                    seen[m.name] = 1
-                    items.append(SourceItem(uri, tar_uri, m.offset_data, m.size))
+        tars = [
+            (_uri_of(prefix, p), recorded(p))
+            for p in sorted(q for q in _find(fs, path) if q.endswith(".tar"))
+        ]
+        indexed = (map_tars or _index_tars_here)(tars, exts, storage)
+        for members in indexed:
+            items.extend(members)
     elif spec.format == "parquet":
         import pyarrow.parquet as pq
 

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import socket
 import tempfile
 import threading
@@ -492,6 +493,47 @@ class DatasetStore:
                     os.unlink(self.path(name))
 
         with_retries(rm, what=self._what("delete", name), budget_s=budget_s)
+
+    def list_prefix(self, prefix: str, *, dirs: bool = False) -> list[str]:
+        """Sorted names (relative to the folder) of the objects below ``prefix``, any depth;
+        ``dirs``: the sub-folders directly below ``prefix`` instead. Empty when there are none."""
+
+        def ls() -> list[str]:
+            base = self.path(prefix.rstrip("/"))
+            if self.remote:
+                self.fs.invalidate_cache(base)
+            try:
+                if dirs:
+                    found = [p for p in self.fs.ls(base, detail=True) if p["type"] == "directory"]
+                    paths = [p["name"] for p in found]
+                else:
+                    paths = self.fs.find(base)
+            except FileNotFoundError:
+                return []
+            cut = len(self.root.rstrip("/")) + 1
+            return sorted(p.rstrip("/")[cut:] for p in paths if not p.rsplit("/", 1)[-1].startswith("."))
+
+        return with_retries(ls, what=self._what("list", prefix), budget_s=None)
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove everything below ``prefix`` (a scratch folder); nothing there is fine."""
+
+        def rm() -> None:
+            base = self.path(prefix.rstrip("/"))
+            if self.remote:
+                self.fs.invalidate_cache(base)
+                paths = self.fs.find(base)
+                if paths:
+                    self.fs.rm(paths)
+            elif os.path.isdir(base):
+                shutil.rmtree(base, ignore_errors=True)
+                parent = os.path.dirname(base)
+                while parent.startswith(self.root.rstrip("/") + "/"):  # drop emptied _work/ folders
+                    with contextlib.suppress(OSError):
+                        os.rmdir(parent)
+                    parent = os.path.dirname(parent)
+
+        with_retries(rm, what=self._what("delete", prefix), budget_s=None)
 
     def clean_temporaries(self) -> None:
         """Remove temp files a crashed writer left behind (local only; s3 has none)."""

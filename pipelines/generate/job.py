@@ -1,0 +1,639 @@
+"""The generation job: plan → take the output → stream inputs through decode, generation and the
+part writer → compact each shard on a worker as soon as it is whole → index.
+
+The driver coordinates and counts; it never holds sample bytes, nor the list of inputs
+(docs/generate.md, "Who writes the dataset"). Its memory and the bytes it receives grow with
+the number of shards in flight and with per-input counters, not with pixels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tarfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.generate.console import driver_native_log_path, native_stderr_to, quiet_ray_data_progress
+from pipelines.generate.plan import Plan, list_plan, make_plan, read_plan_block
+from pipelines.generate.sink import ShardProgress, compact_shard, encode_write_batch
+from pipelines.manifest import GenerateManifest, ManifestError
+from pipelines.progress import JobProgress
+from pipelines.sources import ImageError, SourceItem, load_image
+from pipelines.stages import GenerateLR, decode_tile_batch
+from pipelines.storage import (
+    INDEX_NAME,
+    PREVIEW_NAME,
+    DatasetStore,
+    RunLock,
+    TransientStorageError,
+    storage_kwargs,
+)
+
+__all__ = ["GenerateJob", "JobFailed", "ensure_ray", "run", "decode_task_memory", "TASK_RETRIES"]
+
+# Retries of a task stage (decode, part writing, compaction, listing): a lost node, or storage
+# still unavailable after the in-task retry budget (pipelines.storage.with_retries).
+TASK_RETRIES = 5
+# What Ray Data matches (in the exception's text) to retry a map task: TransientStorageError's.
+TRANSIENT_MARK = "TransientStorageError"
+
+
+class JobFailed(RuntimeError):
+    """The job ran but must exit non-zero (failure budget exceeded, output refused, …)."""
+
+
+def decode_task_memory(max_image_pixels: int) -> int:
+    """Bytes reserved per decode task: the largest admitted image decoded (RGB, 3 B/px) about three
+    times over (file bytes, PIL's decode, the converted array), at least 512 MiB. Ray measured
+    ~318 MiB for the demo's photos, above the 256 MiB first reserved here."""
+    return max(512 * 2**20, 9 * int(max_image_pixels))
+
+
+def _retrying(**extra: Any) -> dict:
+    return {"max_retries": TASK_RETRIES, "retry_exceptions": [TransientStorageError], **extra}
+
+
+def ensure_ray() -> bool:
+    """Connect to ``RAY_ADDRESS`` (``ray job submit`` sets it) or start a local Ray on loopback.
+
+    Returns True when this call started Ray (the caller shuts it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    root = str(Path(__file__).resolve().parent.parent.parent)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False, configure_logging=False)
+    else:
+        # Workers of the embedded Ray inherit this environment: make the repo importable there.
+        paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if root not in paths:
+            os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+        # Ray turns token authentication on for a new local cluster when RAY_AUTH_MODE is unset
+        # and prints a notice saying so; choosing it explicitly keeps it on, without the notice
+        # (RAY_AUTH_MODE=disabled in the environment still opts out). Ray's config read the
+        # environment when ray was imported: refresh it as Ray does when it turns the mode on.
+        if "RAY_AUTH_MODE" not in os.environ:
+            try:
+                from ray._raylet import Config
+            except ImportError:  # another Ray layout: keep Ray's default (and its notice)
+                Config = None
+            if Config is not None:
+                os.environ["RAY_AUTH_MODE"] = "token"
+                Config.initialize("")
+        ray.init(
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    return True
+
+
+class GenerateJob:
+    """Run one generate manifest. ``run()`` returns the summary dict or raises :class:`JobFailed`."""
+
+    def __init__(self, manifest: GenerateManifest, *, log=print, native_stderr_to_log: bool = False) -> None:
+        self.m = manifest
+        self.log = log
+        # The CLI sends the driver's native stderr to the Ray session's log folder while the
+        # pipeline runs (see native_stderr_to); library callers keep their streams as they are.
+        self.native_stderr_to_log = native_stderr_to_log
+        self.storage = storage_kwargs(manifest.storage)
+        self.store = DatasetStore(manifest.output.uri, self.storage)
+        # What workers open: s3 URIs as they are, local folders as absolute paths.
+        self.store_uri = self.store.uri if self.store.remote else self.store.root
+        self.driver_bytes = 0  # bytes of rows the driver received from the pipeline (bench)
+
+    # ---------------------------------------------------------------- output inspection
+    def _dataset_names(self, names: Iterable[str]) -> list[str]:
+        return [
+            n
+            for n in names
+            if n.endswith((".tar", ".parquet", "_stats.json")) or n in (INDEX_NAME, PREVIEW_NAME)
+        ]
+
+    def inspect_output(self, plan: Plan) -> set[str]:
+        """Stems already complete for this digest; refuses (or clears, with overwrite) foreign output."""
+        names = self.store.names()
+        foreign: list[str] = []
+        complete: set[str] = set()
+        for n in names:
+            if not (n.endswith("_stats.json") or n == INDEX_NAME):
+                continue
+            try:
+                digest = self.store.read_json(n).get("manifest_digest")
+            except TransientStorageError:
+                raise
+            except Exception:
+                digest = None
+            if digest != plan.digest:
+                foreign.append(n)
+            elif n.endswith("_stats.json"):
+                complete.add(n.removesuffix("_stats.json"))
+        stems = set(plan.stems)
+        stray = [n for n in names if n.endswith(".tar") and n.removesuffix(".tar") not in stems]
+        if foreign or stray:
+            if self.m.output.mode != "overwrite":
+                self.store.delete_prefix(plan.work)
+                what = (foreign or stray)[:3]
+                raise JobFailed(
+                    f"output {self.store.uri} holds a dataset written from a different manifest "
+                    f"(e.g. {what}); use output.mode: overwrite (or --set output.mode=overwrite) "
+                    "to replace it, or choose another output.uri"
+                )
+            for n in self._dataset_names(names):
+                self.store.delete(n)
+            self.log(f"overwrite: removed {len(self._dataset_names(names))} files of a previous dataset")
+            return set()
+        return complete & stems
+
+    def _clear_other_work(self, plan: Plan) -> None:
+        """Remove scratch folders of runs of other manifests (their parts can never be used)."""
+        for name in self.store.list_prefix("_work/", dirs=True):
+            if name.rstrip("/") != plan.work:
+                self.store.delete_prefix(name)
+
+    # ---------------------------------------------------------------- describe
+    def describe(
+        self, plan: Plan, complete: set[str] | None = None, actors: tuple[int, int] | None = None
+    ) -> dict:
+        m = self.m
+        return {
+            "manifest_digest": plan.digest,
+            "model_digest": plan.model_digest,
+            "generator": m.generator.kind,
+            "inputs": plan.n_inputs,
+            "references": len(plan.refs),
+            "reference_sets": [{k: s[k] for k in ("name", "domain", "weight", "count")} for s in plan.sets],
+            "tile_lr": m.tiling.tile,
+            "tile_hr": m.tiling.tile * m.scale,
+            "max_pairs": plan.n_inputs * m.tiling.max_tiles_per_image * m.pairing.refs_per_tile,
+            "pairing": m.pairing.mode,
+            "shards": plan.n_shards,
+            "shards_complete": len(complete or ()),
+            "inputs_per_shard": m.output.inputs_per_shard,
+            "output": m.output.uri,
+            "actors": {"min": actors[0], "max": actors[1]} if actors else None,
+            "batch_size": m.compute.batch_size,
+        }
+
+    # ---------------------------------------------------------------- run
+    def _pool(self) -> tuple[int, int, float, float, int]:
+        """(min actors, max actors, num_gpus per actor, num_cpus per actor, cluster CPUs)."""
+        import ray
+
+        res = ray.cluster_resources()
+        gpus = int(res.get("GPU", 0))
+        cpus = int(res.get("CPU", 1))
+        c = self.m.compute
+        use_gpu = c.device == "cuda" or (c.device == "auto" and gpus > 0)
+        lo = c.actors.min
+        hi = c.actors.max or (max(lo, gpus) if use_gpu else lo)
+        if use_gpu:
+            return lo, hi, 1.0, 1.0, cpus
+        # CPU actors must leave room for at least one decode/encode task, or the pipeline stalls.
+        actor_cpus = c.actor_num_cpus
+        room = cpus - c.task_num_cpus
+        if hi * actor_cpus > room:
+            actor_cpus = max(0.01, room / hi) if room > 0 else 0.01
+            self.log(
+                f"note: {hi} CPU actor(s) x {c.actor_num_cpus} CPU leave no room on {cpus} CPUs; "
+                f"using {actor_cpus:.2f} CPU per actor"
+            )
+        return lo, hi, 0.0, actor_cpus, cpus
+
+    def _list(self, plan: Plan) -> None:
+        """The listing, as a Ray task: plan blocks land in the work folder, counts come back."""
+        import ray
+
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        task = ray.remote(list_plan).options(**_retrying(num_cpus=min(1.0, self.m.compute.task_num_cpus)))
+        summary = ray.get(
+            task.remote(
+                plan.manifest,
+                store_uri=self.store_uri,
+                storage=self.storage,
+                cluster_cpus=cpus,
+                cwd=os.getcwd(),
+            )
+        )
+        plan.with_listing(summary)
+
+    def run(self, plan: Plan | None = None) -> dict:
+        import ray
+
+        t_start = time.perf_counter()
+        plan = plan or make_plan(self.m, list_now=False)
+        self.plan = plan
+        # The plan's manifest has the generator settings resolved (domain calibration or paper).
+        self.m = plan.manifest
+        started_ray = ensure_ray()
+        lock = RunLock(self.store, heartbeat_s=self.m.progress.heartbeat_s)
+        try:
+            lock.acquire()
+        except Exception as exc:
+            if started_ray:
+                ray.shutdown()
+            raise JobFailed(str(exc)) from None
+        try:
+            self.store.clean_temporaries()
+            try:
+                self._list(plan)
+            except ManifestError:
+                self.store.delete_prefix(plan.work)
+                raise
+            complete = self.inspect_output(plan)
+            self._clear_other_work(plan)
+            return self._run(plan, complete, t_start)
+        except TransientStorageError as exc:
+            raise JobFailed(
+                f"storage unavailable: {exc}. Nothing was marked failed; run the same command again "
+                "to resume (complete shards are kept)"
+            ) from None
+        finally:
+            lock.release()
+            if started_ray:
+                ray.shutdown()
+
+    def _checkpoint_for_workers(self, plan: Plan) -> str | None:
+        """Absolute local path (same machine or shared FS) or the s3 URI each worker fetches."""
+        uri = self.m.generator.checkpoint
+        if uri is None:
+            return None
+        return uri if uri.startswith("s3://") else plan.checkpoint_local
+
+    def _prepare_refs(self, plan: Plan, num_gpus: float) -> tuple[list[dict], list[dict], Any]:
+        import ray
+
+        from pipelines.generate.references import prepare_references
+
+        m = self.m
+        if not plan.refs:
+            return [], plan.sets, None
+        task = ray.remote(prepare_references).options(
+            num_returns=3, num_gpus=num_gpus, num_cpus=1, **_retrying()
+        )
+        ok_ref, err_ref, bank_ref = task.remote(
+            plan.refs,
+            m.generator.kind,
+            self._checkpoint_for_workers(plan),
+            self.storage,
+            m.limits.max_image_pixels,
+            m.compute.device,
+        )
+        ok, errors = ray.get([ok_ref, err_ref])
+        for e in errors[:10]:
+            self.log(f"reference skipped: {e}")
+        if len(errors) > 10:
+            self.log(f"... and {len(errors) - 10} more references skipped")
+        if not ok:
+            raise JobFailed("no usable reference: every reference image failed to decode")
+        refs = [plan.refs[i] for i in ok]
+        sets = []
+        for s in plan.sets:
+            count = sum(1 for r in refs if r["set"] == s["name"])
+            start = next((j for j, r in enumerate(refs) if r["set"] == s["name"]), 0)
+            sets.append({**s, "start": start, "count": count})
+        return refs, sets, bank_ref if m.generator.kind == "realdgen" else None
+
+    def _configs(
+        self, plan: Plan, num_gpus: float, actor_cpus: float, bank_ref: Any
+    ) -> tuple[dict, dict, dict]:
+        m = self.m
+        decode_cfg = {
+            "seed": m.seed,
+            "scale": m.scale,
+            "tile": m.tiling.tile,
+            "tiling_mode": m.tiling.mode,
+            "max_tiles": m.tiling.max_tiles_per_image,
+            "max_pixels": m.limits.max_image_pixels,
+            "max_bytes": m.limits.max_file_bytes,
+            "storage": self.storage,
+            "pairing": {"mode": m.pairing.mode, "refs_per_tile": m.pairing.refs_per_tile},
+            "refs": [{"uri": r["uri"], "set": r["set"], "domain": r["domain"]} for r in plan.refs],
+            "sets": plan.sets,
+        }
+        # x_start in the CPU decode tasks for the synthetic start kinds (a start chosen against the
+        # reference, e.g. a domain calibration, stays with the generator).
+        synthetic_start = m.generator.start_kind in ("realesrgan", "bsrgan", "bicubic")
+        if m.generator.kind == "realdgen" and m.compute.starts_in_decode and synthetic_start:
+            decode_cfg["starts"] = {
+                "k": m.generator.k,
+                "tau_min": m.generator.tau_min,
+                "tau_max": m.generator.tau_max,
+                "start_kind": m.generator.start_kind,
+            }
+        gen_cfg = {
+            "kind": m.generator.kind,
+            "scale": m.scale,
+            "checkpoint": self._checkpoint_for_workers(plan),
+            "storage": self.storage,
+            "device": "cuda" if num_gpus else "cpu",
+            "k": m.generator.k,
+            "tau_min": m.generator.tau_min,
+            "tau_max": m.generator.tau_max,
+            "weights": (m.generator.content_weight, m.generator.degradation_weight),
+            "start_kind": m.generator.start_kind,
+            "filter_norm": bool(m.generator.filter_norm),
+            "start_bank": m.generator.start_bank,
+            "rows_per_call": m.generator.rows_per_call,
+            "sampler": m.generator.sampler_config().to_dict(),
+            "precision": m.generator.precision,
+            "channels_last": m.generator.channels_last,
+            "compile": m.generator.compile,
+            "ref_bank": bank_ref,
+            "torch_threads": m.compute.torch_threads or max(1, int(actor_cpus)),
+        }
+        sink_cfg = {
+            "store": self.store_uri,
+            "storage": self.storage,
+            "work": plan.work,
+            "name": m.output.name,
+            "scale": m.scale,
+            "digest": plan.digest,
+            "model_digest": plan.model_digest,
+            "generator": m.generator.kind,
+        }
+        return decode_cfg, gen_cfg, sink_cfg
+
+    def _run(self, plan: Plan, complete: set[str], t_start: float) -> dict:
+        import ray
+
+        m = self.m
+        c = m.compute
+        lo, hi, num_gpus, actor_cpus, _ = self._pool()
+        pending = [i for i, s in enumerate(plan.stems) if s not in complete]
+        pending_set = set(pending)
+        n_pending_inputs = sum(plan.shard_sizes[i] for i in pending)
+        self.log(
+            f"plan: {plan.n_inputs} inputs, {len(plan.refs)} references, {plan.n_shards} shards "
+            f"({len(complete)} complete, {len(pending)} to write), generator {m.generator.kind}, "
+            f"actors {lo}..{hi} ({'GPU' if num_gpus else 'CPU'})"
+        )
+        refs, sets, bank_ref = self._prepare_refs(plan, num_gpus)
+        if refs and len(refs) != len(plan.refs):
+            plan.refs, plan.sets = refs, sets
+        decode_cfg, gen_cfg, sink_cfg = self._configs(plan, num_gpus, actor_cpus, bank_ref)
+
+        total_inputs = plan.n_inputs
+        failed_inputs = 0  # decode failed, or at least one sample failed (the failure budget)
+        for stem in complete:
+            with contextlib.suppress(TransientStorageError, FileNotFoundError, ValueError):
+                st = self.store.read_json(f"{stem}_stats.json")
+                failed_inputs += int(st.get("inputs_with_failures", st.get("inputs_failed", 0)))
+        budget = m.limits.max_failure_fraction
+
+        def over_budget() -> bool:
+            return failed_inputs > budget * total_inputs
+
+        def budget_error() -> JobFailed:
+            return JobFailed(
+                f"failure budget exceeded: {failed_inputs} of {total_inputs} inputs failed (decode or "
+                f"generation; limits.max_failure_fraction = {budget}); see the shards' parquet files"
+            )
+
+        written: list[dict] = []
+        compact = ray.remote(compact_shard).options(
+            **_retrying(num_cpus=min(1.0, c.task_num_cpus), scheduling_strategy="SPREAD")
+        )
+        in_flight: dict[Any, int] = {}
+
+        def collect(block: bool) -> None:
+            if not in_flight:
+                return
+            done, _ = ray.wait(
+                list(in_flight), num_returns=len(in_flight) if block else 1, timeout=None if block else 0
+            )
+            for ref in done:
+                shard = in_flight.pop(ref)
+                try:
+                    written.append(ray.get(ref))
+                except TransientStorageError:
+                    raise
+                except Exception as exc:
+                    raise JobFailed(f"writing shard {plan.stems[shard]} failed: {exc}") from None
+
+        t_gen = time.perf_counter()
+        if pending:
+            import ray.data
+
+            ctx = ray.data.DataContext.get_current()
+            # The job shows its own progress (samples, pairs/s: pipelines/progress.py); Ray Data's
+            # progress module then only says that its bars are off, which belongs in its log file.
+            ctx.enable_progress_bars = False
+            quiet_ray_data_progress()
+            ctx.execution_options.preserve_order = False
+            # Lost nodes: Ray Data retries its tasks and restarts its actors (its defaults). Storage
+            # still unavailable after a task's own retry budget: the task is run again, a few times.
+            ctx.retried_map_errors = [TRANSIENT_MARK]
+            ctx.max_map_retries = TASK_RETRIES
+            blocks = [
+                b
+                for b in plan.blocks
+                if any(s in pending_set for s in range(b["first_shard"], b["last_shard"] + 1))
+            ]
+            skip = sorted(
+                s
+                for b in blocks
+                for s in range(b["first_shard"], b["last_shard"] + 1)
+                if s not in pending_set
+            )
+            ds = ray.data.from_items([{"name": b["name"]} for b in blocks], override_num_blocks=len(blocks))
+            ds = ds.map_batches(
+                read_plan_block,
+                fn_kwargs={"config": {"store": self.store_uri, "storage": self.storage, "skip_shards": skip}},
+                batch_size=None,
+                batch_format="pyarrow",
+                num_cpus=0.25,
+            )
+            ds = ds.map_batches(
+                decode_tile_batch,
+                fn_kwargs={"config": decode_cfg},
+                # A memory reservation for decoding (images up to limits.max_image_pixels) that also
+                # keeps decode a separate CPU task stage: Ray Data fuses a task stage into the
+                # following actor stage whenever their resource requests are equal.
+                memory=decode_task_memory(m.limits.max_image_pixels),
+                batch_size=c.decode_batch_size,
+                batch_format="pyarrow",
+                num_cpus=c.task_num_cpus,
+            )
+            ds = ds.map_batches(
+                GenerateLR,
+                fn_constructor_kwargs={"config": gen_cfg},
+                batch_size=c.batch_size,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+                num_gpus=num_gpus or None,
+                num_cpus=actor_cpus if not num_gpus else 1,
+            )
+            ds = ds.map_batches(
+                encode_write_batch,
+                fn_kwargs={"config": sink_cfg},
+                # Never wait for more rows than one generation batch yields: a larger bundle holds
+                # finished samples back from the writer (and from the progress display).
+                batch_size=min(c.encode_batch_size, c.batch_size),
+                batch_format="pyarrow",
+                num_cpus=c.task_num_cpus,
+            )
+            console = contextlib.ExitStack()
+            console.enter_context(
+                native_stderr_to(driver_native_log_path() if self.native_stderr_to_log else None)
+            )
+            bar = JobProgress(
+                n_pending_inputs,
+                m.tiling.max_tiles_per_image * m.pairing.refs_per_tile,
+                enabled=m.progress.bar,
+                interval_s=m.progress.interval_s,
+            )
+            states: dict[int, ShardProgress] = {}
+            try:
+                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    self.driver_bytes += batch.nbytes
+                    for rep in batch.to_pylist():
+                        shard = int(rep["shard"])
+                        st = states.get(shard)
+                        if st is None:
+                            st = states[shard] = ShardProgress(shard, plan.shard_sizes[shard])
+                        before = len(st.failed_inputs)
+                        ok_new, failed_new = st.add(rep)
+                        failed_inputs += len(st.failed_inputs) - before
+                        if rep["reported"]:
+                            bar.input_reported(rep["n_samples"], not rep["input_failed"])
+                        for _ in range(ok_new):
+                            bar.sample_done(True)
+                        for _ in range(failed_new):
+                            bar.sample_done(False)
+                        if st.complete():
+                            ref = compact.remote(sink_cfg, shard, st.expected_inputs, st.started)
+                            in_flight[ref] = shard
+                            del states[shard]
+                        if over_budget():
+                            raise budget_error()
+                    collect(block=False)
+                collect(block=True)
+            finally:
+                bar.close()
+                console.close()
+            if states:
+                raise JobFailed(f"{len(states)} shard(s) never completed: {sorted(states)[:5]}")
+        gen_wall = time.perf_counter() - t_gen
+        n_pairs = sum(s["samples"] for s in written)
+        n_samples_failed = sum(s["samples_failed"] for s in written)
+
+        index = self.write_index(plan)
+        self.store.delete_prefix(plan.work)
+        summary = {
+            "output": self.store.uri,
+            "generator": m.generator.kind,
+            "pairs": n_pairs,
+            "total_samples": index["total_samples"],
+            "shards_written": len(written),
+            "shards_skipped": len(complete),
+            "shards": plan.n_shards,
+            "inputs": total_inputs,
+            "inputs_failed": index["inputs_failed"],
+            "samples_failed": n_samples_failed,
+            "seconds": round(time.perf_counter() - t_start, 2),
+            "generate_seconds": round(gen_wall, 2),
+            "pairs_per_s": round(n_pairs / gen_wall, 3) if gen_wall > 0 and n_pairs else 0.0,
+            "manifest_digest": plan.digest,
+            "model_digest": plan.model_digest,
+            "writers": sorted({s.get("writer", {}).get("node_id") or s.get("host") for s in written}),
+            "driver_bytes_received": self.driver_bytes,
+        }
+        if m.output.preview:
+            try:
+                rows = self.preview_rows(plan, m.output.preview_rows)
+                if rows:
+                    self.write_preview(rows)
+                    summary["preview"] = f"{self.store.uri}/{PREVIEW_NAME}"
+            except Exception as exc:  # a preview is a convenience, never a failure
+                self.log(f"preview skipped: {exc}")
+        if over_budget():
+            raise budget_error()
+        return summary
+
+    # ---------------------------------------------------------------- index and preview
+    def write_index(self, plan: Plan) -> dict:
+        shards = []
+        inputs_failed = 0
+        for stem in plan.stems:
+            stats = self.store.read_json(f"{stem}_stats.json")
+            shards.append({"name": f"{stem}.tar", "samples": stats["samples"], "bytes": stats["bytes"]})
+            inputs_failed += stats.get("inputs_failed", 0)
+        index = {
+            "shards": shards,
+            "total_samples": sum(s["samples"] for s in shards),
+            "manifest_digest": plan.digest,
+            "model_digest": plan.model_digest,
+            "generator": self.m.generator.kind,
+            "scale": self.m.scale,
+            "inputs": plan.n_inputs,
+            "inputs_failed": inputs_failed,
+        }
+        self.store.write_json(INDEX_NAME, index)
+        return index
+
+    def preview_rows(self, plan: Plan, n: int) -> list[dict]:
+        """The first ``n`` samples of the dataset, read back from its first shards."""
+        rows: list[dict] = []
+        for stem in plan.stems:
+            if len(rows) >= n:
+                break
+            with tarfile.open(fileobj=io.BytesIO(self.store.read_bytes(f"{stem}.tar")), mode="r:") as tar:
+                cur: dict[str, dict] = {}
+                for member in tar:
+                    key, ext = member.name.split(".", 1)
+                    f = tar.extractfile(member)
+                    cur.setdefault(key, {})[ext] = f.read() if f else b""
+            for key in sorted(cur)[: n - len(rows)]:
+                s = cur[key]
+                meta = json.loads(s["json"])
+                rows.append(
+                    {"hr_png": s["hr.png"], "lr_png": s["lr.png"], "ref_source": meta.get("ref_source")}
+                )
+        return rows
+
+    def write_preview(self, rows: list[dict]) -> None:
+        from PIL import Image
+
+        from realdgen_core.shards import decode_png
+
+        tiles = []
+        for r in rows:
+            hr = decode_png(r["hr_png"])
+            lr = decode_png(r["lr_png"])
+            t = hr.shape[0]
+            lr_up = np.asarray(Image.fromarray(lr).resize((t, t), Image.Resampling.NEAREST))
+            ref_panel = np.full_like(hr, 128)
+            if r.get("ref_source"):
+                try:
+                    ref = next(x for x in self.plan.refs if x["uri"] == r["ref_source"])
+                    img = load_image(SourceItem.from_row(ref), self.storage)
+                    im = Image.fromarray(img)
+                    im.thumbnail((t, t), Image.Resampling.NEAREST)
+                    a = np.asarray(im)
+                    ref_panel[: a.shape[0], : a.shape[1]] = a
+                except (StopIteration, ImageError, TransientStorageError):
+                    pass
+            gap = np.full((t, 4, 3), 255, np.uint8)
+            tiles.append(np.concatenate([hr, gap, ref_panel, gap, lr_up], axis=1))
+        sep = np.full((4, tiles[0].shape[1], 3), 255, np.uint8)
+        grid = np.concatenate([x for t in tiles for x in (t, sep)][:-1], axis=0)
+        buf = io.BytesIO()
+        Image.fromarray(grid).save(buf, format="PNG")
+        self.store.write_bytes(PREVIEW_NAME, buf.getvalue())
+
+
+def run(manifest: GenerateManifest, *, log=print) -> dict:
+    """Plan and run a manifest; returns the summary (raises ManifestError / JobFailed)."""
+    return GenerateJob(manifest, log=log).run()

@@ -1,0 +1,361 @@
+"""Planning: what the job will do, decided before any pixel is generated, without the driver
+holding the inputs.
+
+The driver validates the manifest, reads the checkpoint's metadata and checks that every source
+exists and holds an image (:func:`preflight`: cheap, before Ray starts, so a bad manifest never
+starts a job). The full listing runs as a Ray task (:func:`list_plan`; WebDataset member
+indexing fans out as one task per tar): it sorts the inputs, assigns keys and shards, writes
+the plan as parquet blocks of many inputs into the output's work folder and returns only
+O(shards) metadata (:class:`PlanSummary`). The generation pipeline streams the inputs from
+those blocks. The plan is a pure function of the manifest and the inputs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.manifest import GenerateManifest, ManifestError, manifest_digest
+from pipelines.sources import SourceError, SourceItem, index_tar, list_source
+from pipelines.stages import base_key
+from pipelines.storage import DatasetStore, fetch_to_local, get_fs, shard_stem
+
+__all__ = [
+    "PLAN_SCHEMA",
+    "Plan",
+    "PlanSummary",
+    "preflight",
+    "list_plan",
+    "read_plan_block",
+    "work_prefix",
+    "block_inputs_for",
+]
+
+PLAN_SCHEMA = pa.schema(
+    [
+        ("shard", pa.int64()),
+        ("input_index", pa.int64()),
+        ("key", pa.string()),
+        ("uri", pa.string()),
+        ("path", pa.string()),
+        ("offset", pa.int64()),
+        ("size", pa.int64()),
+        ("error", pa.string()),
+    ]
+)
+MAX_BLOCK_INPUTS = 256
+
+
+def work_prefix(digest: str) -> str:
+    """The run's scratch folder inside the output (plan blocks, part files); removed at the end."""
+    return f"_work/{digest[:16]}"
+
+
+def block_inputs_for(n_inputs: int, cluster_cpus: int, decode_batch_size: int) -> int:
+    """Inputs per plan block: about four blocks per CPU for small jobs, at most 256 per block."""
+    want = math.ceil(n_inputs / max(1, 4 * cluster_cpus))
+    return max(decode_batch_size, min(MAX_BLOCK_INPUTS, want))
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint metadata (one small file, read on the driver)
+# --------------------------------------------------------------------------------------------
+
+
+def checkpoint_info(m: GenerateManifest, storage: dict) -> tuple[str | None, str | None, dict | None]:
+    """(local path, model digest, domain calibration or None) of a realdgen manifest's checkpoint."""
+    if m.generator.kind != "realdgen":
+        return None, None, None
+    uri = m.generator.checkpoint
+    assert uri is not None
+    fs, path = get_fs(uri, storage)
+    if not fs.exists(path):
+        raise ManifestError(f"generator.checkpoint: file not found (got {uri!r})")
+    local = fetch_to_local(uri, storage)
+    try:
+        from safetensors import safe_open
+
+        from realdgen_core.checkpoint import checkpoint_digest
+
+        with safe_open(local, framework="pt") as f:
+            meta = f.metadata() or {}
+        config = json.loads(meta.get("config", "{}"))
+        digest = checkpoint_digest(local)
+    except Exception as exc:
+        raise ManifestError(f"generator.checkpoint: not a RealDGen checkpoint: {exc} (got {uri!r})") from None
+    if config.get("scale") not in (None, m.scale):
+        raise ManifestError(f"scale: the checkpoint is x{config.get('scale')} (got {m.scale})")
+    return local, digest, calibration_of(meta)
+
+
+def calibration_of(meta: dict) -> dict | None:
+    """The domain calibration in a checkpoint's safetensors metadata (realdgen_core.calibrate) or None."""
+    from realdgen_core.calibrate import METADATA_KEY, DomainCalibration
+
+    try:
+        cal = json.loads(meta.get("metadata", "{}")).get(METADATA_KEY)
+        return None if cal is None else DomainCalibration.from_dict(cal).to_dict()
+    except (ValueError, AttributeError) as exc:
+        raise ManifestError(f"generator.checkpoint: invalid domain calibration: {exc}") from None
+
+
+def checkpoint_calibration(local: str) -> dict | None:
+    """The domain calibration recorded in the checkpoint file ``local``, or None."""
+    from safetensors import safe_open
+
+    with safe_open(local, framework="pt") as f:
+        return calibration_of(f.metadata() or {})
+
+
+# --------------------------------------------------------------------------------------------
+# Preflight (driver, before Ray): the manifest is usable
+# --------------------------------------------------------------------------------------------
+
+
+def _first_image(spec, storage: dict) -> bool:
+    """True as soon as one listed entry could be an input (stops early; no full listing)."""
+    from pipelines.sources import _GLOB_CHARS, _ext_ok
+
+    fs, path = get_fs(spec.uri, storage)
+    if spec.uri.startswith("s3://"):
+        fs.invalidate_cache()
+    wanted = (".tar",) if spec.format == "webdataset" else (".parquet",) if spec.format == "parquet" else None
+    if _GLOB_CHARS & set(path):
+        names: Iterable[str] = fs.glob(path)
+    elif not fs.exists(path):
+        raise SourceError(f"not found: {path}")
+    elif fs.isfile(path):
+        names = [path]
+    else:
+        names = (os.path.join(root, f) for root, _, files in fs.walk(path) for f in files)
+    for n in names:
+        if wanted is None and _ext_ok(n, tuple(spec.extensions)):
+            return True
+        if wanted is not None and n.endswith(wanted):
+            return True
+    return False
+
+
+def _check_source(spec, storage: dict, key: str) -> None:
+    try:
+        found = _first_image(spec, storage)
+    except SourceError as exc:
+        raise ManifestError(f"{key}.uri: {exc} (got {spec.uri!r})") from None
+    except FileNotFoundError as exc:
+        raise ManifestError(f"{key}.uri: not found: {exc} (got {spec.uri!r})") from None
+    except Exception as exc:
+        raise ManifestError(
+            f"{key}.uri: cannot be listed: {type(exc).__name__}: {exc} (got {spec.uri!r})"
+        ) from None
+    if not found:
+        raise ManifestError(
+            f"{key}.uri: no images found (got {spec.uri!r}, extensions {list(spec.extensions)})"
+        )
+
+
+def preflight(m: GenerateManifest) -> tuple[GenerateManifest, str, str | None, str | None]:
+    """Check a manifest before any work: ``(manifest with resolved generator, digest, local
+    checkpoint, model digest)``; raises :class:`ManifestError` naming what is wrong."""
+    from pipelines.storage import storage_kwargs
+
+    storage = storage_kwargs(m.storage)
+    if m.demo_inputs:
+        from pipelines.demo_data import prepare_demo_inputs
+
+        prepare_demo_inputs(m.demo_inputs, scale=m.scale)
+    local, model_digest, calibration = checkpoint_info(m, storage)
+    try:
+        m = m.model_copy(update={"generator": m.generator.resolved(calibration)})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ManifestError(f"generator: {exc}") from None
+    _check_source(m.hr, storage, "hr")
+    for si, rs in enumerate(m.refs):
+        _check_source(rs.source, storage, f"refs[{si}].source")
+    return m, manifest_digest(m), local, model_digest
+
+
+# --------------------------------------------------------------------------------------------
+# Listing (a Ray task in the job; in-process for --dry-run)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlanSummary:
+    """What the listing returns to the driver: O(shards + references), never the inputs."""
+
+    n_inputs: int
+    shard_sizes: list[int]
+    blocks: list[dict]  # {name, first_shard, last_shard, rows}
+    refs: list[dict]  # {uri, path, offset, size, error, set, domain}
+    sets: list[dict]  # {name, domain, weight, start, count}
+    error: str | None = None  # a ManifestError message (no images, key collision, …)
+
+
+def ray_tar_indexer(tars: list[tuple[str, str]], extensions: tuple[str, ...], storage: Mapping | None):
+    """Index WebDataset shards as Ray tasks (one per tar), results in order."""
+    import ray
+
+    task = ray.remote(index_tar).options(num_cpus=0.25, max_retries=5)
+    pending = [task.remote(t, r, extensions, storage) for t, r in tars]
+    return ray.get(pending)
+
+
+def _listed(spec, storage: dict, key: str, map_tars) -> list[SourceItem]:
+    try:
+        items = list_source(spec, storage, map_tars=map_tars)
+    except SourceError as exc:
+        raise ManifestError(f"{key}.uri: {exc} (got {spec.uri!r})") from None
+    except FileNotFoundError as exc:
+        raise ManifestError(f"{key}.uri: not found: {exc} (got {spec.uri!r})") from None
+    if not items:
+        raise ManifestError(
+            f"{key}.uri: no images found (got {spec.uri!r}, extensions {list(spec.extensions)})"
+        )
+    return items
+
+
+def list_plan(
+    m: GenerateManifest,
+    *,
+    store_uri: str | None,
+    storage: dict,
+    cluster_cpus: int = 1,
+    use_ray: bool = True,
+    cwd: str | None = None,
+) -> PlanSummary:
+    """List, sort, key and shard the inputs; write plan blocks into ``store_uri``'s work folder
+    (``None``: write nothing, as --dry-run does); list the references.
+
+    Runs in a Ray task in the job: the sorted input list lives only in that worker. ``cwd``: the
+    driver's working folder, against which relative local source paths are resolved (they are
+    recorded as written, so keys do not depend on where the job runs).
+    """
+    if cwd is not None and os.path.isdir(cwd) and os.getcwd() != cwd:
+        here = os.getcwd()
+        os.chdir(cwd)
+        try:
+            return list_plan(
+                m, store_uri=store_uri, storage=storage, cluster_cpus=cluster_cpus, use_ray=use_ray
+            )
+        finally:
+            os.chdir(here)
+    map_tars: Callable | None = ray_tar_indexer if use_ray else None
+    try:
+        hr_items = _listed(m.hr, storage, "hr", map_tars)
+        per = m.output.inputs_per_shard
+        rows: list[dict] = []
+        seen: dict[str, str] = {}
+        for i, it in enumerate(hr_items):
+            key = base_key(it.uri)
+            if key in seen:  # 40 bits of sha256 collided: refuse rather than write duplicate keys
+                raise ManifestError(f"hr.uri: inputs {seen[key]!r} and {it.uri!r} map to the same key {key}")
+            seen[key] = it.uri
+            rows.append({"shard": i // per, "input_index": i, "key": key, **it.to_row()})
+        del seen
+        refs: list[dict] = []
+        sets: list[dict] = []
+        for si, rs in enumerate(m.refs):
+            items = _listed(rs.source, storage, f"refs[{si}].source", map_tars)
+            sets.append(
+                {"name": rs.name, "domain": rs.domain, "weight": rs.weight, "start": len(refs), "count": 0}
+            )
+            refs.extend({**it.to_row(), "set": rs.name, "domain": rs.domain} for it in items)
+            sets[-1]["count"] = len(items)
+    except ManifestError as exc:
+        return PlanSummary(0, [], [], [], [], error=str(exc))
+    n = len(rows)
+    n_shards = (n + per - 1) // per
+    shard_sizes = [min(per, n - s * per) for s in range(n_shards)]
+    size = block_inputs_for(n, cluster_cpus, m.compute.decode_batch_size)
+    blocks = []
+    store = DatasetStore(store_uri, storage) if store_uri else None
+    prefix = work_prefix(manifest_digest(m))
+    for b, start in enumerate(range(0, n, size)):
+        part = rows[start : start + size]
+        name = f"{prefix}/plan/inputs-{b:06d}.parquet"
+        if store is not None:
+            buf = io.BytesIO()
+            pq.write_table(pa.Table.from_pylist(part, schema=PLAN_SCHEMA), buf)
+            store.write_bytes(name, buf.getvalue())
+        blocks.append(
+            {
+                "name": name,
+                "first_shard": part[0]["shard"],
+                "last_shard": part[-1]["shard"],
+                "rows": len(part),
+            }
+        )
+    return PlanSummary(n, shard_sizes, blocks, refs, sets)
+
+
+def read_plan_block(batch: pa.Table, config: Mapping[str, Any]) -> pa.Table:
+    """Ray Data stage: plan block names → their input rows, minus shards already complete."""
+    store = DatasetStore(config["store"], config.get("storage"))
+    skip = set(config.get("skip_shards") or ())
+    tables = []
+    for name in batch.column("name").to_pylist():
+        t = pq.read_table(io.BytesIO(store.read_bytes(name)), schema=PLAN_SCHEMA)
+        if skip:
+            keep = [s not in skip for s in t.column("shard").to_pylist()]
+            t = t.filter(pa.array(keep, pa.bool_()))
+        tables.append(t)
+    return pa.concat_tables(tables) if tables else PLAN_SCHEMA.empty_table()
+
+
+# --------------------------------------------------------------------------------------------
+# The plan the job runs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Everything decided before any pixel is generated: O(shards + references) on the driver."""
+
+    manifest: GenerateManifest
+    digest: str
+    model_digest: str | None
+    checkpoint_local: str | None
+    n_inputs: int = 0
+    shard_sizes: list[int] = field(default_factory=list)
+    blocks: list[dict] = field(default_factory=list)
+    refs: list[dict] = field(default_factory=list)
+    sets: list[dict] = field(default_factory=list)
+    listed: bool = False
+
+    @property
+    def stems(self) -> list[str]:
+        return [shard_stem(self.manifest.output.name, s) for s in range(len(self.shard_sizes))]
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.shard_sizes)
+
+    @property
+    def work(self) -> str:
+        return work_prefix(self.digest)
+
+    def with_listing(self, s: PlanSummary) -> Plan:
+        if s.error:
+            raise ManifestError(s.error)
+        self.n_inputs, self.shard_sizes, self.blocks = s.n_inputs, s.shard_sizes, s.blocks
+        self.refs, self.sets, self.listed = s.refs, s.sets, True
+        return self
+
+
+def make_plan(m: GenerateManifest, *, list_now: bool = True) -> Plan:
+    """Preflight, and (``list_now``) list in this process without writing anything (--dry-run)."""
+    from pipelines.storage import storage_kwargs
+
+    m, digest, local, model_digest = preflight(m)
+    plan = Plan(m, digest, model_digest, local)
+    if list_now:
+        plan.with_listing(list_plan(m, store_uri=None, storage=storage_kwargs(m.storage), use_ray=False))
+    return plan

@@ -1,0 +1,302 @@
+"""The sink: workers write the dataset; the driver only counts.
+
+1. **Parts** (:func:`encode_write_batch`, a Ray Data task stage after generation): encodes a
+   batch's samples (PNG + JSON) and writes, per shard the batch touches, one part file
+   ``<work>/parts/<stem>/part-<hash of its keys>.parquet`` holding the batch's input reports and
+   samples (bytes included). The name is a pure function of the rows, so a retried task
+   rewrites the same file; rows are never lost to a crash because a part is one atomic write.
+   The stage returns one small row per (input, batch): key counts, never bytes.
+2. **Compaction** (:func:`compact_shard`, a Ray task, spread over the nodes): once the driver has
+   heard every input and sample of a shard, a worker reads the shard's parts, drops duplicates
+   (a retried batch may have been cut differently; the same key always has the same bytes),
+   sorts by key and writes the final ``{stem}.tar``, ``{stem}.parquet`` and ``{stem}_stats.json``
+   (last), then deletes the parts. The bytes do not depend on which node wrote them, on batch
+   sizes or on actor counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import socket
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.stages import EncodeSample, _rows, error_category
+from pipelines.storage import DatasetStore, shard_stem
+
+__all__ = [
+    "PARQUET_SCHEMA",
+    "PART_SCHEMA",
+    "REPORT_SCHEMA",
+    "encode_write_batch",
+    "compact_shard",
+    "ShardProgress",
+    "IncompleteShard",
+]
+
+MAX_ERROR_CATEGORIES = 20
+
+PARQUET_SCHEMA = pa.schema(
+    [
+        ("input_index", pa.int64()),
+        ("row_type", pa.string()),
+        ("key", pa.string()),
+        ("uri", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("samples", pa.int64()),
+        ("samples_failed", pa.int64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+    ]
+)
+
+# One row per input report or sample, as written into part files.
+PART_SCHEMA = pa.schema(
+    [
+        ("row_type", pa.string()),
+        ("input_index", pa.int64()),
+        ("key", pa.string()),
+        ("uri", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("n_samples", pa.int64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("seconds", pa.float64()),
+        ("hr_png", pa.binary()),
+        ("lr_png", pa.binary()),
+        ("json", pa.binary()),
+    ]
+)
+
+# What the driver receives: one row per (input, batch) — counts and keys, never sample bytes.
+REPORT_SCHEMA = pa.schema(
+    [
+        ("shard", pa.int64()),
+        ("input_index", pa.int64()),
+        ("reported", pa.bool_()),  # this batch carried the input's report row
+        ("n_samples", pa.int64()),  # from the report row (samples the input produced)
+        ("input_failed", pa.bool_()),
+        ("sample_keys", pa.list_(pa.string())),  # samples of this input written in this batch
+        ("samples_failed", pa.int64()),
+    ]
+)
+
+
+class IncompleteShard(RuntimeError):
+    """Compaction found fewer rows in the parts than the shard's reports promise."""
+
+
+def part_name(work: str, stem: str, rows: list[dict]) -> str:
+    h = hashlib.sha256("\n".join(sorted(f"{r['row_type']}:{r['key']}" for r in rows)).encode()).hexdigest()
+    return f"{work}/parts/{stem}/part-{h[:24]}.parquet"
+
+
+def encode_write_batch(batch: pa.Table, config: Mapping[str, Any]) -> pa.Table:
+    """Encode samples, write one part file per shard touched, return key counts per input."""
+    rows = _rows(EncodeSample({"scale": config["scale"]})(batch))
+    store = DatasetStore(config["store"], config.get("storage"))
+    by_shard: dict[int, list[dict]] = {}
+    for r in rows:
+        by_shard.setdefault(int(r["shard"]), []).append(r)
+    out: list[dict] = []
+    for shard, srows in sorted(by_shard.items()):
+        part = [{k: r.get(k) for k in PART_SCHEMA.names} for r in srows]
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(part, schema=PART_SCHEMA), buf, compression="none")
+        store.write_bytes(part_name(config["work"], shard_stem(config["name"], shard), part), buf.getvalue())
+        per_input: dict[int, dict] = {}
+        for r in srows:
+            rep = per_input.setdefault(
+                int(r["input_index"]),
+                {
+                    "shard": shard,
+                    "input_index": int(r["input_index"]),
+                    "reported": False,
+                    "n_samples": None,
+                    "input_failed": False,
+                    "sample_keys": [],
+                    "samples_failed": 0,
+                },
+            )
+            if r["row_type"] == "input":
+                rep.update(reported=True, n_samples=r.get("n_samples") or 0, input_failed=r["status"] != "ok")
+            else:
+                rep["sample_keys"].append(r["key"])
+                rep["samples_failed"] += r["status"] != "ok"
+        out.extend(per_input.values())
+    return pa.Table.from_pylist(out, schema=REPORT_SCHEMA)
+
+
+@dataclass
+class ShardProgress:
+    """The driver's view of one shard in flight: which inputs reported, which samples landed."""
+
+    index: int
+    expected_inputs: int
+    started: float = field(default_factory=time.time)
+    expected: dict[int, int] = field(default_factory=dict)  # input_index -> n_samples
+    keys: dict[int, set[str]] = field(default_factory=dict)
+    failed_inputs: set[int] = field(default_factory=set)  # decode failed or a sample failed
+
+    def add(self, rep: Mapping[str, Any]) -> tuple[int, int]:
+        """Fold one report row in; returns (new samples ok, new samples failed) for progress."""
+        i = int(rep["input_index"])
+        if rep["reported"]:
+            self.expected[i] = int(rep["n_samples"] or 0)
+            if rep["input_failed"]:
+                self.failed_inputs.add(i)
+        got = self.keys.setdefault(i, set())
+        before = len(got)
+        got.update(rep["sample_keys"] or ())
+        new = len(got) - before
+        failed = int(rep["samples_failed"] or 0)
+        if failed:
+            self.failed_inputs.add(i)
+        return max(0, new - failed), min(new, failed)
+
+    def complete(self) -> bool:
+        return len(self.expected) == self.expected_inputs and all(
+            len(self.keys.get(i, ())) == n for i, n in self.expected.items()
+        )
+
+
+def _node() -> dict:
+    info = {"host": socket.gethostname()}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            info["node_id"] = ctx.get_node_id()
+            info["node_ip"] = ray.util.get_node_ip_address()
+    except Exception:
+        pass
+    return info
+
+
+def compact_shard(config: Mapping[str, Any], index: int, expected_inputs: int, started: float) -> dict:
+    """Read a shard's parts, write its tar, parquet and ``_stats.json`` (last); returns the stats."""
+    from realdgen_core.shards import write_tar
+
+    t0 = time.perf_counter()
+    store = DatasetStore(config["store"], config.get("storage"))
+    stem = shard_stem(config["name"], index)
+    prefix = f"{config['work']}/parts/{stem}"
+    names = store.list_prefix(prefix)
+    inputs: dict[int, dict] = {}
+    samples: dict[str, dict] = {}
+    for n in names:
+        for r in pq.read_table(io.BytesIO(store.read_bytes(n))).to_pylist():
+            if r["row_type"] == "input":
+                inputs.setdefault(int(r["input_index"]), r)
+            else:
+                samples.setdefault(r["key"], r)
+    promised = sum(int(r.get("n_samples") or 0) for r in inputs.values())
+    if len(inputs) != expected_inputs or len(samples) != promised:
+        raise IncompleteShard(
+            f"{stem}: parts hold {len(inputs)}/{expected_inputs} inputs and {len(samples)}/{promised} samples"
+        )
+    ok = [s for s in samples.values() if s["status"] == "ok"]
+    failed = [s for s in samples.values() if s["status"] != "ok"]
+    members = [
+        {"__key__": s["key"], "hr.png": s["hr_png"], "json": s["json"], "lr.png": s["lr_png"]} for s in ok
+    ]
+    buf = io.BytesIO()
+    nbytes = write_tar(members, buf)
+    del members
+    store.write_bytes(f"{stem}.tar", buf.getvalue())
+    del buf
+
+    failed_by_input = Counter(s["input_index"] for s in failed)
+    rows = []
+    inputs_failed = 0
+    errors: Counter[str] = Counter()
+    for idx in sorted(inputs):
+        rep = inputs[idx]
+        n_fail = failed_by_input.get(idx, 0)
+        status = rep["status"]
+        if status == "ok" and n_fail:
+            status = "failed" if n_fail == rep["n_samples"] else "partial"
+        if status == "failed":
+            inputs_failed += 1
+        if rep.get("error"):
+            errors[error_category(rep["error"])] += 1
+        rows.append(
+            {
+                "input_index": idx,
+                "row_type": "input",
+                "key": rep["key"],
+                "uri": rep["uri"],
+                "status": status,
+                "error": rep.get("error"),
+                "samples": (rep.get("n_samples") or 0) - n_fail,
+                "samples_failed": n_fail,
+                "width": rep.get("width"),
+                "height": rep.get("height"),
+            }
+        )
+    for s in sorted(failed, key=lambda r: r["key"]):
+        errors[error_category(s.get("error"))] += 1
+        rows.append(
+            {
+                "input_index": s["input_index"],
+                "row_type": "sample",
+                "key": s["key"],
+                "uri": s["uri"],
+                "status": "failed",
+                "error": s.get("error"),
+                "samples": 0,
+                "samples_failed": 1,
+                "width": s.get("width"),
+                "height": s.get("height"),
+            }
+        )
+    rows.sort(key=lambda r: (r["input_index"], r["row_type"] != "input", r["key"]))
+    pbuf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA), pbuf, compression="zstd")
+    store.write_bytes(f"{stem}.parquet", pbuf.getvalue())
+
+    top = errors.most_common(MAX_ERROR_CATEGORIES)
+    hist = dict(top)
+    rest = sum(errors.values()) - sum(hist.values())
+    if rest:
+        hist["other"] = rest
+    node = _node()
+    stats = {
+        "shard": stem,
+        "manifest_digest": config["digest"],
+        "model_digest": config["model_digest"],
+        "generator": config["generator"],
+        "inputs": expected_inputs,
+        "inputs_failed": inputs_failed,
+        "inputs_with_failures": len(
+            {*failed_by_input, *(i for i, r in inputs.items() if r["status"] != "ok")}
+        ),
+        "samples": len(ok),
+        "samples_failed": len(failed),
+        "bytes": nbytes,
+        "errors": hist,
+        "timings": {
+            "decode_s": round(sum(r.get("seconds") or 0.0 for r in inputs.values()), 4),
+            "generate_s": round(sum(s.get("seconds") or 0.0 for s in samples.values()), 4),
+            "shard_wall_s": round(time.time() - started, 4),
+            "write_s": round(time.perf_counter() - t0, 4),
+        },
+        "host": node["host"],
+        "writer": node,
+        "parts": len(names),
+        "finished_at": time.time(),
+    }
+    store.write_json(f"{stem}_stats.json", stats)
+    for n in names:
+        store.delete(n)
+    return stats
