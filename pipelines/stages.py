@@ -442,6 +442,38 @@ class GenerateLR:
             r["generator"] = self.kind
             r["x_start"] = None
 
+    def healthy(self, tile_hr: int) -> bool:
+        """Can this actor still generate? One sample of a flat grey tile, fixed seed, first reference."""
+        probe = {
+            "tile_hr": tile_hr,
+            "hr": np.full((tile_hr, tile_hr, 3), 128, np.uint8).tobytes(),
+            "seed": 0,
+            "ref_index": 0,
+            "x_start": None,
+        }
+        try:
+            self._generate([probe])
+        except Exception:
+            return False
+        return True
+
+    def restart(self, reason: str) -> None:
+        """End this actor's process: Ray restarts the actor (Ray Data asks for unlimited restarts)
+        and runs the batch again on the fresh one, so its samples never become failure rows."""
+        import logging
+        import os
+
+        logging.getLogger("realdgen.generate").error("generation actor unhealthy, restarting: %s", reason)
+        os._exit(70)
+
+    def _was_restarted(self) -> bool:
+        try:
+            import ray
+
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        except Exception:
+            return False
+
     def __call__(self, batch: pa.Table | Mapping[str, Any]) -> pa.Table:
         rows = _rows(batch)
         todo = [r for r in rows if r["row_type"] == "sample" and r["status"] == "ok"]
@@ -449,13 +481,25 @@ class GenerateLR:
             t0 = time.perf_counter()
             try:
                 self._generate(todo)
-            except Exception:
+            except Exception as batch_exc:
                 # Retry one by one so a single bad sample does not fail its batch-mates.
+                errors = []
                 for r in todo:
                     try:
                         self._generate([r])
                     except Exception as exc:
+                        errors.append(exc)
                         r.update(status="failed", error=f"generation: {type(exc).__name__}: {exc}", hr=None)
+                # Every sample failed and a known-good probe fails too: the actor (its device, its
+                # model) is broken, not the samples. A first-generation actor is restarted; one
+                # that was already restarted reports failure rows, which count in the job's
+                # failure budget, so a broken cluster fails loudly instead of looping.
+                if (
+                    len(errors) == len(todo)
+                    and not self._was_restarted()
+                    and not self.healthy(int(todo[0]["tile_hr"]))
+                ):
+                    self.restart(f"{type(batch_exc).__name__}: {batch_exc}")
             per = (time.perf_counter() - t0) / len(todo)
             for r in todo:
                 r["seconds"] = (r.get("seconds") or 0.0) + per

@@ -1,0 +1,115 @@
+"""Generation failures: a broken actor is restarted, a bad sample is a failure row, and both count in
+the failure budget; parts and compaction keep every row exactly once."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines.generate.sink import ShardProgress, compact_shard, encode_write_batch
+from pipelines.stages import DecodeTile, GenerateLR, base_key
+from pipelines.storage import DatasetStore
+
+
+class Restarted(Exception):
+    pass
+
+
+def _samples(tmp_path, n_images=2):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n_images):
+        p = tmp_path / f"img{i}.png"
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+        p.write_bytes(buf.getvalue())
+        rows.append({"shard": 0, "input_index": i, "key": base_key(str(p)), "uri": str(p), "path": str(p)})
+    decode = DecodeTile(
+        {
+            "seed": 1,
+            "scale": 2,
+            "tile": 16,
+            "tiling_mode": "grid",
+            "max_tiles": 2,
+            "max_pixels": 10**6,
+            "max_bytes": None,
+            "storage": {},
+            "pairing": {"mode": "round_robin", "refs_per_tile": 1},
+            "refs": [{"uri": "r0", "set": "s", "domain": None}],
+            "sets": [],
+        }
+    )
+    return decode(rows).to_pylist()
+
+
+def _actor(monkeypatch, fail_seed=None, broken=False, restarted=False):
+    gen = GenerateLR({"kind": "bicubic", "scale": 2})
+    real = gen._generate
+
+    def flaky(rows):
+        if broken or any(r["seed"] == fail_seed for r in rows):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(rows)
+
+    def restart(reason):
+        raise Restarted(reason)
+
+    monkeypatch.setattr(gen, "_generate", flaky)
+    monkeypatch.setattr(gen, "restart", restart)
+    monkeypatch.setattr(gen, "_was_restarted", lambda: restarted)
+    return gen
+
+
+def test_broken_actor_restarts_instead_of_writing_failure_rows(tmp_path, monkeypatch):
+    rows = _samples(tmp_path)
+    with pytest.raises(Restarted, match="illegal memory access"):
+        _actor(monkeypatch, broken=True)(rows)
+
+
+def test_bad_sample_is_a_failure_row_and_its_batch_mates_land(tmp_path, monkeypatch):
+    rows = _samples(tmp_path)
+    bad = next(r for r in rows if r["row_type"] == "sample")
+    out = _actor(monkeypatch, fail_seed=bad["seed"])(rows).to_pylist()
+    by_key = {r["key"]: r for r in out if r["row_type"] == "sample"}
+    assert by_key[bad["key"]]["status"] == "failed" and "illegal memory access" in by_key[bad["key"]]["error"]
+    others = [r for k, r in by_key.items() if k != bad["key"]]
+    assert others and all(r["status"] == "ok" and r["lr"] for r in others)
+
+
+def test_a_restarted_actor_that_is_still_broken_reports_failures(tmp_path, monkeypatch):
+    rows = _samples(tmp_path)
+    out = _actor(monkeypatch, broken=True, restarted=True)(rows).to_pylist()
+    samples = [r for r in out if r["row_type"] == "sample"]
+    assert samples and all(r["status"] == "failed" for r in samples)
+
+
+def test_generation_failures_count_in_the_budget_and_compaction_keeps_rows_once(tmp_path, monkeypatch):
+    rows = _samples(tmp_path)
+    bad = next(r for r in rows if r["row_type"] == "sample")
+    generated = _actor(monkeypatch, fail_seed=bad["seed"])(rows)
+    cfg = {"store": str(tmp_path / "ds"), "work": "_work/x", "name": "pairs", "scale": 2}
+    # The same rows written twice, cut into different batches (a retried task): parts overlap.
+    reports = encode_write_batch(generated, cfg).to_pylist()
+    encode_write_batch(generated.slice(0, 3), cfg)
+    encode_write_batch(generated.slice(3), cfg)
+    st = ShardProgress(0, expected_inputs=2)
+    for rep in reports:
+        st.add(rep)
+    assert st.complete()
+    assert st.failed_inputs == {bad["input_index"]}  # a generation failure counts like a decode failure
+    assert all(not isinstance(v, bytes) for rep in reports for v in rep.values())  # no bytes to the driver
+
+    cfg.update(digest="d", model_digest=None, generator="bicubic")
+    stats = compact_shard(cfg, 0, 2, 0.0)
+    n_samples = sum(1 for r in rows if r["row_type"] == "sample")
+    assert stats["samples"] == n_samples - 1 and stats["samples_failed"] == 1
+    assert stats["inputs_with_failures"] == 1 and stats["writer"]["host"]
+    store = DatasetStore(cfg["store"])
+    table = pq.read_table(io.BytesIO(store.read_bytes("pairs-000000.parquet"))).to_pylist()
+    failed = [r for r in table if r["row_type"] == "sample"]
+    assert [r["key"] for r in failed] == [bad["key"]]
+    assert store.list_prefix("_work/x/parts") == []  # parts removed once the shard is whole
