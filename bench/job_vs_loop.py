@@ -28,8 +28,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pipelines.generate.stages import base_key, derive_seed, sample_key, tile_boxes  # noqa: E402
 from pipelines.sources import SourceItem, load_image  # noqa: E402
-from pipelines.stages import base_key, derive_seed, sample_key, tile_boxes  # noqa: E402
 from realdgen_core.shards import encode_png  # noqa: E402
 
 

@@ -116,7 +116,7 @@ def test_manifest_sampler_keys_and_digest(tmp_path):
 
 
 def test_generate_stage_passes_the_sampler(tmp_path, model4):
-    from pipelines.stages import GenerateLR
+    from pipelines.generate.stages import GenerateLR
     from realdgen_core.checkpoint import save_checkpoint
 
     path = tmp_path / "tiny.safetensors"

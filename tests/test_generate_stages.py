@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.stages import (
+from pipelines.generate.stages import (
     DecodeTile,
     EncodeSample,
     GenerateLR,

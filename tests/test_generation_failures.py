@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipelines.generate.sink import ShardProgress, compact_shard, encode_write_batch
-from pipelines.stages import DecodeTile, GenerateLR, base_key
+from pipelines.generate.stages import DecodeTile, GenerateLR, base_key
 from pipelines.storage import DatasetStore
 
 

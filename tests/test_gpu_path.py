@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipelines.stages import DecodeTile, EncodeSample, GenerateLR, base_key
+from pipelines.generate.stages import DecodeTile, EncodeSample, GenerateLR, base_key
 from realdgen_core.config import preset
 from realdgen_core.generator import LRGenerator, draw_starts, start_images
 from realdgen_core.models import build_model

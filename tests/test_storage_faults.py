@@ -18,8 +18,8 @@ import pytest
 from faultproxy import FaultProxy
 from PIL import Image
 
+from pipelines.generate.stages import DecodeTile, base_key
 from pipelines.sources import ImageError, SourceItem, read_item_bytes
-from pipelines.stages import DecodeTile, base_key
 from pipelines.storage import (
     LOCK_NAME,
     RETRY_ENV,

@@ -20,13 +20,21 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.generate.config import (
+    DecodeConfig,
+    GenerateConfig,
+    PairingConfig,
+    PlanReadConfig,
+    SinkConfig,
+    StartsConfig,
+)
 from pipelines.generate.console import driver_native_log_path, native_stderr_to, quiet_ray_data_progress
 from pipelines.generate.plan import Plan, list_plan, make_plan, read_plan_block
 from pipelines.generate.sink import ShardProgress, compact_shard, encode_write_batch
+from pipelines.generate.stages import GenerateLR, decode_tile_batch
 from pipelines.manifest import GenerateManifest, ManifestError
 from pipelines.progress import JobProgress
 from pipelines.sources import ImageError, SourceItem, load_image
-from pipelines.stages import GenerateLR, decode_tile_batch
 from pipelines.storage import (
     INDEX_NAME,
     PREVIEW_NAME,
@@ -307,63 +315,61 @@ class GenerateJob:
 
     def _configs(
         self, plan: Plan, num_gpus: float, actor_cpus: float, bank_ref: Any
-    ) -> tuple[dict, dict, dict]:
+    ) -> tuple[DecodeConfig, GenerateConfig, SinkConfig]:
         m = self.m
-        decode_cfg = {
-            "seed": m.seed,
-            "scale": m.scale,
-            "tile": m.tiling.tile,
-            "tiling_mode": m.tiling.mode,
-            "max_tiles": m.tiling.max_tiles_per_image,
-            "max_pixels": m.limits.max_image_pixels,
-            "max_bytes": m.limits.max_file_bytes,
-            "storage": self.storage,
-            "pairing": {"mode": m.pairing.mode, "refs_per_tile": m.pairing.refs_per_tile},
-            "refs": [{"uri": r["uri"], "set": r["set"], "domain": r["domain"]} for r in plan.refs],
-            "sets": plan.sets,
-        }
+        g = m.generator
         # x_start in the CPU decode tasks for the synthetic start kinds (a start chosen against the
         # reference, e.g. a domain calibration, stays with the generator).
-        synthetic_start = m.generator.start_kind in ("realesrgan", "bsrgan", "bicubic")
-        if m.generator.kind == "realdgen" and m.compute.starts_in_decode and synthetic_start:
-            decode_cfg["starts"] = {
-                "k": m.generator.k,
-                "tau_min": m.generator.tau_min,
-                "tau_max": m.generator.tau_max,
-                "start_kind": m.generator.start_kind,
-            }
-        gen_cfg = {
-            "kind": m.generator.kind,
-            "scale": m.scale,
-            "checkpoint": self._checkpoint_for_workers(plan),
-            "storage": self.storage,
-            "device": "cuda" if num_gpus else "cpu",
-            "k": m.generator.k,
-            "tau_min": m.generator.tau_min,
-            "tau_max": m.generator.tau_max,
-            "weights": (m.generator.content_weight, m.generator.degradation_weight),
-            "start_kind": m.generator.start_kind,
-            "filter_norm": bool(m.generator.filter_norm),
-            "start_bank": m.generator.start_bank,
-            "rows_per_call": m.generator.rows_per_call,
-            "sampler": m.generator.sampler_config().to_dict(),
-            "precision": m.generator.precision,
-            "channels_last": m.generator.channels_last,
-            "compile": m.generator.compile,
-            "ref_bank": bank_ref,
-            "torch_threads": m.compute.torch_threads or max(1, int(actor_cpus)),
-        }
-        sink_cfg = {
-            "store": self.store_uri,
-            "storage": self.storage,
-            "work": plan.work,
-            "name": m.output.name,
-            "scale": m.scale,
-            "digest": plan.digest,
-            "model_digest": plan.model_digest,
-            "generator": m.generator.kind,
-        }
-        return decode_cfg, gen_cfg, sink_cfg
+        synthetic_start = g.start_kind in ("realesrgan", "bsrgan", "bicubic")
+        starts = None
+        if g.kind == "realdgen" and m.compute.starts_in_decode and synthetic_start:
+            starts = StartsConfig(k=g.k, tau_min=g.tau_min, tau_max=g.tau_max, start_kind=g.start_kind)
+        decode = DecodeConfig(
+            seed=m.seed,
+            scale=m.scale,
+            tile=m.tiling.tile,
+            tiling_mode=m.tiling.mode,
+            max_tiles=m.tiling.max_tiles_per_image,
+            max_pixels=m.limits.max_image_pixels,
+            max_bytes=m.limits.max_file_bytes,
+            storage=self.storage,
+            pairing=PairingConfig(mode=m.pairing.mode, refs_per_tile=m.pairing.refs_per_tile),
+            refs=tuple({"uri": r["uri"], "set": r["set"], "domain": r["domain"]} for r in plan.refs),
+            sets=tuple(plan.sets),
+            starts=starts,
+        )
+        generate = GenerateConfig(
+            kind=g.kind,
+            scale=m.scale,
+            checkpoint=self._checkpoint_for_workers(plan),
+            storage=self.storage,
+            device="cuda" if num_gpus else "cpu",
+            k=g.k,
+            tau_min=g.tau_min,
+            tau_max=g.tau_max,
+            weights=(g.content_weight, g.degradation_weight),
+            start_kind=g.start_kind,
+            filter_norm=bool(g.filter_norm),
+            start_bank=g.start_bank,
+            rows_per_call=g.rows_per_call,
+            sampler=g.sampler_config().to_dict(),
+            precision=g.precision,
+            channels_last=g.channels_last,
+            compile=g.compile,
+            ref_bank=bank_ref,
+            torch_threads=m.compute.torch_threads or max(1, int(actor_cpus)),
+        )
+        sink = SinkConfig(
+            store=self.store_uri,
+            storage=self.storage,
+            work=plan.work,
+            name=m.output.name,
+            scale=m.scale,
+            digest=plan.digest,
+            model_digest=plan.model_digest,
+            generator=g.kind,
+        )
+        return decode, generate, sink
 
     def _run(self, plan: Plan, complete: set[str], t_start: float) -> dict:
         import ray
@@ -450,7 +456,7 @@ class GenerateJob:
             ds = ray.data.from_items([{"name": b["name"]} for b in blocks], override_num_blocks=len(blocks))
             ds = ds.map_batches(
                 read_plan_block,
-                fn_kwargs={"config": {"store": self.store_uri, "storage": self.storage, "skip_shards": skip}},
+                fn_kwargs={"config": PlanReadConfig(self.store_uri, self.storage, tuple(skip))},
                 batch_size=None,
                 batch_format="pyarrow",
                 num_cpus=0.25,

@@ -23,9 +23,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.generate.config import PlanReadConfig
+from pipelines.generate.stages import base_key
 from pipelines.manifest import GenerateManifest, ManifestError, manifest_digest
 from pipelines.sources import SourceError, SourceItem, index_tar, list_source
-from pipelines.stages import base_key
 from pipelines.storage import DatasetStore, fetch_to_local, get_fs, shard_stem
 
 __all__ = [
@@ -296,10 +297,11 @@ def list_plan(
     return PlanSummary(n, shard_sizes, blocks, refs, sets)
 
 
-def read_plan_block(batch: pa.Table, config: Mapping[str, Any]) -> pa.Table:
+def read_plan_block(batch: pa.Table, config: PlanReadConfig | Mapping[str, Any]) -> pa.Table:
     """Ray Data stage: plan block names → their input rows, minus shards already complete."""
-    store = DatasetStore(config["store"], config.get("storage"))
-    skip = set(config.get("skip_shards") or ())
+    config = PlanReadConfig.of(config)
+    store = DatasetStore(config.store, config.storage)
+    skip = set(config.skip_shards)
     tables = []
     for name in batch.column("name").to_pylist():
         t = pq.read_table(io.BytesIO(store.read_bytes(name)), schema=PLAN_SCHEMA)

@@ -28,7 +28,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.stages import EncodeSample, _rows, error_category
+from pipelines.generate.config import SinkConfig
+from pipelines.generate.stages import EncodeSample, _rows, error_category
 from pipelines.storage import DatasetStore, shard_stem
 
 __all__ = [
@@ -100,10 +101,11 @@ def part_name(work: str, stem: str, rows: list[dict]) -> str:
     return f"{work}/parts/{stem}/part-{h[:24]}.parquet"
 
 
-def encode_write_batch(batch: pa.Table, config: Mapping[str, Any]) -> pa.Table:
+def encode_write_batch(batch: pa.Table, config: SinkConfig | Mapping[str, Any]) -> pa.Table:
     """Encode samples, write one part file per shard touched, return key counts per input."""
-    rows = _rows(EncodeSample({"scale": config["scale"]})(batch))
-    store = DatasetStore(config["store"], config.get("storage"))
+    config = SinkConfig.of(config)
+    rows = _rows(EncodeSample(config.scale)(batch))
+    store = DatasetStore(config.store, config.storage)
     by_shard: dict[int, list[dict]] = {}
     for r in rows:
         by_shard.setdefault(int(r["shard"]), []).append(r)
@@ -112,7 +114,7 @@ def encode_write_batch(batch: pa.Table, config: Mapping[str, Any]) -> pa.Table:
         part = [{k: r.get(k) for k in PART_SCHEMA.names} for r in srows]
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(part, schema=PART_SCHEMA), buf, compression="none")
-        store.write_bytes(part_name(config["work"], shard_stem(config["name"], shard), part), buf.getvalue())
+        store.write_bytes(part_name(config.work, shard_stem(config.name, shard), part), buf.getvalue())
         per_input: dict[int, dict] = {}
         for r in srows:
             rep = per_input.setdefault(
@@ -183,14 +185,17 @@ def _node() -> dict:
     return info
 
 
-def compact_shard(config: Mapping[str, Any], index: int, expected_inputs: int, started: float) -> dict:
+def compact_shard(
+    config: SinkConfig | Mapping[str, Any], index: int, expected_inputs: int, started: float
+) -> dict:
     """Read a shard's parts, write its tar, parquet and ``_stats.json`` (last); returns the stats."""
     from realdgen_core.shards import write_tar
 
+    config = SinkConfig.of(config)
     t0 = time.perf_counter()
-    store = DatasetStore(config["store"], config.get("storage"))
-    stem = shard_stem(config["name"], index)
-    prefix = f"{config['work']}/parts/{stem}"
+    store = DatasetStore(config.store, config.storage)
+    stem = shard_stem(config.name, index)
+    prefix = f"{config.work}/parts/{stem}"
     names = store.list_prefix(prefix)
     inputs: dict[int, dict] = {}
     samples: dict[str, dict] = {}
@@ -273,9 +278,9 @@ def compact_shard(config: Mapping[str, Any], index: int, expected_inputs: int, s
     node = _node()
     stats = {
         "shard": stem,
-        "manifest_digest": config["digest"],
-        "model_digest": config["model_digest"],
-        "generator": config["generator"],
+        "manifest_digest": config.digest,
+        "model_digest": config.model_digest,
+        "generator": config.generator,
         "inputs": expected_inputs,
         "inputs_failed": inputs_failed,
         "inputs_with_failures": len(

@@ -1,8 +1,9 @@
 """Generation job stages: deterministic planning helpers and the plain callable classes Ray wraps.
 
-Everything here runs without Ray: ``DecodeTile``, ``GenerateLR`` and ``EncodeSample`` take a
-plain config dict in their constructor and a ``pyarrow.Table`` batch in ``__call__`` (Ray Data
-calls them with ``batch_format="pyarrow"``), so unit tests drive them directly.
+Everything here runs without Ray: ``DecodeTile`` and ``GenerateLR`` take a typed, frozen config
+(:mod:`pipelines.generate.config`; a mapping with the same keys is accepted) in their constructor
+and a ``pyarrow.Table`` batch in ``__call__`` (Ray Data calls them with
+``batch_format="pyarrow"``), so unit tests drive them directly.
 
 Rows. One table schema (:data:`ROW_SCHEMA`) flows through all stages. Two row types:
 
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipelines.generate.config import DecodeConfig, GenerateConfig
 from pipelines.sources import ImageError, SourceItem, load_image
 from pipelines.storage import TransientStorageError
 
@@ -208,34 +210,35 @@ def _py(v: Any) -> Any:
 class DecodeTile:
     """Input rows (one per HR image) → one ``input`` report row + one ``sample`` row per pair.
 
-    Config keys: ``seed, scale, tile, tiling_mode, max_tiles, max_pixels, max_bytes, storage,
+    Config (:class:`~pipelines.generate.config.DecodeConfig`): ``seed, scale, tile, tiling_mode,
+    max_tiles, max_pixels, max_bytes, storage,
     pairing {mode, refs_per_tile}, refs [{uri, set, domain}], sets [{name, weight, start, count}]``,
     optional ``starts {k, tau_min, tau_max, start_kind}``: also compute realdgen's x_start =
     D(HR, θ_j) for the k candidates here, on the CPU (from the sample's seed, exactly as
     ``LRGenerator.generate`` would), so the GPU actor does not.
     """
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        self.cfg = dict(config)
-        self.tile_hr = int(self.cfg["tile"]) * int(self.cfg["scale"])
-        self.starts = self.cfg.get("starts")
+    def __init__(self, config: DecodeConfig | Mapping[str, Any]) -> None:
+        self.cfg = DecodeConfig.of(config)
+        self.tile_hr = int(self.cfg.tile) * int(self.cfg.scale)
+        self.starts = self.cfg.starts
 
     def _add_starts(self, samples: list[dict]) -> None:
         import torch
 
         from realdgen_core.generator import draw_starts, start_images
 
-        st, s, t = self.starts, int(self.cfg["scale"]), self.tile_hr
+        st, s, t = self.starts, int(self.cfg.scale), self.tile_hr
         for r in samples:
             hr = torch.from_numpy(np.frombuffer(r["hr"], np.uint8).reshape(t, t, 3).copy())
             hr = hr.permute(2, 0, 1)[None].float().div_(255.0)
             _, _, thetas = draw_starts(
                 1,
-                int(st["k"]),
+                int(st.k),
                 s,
-                (int(st["tau_min"]), int(st["tau_max"])),
+                (int(st.tau_min), int(st.tau_max)),
                 [int(r["seed"])],
-                st["start_kind"],
+                st.start_kind,
             )
             x = start_images(hr, thetas)[0]  # [k,3,h,w], 8-bit valued
             r["x_start"] = (
@@ -258,9 +261,9 @@ class DecodeTile:
         try:
             img = load_image(
                 SourceItem.from_row(row),
-                cfg.get("storage"),
-                max_pixels=int(cfg["max_pixels"]),
-                max_bytes=cfg.get("max_bytes"),
+                cfg.storage,
+                max_pixels=int(cfg.max_pixels),
+                max_bytes=cfg.max_bytes,
             )
         except ImageError as exc:
             return [{**report, "status": "failed", "error": exc.reason, "seconds": time.perf_counter() - t0}]
@@ -271,22 +274,21 @@ class DecodeTile:
             return [{**report, "status": "failed", "error": err, "seconds": time.perf_counter() - t0}]
         h, w = img.shape[:2]
         report.update(width=w, height=h)
-        image_seed = derive_seed(cfg["seed"], base)
-        boxes = tile_boxes(w, h, self.tile_hr, cfg["tiling_mode"], int(cfg["max_tiles"]), image_seed)
+        image_seed = derive_seed(cfg.seed, base)
+        boxes = tile_boxes(w, h, self.tile_hr, cfg.tiling_mode, int(cfg.max_tiles), image_seed)
         if not boxes:
             err = f"smaller than one tile: {w}x{h} < {self.tile_hr}x{self.tile_hr}"
             return [{**report, "status": "failed", "error": err, "seconds": time.perf_counter() - t0}]
-        rpt = int(cfg["pairing"]["refs_per_tile"])
-        refs = cfg.get("refs") or []
+        rpt = int(cfg.pairing.refs_per_tile)
+        refs = cfg.refs
+        pairing = {"mode": cfg.pairing.mode, "refs_per_tile": rpt}
         samples = []
         for ti, (x0, y0, x1, y1) in enumerate(boxes):
             tile = np.ascontiguousarray(img[y0:y1, x0:x1])
             for slot in range(rpt):
                 key = sample_key(base, ti, slot, rpt)
-                seed = derive_seed(cfg["seed"], key)
-                ri = choose_ref(
-                    cfg["pairing"], cfg.get("sets") or [], len(refs), seed, row["input_index"], ti, slot
-                )
+                seed = derive_seed(cfg.seed, key)
+                ri = choose_ref(pairing, cfg.sets, len(refs), seed, row["input_index"], ti, slot)
                 ref = refs[ri] if ri is not None else None
                 samples.append(
                     {
@@ -342,7 +344,8 @@ def _resolve(value: Any) -> Any:
 class GenerateLR:
     """Sample rows with an HR tile → the same rows with an LR (raw bytes) and generation fields.
 
-    Config keys: ``kind, scale, checkpoint (local path), device, k, tau_min, tau_max,
+    Config (:class:`~pipelines.generate.config.GenerateConfig`): ``kind, scale, checkpoint (local
+    path), device, k, tau_min, tau_max,
     weights, start_kind, rows_per_call, sampler ({kind, steps, eta}; default ancestral),
     precision (auto | fp32 | bf16; auto = bf16 on CUDA), channels_last, compile (CUDA only),
     ref_bank (ndarray [N, D] or ray.ObjectRef), torch_threads``.
@@ -350,15 +353,15 @@ class GenerateLR:
     seed, so a sample's pixels do not depend on its batch.
     """
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
+    def __init__(self, config: GenerateConfig | Mapping[str, Any]) -> None:
         import torch
 
-        self.cfg = dict(config)
-        self.kind = self.cfg["kind"]
-        self.scale = int(self.cfg["scale"])
-        if self.cfg.get("torch_threads"):
-            torch.set_num_threads(int(self.cfg["torch_threads"]))
-        device = self.cfg.get("device") or "cpu"
+        self.cfg = GenerateConfig.of(config)
+        self.kind = self.cfg.kind
+        self.scale = int(self.cfg.scale)
+        if self.cfg.torch_threads:
+            torch.set_num_threads(int(self.cfg.torch_threads))
+        device = self.cfg.device or "cpu"
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
@@ -370,23 +373,23 @@ class GenerateLR:
             from realdgen_core.diffusion import SamplerConfig
             from realdgen_core.generator import LRGenerator
 
-            path = fetch_to_local(self.cfg["checkpoint"], self.cfg.get("storage"))
-            sampler = SamplerConfig.from_dict(dict(self.cfg.get("sampler") or {}))
-            precision = self.cfg.get("precision") or "auto"
+            path = fetch_to_local(self.cfg.checkpoint, self.cfg.storage)
+            sampler = SamplerConfig.from_dict(dict(self.cfg.sampler or {}))
+            precision = self.cfg.precision or "auto"
             if precision not in ("auto", "fp32", "bf16"):
                 raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
             bf16 = precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
             self.generator = LRGenerator.from_checkpoint(
                 path,
                 device=device,
-                rows_per_call=self.cfg.get("rows_per_call"),
+                rows_per_call=self.cfg.rows_per_call,
                 sampler=sampler,
                 dtype=torch.bfloat16 if bf16 else None,
-                channels_last=bool(self.cfg.get("channels_last")),
-                compile=bool(self.cfg.get("compile")),
+                channels_last=bool(self.cfg.channels_last),
+                compile=bool(self.cfg.compile),
             )
             self.model_digest = self.generator.digest
-            bank = _resolve(self.cfg.get("ref_bank"))
+            bank = _resolve(self.cfg.ref_bank)
             self.bank = torch.as_tensor(np.asarray(bank, dtype=np.float32)) if bank is not None else None
 
     def _generate(self, rows: list[dict]) -> None:
@@ -403,27 +406,27 @@ class GenerateLR:
             emb = self.bank[torch.tensor([int(r["ref_index"]) for r in rows])]
             starts = None
             if all(r.get("x_start") for r in rows):  # computed by the decode stage
-                k, lt = int(t["k"]), tile // self.scale
+                k, lt = int(t.k), tile // self.scale
                 raw = np.stack([np.frombuffer(r["x_start"], np.uint8).reshape(k, lt, lt, 3) for r in rows])
                 starts = torch.from_numpy(raw).permute(0, 1, 4, 2, 3).float().div_(255.0)
             res = self.generator.generate(
                 x.to(self.device),
-                k=int(t["k"]),
-                tau_range=(int(t["tau_min"]), int(t["tau_max"])),
+                k=int(t.k),
+                tau_range=(int(t.tau_min), int(t.tau_max)),
                 seeds=seeds,
                 ref_embeddings=emb.to(self.device),
-                weights=tuple(t["weights"]),
-                start_kind=t["start_kind"],
+                weights=tuple(t.weights),
+                start_kind=t.start_kind,
                 starts=starts,
-                start_bank=t.get("start_bank"),
-                filter_norm=bool(t.get("filter_norm", False)),
+                start_bank=t.start_bank,
+                filter_norm=bool(t.filter_norm),
             )
             lr = res.lr
             kept = res.kept.tolist()
             for i, r in enumerate(rows):
                 j = kept[i]
                 r.update(
-                    k=int(t["k"]),
+                    k=int(t.k),
                     tau=int(res.tau[i, j]),
                     content_error=float(res.content_errors[i, j]),
                     degradation_error=float(res.degradation_errors[i, j]),
@@ -538,8 +541,8 @@ class EncodeSample:
     Config keys: ``scale``.
     """
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        self.scale = int(config["scale"])
+    def __init__(self, config: Mapping[str, Any] | int) -> None:
+        self.scale = int(config if isinstance(config, int) else config["scale"])
 
     def __call__(self, batch: pa.Table | Mapping[str, Any]) -> pa.Table:
         from realdgen_core.shards import encode_sample
