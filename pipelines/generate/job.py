@@ -219,6 +219,27 @@ class GenerateJob:
             )
         return lo, hi, 0.0, actor_cpus, cpus
 
+    def _decode_memory(self) -> int:
+        """The decode tasks' memory reservation, capped at half the smallest node's memory resource:
+        a reservation no node can grant makes Ray Data wait forever ("Cluster resources are not
+        enough to run any task"), which is worse than decoding one large image at a time."""
+        import ray
+
+        want = decode_task_memory(self.m.limits.max_image_pixels)
+        mems = [
+            n["Resources"].get("memory", 0)
+            for n in ray.nodes()
+            if n.get("Alive") and n["Resources"].get("CPU")
+        ]
+        smallest = int(min(mems)) if mems else 0
+        if smallest and want > smallest // 2:
+            self.log(
+                f"note: decode tasks reserve {smallest // 2 // 2**20} MiB (half the smallest node's memory), "
+                f"less than the {want // 2**20} MiB limits.max_image_pixels asks for"
+            )
+            return max(64 * 2**20, smallest // 2)
+        return want
+
     def _list(self, plan: Plan) -> None:
         """The listing, as a Ray task: plan blocks land in the work folder, counts come back."""
         import ray
@@ -467,7 +488,7 @@ class GenerateJob:
                 # A memory reservation for decoding (images up to limits.max_image_pixels) that also
                 # keeps decode a separate CPU task stage: Ray Data fuses a task stage into the
                 # following actor stage whenever their resource requests are equal.
-                memory=decode_task_memory(m.limits.max_image_pixels),
+                memory=self._decode_memory(),
                 batch_size=c.decode_batch_size,
                 batch_format="pyarrow",
                 num_cpus=c.task_num_cpus,
