@@ -16,7 +16,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ from pipelines.generate.config import PlanReadConfig
 from pipelines.generate.stages import base_key
 from pipelines.manifest import GenerateManifest, ManifestError, manifest_digest
 from pipelines.sources import SourceError, SourceItem, index_tar, list_source
-from pipelines.storage import DatasetStore, fetch_to_local, get_fs, shard_stem
+from pipelines.storage import DatasetStore, fetch_to_local, get_fs, shard_stem, with_retries
 
 __all__ = [
     "PLAN_SCHEMA",
@@ -121,27 +121,59 @@ def checkpoint_calibration(local: str) -> dict | None:
 # --------------------------------------------------------------------------------------------
 
 
+def _s3_has(fs, path: str, match) -> bool | None:
+    """Page through ``list_objects_v2`` below ``path`` and stop at the first key ``match`` accepts:
+    True; False when keys exist but none matches; None when there is nothing there at all. Nothing
+    is cached (s3fs's ``walk``/``find`` would keep the whole first folder level in its dircache)."""
+    bucket, _, key = path.partition("/")
+    prefix = key.rstrip("/") + "/" if key else ""
+    token = None
+    seen = False
+    while True:
+        kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1000}
+        if token:
+            kw["ContinuationToken"] = token
+        resp = fs.call_s3("list_objects_v2", **kw)
+        for obj in resp.get("Contents", []):
+            seen = True
+            if match(obj["Key"]):
+                return True
+        if not resp.get("IsTruncated"):
+            return False if seen else None
+        token = resp.get("NextContinuationToken")
+
+
 def _first_image(spec, storage: dict) -> bool:
     """True as soon as one listed entry could be an input (stops early; no full listing)."""
     from pipelines.sources import _GLOB_CHARS, _ext_ok
 
     fs, path = get_fs(spec.uri, storage)
-    if spec.uri.startswith("s3://"):
-        fs.invalidate_cache()
     wanted = (".tar",) if spec.format == "webdataset" else (".parquet",) if spec.format == "parquet" else None
+
+    def match(n: str) -> bool:
+        return n.endswith(wanted) if wanted is not None else _ext_ok(n, tuple(spec.extensions))
+
     if _GLOB_CHARS & set(path):
-        names: Iterable[str] = fs.glob(path)
-    elif not fs.exists(path):
+        return any(match(n) for n in fs.glob(path))
+    if spec.uri.startswith("s3://"):
+        if "/" in path.strip("/") and fs.isfile(path):
+            return match(path)
+        found = with_retries(lambda: _s3_has(fs, path, match), what=f"list {spec.uri}")
+        if found is None:
+            raise SourceError(f"not found: {path}")
+        return found
+    if not fs.exists(path):
         raise SourceError(f"not found: {path}")
-    elif fs.isfile(path):
-        names = [path]
-    else:
-        names = (os.path.join(root, f) for root, _, files in fs.walk(path) for f in files)
-    for n in names:
-        if wanted is None and _ext_ok(n, tuple(spec.extensions)):
-            return True
-        if wanted is not None and n.endswith(wanted):
-            return True
+    if fs.isfile(path):
+        return match(path)
+    stack = [path]
+    while stack:  # depth-first with os.scandir: stops at the first match, holds one entry at a time
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=True):
+                    stack.append(e.path)
+                elif match(e.name):
+                    return True
     return False
 
 
