@@ -201,10 +201,12 @@ def compact_shard(
     samples: dict[str, dict] = {}
     for n in names:
         for r in pq.read_table(io.BytesIO(store.read_bytes(n))).to_pylist():
-            if r["row_type"] == "input":
-                inputs.setdefault(int(r["input_index"]), r)
-            else:
-                samples.setdefault(r["key"], r)
+            # A key seen twice (a retried batch, or parts a crashed run left) has the same bytes
+            # when it succeeded both times; a success wins over a failure of an earlier attempt.
+            rows = inputs if r["row_type"] == "input" else samples
+            key = int(r["input_index"]) if r["row_type"] == "input" else r["key"]
+            if key not in rows or (rows[key]["status"] != "ok" and r["status"] == "ok"):
+                rows[key] = r
     promised = sum(int(r.get("n_samples") or 0) for r in inputs.values())
     if len(inputs) != expected_inputs or len(samples) != promised:
         raise IncompleteShard(
