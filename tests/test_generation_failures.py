@@ -120,10 +120,13 @@ def test_a_success_wins_over_a_stale_failed_part_of_the_same_key(tmp_path, monke
     bad = next(r for r in rows if r["row_type"] == "sample")
     cfg = {"store": str(tmp_path / "ds"), "work": "_work/x", "name": "pairs", "scale": 2}
     # A crashed earlier attempt left a part where one sample had failed (say, a broken GPU) ...
-    encode_write_batch(_actor(monkeypatch, fail_seed=bad["seed"])(rows), cfg)
+    # (cut into other batches than this run's, so its part files have other names).
+    failed_run = _actor(monkeypatch, fail_seed=bad["seed"])(rows)
+    encode_write_batch(failed_run.slice(0, 3), cfg)
+    encode_write_batch(failed_run.slice(3), cfg)
     # ... and this run generated every sample.
     encode_write_batch(GenerateLR({"kind": "bicubic", "scale": 2})(_samples(tmp_path)), cfg)
     cfg.update(digest="d", model_digest=None, generator="bicubic")
     stats = compact_shard(cfg, 0, 2, 0.0)
     assert stats["samples_failed"] == 0 and stats["samples"] == sum(r["row_type"] == "sample" for r in rows)
-    assert stats["parts"] == 2
+    assert stats["parts"] == 3
