@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.generate.config import SinkConfig
-from pipelines.generate.stages import EncodeSample, _rows, error_category
+from pipelines.generate.stages import ROW_SCHEMA, EncodeSample, _rows, error_category
 from pipelines.storage import DatasetStore, shard_stem
 
 __all__ = [
@@ -59,24 +59,17 @@ PARQUET_SCHEMA = pa.schema(
     ]
 )
 
-# One row per input report or sample, as written into part files.
+# One row per input report or sample, as written into part files: the stages' row fields that the
+# shard's tar, parquet and stats need (raw pixels and generation details stay behind).
 PART_SCHEMA = pa.schema(
     [
-        ("row_type", pa.string()),
-        ("input_index", pa.int64()),
-        ("key", pa.string()),
-        ("uri", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("n_samples", pa.int64()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("seconds", pa.float64()),
-        ("hr_png", pa.binary()),
-        ("lr_png", pa.binary()),
-        ("json", pa.binary()),
+        ROW_SCHEMA.field(n)
+        for n in (
+            "row_type", "input_index", "key", "uri", "status", "error", "n_samples", "width", "height",
+            "seconds", "hr_png", "lr_png", "json",
+        )
     ]
-)
+)  # fmt: skip
 
 # What the driver receives: one row per (input, batch) — counts and keys, never sample bytes.
 REPORT_SCHEMA = pa.schema(
