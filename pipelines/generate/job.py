@@ -64,6 +64,10 @@ def decode_task_memory(max_image_pixels: int) -> int:
     return max(512 * 2**20, 9 * int(max_image_pixels))
 
 
+def _path_exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
 def _retrying(**extra: Any) -> dict:
     return {"max_retries": TASK_RETRIES, "retry_exceptions": [TransientStorageError], **extra}
 
@@ -240,6 +244,49 @@ class GenerateJob:
             return max(64 * 2**20, smallest // 2)
         return want
 
+    def _check_output_shared(self, plan: Plan) -> None:
+        """A local output folder must be the same folder on every node: workers write the parts and
+        the shards. One probe file from the driver, one zero-CPU task pinned to each node looks."""
+        import uuid
+
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if self.store.remote:
+            return
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        if len(nodes) < 2:
+            return
+        probe = os.path.join(self.store.root, plan.work, f".probe-{uuid.uuid4().hex}")
+        os.makedirs(os.path.dirname(probe), exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("realdgen")
+        try:
+            task = ray.remote(_path_exists)
+            refs = [
+                task.options(
+                    num_cpus=0,
+                    max_retries=0,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+                ).remote(probe)
+                for n in nodes
+            ]
+            seen = ray.get(refs, timeout=120)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(probe)
+        blind = [
+            n.get("NodeManagerAddress") or n["NodeID"][:12]
+            for n, ok in zip(nodes, seen, strict=True)
+            if not ok
+        ]
+        if blind:
+            self.store.delete_prefix(plan.work)
+            raise JobFailed(
+                f"output.uri {self.store.root!r} is a local folder that node(s) {blind} cannot see: workers "
+                "write the shards, so a multi-node run needs s3:// or a folder shared by every node"
+            )
+
     def _list(self, plan: Plan) -> None:
         """The listing, as a Ray task: plan blocks land in the work folder, counts come back."""
         import ray
@@ -275,6 +322,7 @@ class GenerateJob:
             raise JobFailed(str(exc)) from None
         try:
             self.store.clean_temporaries()
+            self._check_output_shared(plan)
             try:
                 self._list(plan)
             except ManifestError:
