@@ -253,3 +253,21 @@ def _put_all(dest: str, files: dict[str, bytes], endpoint_url: str | None) -> No
     for n in order:
         with open(os.path.join(root, n), "wb") as f:
             f.write(files[n])
+
+
+def decode_config(**overrides):
+    """The ``DecodeTile`` config the stage tests share: x2, 16-px LR tiles on a grid, up to 4 per
+    image, one reference ``r0``; keyword arguments override fields."""
+    from pipelines.generate.config import DecodeConfig, PairingConfig
+
+    fields = {
+        "seed": 3,
+        "scale": 2,
+        "tile": 16,
+        "tiling_mode": "grid",
+        "max_tiles": 4,
+        "max_pixels": 10**6,
+        "pairing": PairingConfig("round_robin", 1),
+        "refs": ({"uri": "r0", "set": "s", "domain": None},),
+    }
+    return DecodeConfig(**{**fields, **overrides})

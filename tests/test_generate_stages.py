@@ -18,6 +18,7 @@ from pipelines.generate.stages import (
     tile_boxes,
 )
 from realdgen_core.shards import KEY_RE, decode_png
+from tests.shard_factory import decode_config
 
 
 def test_keys_and_seeds_are_stable_and_safe():
@@ -86,21 +87,7 @@ def test_stages_chain_without_ray(tmp_path, kind):
         }
         for i, n in enumerate(["a.png", "b.png"])
     ]
-    decode = DecodeTile(
-        {
-            "seed": 3,
-            "scale": 2,
-            "tile": 16,
-            "tiling_mode": "grid",
-            "max_tiles": 4,
-            "max_pixels": 10**6,
-            "max_bytes": None,
-            "storage": {},
-            "pairing": {"mode": "round_robin", "refs_per_tile": 1},
-            "refs": [{"uri": "r0", "set": "s", "domain": None}],
-            "sets": [],
-        }
-    )
+    decode = DecodeTile(decode_config())
     t = decode(rows).to_pylist()
     reports = [r for r in t if r["row_type"] == "input"]
     samples = [r for r in t if r["row_type"] == "sample"]

@@ -13,6 +13,7 @@ from PIL import Image
 from pipelines.generate.sink import ShardProgress, compact_shard, encode_write_batch
 from pipelines.generate.stages import DecodeTile, GenerateLR, base_key
 from pipelines.storage import DatasetStore
+from tests.shard_factory import decode_config
 
 
 class Restarted(Exception):
@@ -28,21 +29,7 @@ def _samples(tmp_path, n_images=2):
         Image.fromarray(rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
         p.write_bytes(buf.getvalue())
         rows.append({"shard": 0, "input_index": i, "key": base_key(str(p)), "uri": str(p), "path": str(p)})
-    decode = DecodeTile(
-        {
-            "seed": 1,
-            "scale": 2,
-            "tile": 16,
-            "tiling_mode": "grid",
-            "max_tiles": 2,
-            "max_pixels": 10**6,
-            "max_bytes": None,
-            "storage": {},
-            "pairing": {"mode": "round_robin", "refs_per_tile": 1},
-            "refs": [{"uri": "r0", "set": "s", "domain": None}],
-            "sets": [],
-        }
-    )
+    decode = DecodeTile(decode_config(seed=1, max_tiles=2))
     return decode(rows).to_pylist()
 
 

@@ -32,6 +32,7 @@ from pipelines.storage import (
     is_transient,
     with_retries,
 )
+from tests.shard_factory import decode_config
 
 
 @pytest.fixture()
@@ -305,21 +306,7 @@ def test_decode_tile_fails_the_task_on_an_outage_and_records_real_failures(proxy
             "size": None,
         }
 
-    decode = DecodeTile(
-        {
-            "seed": 3,
-            "scale": 2,
-            "tile": 16,
-            "tiling_mode": "grid",
-            "max_tiles": 4,
-            "max_pixels": 10**6,
-            "max_bytes": None,
-            "storage": opts,
-            "pairing": {"mode": "round_robin", "refs_per_tile": 1},
-            "refs": [{"uri": "r0", "set": "s", "domain": None}],
-            "sets": [],
-        }
-    )
+    decode = DecodeTile(decode_config(storage=opts))
     t = decode([row(0, "a.png"), row(1, "missing.png")]).to_pylist()
     reports = [r for r in t if r["row_type"] == "input"]
     assert [r["status"] for r in reports] == ["ok", "failed"]
