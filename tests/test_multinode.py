@@ -190,6 +190,13 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]
     return proc.returncode, out.decode(), err.decode()
 
 
+def run_ok(data: dict, path: Path, address: str | None) -> str:
+    """Run the job to the end; it must exit 0. Returns its stdout."""
+    rc, stdout, err = finish(start_job(data, path, address))
+    assert rc == 0, err[-3000:]
+    return stdout
+
+
 def writers(out: Path) -> set[str]:
     return {json.loads(p.read_text())["writer"]["node_id"] for p in out.glob("*_stats.json")}
 
@@ -198,12 +205,10 @@ def writers(out: Path) -> set[str]:
 def test_two_nodes_write_shards_identical_to_one_node(two_nodes, photos, tmp_path):
     hr, refs = write_inputs(tmp_path, photos)
     one = tmp_path / "one_node"
-    rc, _, err = finish(start_job(manifest(hr, refs, one), tmp_path / "one.yaml", None))
-    assert rc == 0, err[-3000:]
+    run_ok(manifest(hr, refs, one), tmp_path / "one.yaml", None)
 
     two = tmp_path / "two_nodes"
-    rc, stdout, err = finish(start_job(manifest(hr, refs, two), tmp_path / "two.yaml", two_nodes.address))
-    assert rc == 0, err[-3000:]
+    stdout = run_ok(manifest(hr, refs, two), tmp_path / "two.yaml", two_nodes.address)
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["shards_written"] == 10 and summary["pairs"] == len(tar_keys(one)) > 0
     # Shards were written by workers on both nodes, and the bytes do not show which.
@@ -217,8 +222,7 @@ def test_two_nodes_write_shards_identical_to_one_node(two_nodes, photos, tmp_pat
 def test_second_node_killed_mid_run_loses_nothing(two_nodes, photos, tmp_path):
     hr, refs = write_inputs(tmp_path, photos)
     reference = tmp_path / "reference"
-    rc, _, err = finish(start_job(manifest(hr, refs, reference), tmp_path / "ref.yaml", None))
-    assert rc == 0, err[-3000:]
+    run_ok(manifest(hr, refs, reference), tmp_path / "ref.yaml", None)
 
     out = tmp_path / "killed"
     proc = start_job(manifest(hr, refs, out), tmp_path / "m.yaml", two_nodes.address)
@@ -231,11 +235,10 @@ def test_second_node_killed_mid_run_loses_nothing(two_nodes, photos, tmp_path):
     assert proc.poll() is None, "the job ended before the node could be killed"
     os.kill(raylet, signal.SIGKILL)
     killed_at = len(list(out.glob("*_stats.json")))
-    rc, _, err = finish(proc)
+    rc, _, _ = finish(proc)
     reran = rc != 0
     if reran:  # allowed: a re-run on what is left of the cluster completes the dataset
-        rc, _, err2 = finish(start_job(manifest(hr, refs, out), tmp_path / "m2.yaml", two_nodes.address))
-        assert rc == 0, err2[-3000:]
+        run_ok(manifest(hr, refs, out), tmp_path / "m2.yaml", two_nodes.address)
     assert 1 <= killed_at < 10
     keys = tar_keys(out)
     assert len(keys) == len(set(keys)) == len(tar_keys(reference))  # 0 lost, 0 duplicated

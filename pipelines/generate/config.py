@@ -8,7 +8,6 @@ endpoint/region only.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -28,29 +27,14 @@ C = TypeVar("C", bound="_Config")
 class _Config:
     @classmethod
     def of(cls: type[C], value: C | Mapping[str, Any]) -> C:
-        """``value`` itself, or this config built from a mapping (unknown keys are an error)."""
+        """``value`` itself, or this config built from a mapping (an unknown key is a TypeError)."""
         if isinstance(value, cls):
             return value
         if not isinstance(value, Mapping):
             raise TypeError(
                 f"{cls.__name__}: expected a {cls.__name__} or a mapping, got {type(value).__name__}"
             )
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(value) - names)
-        if unknown:
-            raise TypeError(f"{cls.__name__}: unknown keys {unknown}")
-        kwargs = dict(value)
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            sub = _NESTED.get((cls.__name__, f.name))
-            if sub is not None and isinstance(kwargs.get(f.name), Mapping):
-                kwargs[f.name] = sub.of(kwargs[f.name])
-        for key in ("refs", "sets"):
-            if key in kwargs and kwargs[key] is not None:
-                kwargs[key] = tuple(dict(x) for x in kwargs[key])
-        return cls(**kwargs)
-
-    def replace(self: C, **changes: Any) -> C:
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+        return cls(**value)
 
 
 @dataclass(frozen=True)
@@ -85,6 +69,15 @@ class DecodeConfig(_Config):
     refs: tuple[dict, ...] = ()  # {uri, set, domain}
     sets: tuple[dict, ...] = ()  # {name, domain, weight, start, count}
     starts: StartsConfig | None = None
+
+    def __post_init__(self) -> None:
+        # Built from plain mappings/lists (a hand-written config): the nested parts become typed too.
+        if isinstance(self.pairing, Mapping):
+            object.__setattr__(self, "pairing", PairingConfig.of(self.pairing))
+        if isinstance(self.starts, Mapping):
+            object.__setattr__(self, "starts", StartsConfig.of(self.starts))
+        object.__setattr__(self, "refs", tuple(dict(r) for r in self.refs or ()))
+        object.__setattr__(self, "sets", tuple(dict(x) for x in self.sets or ()))
 
 
 @dataclass(frozen=True)
@@ -133,9 +126,3 @@ class PlanReadConfig(_Config):
     store: str
     storage: Mapping[str, Any] = field(default_factory=dict)
     skip_shards: tuple[int, ...] = ()
-
-
-_NESTED: dict[tuple[str, str], type[_Config]] = {
-    ("DecodeConfig", "pairing"): PairingConfig,
-    ("DecodeConfig", "starts"): StartsConfig,
-}

@@ -177,21 +177,26 @@ def _first_image(spec, storage: dict) -> bool:
     return False
 
 
+def _no_images(spec, key: str) -> ManifestError:
+    return ManifestError(f"{key}.uri: no images found (got {spec.uri!r}, extensions {list(spec.extensions)})")
+
+
+def _unlistable(exc: Exception, spec, key: str) -> ManifestError:
+    """The ManifestError for a source that could not be looked at (preflight or listing)."""
+    if isinstance(exc, SourceError):
+        return ManifestError(f"{key}.uri: {exc} (got {spec.uri!r})")
+    if isinstance(exc, FileNotFoundError):
+        return ManifestError(f"{key}.uri: not found: {exc} (got {spec.uri!r})")
+    return ManifestError(f"{key}.uri: cannot be listed: {type(exc).__name__}: {exc} (got {spec.uri!r})")
+
+
 def _check_source(spec, storage: dict, key: str) -> None:
     try:
         found = _first_image(spec, storage)
-    except SourceError as exc:
-        raise ManifestError(f"{key}.uri: {exc} (got {spec.uri!r})") from None
-    except FileNotFoundError as exc:
-        raise ManifestError(f"{key}.uri: not found: {exc} (got {spec.uri!r})") from None
     except Exception as exc:
-        raise ManifestError(
-            f"{key}.uri: cannot be listed: {type(exc).__name__}: {exc} (got {spec.uri!r})"
-        ) from None
+        raise _unlistable(exc, spec, key) from None
     if not found:
-        raise ManifestError(
-            f"{key}.uri: no images found (got {spec.uri!r}, extensions {list(spec.extensions)})"
-        )
+        raise _no_images(spec, key)
 
 
 def preflight(m: GenerateManifest) -> tuple[GenerateManifest, str, str | None, str | None]:
@@ -244,14 +249,10 @@ def ray_tar_indexer(tars: list[tuple[str, str]], extensions: tuple[str, ...], st
 def _listed(spec, storage: dict, key: str, map_tars) -> list[SourceItem]:
     try:
         items = list_source(spec, storage, map_tars=map_tars)
-    except SourceError as exc:
-        raise ManifestError(f"{key}.uri: {exc} (got {spec.uri!r})") from None
-    except FileNotFoundError as exc:
-        raise ManifestError(f"{key}.uri: not found: {exc} (got {spec.uri!r})") from None
+    except (SourceError, FileNotFoundError) as exc:
+        raise _unlistable(exc, spec, key) from None
     if not items:
-        raise ManifestError(
-            f"{key}.uri: no images found (got {spec.uri!r}, extensions {list(spec.extensions)})"
-        )
+        raise _no_images(spec, key)
     return items
 
 

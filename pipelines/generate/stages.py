@@ -222,6 +222,8 @@ class DecodeTile:
         self.cfg = DecodeConfig.of(config)
         self.tile_hr = int(self.cfg.tile) * int(self.cfg.scale)
         self.starts = self.cfg.starts
+        # choose_ref takes the pairing as a mapping (its tests and callers pass plain dicts)
+        self.pairing = {"mode": self.cfg.pairing.mode, "refs_per_tile": int(self.cfg.pairing.refs_per_tile)}
 
     def _add_starts(self, samples: list[dict]) -> None:
         import torch
@@ -279,9 +281,9 @@ class DecodeTile:
         if not boxes:
             err = f"smaller than one tile: {w}x{h} < {self.tile_hr}x{self.tile_hr}"
             return [{**report, "status": "failed", "error": err, "seconds": time.perf_counter() - t0}]
-        rpt = int(cfg.pairing.refs_per_tile)
+        pairing = self.pairing
+        rpt = pairing["refs_per_tile"]
         refs = cfg.refs
-        pairing = {"mode": cfg.pairing.mode, "refs_per_tile": rpt}
         samples = []
         for ti, (x0, y0, x1, y1) in enumerate(boxes):
             tile = np.ascontiguousarray(img[y0:y1, x0:x1])
