@@ -791,6 +791,19 @@ class TrainCompute(StrictModel):
     use_gpu: bool = Field(False, description="One GPU per Ray worker (DDP over NCCL); CPU workers use gloo.")
     cpus_per_worker: float = Field(1.0, gt=0, le=1024, description="CPUs reserved per Ray worker.")
     torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads per worker.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="local backend: auto = the first CUDA GPU when torch sees one, else the CPU."
+    )
+    data_workers: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="DataLoader worker processes building the next batches (crops + degradations) while "
+        "the model trains; 0 = in this process. The batches are the same bytes either way.",
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: the loss forward under torch.autocast(bfloat16); weights stay float32."
+    )
 
 
 class TrainProgress(StrictModel):

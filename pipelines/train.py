@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 if __package__ in (None, ""):  # `python pipelines/train.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -54,7 +55,7 @@ from realdgen_core.train.data import (
     random_crop,
     to_tensor,
 )
-from realdgen_core.train.loop import load_training_state, save_model, save_training_state
+from realdgen_core.train.loop import floats, load_training_state, save_model, save_training_state
 
 LATEST = "latest.json"
 SUMMARY = "summary.json"  # written by rank 0 of a Ray Train run
@@ -367,8 +368,10 @@ def put_uri(local: str | Path, uri: str, storage: dict | None = None) -> None:
 
 
 class ProgressBar(Hook):
-    def __init__(self, enabled: bool) -> None:
-        self.enabled, self.bar = enabled, None
+    """tqdm bar per phase; the losses shown are refreshed every ``every`` steps."""
+
+    def __init__(self, enabled: bool, every: int = 1) -> None:
+        self.enabled, self.bar, self.every = enabled, None, max(1, every)
 
     def on_start(self, phase: Phase) -> None:
         if self.enabled:
@@ -376,12 +379,13 @@ class ProgressBar(Hook):
 
             self.bar = tqdm(total=phase.total_steps, initial=phase.step, desc=phase.name, dynamic_ncols=True)
 
-    def on_step(self, phase: Phase, losses: dict[str, float]) -> None:
+    def on_step(self, phase: Phase, losses: dict[str, Tensor]) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(
-                {k: f"{v:.4g}" for k, v in losses.items() if k != "grad_norm"}, refresh=False
-            )
+            if phase.step % self.every == 0 or phase.step == phase.total_steps:  # a host sync: not every step
+                self.bar.set_postfix(
+                    {k: f"{v:.4g}" for k, v in floats(losses).items() if k != "grad_norm"}, refresh=False
+                )
 
     def on_end(self, phase: Phase) -> None:
         if self.bar is not None:
@@ -410,7 +414,7 @@ class CSVLog(Hook):
             self.writer.writeheader()
             self.writer.writerows(rows)
 
-    def on_step(self, phase: Phase, losses: dict[str, float]) -> None:
+    def on_step(self, phase: Phase, losses: dict[str, Tensor]) -> None:
         if phase.step % self.every and phase.step != phase.total_steps:
             return
         row = {
@@ -418,7 +422,7 @@ class CSVLog(Hook):
             "time": round(time.time(), 3),
             "seconds": round(phase.last_step_seconds, 4),
         }
-        row.update({k: f"{v:.6g}" for k, v in losses.items()})
+        row.update({k: f"{v:.6g}" for k, v in floats(losses).items()})
         if self.writer is None:
             self.fields = list(row)
             self.writer = csv.DictWriter(self.file, self.fields, extrasaction="ignore")
@@ -438,7 +442,7 @@ class Checkpointer(Hook):
     def __init__(self, ctx: TrainContext, every: int) -> None:
         self.ctx, self.every = ctx, every
 
-    def on_step(self, phase: Phase, losses: dict[str, float]) -> None:
+    def on_step(self, phase: Phase, losses: dict[str, Tensor]) -> None:
         if phase.step % self.every == 0 and phase.step < phase.total_steps:
             self.ctx.checkpoint(phase, completed=False)
 
@@ -466,7 +470,14 @@ class TrainContext:
 
     def make_phase(self, name: str) -> Phase:
         m = self.m
-        kw = {"seed": m.seed, "rank": self.rank, "world_size": self.world_size, "wrap": self.wrap}
+        kw = {
+            "seed": m.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "wrap": self.wrap,
+            "data_workers": m.compute.data_workers,
+            "precision": m.compute.precision,
+        }
         if name in ("content_pretrain", "content_finetune"):
             return PHASES[name](self.model, m.stage_a.to_core(), self.samplers["hr"], **kw)
         if name == "degradation":
@@ -540,6 +551,15 @@ def build_model_for(m: TrainManifest, device: torch.device):
     return model.to(device)
 
 
+def local_device(name: str) -> torch.device:
+    """``compute.device`` of the local backend: ``auto`` is the first CUDA GPU when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ManifestError("compute.device is 'cuda' but torch sees no CUDA GPU here")
+    return torch.device(name)
+
+
 def train_worker(manifest: dict, stages: Sequence[str], **kw) -> dict:
     """Run the requested stages on this worker; returns a summary (rank 0's is the one that matters)."""
     return run_worker(manifest, stages, **kw)[0]
@@ -599,7 +619,10 @@ def run_worker(
             phase = ctx.make_phase(name)
             if state is not None and state["phase"] == name:
                 phase.load_state_dict(state)
-            hooks: list[Hook] = [ProgressBar(show), Checkpointer(ctx, m.output.checkpoint_every)]
+            hooks: list[Hook] = [
+                ProgressBar(show, m.progress.log_every),
+                Checkpointer(ctx, m.output.checkpoint_every),
+            ]
             if rank == 0:
                 hooks.insert(1, CSVLog(store.local_logs, m.progress.log_every))
             t0, s0 = time.time(), phase.step
@@ -713,6 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ManifestError("--stages C needs `data.lr` in the manifest")
         if ("A" in stages or "B" in stages) and m.data.hr is None:
             raise ManifestError("stages A/B need `data.hr` in the manifest")
+        device = local_device(m.compute.device)
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -730,7 +754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if m.compute.backend == "ray":
         summary = run_with_ray(m, stages)
     else:
-        summary = train_worker(m.model_dump(mode="json"), stages)
+        summary = train_worker(m.model_dump(mode="json"), stages, device=device)
     if m.calibration.enabled:
         summary["calibration"] = calibrate_checkpoint(m)
     print(json.dumps(summary, indent=1))

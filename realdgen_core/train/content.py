@@ -8,6 +8,7 @@ trained so that Rec_hr(quantize(E_cont(bicubic_up(D(HR))))) matches the clean HR
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from realdgen_core.train.config import ContentStageConfig
 from realdgen_core.train.data import CropSampler, bicubic_up, child_generators, degrade_mixed, draw_kinds
-from realdgen_core.train.loop import Hook, Phase, run_phase, sample_crops, set_trainable
+from realdgen_core.train.loop import BatchFn, Hook, Phase, run_phase, set_trainable
 
 
 class _VQReconstruction(nn.Module):
@@ -33,7 +34,9 @@ class _VQReconstruction(nn.Module):
         z_q, vq = self.content.quantize(h)
         rec = F.mse_loss(self.content.decode(z_q), hr)
         idx = self.content.quantizer.indices(h)
-        self.usage += torch.bincount(idx.flatten().cpu(), minlength=self.usage.numel())
+        if self.usage.device != idx.device:
+            self.usage = self.usage.to(idx.device)
+        self.usage += torch.bincount(idx.flatten(), minlength=self.usage.numel())  # no host sync
         self.last_h = h.detach()
         return {"loss": rec + vq, "rec": rec.detach(), "vq": vq.detach()}
 
@@ -51,10 +54,8 @@ class ContentPretrain(Phase):
         self.loss_net = _VQReconstruction(content)
         self._finish_init(self.loss_net, [{"params": list(content.parameters()), "lr": config.lr}])
 
-    def batch(self) -> tuple:
-        return (
-            sample_crops(self.hr, self.config.batch_size, self.config.hr_crop, self.generator, self.device),
-        )
+    def batch_fn(self) -> BatchFn:
+        return functools.partial(clean_batch, self.hr, self.config)
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -102,11 +103,22 @@ class ContentFinetune(Phase):
             [{"params": list(encoder.parameters()), "lr": config.finetune_lr}],
         )
 
-    def batch(self) -> tuple:
-        c, g, s = self.config, self.generator, self.model.config.scale
-        hr = self.hr(c.batch_size, c.hr_crop, g)
-        lr, _ = degrade_mixed(hr, draw_kinds(c.kinds, c.batch_size, g), s, child_generators(g, c.batch_size))
-        return bicubic_up(lr, s).to(self.device), hr.to(self.device)
+    def batch_fn(self) -> BatchFn:
+        return functools.partial(degraded_batch, self.hr, self.config, self.model.config.scale)
+
+
+def clean_batch(hr: CropSampler, c: ContentStageConfig, g: torch.Generator) -> tuple[Tensor]:
+    """Phase 1's batch: clean HR crops."""
+    return (hr(c.batch_size, c.hr_crop, g),)
+
+
+def degraded_batch(
+    hr: CropSampler, c: ContentStageConfig, scale: int, g: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Phase 2's batch: (bicubic_up(D(HR crop, θ)), HR crop)."""
+    x = hr(c.batch_size, c.hr_crop, g)
+    lr, _ = degrade_mixed(x, draw_kinds(c.kinds, c.batch_size, g), scale, child_generators(g, c.batch_size))
+    return bicubic_up(lr, scale), x
 
 
 def train_content_stage(

@@ -9,6 +9,7 @@ whose weights replace the live ones when the phase ends (that is what gets expor
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from realdgen_core.diffusion import GaussianDiffusion
 from realdgen_core.train.config import DiffusionStageConfig
 from realdgen_core.train.data import CropSampler, bicubic_up
-from realdgen_core.train.loop import EMA, Hook, Phase, run_phase, set_trainable
+from realdgen_core.train.loop import EMA, BatchFn, Hook, Phase, run_phase, set_trainable
 
 
 class _DecoupledDDPMLoss(nn.Module):
@@ -38,6 +39,14 @@ class _DecoupledDDPMLoss(nn.Module):
         c = self.modulation(f_cont, f_deg)
         loss = self.diffusion.training_loss(lambda x_t, t: self.unet(x_t, c, t), lr * 2.0 - 1.0, generator)
         return {"loss": loss}
+
+
+def lr_batch(
+    lr: CropSampler, c: DiffusionStageConfig, scale: int, g: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Stage C's batch: (LR crops, bicubic_up of them)."""
+    x = lr(c.batch_size, c.lr_crop, g)
+    return x, bicubic_up(x, scale)
 
 
 class DiffusionTrain(Phase):
@@ -75,10 +84,11 @@ class DiffusionTrain(Phase):
             ],
         )
 
-    def batch(self) -> tuple:
-        c, s = self.config, self.model.config.scale
-        lr = self.lr_sampler(c.batch_size, c.lr_crop, self.generator)
-        return lr.to(self.device), bicubic_up(lr, s).to(self.device), self.generator
+    def batch_fn(self) -> BatchFn:
+        return functools.partial(lr_batch, self.lr_sampler, self.config, self.model.config.scale)
+
+    def loss_args(self) -> tuple:
+        return (self.generator,)  # t and ε: drawn in the main process, part of the resumable state
 
     def after_step(self) -> None:
         if self.step < self.config.ema_start:

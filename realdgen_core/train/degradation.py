@@ -9,6 +9,7 @@ E_deg(LR)) must rebuild the LR. E_cont stays frozen.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from realdgen_core.train.config import DegradationStageConfig
 from realdgen_core.train.data import CropSampler, child_generators, degrade_mixed, draw_kinds
-from realdgen_core.train.loop import Hook, Phase, run_phase, set_trainable
+from realdgen_core.train.loop import BatchFn, Hook, Phase, run_phase, set_trainable
 
 
 def l2_distance(a: Tensor, b: Tensor) -> Tensor:
@@ -71,13 +72,11 @@ class DegradationTrain(Phase):
             [{"params": params, "lr": config.lr}],
         )
 
-    def batch(self) -> tuple:
-        return triplet_batch(self.hr, self.config, self.model.config.scale, self.generator, self.device)
+    def batch_fn(self) -> BatchFn:
+        return functools.partial(triplet_batch, self.hr, self.config, self.model.config.scale)
 
 
-def triplet_batch(
-    hr: CropSampler, config: DegradationStageConfig, scale: int, g: torch.Generator, device="cpu"
-):
+def triplet_batch(hr: CropSampler, config: DegradationStageConfig, scale: int, g: torch.Generator):
     """(lr_anchor [B], lr_pos [B·n], lr_neg [B·n], hr_anchor [B], hr_pos [B·n]); pos/neg are anchor-major."""
     from realdgen_core import degrade as D
 
@@ -89,7 +88,7 @@ def triplet_batch(
     lr_n, _ = degrade_mixed(  # same content, other θ
         hr_a.repeat_interleave(n, 0), draw_kinds(config.kinds, b * n, g), scale, child_generators(g, b * n)
     )
-    return tuple(x.to(device) for x in (lr_a, lr_p, lr_n, hr_a, hr_p))
+    return lr_a, lr_p, lr_n, hr_a, hr_p
 
 
 @torch.no_grad()

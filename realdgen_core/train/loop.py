@@ -5,11 +5,24 @@ A stage is one or more phases (stage A: ``content_pretrain`` then ``content_fine
 step counter; ``run_phase`` is the loop, read top to bottom::
 
     while phase.step < phase.total_steps:
-        losses = phase.train_step()        # draw batch -> loss -> backward -> clip -> step (-> EMA)
+        losses = phase.train_step()        # next batch -> loss -> backward -> clip -> step (-> EMA)
         for hook in hooks: hook.on_step(phase, losses)
 
 Hooks do everything else (progress bar, CSV log, checkpoints every N steps, stopping early); a hook
 may raise to stop the loop, which is how tests simulate a kill.
+
+Batches: a phase's ``batch_fn()`` is a function of one ``torch.Generator`` only (crops, θ, degradations;
+CPU tensors, no model), and step ``s`` draws its batch from a generator seeded by (run seed, phase,
+rank, s). So a batch depends on its step alone: ``data_workers > 0`` builds the next batches in that
+many DataLoader worker processes while the accelerator runs the current step, with the same bytes as
+building them in-process (``data_workers = 0``), and a resumed run draws what the uninterrupted one
+drew. Randomness inside the loss (stage C's t and ε) and codebook restarts use the phase's own
+generator, which is part of the resumable state.
+
+Host syncs: ``train_step`` returns the losses as detached tensors and never reads a value back, so
+on a GPU the host queues step s+1 while step s runs; hooks convert to floats only when they log.
+``precision="bf16"`` runs the loss forward under ``torch.autocast`` (bfloat16; backward and the
+optimiser stay in float32).
 
 Distributed data parallel: the loss of each phase is computed by ``phase.net``, an ``nn.Module``
 whose forward returns a dict of losses. Pass ``wrap=`` (e.g. ``DistributedDataParallel``) and the
@@ -24,15 +37,15 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from realdgen_core.train.data import CropSampler
-
 Wrap = Callable[[nn.Module], nn.Module]
+BatchFn = Callable[[torch.Generator], tuple[Tensor, ...]]
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 class Hook:
@@ -92,6 +105,44 @@ def phase_seed(seed: int, phase_name: str, rank: int) -> int:
     return h
 
 
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``s`` = the batch of step ``s``: ``fn`` run on a generator seeded by ``phase_seed`` and ``s``."""
+
+    def __init__(self, fn: BatchFn, seed: int, phase_name: str, rank: int) -> None:
+        self.fn, self.seed, self.phase_name, self.rank = fn, seed, phase_name, rank
+
+    def generator(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed(
+            phase_seed(self.seed, f"{self.phase_name}/batch/{step}", self.rank)
+        )
+
+    def __getitem__(self, step: int) -> tuple[Tensor, ...]:
+        return self.fn(self.generator(int(step)))
+
+    def __len__(self) -> int:  # steps are addressed directly; the sampler says which
+        return 2**62
+
+
+def step_batches(
+    fn: BatchFn, seed: int, phase_name: str, rank: int, steps: range, workers: int, pin: bool
+) -> Iterator[tuple[Tensor, ...]]:
+    """The batches of ``steps`` in order: in this process (``workers == 0``) or built ahead by a
+    ``torch.utils.data.DataLoader`` with ``workers`` processes (same bytes either way)."""
+    data = StepBatches(fn, seed, phase_name, rank)
+    if workers <= 0:
+        return (data[s] for s in steps)
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=None,
+        sampler=steps,
+        num_workers=workers,
+        prefetch_factor=4,
+        pin_memory=pin,
+        persistent_workers=False,
+    )
+    return iter(loader)
+
+
 class Phase(ABC):
     """One optimisation phase. Subclasses set ``name``, build ``self.net`` and implement ``losses``."""
 
@@ -107,6 +158,8 @@ class Phase(ABC):
         world_size: int = 1,
         wrap: Wrap | None = None,
         grad_clip: float = 0.0,
+        data_workers: int = 0,
+        precision: str = "fp32",
     ) -> None:
         self.model = model
         self.total_steps = int(total_steps)
@@ -118,6 +171,10 @@ class Phase(ABC):
         self.device = next(model.parameters()).device
         self.ema: EMA | None = None
         self.last_step_seconds = 0.0
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
+        self.precision, self.data_workers = precision, int(data_workers)
+        self._batches: Iterator[tuple[Tensor, ...]] | None = None
 
     # ------------------------------------------------------------------ set-up helpers for subclasses
     def _finish_init(self, net: nn.Module, param_groups: list[dict[str, Any]]) -> None:
@@ -129,14 +186,47 @@ class Phase(ABC):
 
     # ------------------------------------------------------------------ the step
     @abstractmethod
-    def batch(self) -> tuple:
-        """Draw this step's inputs (data + every random draw) from ``self.generator``."""
+    def batch_fn(self) -> BatchFn:
+        """This phase's data: ``fn(generator) -> CPU tensors``, drawing every choice from the generator.
+        It must not touch the model or the device (it may run in a DataLoader worker process)."""
 
-    def train_step(self) -> dict[str, float]:
+    def loss_args(self) -> tuple:
+        """Extra inputs of the loss after the batch (stage C passes the phase generator for t and ε)."""
+        return ()
+
+    def batch(self, step: int | None = None) -> tuple[Tensor, ...]:
+        """The batch of ``step`` (default: the current one) on the phase's device, built in-process."""
+        data = StepBatches(self.batch_fn(), self.seed, self.name, self.rank)
+        return self._to_device(data[self.step if step is None else step])
+
+    def _to_device(self, batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return tuple(x.to(self.device, non_blocking=True) for x in batch)
+
+    def next_batch(self) -> tuple[Tensor, ...]:
+        if self._batches is None:
+            self._batches = step_batches(
+                self.batch_fn(),
+                self.seed,
+                self.name,
+                self.rank,
+                range(self.step, self.total_steps),
+                self.data_workers,
+                pin=self.device.type == "cuda",
+            )
+        return self._to_device(next(self._batches))
+
+    def close(self) -> None:
+        """Stop the batch workers (if any); the next ``train_step`` starts them again at ``self.step``."""
+        self._batches = None
+
+    def train_step(self) -> dict[str, Tensor]:
+        """One optimiser step; returns the losses as detached tensors (no host sync)."""
         t0 = time.perf_counter()
         self.model.train()
-        inputs = self.batch()
-        losses = self.net(*inputs)
+        inputs = self.next_batch() + self.loss_args()
+        dtype = PRECISIONS[self.precision]
+        with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            losses = self.net(*inputs)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if self.grad_clip > 0:
@@ -145,7 +235,7 @@ class Phase(ABC):
         self.after_step()
         self.step += 1
         self.last_step_seconds = time.perf_counter() - t0
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return {k: v.detach() for k, v in losses.items()}
 
     def after_step(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Called after each optimiser step (EMA updates, codebook restarts)."""
@@ -170,6 +260,7 @@ class Phase(ABC):
         if sd["phase"] != self.name:
             raise ValueError(f"state is for phase {sd['phase']!r}, not {self.name!r}")
         self.step = int(sd["step"])
+        self.close()
         self.optimizer.load_state_dict(sd["optimizer"])
         self.generator.set_state(sd["rng"])
         if self.ema is not None:
@@ -182,10 +273,13 @@ def run_phase(phase: Phase, hooks: Sequence[Hook] = ()) -> Phase:
     """The loop: step until ``total_steps``; hooks see every step (and may raise to stop)."""
     for hook in hooks:
         hook.on_start(phase)
-    while phase.step < phase.total_steps:
-        losses = phase.train_step()
-        for hook in hooks:
-            hook.on_step(phase, losses)
+    try:
+        while phase.step < phase.total_steps:
+            losses = phase.train_step()
+            for hook in hooks:
+                hook.on_step(phase, losses)
+    finally:
+        phase.close()
     phase.finalize()
     for hook in hooks:
         hook.on_end(phase)
@@ -231,6 +325,6 @@ def load_training_state(directory, model: nn.Module) -> dict[str, Any]:
     return torch.load(d / "state.pt", weights_only=True, map_location="cpu")
 
 
-def sample_crops(sampler: CropSampler, n: int, size: int, generator: torch.Generator, device) -> Tensor:
-    """Draw crops on CPU (so the draws do not depend on the device), then move them."""
-    return sampler(n, size, generator).to(device, non_blocking=True)
+def floats(losses: dict[str, Tensor | float]) -> dict[str, float]:
+    """Losses as Python floats (one host sync: call it only when logging)."""
+    return {k: float(v) for k, v in losses.items()}
