@@ -8,7 +8,8 @@ For stages B and C (the expensive ones) it measures, in the same run and on the 
 - ``workers_bf16``: the same with the loss forward under bf16 autocast,
 
 each as seconds per step over ``--steps`` steps with one device sync at the end (the loop itself never
-syncs), after ``--warmup`` steps. The plan uses workers, with bf16 only if it is at least 10% faster than\nfp32; stage A's phases are timed with that configuration only.
+syncs), after ``--warmup`` steps. The plan uses workers, with bf16 only if it is at least 10% faster than
+fp32; stage A's phases are timed with that configuration only.
 With ``--plan-seconds T`` it scales the manifest's step counts by one factor so that the whole schedule
 is expected to take about T seconds with the fastest configuration, and writes the ``--set`` overrides
 for ``pipelines/train.py`` to ``--sets-out``.
