@@ -636,7 +636,7 @@ _ContentCfg = _train_cfg.ContentStageConfig
 _DegradationCfg = _train_cfg.DegradationStageConfig
 _DiffusionCfg = _train_cfg.DiffusionStageConfig
 
-_SYNTH = Literal["realesrgan", "bsrgan", "bicubic"]
+_SYNTH = Literal["realesrgan", "bsrgan", "bicubic", "codec"]
 
 
 class _StageSection(StrictModel):

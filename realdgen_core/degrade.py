@@ -20,7 +20,7 @@ The output is clamped and 8-bit quantised, ``round(x * 255) / 255``.
 
 θ layout (version 1)::
 
-    {"version": 1, "kind": "realesrgan" | "bsrgan" | "bicubic", "scale": 2 | 4,
+    {"version": 1, "kind": "realesrgan" | "bsrgan" | "bicubic" | "codec", "scale": 2 | 4,
      "noise_seed": int,
      "ops": [{"name": str, "op": str, "applied": bool, ...parameters...}, ...]}
 
@@ -45,6 +45,13 @@ Every choice is drawn per image (the original draws some per batch). Like BasicS
 counts the distinct 8-bit levels of the image to set the photon scale, and β of generalized /
 plateau kernels is drawn from [β_lo, 1) or [1, β_hi] with p .5 each. Unlike the original training
 code, the HR is not unsharp-masked first (D degrades the HR as given) and no random crop happens.
+
+Codec (:class:`CodecConfig`): the path of a picture that is downscaled and re-encoded (a thumbnail,
+a stream, a re-shared photo) — an optional Gaussian blur of the HR (p .7, σ 0.3–3 HR px, the
+optics or an encoder's pre-filter), one resize to the LR size (antialiased bicubic, bilinear or
+area), light Gaussian noise (p .2, σ 1–5), a JPEG (p .9, quality 30–95) and a second JPEG of the
+result (p .4, quality 30–95: a re-share). It spans the axes the start bank of a domain calibration
+(``realdgen_core.calibrate``) varies, so that E_deg learns to tell those starts apart.
 
 BSRGAN (:class:`BSRGANConfig`): for ×4 with p .25 a ×1/2 pre-downsample (after which the inner
 scale factor is 2); seven ops in a random order — blur1, blur2, down_mid (1/U(1, 2s) resize or
@@ -95,6 +102,7 @@ __all__ = [
     "THETA_VERSION",
     "RealESRGANConfig",
     "BSRGANConfig",
+    "CodecConfig",
     "modcrop",
     "sample_theta",
     "apply",
@@ -116,7 +124,7 @@ __all__ = [
     "quantize_8bit",
 ]
 
-KINDS = ("realesrgan", "bsrgan", "bicubic")
+KINDS = ("realesrgan", "bsrgan", "bicubic", "codec")
 # θ kinds that are never drawn by ``sample_theta`` but may be applied: ``domain`` θs are fixed start
 # degradations fitted to a reference domain (``realdgen_core.calibrate``).
 APPLY_KINDS = (*KINDS, "domain")
@@ -261,6 +269,30 @@ class RealESRGANConfig(_ConfigMixin):
         if not (self.resize_range2[0] <= 1.0 <= self.resize_range2[1]):
             raise ValueError(f"RealESRGANConfig.resize_range2 must contain 1, got {self.resize_range2!r}")
         for name in ("jpeg_range", "jpeg_range2"):
+            _check_jpeg_range(type(self).__name__, name, getattr(self, name))
+        _check_modes(type(self).__name__, "resize_modes", self.resize_modes)
+
+
+@dataclass(frozen=True)
+class CodecConfig(_ConfigMixin):
+    """Downscale + re-compression (kind ``codec``): blur → resize to LR → light noise → JPEG → JPEG."""
+
+    blur_prob: float = 0.7
+    blur_sigma_range: tuple[float, float] = (0.3, 3.0)  # HR pixels
+    resize_modes: tuple[str, ...] = ("bicubic_aa", "bilinear", "area")  # drawn uniformly
+    noise_prob: float = 0.2
+    noise_sigma_range: tuple[float, float] = (1.0, 5.0)  # 0-255 scale
+    jpeg_prob: float = 0.9
+    jpeg_range: tuple[int, int] = (30, 95)
+    second_jpeg_prob: float = 0.4
+    second_jpeg_range: tuple[int, int] = (30, 95)
+
+    def __post_init__(self) -> None:
+        for name in ("blur_prob", "noise_prob", "jpeg_prob", "second_jpeg_prob"):
+            self._check_prob(name)
+        for name in ("blur_sigma_range", "noise_sigma_range"):
+            self._check_range(name)
+        for name in ("jpeg_range", "second_jpeg_range"):
             _check_jpeg_range(type(self).__name__, name, getattr(self, name))
         _check_modes(type(self).__name__, "resize_modes", self.resize_modes)
 
@@ -926,6 +958,38 @@ def _sample_bsrgan(g: torch.Generator, scale: int, cfg: BSRGANConfig) -> list[di
     return ops
 
 
+def _sample_codec(g: torch.Generator, scale: int, cfg: CodecConfig) -> list[dict]:
+    ops = []
+    if _bernoulli(g, cfg.blur_prob):
+        sigma = _uniform(g, *cfg.blur_sigma_range)
+        size = 2 * math.ceil(3 * sigma) + 1
+        kernel = {"type": "iso", "size": size, "sigma_x": sigma, "sigma_y": sigma, "rotation": 0.0}
+        ops.append(_named("blur", {"op": "blur", "kernel": kernel}))
+    else:
+        ops.append(_named("blur", {"op": "blur"}, applied=False))
+    mode = _choice(g, cfg.resize_modes)
+    ops.append(_named("resize", {"op": "resize", "relative_to": "lr", "factor": 1.0, "mode": mode}))
+    if _bernoulli(g, cfg.noise_prob):
+        noise = {
+            "op": "gaussian_noise",
+            "sigma": _uniform(g, *cfg.noise_sigma_range),
+            "gray": False,
+            "stream": 1,
+        }
+        ops.append(_named("noise", noise))
+    else:
+        ops.append(_named("noise", {"op": "gaussian_noise"}, applied=False))
+    for name, p, rng in (
+        ("jpeg", cfg.jpeg_prob, cfg.jpeg_range),
+        ("jpeg2", cfg.second_jpeg_prob, cfg.second_jpeg_range),
+    ):
+        if _bernoulli(g, p):
+            ops.append(_named(name, {"op": "jpeg", "quality": _randint(g, *rng)}))
+        else:
+            ops.append(_named(name, {"op": "jpeg"}, applied=False))
+    return ops
+
+
 def _check_kind_scale(kind: str, scale: int, kinds: tuple[str, ...] = KINDS) -> None:
     if kind not in kinds:
         raise ValueError(f"kind must be one of {kinds}, got {kind!r}")
@@ -937,7 +1001,7 @@ def sample_theta(
     kind: str,
     scale: int,
     generator: torch.Generator,
-    config: RealESRGANConfig | BSRGANConfig | None = None,
+    config: RealESRGANConfig | BSRGANConfig | CodecConfig | None = None,
 ) -> dict:
     """Draw one image's degradation θ from ``generator`` (CPU); returns a plain JSON-serialisable dict.
 
@@ -945,7 +1009,12 @@ def sample_theta(
     nothing but ``noise_seed``). See the module docstring for the layout.
     """
     _check_kind_scale(kind, scale)
-    expected = {"realesrgan": RealESRGANConfig, "bsrgan": BSRGANConfig, "bicubic": None}[kind]
+    expected = {
+        "realesrgan": RealESRGANConfig,
+        "bsrgan": BSRGANConfig,
+        "bicubic": None,
+        "codec": CodecConfig,
+    }[kind]
     if config is not None and (expected is None or not isinstance(config, expected)):
         want = "no config" if expected is None else expected.__name__
         raise ValueError(f"config for kind {kind!r} must be {want}, got {type(config).__name__}")
@@ -955,6 +1024,8 @@ def sample_theta(
         ops = _sample_realesrgan(generator, scale, config or RealESRGANConfig())
     elif kind == "bsrgan":
         ops = _sample_bsrgan(generator, scale, config or BSRGANConfig())
+    elif kind == "codec":
+        ops = _sample_codec(generator, scale, config or CodecConfig())
     else:
         ops = [_named("resize", {"op": "resize", "relative_to": "lr", "factor": 1.0, "mode": "bicubic_aa"})]
     return {"version": THETA_VERSION, "kind": kind, "scale": scale, "noise_seed": noise_seed, "ops": ops}

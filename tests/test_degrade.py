@@ -518,3 +518,29 @@ def test_runs_on_cuda() -> None:
     lr_gpu = D.apply(hr.cuda(), thetas)
     assert lr_gpu.is_cuda and lr_gpu.shape == lr_cpu.shape
     assert float((lr_gpu.cpu() - lr_cpu).abs().mean()) < 2 / 255
+
+
+def test_codec_kind_is_blur_resize_noise_jpeg_as_drawn():
+    """kind ``codec``: the drawn ops, in order, rebuild the LR exactly when applied by hand."""
+    g = torch.Generator().manual_seed(11)
+    hr = torch.rand(1, 3, 64, 64, generator=g)
+    cfg = D.CodecConfig(blur_prob=1.0, noise_prob=0.0, jpeg_prob=1.0, second_jpeg_prob=1.0)
+    theta = D.sample_theta("codec", 4, torch.Generator().manual_seed(3), cfg)
+    names = [op["name"] for op in theta["ops"]]
+    assert names == ["blur", "resize", "noise", "jpeg", "jpeg2"]
+    applied = {op["name"]: op for op in theta["ops"] if op["applied"]}
+    assert set(applied) == {"blur", "resize", "jpeg", "jpeg2"}
+    sigma = applied["blur"]["kernel"]["sigma_x"]
+    assert 0.3 <= sigma <= 3.0 and applied["resize"]["mode"] in ("bicubic_aa", "bilinear", "area")
+    x = D.filter2d(hr, D.isotropic_gaussian_kernel(applied["blur"]["kernel"]["size"], sigma))
+    x = D.resize(x, (16, 16), applied["resize"]["mode"])
+    x = D.jpeg(D.jpeg(x, applied["jpeg"]["quality"]), applied["jpeg2"]["quality"])
+    assert torch.allclose(D.apply(hr, [theta]), D.quantize_8bit(x), atol=1e-6)
+    # nothing drawn: resize alone, the bicubic-like LR
+    bare = D.CodecConfig(blur_prob=0.0, noise_prob=0.0, jpeg_prob=0.0, second_jpeg_prob=0.0)
+    t0 = D.sample_theta("codec", 4, torch.Generator().manual_seed(3), bare)
+    assert [op["name"] for op in t0["ops"] if op["applied"]] == ["resize"]
+    with pytest.raises(ValueError, match="CodecConfig.jpeg_range"):
+        D.CodecConfig(jpeg_range=(0, 50))
+    with pytest.raises(ValueError, match="config for kind 'codec'"):
+        D.sample_theta("codec", 4, g, D.BSRGANConfig())

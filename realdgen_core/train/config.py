@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 from realdgen_core.configs import config_from_dict
 
-SYNTHETIC_KINDS = ("realesrgan", "bsrgan", "bicubic")
+SYNTHETIC_KINDS = ("realesrgan", "bsrgan", "bicubic", "codec")
 
 
 def _check(cls_name: str, ok: bool, key: str, value) -> None:
