@@ -45,3 +45,56 @@ def test_gpu_suite_quick_mode_on_cpu():
     train = out["train"]
     assert train["C_diffusion"]["step_s"] > 0 and train["B_degradation"]["step_s"] > 0
     assert train["settings"]["C"]["lr_crop"] == 16
+
+
+def test_train_gpu_bench_plans_steps_for_a_budget_on_cpu(tmp_path):
+    """bench/train_gpu.py on the tiny manifest: three configurations timed, one factor for every stage,
+    and the --set line pipelines/train.py takes."""
+    sets = tmp_path / "sets.txt"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "train_gpu.py"),
+            "manifests/train_tiny.yaml",
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--workers",
+            "1",
+            "--plan-seconds",
+            "20",
+            "--sets-out",
+            str(sets),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    for phase in ("degradation", "diffusion"):
+        r = out["phases"][phase]
+        assert all(r[k] > 0 for k in ("inprocess_fp32", "workers_fp32", "workers_bf16"))
+        assert r["speedup_workers"] == round(r["inprocess_fp32"] / r["workers_fp32"], 2)
+    chosen = out["chosen"]["config"]
+    per_step = {p: out["phases"][p][chosen] for p in out["plan"]["steps"]}
+    base = {
+        "content_pretrain": 20,
+        "content_finetune": 20,
+        "degradation": 20,
+        "diffusion": 20,
+    }  # the manifest's
+    f = out["plan"]["factor"]
+    assert abs(f - 20 / sum(base[p] * per_step[p] for p in base)) < 1e-2 * f
+    for p, n in out["plan"]["steps"].items():  # rounded to tens (the factor above is rounded to 3 digits)
+        assert n % 10 == 0 or n == 1
+        assert abs(n - base[p] * f) <= 5.5
+    line = sets.read_text().split()
+    assert f"stage_c.steps={out['plan']['steps']['diffusion']}" in line
+    assert f"compute.precision={out['chosen']['precision']}" in line and "compute.data_workers=1" in line
