@@ -130,9 +130,10 @@ def main() -> None:
         "diffusion": m.stage_c.steps,
     }
     per_step = {n: result["phases"][n][fastest] for n in base}
-    result["manifest_schedule_s"] = round(sum(base[n] * per_step[n] for n in base), 1)
+    schedule_s = sum(base[n] * per_step[n] for n in base)
+    result["manifest_schedule_s"] = round(schedule_s, 1)
     if args.plan_seconds:
-        f = args.plan_seconds / result["manifest_schedule_s"]
+        f = args.plan_seconds / schedule_s
         plan = {n: max(1, int(round(base[n] * f, -1))) for n in base}
         result["plan"] = {
             "factor": round(f, 3),
