@@ -78,7 +78,8 @@ class TwoNodeRay:
         self.address = f"127.0.0.1:{self.port}"
         self.sessions: list[int] = []
 
-    def _start(self, *args: str) -> int:
+    def _start(self, *args: str, check: bool = True) -> tuple[int, int, str]:
+        """``ray start ...`` in its own process session: (session id, return code, output)."""
         p = subprocess.Popen(
             [RAY, "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *args],
             env=_env(),
@@ -87,9 +88,16 @@ class TwoNodeRay:
             start_new_session=True,
         )
         out, _ = p.communicate(timeout=180)
-        assert p.returncode == 0, out.decode()[-3000:]
+        text = out.decode(errors="replace")
         self.sessions.append(p.pid)  # the session id of everything it started
-        return p.pid
+        if check:
+            assert p.returncode == 0, text[-3000:]
+        return p.pid, p.returncode, text
+
+    def _kill_session(self, sid: int) -> None:
+        for pid in _session_pids(sid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
 
     def start(self) -> TwoNodeRay:
         self._start(
@@ -99,14 +107,27 @@ class TwoNodeRay:
             "--include-dashboard=false",
             f"--temp-dir={self.temp}",
         )
-        self.node2_manager_port = _free_port()
-        self.node2_session = self._start(
-            f"--address={self.address}",
-            "--num-cpus=2",
-            f"--node-manager-port={self.node2_manager_port}",
-            '--resources={"node2": 1}',
-        )
-        return self
+        # The node manager port is picked free, then bound by the raylet a moment later; another
+        # process (the head's own workers and agents start meanwhile) can take it in between, and the
+        # raylet then dies and `ray start` times out. That race is the test's, so try a fresh port.
+        tries = 0
+        while tries < 3:
+            tries += 1
+            self.node2_manager_port = _free_port()
+            sid, rc, out = self._start(
+                f"--address={self.address}",
+                "--num-cpus=2",
+                f"--node-manager-port={self.node2_manager_port}",
+                '--resources={"node2": 1}',
+                check=False,
+            )
+            if rc == 0:
+                self.node2_session = sid
+                return self
+            self._kill_session(sid)
+            if "timed out during startup" not in out:
+                break
+        raise AssertionError(f"second node did not start ({tries} tries): {out[-3000:]}")
 
     def raylet_of_node2(self) -> int:
         for pid in _session_pids(self.node2_session):
@@ -117,9 +138,7 @@ class TwoNodeRay:
 
     def stop(self) -> None:
         for sid in self.sessions:
-            for pid in _session_pids(sid):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+            self._kill_session(sid)
 
 
 @pytest.fixture()
