@@ -91,3 +91,14 @@ def photos() -> dict[str, np.ndarray]:
 
     names = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry"]
     return {n: np.ascontiguousarray(getattr(data, n)()[..., :3]) for n in names}
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 spinning OpenMP threads are ~50x slower."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -11,26 +11,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_suite_quick_mode_on_cpu():
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _bench(script: str, *args: str) -> dict:
+    """Run ``bench/<script>`` with one OpenMP thread from the repo root; its JSON output."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "gpu_suite.py"),
-            "--device",
-            "cpu",
-            "--quick",
-            "--threads",
-            "1",
-        ],
+        [sys.executable, str(REPO / "bench" / script), *args],
         capture_output=True,
         text=True,
         timeout=600,
-        env=env,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+def test_gpu_suite_quick_mode_on_cpu():
+    out = _bench("gpu_suite.py", "--device", "cpu", "--quick", "--threads", "1")
     assert out["bench"] == "gpu_suite" and out["quick"] and out["preset"] == "tiny"
     assert out["unet_gflop_per_row"] > 0 and out["peak"]["tflops"] > 0
     assert out["unet_forward"]["eager_fp32"]["tflops"] > 0
@@ -51,33 +48,16 @@ def test_train_gpu_bench_plans_steps_for_a_budget_on_cpu(tmp_path):
     """bench/train_gpu.py on the tiny manifest: three configurations timed, one factor for every stage,
     and the --set line pipelines/train.py takes."""
     sets = tmp_path / "sets.txt"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "train_gpu.py"),
-            "manifests/train_tiny.yaml",
-            "--device",
-            "cpu",
-            "--steps",
-            "1",
-            "--warmup",
-            "1",
-            "--workers",
-            "1",
-            "--plan-seconds",
-            "20",
-            "--sets-out",
-            str(sets),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        check=False,
+    out = _bench(
+        "train_gpu.py",
+        "manifests/train_tiny.yaml",
+        "--device=cpu",
+        "--steps=1",
+        "--warmup=1",
+        "--workers=1",
+        "--plan-seconds=20",
+        f"--sets-out={sets}",
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout)
     for phase in ("degradation", "diffusion"):
         r = out["phases"][phase]
         assert all(r[k] > 0 for k in ("inprocess_fp32", "workers_fp32", "workers_bf16"))

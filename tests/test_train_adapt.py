@@ -11,13 +11,7 @@ from realdgen_core.checkpoint import load_checkpoint, save_checkpoint
 from realdgen_core.config import preset
 from realdgen_core.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_adapt_stage_c_from_checkpoint_on_lr_folder(tmp_path, photos):

@@ -22,13 +22,7 @@ from realdgen_core.train import (
 )
 from realdgen_core.train.loop import step_batches
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _stage_b(photos, workers: int, seed: int = 5) -> DegradationTrain:

@@ -29,12 +29,7 @@ class Killed(RuntimeError):
     pass
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 spinning threads on a shared 2-core box are far slower
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _assert_same_tree(a, b, path="state"):

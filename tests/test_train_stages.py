@@ -23,14 +23,7 @@ from realdgen_core.train import (
 from realdgen_core.train.data import bicubic_up, child_generators, degrade_mixed
 from realdgen_core.train.degradation import triplet_batch
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 spinning OpenMP threads are ~50x slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()
