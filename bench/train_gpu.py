@@ -32,8 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.manifest import load_manifest  # noqa: E402
-from pipelines.train import build_model_for, build_samplers, local_device, prepare_demo  # noqa: E402
-from realdgen_core.train import PHASES  # noqa: E402
+from pipelines.train import build_model_for, build_samplers, local_device, make_phase, prepare_demo  # noqa: E402
 
 STEP_KEYS = {
     "content_pretrain": "stage_a.pretrain_steps",
@@ -46,15 +45,6 @@ STEP_KEYS = {
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def make_phase(m, model, samplers, name: str, workers: int, precision: str):
-    kw = {"seed": m.seed, "data_workers": workers, "precision": precision}
-    if name in ("content_pretrain", "content_finetune"):
-        return PHASES[name](model, m.stage_a.to_core(), samplers["hr"], **kw)
-    if name == "degradation":
-        return PHASES[name](model, m.stage_b.to_core(), samplers["hr"], **kw)
-    return PHASES[name](model, m.stage_c.to_core(), samplers["lr"], **kw)
 
 
 def seconds_per_step(phase, steps: int, warmup: int) -> float:
@@ -100,15 +90,13 @@ def main() -> None:
         "steps": args.steps,
         "phases": {},
     }
+
+    def timed(name: str, workers: int, precision: str) -> float:
+        phase = make_phase(m, model, samplers, name, data_workers=workers, precision=precision)
+        return round(seconds_per_step(phase, args.steps, args.warmup), 4)
+
     for name in ("degradation", "diffusion"):
-        res = {}
-        for label, (workers, precision) in configs.items():
-            res[label] = round(
-                seconds_per_step(
-                    make_phase(m, model, samplers, name, workers, precision), args.steps, args.warmup
-                ),
-                4,
-            )
+        res = {label: timed(name, *config) for label, config in configs.items()}
         res["speedup_workers"] = round(res["inprocess_fp32"] / res["workers_fp32"], 2)
         res["speedup_workers_bf16"] = round(res["inprocess_fp32"] / res["workers_bf16"], 2)
         result["phases"][name] = res
@@ -119,10 +107,7 @@ def main() -> None:
     workers, precision = configs[fastest]
     result["chosen"] = {"config": fastest, "data_workers": workers, "precision": precision}
     for name in ("content_pretrain", "content_finetune"):
-        s = seconds_per_step(
-            make_phase(m, model, samplers, name, workers, precision), args.steps, args.warmup
-        )
-        result["phases"][name] = {fastest: round(s, 4)}
+        result["phases"][name] = {fastest: timed(name, workers, precision)}
     base = {
         "content_pretrain": m.stage_a.pretrain_steps,
         "content_finetune": m.stage_a.finetune_steps,

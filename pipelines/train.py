@@ -447,6 +447,16 @@ class Checkpointer(Hook):
             self.ctx.checkpoint(phase, completed=False)
 
 
+def make_phase(m: TrainManifest, model, samplers: dict, name: str, **kw) -> Phase:
+    """Phase ``name`` with the manifest's stage settings and its sampler; ``kw`` go to the Phase
+    (rank, world_size, wrap, data_workers, precision); the seed is the manifest's."""
+    if name in ("content_pretrain", "content_finetune"):
+        return PHASES[name](model, m.stage_a.to_core(), samplers["hr"], seed=m.seed, **kw)
+    if name == "degradation":
+        return PHASES[name](model, m.stage_b.to_core(), samplers["hr"], seed=m.seed, **kw)
+    return PHASES[name](model, m.stage_c.to_core(), samplers["lr"], seed=m.seed, **kw)
+
+
 class TrainContext:
     """What one worker needs to run phases: model, manifest, samplers, store, rank."""
 
@@ -470,19 +480,17 @@ class TrainContext:
 
     def make_phase(self, name: str) -> Phase:
         m = self.m
-        kw = {
-            "seed": m.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "wrap": self.wrap,
-            "data_workers": m.compute.data_workers,
-            "precision": m.compute.precision,
-        }
-        if name in ("content_pretrain", "content_finetune"):
-            return PHASES[name](self.model, m.stage_a.to_core(), self.samplers["hr"], **kw)
-        if name == "degradation":
-            return PHASES[name](self.model, m.stage_b.to_core(), self.samplers["hr"], **kw)
-        return PHASES[name](self.model, m.stage_c.to_core(), self.samplers["lr"], **kw)
+        return make_phase(
+            m,
+            self.model,
+            self.samplers,
+            name,
+            rank=self.rank,
+            world_size=self.world_size,
+            wrap=self.wrap,
+            data_workers=m.compute.data_workers,
+            precision=m.compute.precision,
+        )
 
     def checkpoint(self, phase: Phase, completed: bool) -> None:
         self.index += 1
