@@ -335,8 +335,14 @@ def adapt_checkpoint(
     manifest = Path(m.adapt.manifest)
     if not manifest.is_absolute():
         manifest = REPO / manifest
-    # (the domain's work folder already names the refs_train content)
-    tag = _sha(base_digest, m.adapt.steps, list(m.adapt.overrides), manifest.read_text(), m.seed)[:12]
+    from pipelines.manifest import load_manifest, manifest_digest
+
+    # (the domain's work folder already names the refs_train content). The resolved manifest's digest
+    # holds the defaults too (e.g. the calibration's start bank), so new defaults mean a new adaptation.
+    resolved = manifest_digest(load_manifest(manifest, list(m.adapt.overrides), kind="train"))
+    tag = _sha(base_digest, m.adapt.steps, list(m.adapt.overrides), manifest.read_text(), m.seed, resolved)[
+        :12
+    ]
     folder = work / f"adapt-{tag}"
     ckpt = folder / "adapted.safetensors"
     done = folder / "_done.json"
@@ -889,7 +895,9 @@ DEFINITIONS = {
     "*_gap": "relative gap |g - t| / max(t, 1e-3) of a statistic of the generated (g) and true (t) LR tile; "
     "mean over tiles (0 = same statistic)",
     "classifier_accuracy": "held-out crop accuracy of a small CNN trained to tell generated from true LR "
-    "crops of the same tiles, leave-one-photo-out folds; 0.5 = indistinguishable",
+    "crops of the same tiles, leave-one-photo-out folds; threshold = median of the held-out logits "
+    "(the held-out set is balanced), so a content shift of an unseen photo's logits does not read as "
+    "chance; 0.5 = indistinguishable",
     "sr_psnr/sr_ssim": "a small SR net (convs + pixel shuffle, residual on bicubic) trained for a fixed "
     "budget on the generator's pairs of other HR photos (domain refs_train as references), scored on the "
     "domain's real (HR, true LR) tiles, crop_border = scale",

@@ -162,6 +162,7 @@ class ReferenceSet(StrictModel):
     weight: float = Field(1.0, gt=0, le=1e6, description="Relative weight for `pairing.mode: weighted`.")
 
 
+from realdgen_core import calibrate as _calibrate  # noqa: E402 - defaults live in core
 from realdgen_core.diffusion import SamplerConfig as _SamplerCfg  # noqa: E402 - defaults live in core
 
 
@@ -212,6 +213,20 @@ class GeneratorSpec(StrictModel):
         None,
         description="start_kind `domain`: the start θs to choose from per sample (filled from the "
         "checkpoint's calibration when unset; realdgen_core/calibrate.py).",
+    )
+    start_choice: Literal["domain", "sample"] = Field(
+        "domain",
+        description="start_kind `domain`: `domain` scores every bank entry against all of a reference "
+        "domain's references on `start_probe_tiles` HR tiles of the job before generating and starts "
+        "every sample of that domain from the best entry (recorded in the dataset index); `sample` "
+        "chooses per sample from its one reference (noisier: E_deg also reads the scene).",
+    )
+    start_probe_tiles: int = Field(
+        32,
+        ge=1,
+        le=4096,
+        description="start_choice `domain`: HR tiles of the job (evenly spaced over the inputs, one "
+        "centre tile each) the domain profile is measured on.",
     )
     rows_per_call: int | None = Field(
         None,
@@ -835,10 +850,10 @@ class TrainCalibration(StrictModel):
         (0, 25, 50, 100, 200, 300), min_length=1, description="tau_max values tried (0-based steps)."
     )
     blur_sigmas: tuple[float, ...] = Field(
-        (0.0, 1.0, 1.6, 2.2, 3.0), min_length=1, description="Start bank: HR blur σ (px)."
+        _calibrate.DEFAULT_BLUR_SIGMAS, min_length=1, description="Start bank: HR blur σ (px)."
     )
     jpeg_qualities: tuple[int, ...] = Field(
-        (0, 85, 60, 40), min_length=1, description="Start bank: JPEG qualities (0 = none)."
+        _calibrate.DEFAULT_JPEG_QUALITIES, min_length=1, description="Start bank: JPEG qualities (0 = none)."
     )
     k: int = Field(4, ge=1, le=64, description="Best-of-k while calibrating (as the job uses).")
     content_weight: float = Field(0.0, ge=0, le=1e6, description="Filter weight of the content error.")

@@ -39,9 +39,11 @@ from realdgen_core import degrade
 
 METADATA_KEY = "calibration"
 
-# 20 entries: each costs one E_deg call per sample (the bank is embedded once per sample).
-DEFAULT_BLUR_SIGMAS: tuple[float, ...] = (0.0, 1.0, 1.6, 2.2, 3.0)
-DEFAULT_JPEG_QUALITIES: tuple[int, ...] = (0, 85, 60, 40)  # 0 = no JPEG
+# 49 entries. The job chooses among them once per reference domain (``domain_start_profile``: one
+# E_deg call per entry per probe tile, not per sample), so a finer grid costs no per-sample work;
+# chosen per sample from one reference, a finer grid only gave E_deg's noise more ways to err.
+DEFAULT_BLUR_SIGMAS: tuple[float, ...] = (0.0, 0.6, 1.0, 1.3, 1.6, 2.2, 3.0)
+DEFAULT_JPEG_QUALITIES: tuple[int, ...] = (0, 95, 90, 85, 75, 60, 40)  # 0 = no JPEG
 DEFAULT_TAU_GRID: tuple[int, ...] = (0, 25, 50, 100, 200, 300)
 
 
@@ -163,9 +165,83 @@ def bank_errors(
 
 
 def choose_starts(errors: Tensor, k: int) -> list[int]:
-    """Bank indices for k candidates: the k lowest errors (stable order; cycles when k > bank size)."""
-    order = torch.sort(errors, stable=True).indices.tolist()
+    """Bank indices for k candidates: the k lowest errors (stable order). Entries with an infinite
+    error are excluded (a domain profile's unchosen entries); cycles when k > the entries left."""
+    order = [i for i in torch.sort(errors, stable=True).indices.tolist() if math.isfinite(float(errors[i]))]
+    if not order:
+        raise ValueError("every start bank entry is excluded (all errors are infinite)")
     return [order[j % len(order)] for j in range(k)]
+
+
+# ------------------------------------------------------------------ per-domain start choice
+
+
+@torch.inference_mode()
+def domain_start_profile(
+    degradation_net: torch.nn.Module,
+    hr_tiles: Sequence[Tensor],
+    ref_emb: Tensor,
+    bank: Sequence[dict],
+    device: torch.device | str = "cpu",
+) -> dict:
+    """Score every bank entry against a whole reference domain and keep the best: the paper's
+    "choose the start per domain" (§4 future work), made from the job's own inputs.
+
+    ``hr_tiles``: probe HR tiles [3,H,W] in [0,1] (H, W multiples of the scale); ``ref_emb``:
+    [M, D] E_deg embeddings of the domain's references. The score of entry b is the mean over every
+    (probe tile h, reference r) pair of ``‖E_deg(D(h, θ_b)) − E_deg(r)‖² / D``, the error the
+    per-sample choice uses for one pair. One pair is a noisy measure: E_deg reads the picture's
+    content as well as its degradation, and a sample's own HR and reference show different scenes.
+    A real domain's LR share one pipeline, so averaging over many pairs removes most of that noise
+    (docs/realism.md, "Start choice"). Computed in closed form: mean_r ‖e − r‖² = ‖e − r̄‖² + tr Σ_r.
+
+    Returns ``{"errors": [len(bank)] floats, "chosen": index, "tiles": n, "refs": m}``.
+    """
+    if not len(hr_tiles):
+        raise ValueError("domain_start_profile needs at least one probe HR tile")
+    if ref_emb.ndim != 2 or not ref_emb.shape[0]:
+        raise ValueError(f"ref_emb must be [M>0, D], got {tuple(ref_emb.shape)}")
+    r = ref_emb.detach().to(device, torch.float64)
+    mean_r = r.mean(0)
+    spread = float((r - mean_r).pow(2).sum(1).mean()) / r.shape[1]  # tr Σ_r / D, the same for every b
+    total = torch.zeros(len(bank), dtype=torch.float64)
+    for hr in hr_tiles:
+        starts = degrade.apply(
+            hr.detach().to("cpu", torch.float32)[None].expand(len(bank), -1, -1, -1), list(bank)
+        )
+        emb = degradation_net(starts.to(device)).to(torch.float64)
+        total += (emb - mean_r[None]).pow(2).mean(1).cpu()
+    errors = total / len(hr_tiles) + spread
+    return {
+        "errors": [float(e) for e in errors],
+        "chosen": int(torch.argmin(errors)),
+        "tiles": len(hr_tiles),
+        "refs": int(r.shape[0]),
+    }
+
+
+def profile_errors(profile: dict, n_bank: int) -> Tensor:
+    """A domain profile as per-sample start errors [n_bank]: the chosen entry's score, ∞ elsewhere
+    (every candidate of the domain's samples starts from the chosen θ; see ``choose_starts``)."""
+    out = torch.full((n_bank,), math.inf)
+    c = int(profile["chosen"])
+    out[c] = float(profile["errors"][c])
+    return out
+
+
+def theta_label(theta: dict) -> str:
+    """A start θ in words: ``blur σ 1.6 + bicubic_aa + JPEG q95``."""
+    parts = []
+    for op in theta.get("ops", []):
+        if op["op"] == "blur":
+            parts.append(f"blur σ {op['kernel']['sigma_x']:g}")
+        elif op["op"] == "resize":
+            parts.append(op.get("mode", "resize"))
+        elif op["op"] == "jpeg":
+            parts.append(f"JPEG q{op['quality']}")
+        else:
+            parts.append(str(op["op"]))
+    return " + ".join(parts)
 
 
 def instantiate(theta: dict, noise_seed: int) -> dict:

@@ -147,3 +147,49 @@ calibration: {{enabled: true, domain: codec, pairs: 2, hr_crop: 32, tau_grid: [0
     assert cal2.tau_max == 7 and set(cal2.scores["per_tau_max"]) == {"7"}
     assert meta2["digest"] == meta["digest"]  # same weights
     assert all(torch.equal(before[k], v) for k, v in again.state_dict().items())
+
+
+class _Sharpness(torch.nn.Module):
+    """A stand-in E_deg with a known meaning: mean |horizontal / vertical difference| per channel
+    (what blur removes), so the domain profile's choice can be predicted without a trained net."""
+
+    def forward(self, x):
+        dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean((-2, -1))
+        dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean((-2, -1))
+        return torch.cat([dx, dy], 1) * 10
+
+
+def test_domain_start_profile_picks_the_domains_entry_and_is_the_mean_pair_error(photos):
+    bank = calibrate.start_bank(4, (0.0, 1.5, 3.0), (0,))
+    img = torch.from_numpy(photos["chelsea"].copy()).permute(2, 0, 1).float() / 255
+    # probe tiles and the domain's references show the same scene (shifted by a few pixels), so the
+    # degradation is all that tells the bank entries apart and the answer is known
+    probe = [img[:, 100 + d : 164 + d, 200:264] for d in (0, 2, 4, 6)]
+    net = _Sharpness()
+    for want in range(3):
+        ref_hr = torch.stack([img[:, 101 + d : 165 + d, 201:265] for d in (0, 2, 4)])
+        ref_emb = net(degrade.apply(ref_hr, [bank[want]] * len(ref_hr)))
+        prof = calibrate.domain_start_profile(net, probe, ref_emb, bank)
+        assert prof["chosen"] == want and (prof["tiles"], prof["refs"]) == (4, 3)
+        # closed form == the brute-force mean over every (probe tile, reference) pair
+        pair = torch.stack(
+            [
+                (
+                    (net(degrade.apply(h[None].expand(3, -1, -1, -1), list(bank)))[:, None] - ref_emb[None])
+                    ** 2
+                ).mean(-1)
+                for h in probe
+            ]
+        )  # [tiles, bank, refs]
+        assert torch.allclose(
+            torch.tensor(prof["errors"], dtype=torch.float64), pair.mean((0, 2)).double(), rtol=1e-5
+        )
+        errs = calibrate.profile_errors(prof, len(bank))
+        assert (
+            calibrate.choose_starts(errs, 3) == [want] * 3
+        )  # every candidate starts from the domain's entry
+    assert calibrate.theta_label(bank[1]) == "blur σ 1.5 + bicubic_aa"
+    with pytest.raises(ValueError, match="probe HR tile"):
+        calibrate.domain_start_profile(net, [], ref_emb, bank)
+    with pytest.raises(ValueError, match="all errors are infinite"):
+        calibrate.choose_starts(torch.full((3,), float("inf")), 2)

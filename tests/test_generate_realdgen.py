@@ -84,3 +84,68 @@ def test_realdgen_bytes_do_not_depend_on_actors_or_batch_size(ray_local, tiny_ch
         run_dict(data)
         outs.append(dataset_bytes(tmp_path / f"o{i}"))
     assert len(outs[0]) == 5 and outs[0] == outs[1]
+
+
+@pytest.mark.ray
+def test_domain_start_profile_chosen_once_per_domain_and_used_by_every_sample(
+    ray_local, tiny_checkpoint, tmp_path, photos
+):
+    """start_choice domain: the job scores the bank on its probe tiles against all of the domain's
+    references (checked here by brute force over every pair), records the choice in the index, and
+    every sample starts from that entry (τ = 0: the LR is that start, up to one denoising step)."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from test_generate_job import manifest_dict, run_dict, write_inputs
+
+    from realdgen_core import calibrate, degrade
+    from realdgen_core.generator import LRGenerator
+
+    ckpt, _ = tiny_checkpoint
+    hr_dir, ref_dir = write_inputs(tmp_path, photos, size=(64, 64))
+    bank = list(calibrate.start_bank(4, (0.0, 2.0), (0, 30)))
+    out = tmp_path / "out"
+    gen_spec = {"kind": "realdgen", "checkpoint": str(ckpt), "k": 2, "tau_max": 0, "start_kind": "domain"}
+    gen_spec |= {"start_bank": bank, "content_weight": 0.0, "degradation_weight": 1.0}
+    run_dict(manifest_dict(str(hr_dir), str(ref_dir), str(out), scale=4, generator=gen_spec))
+    index = json.loads((out / "_index.json").read_text())
+    prof = index["start_profile"]["domain:phone"]
+    assert (prof["probe_tiles"], prof["references"]) == (5, 3)
+    # independent: the mean pair error over every (probe tile, reference) pair, by brute force
+    gen = LRGenerator.from_checkpoint(str(ckpt))
+    load = lambda p: torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 255  # noqa: E731
+    hrs = [load(p) for p in sorted(hr_dir.glob("*.png"))]
+    refs = gen.degradation_embeddings([load(p) for p in sorted(ref_dir.glob("*.png"))])
+    with torch.no_grad():
+        pair = torch.stack(
+            [
+                (
+                    (
+                        gen.model.degradation(degrade.apply(h[None].expand(4, -1, -1, -1), bank))[:, None]
+                        - refs[None]
+                    )
+                    ** 2
+                ).mean(-1)
+                for h in hrs
+            ]
+        )
+    want = int(pair.mean((0, 2)).argmin())
+    assert prof["bank_entry"] == want and prof["start"] == calibrate.theta_label(bank[want])
+    n = distinct = 0
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            files = {m.name: t.extractfile(m).read() for m in t.getmembers()}
+        for name in files:
+            if not name.endswith(".json"):
+                continue
+            key = name[: -len(".json")]
+            hr = load(io.BytesIO(files[f"{key}.hr.png"]))
+            lr = load(io.BytesIO(files[f"{key}.lr.png"]))
+            dist = [float((degrade.apply(hr[None], [th])[0] - lr).pow(2).mean()) for th in bank]
+            assert dist[want] <= min(dist) + 1e-12, dist  # ties: a flat tile (sky) looks the same blurred
+            distinct += dist[want] < sorted(dist)[1]
+            assert json.loads(files[name])["tau"] == 0
+            n += 1
+    assert n == 5 and distinct >= 3

@@ -96,6 +96,8 @@ class GenerateConfig(_Config):
     start_kind: str = "realesrgan"
     filter_norm: bool = False
     start_bank: Any = None
+    # start_choice domain: profile key → {"chosen": bank index, "errors": [len(bank)]}; empty = per sample
+    start_profiles: Mapping[str, Any] = field(default_factory=dict)
     rows_per_call: int | None = None
     sampler: Mapping[str, Any] | None = None
     precision: str = "auto"

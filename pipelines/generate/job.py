@@ -354,33 +354,47 @@ class GenerateJob:
         from pipelines.generate.references import prepare_references
 
         m = self.m
+        g = m.generator
         if not plan.refs:
             return [], plan.sets, None
+        start = None
+        if plan.probe:
+            start = {"bank": g.start_bank, "probe": plan.probe, "tile_hr": m.tiling.tile * m.scale}
         task = ray.remote(prepare_references).options(
-            num_returns=3, num_gpus=num_gpus, num_cpus=1, **_retrying()
+            num_returns=4, num_gpus=num_gpus, num_cpus=1, **_retrying()
         )
-        ok_ref, err_ref, bank_ref = task.remote(
+        ok_ref, err_ref, bank_ref, prof_ref = task.remote(
             plan.refs,
-            m.generator.kind,
+            g.kind,
             self._checkpoint_for_workers(plan),
             self.storage,
             m.limits.max_image_pixels,
             m.compute.device,
+            start,
         )
-        ok, errors = ray.get([ok_ref, err_ref])
+        ok, errors, profiles = ray.get([ok_ref, err_ref, prof_ref])
         for e in errors[:10]:
             self.log(f"reference skipped: {e}")
         if len(errors) > 10:
             self.log(f"... and {len(errors) - 10} more references skipped")
         if not ok:
             raise JobFailed("no usable reference: every reference image failed to decode")
+        if start is not None:
+            if not profiles:
+                self.log("start profile: no probe HR tile could be read; choosing the start per sample")
+            for key, p in profiles.items():
+                self.log(
+                    f"start profile {key}: {p['label']} (bank entry {p['chosen']}, mean E_deg error "
+                    f"{p['errors'][p['chosen']]:.4g} over {p['tiles']} probe tiles x {p['refs']} references)"
+                )
+        plan.start_profiles = profiles
         refs = [plan.refs[i] for i in ok]
         sets = []
         for s in plan.sets:
             count = sum(1 for r in refs if r["set"] == s["name"])
-            start = next((j for j, r in enumerate(refs) if r["set"] == s["name"]), 0)
-            sets.append({**s, "start": start, "count": count})
-        return refs, sets, bank_ref if m.generator.kind == "realdgen" else None
+            start_i = next((j for j, r in enumerate(refs) if r["set"] == s["name"]), 0)
+            sets.append({**s, "start": start_i, "count": count})
+        return refs, sets, bank_ref if g.kind == "realdgen" else None
 
     def _configs(
         self, plan: Plan, num_gpus: float, actor_cpus: float, bank_ref: Any
@@ -420,6 +434,9 @@ class GenerateJob:
             start_kind=g.start_kind,
             filter_norm=bool(g.filter_norm),
             start_bank=g.start_bank,
+            start_profiles={
+                k: {"chosen": p["chosen"], "errors": p["errors"]} for k, p in plan.start_profiles.items()
+            },
             rows_per_call=g.rows_per_call,
             sampler=g.sampler_config().to_dict(),
             precision=g.precision,
@@ -655,6 +672,16 @@ class GenerateJob:
             "inputs": plan.n_inputs,
             "inputs_failed": inputs_failed,
         }
+        if plan.start_profiles:  # the start each reference domain got (generator.start_choice: domain)
+            index["start_profile"] = {
+                k: {
+                    "start": p["label"],
+                    "bank_entry": p["chosen"],
+                    "probe_tiles": p["tiles"],
+                    "references": p["refs"],
+                }
+                for k, p in plan.start_profiles.items()
+            }
         self.store.write_json(INDEX_NAME, index)
         return index
 

@@ -235,6 +235,7 @@ class PlanSummary:
     refs: list[dict]  # {uri, path, offset, size, error, set, domain}
     sets: list[dict]  # {name, domain, weight, start, count}
     error: str | None = None  # a ManifestError message (no images, key collision, …)
+    probe: list[dict] = field(default_factory=list)  # HR input rows the domain start profile reads
 
 
 def ray_tar_indexer(tars: list[tuple[str, str]], extensions: tuple[str, ...], storage: Mapping | None):
@@ -327,7 +328,18 @@ def list_plan(
                 "rows": len(part),
             }
         )
-    return PlanSummary(n, shard_sizes, blocks, refs, sets)
+    return PlanSummary(n, shard_sizes, blocks, refs, sets, probe=probe_rows(m, rows))
+
+
+def probe_rows(m: GenerateManifest, rows: list[dict]) -> list[dict]:
+    """The HR inputs a domain start profile is measured on (``generator.start_choice: domain``):
+    ``start_probe_tiles`` rows evenly spaced over the sorted inputs (the same ones on every run of the
+    plan); none when the job does not choose its start per domain."""
+    g = m.generator
+    if g.kind != "realdgen" or g.start_kind != "domain" or g.start_choice != "domain" or not rows:
+        return []
+    n = min(int(g.start_probe_tiles), len(rows))
+    return [rows[(j * len(rows)) // n] for j in range(n)]
 
 
 def read_plan_block(batch: pa.Table, config: PlanReadConfig | Mapping[str, Any]) -> pa.Table:
@@ -363,6 +375,8 @@ class Plan:
     blocks: list[dict] = field(default_factory=list)
     refs: list[dict] = field(default_factory=list)
     sets: list[dict] = field(default_factory=list)
+    probe: list[dict] = field(default_factory=list)
+    start_profiles: dict = field(default_factory=dict)  # profile key → domain start profile (job)
     listed: bool = False
 
     @property
@@ -382,6 +396,7 @@ class Plan:
             raise ManifestError(s.error)
         self.n_inputs, self.shard_sizes, self.blocks = s.n_inputs, s.shard_sizes, s.blocks
         self.refs, self.sets, self.listed = s.refs, s.sets, True
+        self.probe = s.probe
         return self
 
 

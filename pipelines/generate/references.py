@@ -1,20 +1,65 @@
 """The reference bank: every reference decoded once (one Ray task, on a GPU when the actors have
-one) and, for realdgen, embedded by E_deg; the bank goes to the actors through the object store."""
+one) and, for realdgen, embedded by E_deg; the bank goes to the actors through the object store.
+
+With ``generator.start_choice: domain`` the same task also measures each reference domain's start
+profile (``realdgen_core.calibrate.domain_start_profile``) on the plan's probe HR tiles, so the
+choice is made once, before any sample is generated, from all of the domain's references."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from pipelines.sources import ImageError, SourceItem, load_image
 from pipelines.storage import fetch_to_local
 
-__all__ = ["prepare_references"]
+__all__ = ["prepare_references", "profile_key"]
+
+
+def profile_key(domain: str | None, ref_set: str) -> str:
+    """Which start profile a reference (or a sample, by its reference) belongs to: its domain
+    label, or its reference set when it has none."""
+    return f"domain:{domain}" if domain is not None else f"set:{ref_set}"
+
+
+def _probe_tiles(probe: Sequence[Mapping], storage: dict, max_pixels: int, tile_hr: int) -> list:
+    """The centre ``tile_hr`` square of each probe input as [3,H,W] floats; inputs that fail to
+    decode or are smaller than one tile are left out (the job skips them too)."""
+    import torch
+
+    tiles = []
+    for row in probe:
+        try:
+            img = load_image(SourceItem.from_row(row), storage, max_pixels=max_pixels)
+        except ImageError:
+            continue
+        h, w = img.shape[:2]
+        if h < tile_hr or w < tile_hr:
+            continue
+        y, x = (h - tile_hr) // 2, (w - tile_hr) // 2
+        crop = np.ascontiguousarray(img[y : y + tile_hr, x : x + tile_hr])
+        tiles.append(torch.from_numpy(crop).permute(2, 0, 1).float().div(255.0))
+    return tiles
 
 
 def prepare_references(
-    refs: list[dict], kind: str, checkpoint: str | None, storage: dict, max_pixels: int, device: str
-) -> tuple[list[int], list[str], np.ndarray | None]:
-    """Decode every reference once: ``(ok indices, failure reasons, E_deg bank [n_ok, D] or None)``."""
+    refs: list[dict],
+    kind: str,
+    checkpoint: str | None,
+    storage: dict,
+    max_pixels: int,
+    device: str,
+    start: Mapping[str, Any] | None = None,
+) -> tuple[list[int], list[str], np.ndarray | None, dict]:
+    """Decode every reference once: ``(ok indices, failure reasons, E_deg bank [n_ok, D] or None,
+    start profiles)``.
+
+    ``start``: ``{bank, probe (HR input rows), tile_hr}`` when the job chooses its start per domain;
+    the profiles are then ``{profile_key: domain_start_profile(...) + {"label": ...}}`` (empty when
+    no probe tile could be read: the job then chooses per sample).
+    """
     import torch
 
     ok: list[int] = []
@@ -30,11 +75,25 @@ def prepare_references(
         if kind == "realdgen":
             images.append(torch.from_numpy(img).permute(2, 0, 1).float().div(255.0))
     bank = None
+    profiles: dict = {}
     if kind == "realdgen" and images:
+        from realdgen_core import calibrate
         from realdgen_core.generator import LRGenerator
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         gen = LRGenerator.from_checkpoint(fetch_to_local(checkpoint, storage), device=device)
-        bank = gen.degradation_embeddings(images).numpy().astype(np.float32)
-    return ok, errors, bank
+        emb = gen.degradation_embeddings(images)
+        bank = emb.numpy().astype(np.float32)
+        tiles = _probe_tiles(start["probe"], storage, max_pixels, int(start["tile_hr"])) if start else []
+        if tiles:
+            groups: dict[str, list[int]] = {}
+            for j, i in enumerate(ok):
+                groups.setdefault(profile_key(refs[i].get("domain"), refs[i]["set"]), []).append(j)
+            for key, rows in groups.items():
+                prof = calibrate.domain_start_profile(
+                    gen.model.degradation, tiles, emb[rows], start["bank"], gen.device
+                )
+                prof["label"] = calibrate.theta_label(start["bank"][prof["chosen"]])
+                profiles[key] = prof
+    return ok, errors, bank, profiles

@@ -411,6 +411,9 @@ class GenerateLR:
                 k, lt = int(t.k), tile // self.scale
                 raw = np.stack([np.frombuffer(r["x_start"], np.uint8).reshape(k, lt, lt, 3) for r in rows])
                 starts = torch.from_numpy(raw).permute(0, 1, 4, 2, 3).float().div_(255.0)
+            bank_errors = None
+            if t.start_profiles and t.start_kind == "domain":
+                bank_errors = self._profile_errors(rows)
             res = self.generator.generate(
                 x.to(self.device),
                 k=int(t.k),
@@ -421,6 +424,7 @@ class GenerateLR:
                 start_kind=t.start_kind,
                 starts=starts,
                 start_bank=t.start_bank,
+                start_bank_errors=bank_errors,
                 filter_norm=bool(t.filter_norm),
             )
             lr = res.lr
@@ -446,6 +450,26 @@ class GenerateLR:
             r["lr"] = np.ascontiguousarray(lr8[i]).tobytes()
             r["generator"] = self.kind
             r["x_start"] = None
+
+    def _profile_errors(self, rows: list[dict]):
+        """[B, len(bank)] start errors from the domain profile of each row's reference (every
+        candidate starts from the domain's chosen entry); see ``calibrate.profile_errors``."""
+        import torch
+
+        from pipelines.generate.references import profile_key
+        from realdgen_core import calibrate
+
+        n = len(self.cfg.start_bank)
+        first = next(iter(self.cfg.start_profiles.values()))
+        out = []
+        for r in rows:
+            # a row without a reference set is the health probe (healthy()): any profile will do
+            key = profile_key(r.get("domain"), r["ref_set"]) if r.get("ref_set") is not None else None
+            prof = first if key is None else self.cfg.start_profiles.get(key)
+            if prof is None:
+                raise RuntimeError(f"no start profile for reference set {r.get('ref_set')!r}")
+            out.append(calibrate.profile_errors(prof, n))
+        return torch.stack(out)
 
     def healthy(self, tile_hr: int) -> bool:
         """Can this actor still generate? One sample of a flat grey tile, fixed seed, first reference."""
