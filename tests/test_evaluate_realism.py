@@ -317,3 +317,31 @@ def test_adaptation_runs_the_one_command_and_its_checkpoint_generates(ray_local,
     (gen,) = (out / "work" / "jpeg-standin").glob("data-*/gen")
     samples = _shard_samples(next(gen.glob("realdgen-*")))
     assert len(samples) == 4 and {m["model_digest"] for _, m in samples.values()} == {dom["model_digest"]}
+
+
+def test_two_sample_threshold_is_the_median_of_the_balanced_held_out_set(photos):
+    import torch
+
+    from realdgen_core.probes import _balanced_correct, two_sample_test
+
+    # every logit of an unseen photo shifted by +5: a threshold of 0 calls all "generated" (0.5),
+    # the median of the balanced set ranks them perfectly
+    real, gen = torch.full((2, 6), 4.0), torch.full((2, 6), 6.0)
+    assert _balanced_correct(torch.stack([real.flatten(), gen.flatten()])) == (24, 24)
+    assert _balanced_correct(torch.full((2, 10), 3.0)) == (10, 20)  # no information: chance
+    flipped = torch.stack([torch.arange(10.0) + 10, torch.arange(10.0)])  # generated ranked below real
+    assert _balanced_correct(flipped) == (0, 20)
+    # real tiles, and the same tiles with strong noise: told apart; identical tiles: exactly chance
+    rng = np.random.default_rng(0)
+    tiles = [
+        np.ascontiguousarray(photos[n][y : y + 32, 64:96])
+        for n in ("astronaut", "coffee")
+        for y in (0, 64, 128)
+    ]
+    noisy = [np.clip(t + rng.normal(0, 25, t.shape), 0, 255).astype(np.uint8) for t in tiles]
+    groups = ["a"] * 3 + ["b"] * 3
+    kw = dict(steps=60, batch_size=16, crop=16, width=8, seed=0)
+    told = two_sample_test(tiles, noisy, groups, **kw)
+    same = two_sample_test(tiles, [t.copy() for t in tiles], groups, **kw)
+    assert told["accuracy"] >= 0.7 and same["accuracy"] == 0.5, (told, same)
+    assert 0.0 <= told["fixed_threshold_accuracy"] <= 1.0 and told["test_crops"] == same["test_crops"] == 48
