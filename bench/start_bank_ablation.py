@@ -6,12 +6,18 @@ degrades the HR with each bank entry (τ = 0: the start is the output) and repor
 tiles, the PSNR to the true LR of
 
 - ``single``: the entry whose E_deg embedding is closest to one reference (the other photo's true LR,
-  each of them in turn: what the job does for one sample with one reference), and
-- ``oracle``: the best entry (needs the truth; an upper bound for the bank),
+  each of them in turn: ``generator.start_choice: sample``, one sample with one reference);
+- ``domain``: the job's per-domain choice (``start_choice: domain``, the default): one entry per
+  photo, chosen by ``calibrate.domain_start_profile`` from all of that photo's tiles against all of
+  the other photo's true LR (what one job of the evaluation sees);
+- ``domain_refs_train`` (with ``--refs-root``): the same choice against the pipeline's
+  ``refs_train/`` instead (the SR proxy's situation: references whose scenes differ from the HR's);
+- ``best_fixed``: the one entry best for the whole pipeline, and ``oracle``: the best entry per tile
+  (both need the truth; upper bounds for the bank),
 
-for the default bank (``realdgen_core.calibrate.start_bank``) and finer grids, all in the same run.
+for the previous 20-entry bank and the default 49-entry bank (``calibrate.start_bank``), in one run.
 
-    python bench/start_bank_ablation.py out/eval_codecs/work
+    python bench/start_bank_ablation.py out/eval_codecs/work --refs-root /work/codec_bench
 """
 
 from __future__ import annotations
@@ -32,11 +38,8 @@ from realdgen_core import calibrate, degrade  # noqa: E402
 from realdgen_core.generator import LRGenerator  # noqa: E402
 
 BANKS = {
-    "default": calibrate.start_bank(4),
-    "jpeg_fine": calibrate.start_bank(4, calibrate.DEFAULT_BLUR_SIGMAS, (0, 95, 90, 85, 75, 60, 40)),
-    "blur_and_jpeg_fine": calibrate.start_bank(
-        4, (0.0, 0.6, 1.0, 1.3, 1.6, 2.2, 3.0), (0, 95, 90, 85, 75, 60, 40)
-    ),
+    "previous_20": calibrate.start_bank(4, (0.0, 1.0, 1.6, 2.2, 3.0), (0, 85, 60, 40)),
+    "default_49": calibrate.start_bank(4),
 }
 
 
@@ -48,9 +51,15 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(1 / ((a - b) ** 2).mean()))
 
 
+def embed(net: torch.nn.Module, images: list[torch.Tensor], chunk: int = 16) -> torch.Tensor:
+    return torch.cat([net(torch.cat(images[i : i + chunk])) for i in range(0, len(images), chunk)])
+
+
 @torch.no_grad()
-def pipeline(folder: Path) -> dict:
-    ckpt = next(folder.glob("data-*/adapt-*/adapted.safetensors"))
+def pipeline(folder: Path, refs_train: Path | None) -> dict:
+    # the newest finished adaptation (a work folder keeps older ones, e.g. of an earlier start bank)
+    done = max(folder.glob("data-*/adapt-*/_done.json"), key=lambda p: p.stat().st_mtime)
+    ckpt = done.parent / "adapted.safetensors"
     net = LRGenerator.from_checkpoint(str(ckpt)).model.degradation.eval()
     photos: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for hr in sorted(folder.glob("data-*/tiles/hr/*/*.png")):
@@ -58,38 +67,58 @@ def pipeline(folder: Path) -> dict:
         photos.setdefault(hr.parent.name, []).append((load(hr), load(lr)))
     if len(photos) < 2:
         raise SystemExit(f"{folder}: needs tiles of two photos (references come from the other one)")
-    refs = {ph: net(torch.cat([lr for _, lr in tiles])) for ph, tiles in photos.items()}
+    refs = {ph: embed(net, [lr for _, lr in tiles]) for ph, tiles in photos.items()}
+    train_emb = embed(net, [load(p) for p in sorted(refs_train.glob("*.png"))]) if refs_train else None
     out = {}
     for name, bank in BANKS.items():
-        single, oracle = [], []
+        psnrs: list[torch.Tensor] = []  # per tile: [len(bank)]
+        rows: dict[str, list[float]] = {"single": [], "domain": [], "domain_refs_train": []}
+        picks: dict[str, list[str]] = {"domain": [], "domain_refs_train": []}
         for ph, tiles in photos.items():
             r = torch.cat([refs[q] for q in photos if q != ph])
+            hrs = [hr[0] for hr, _ in tiles]
+            ps_photo = []
             for hr, lr in tiles:
                 starts = degrade.apply(hr.expand(len(bank), -1, -1, -1), list(bank))
                 d = ((net(starts)[:, None] - r[None]) ** 2).mean(-1)  # [bank, refs]
                 ps = torch.tensor([psnr(starts[b : b + 1], lr) for b in range(len(bank))])
-                single.append(float(ps[d.argmin(0)].mean()))
-                oracle.append(float(ps.max()))
-        out[name] = {
+                rows["single"].append(float(ps[d.argmin(0)].mean()))
+                ps_photo.append(ps)
+            psnrs += ps_photo
+            for key, emb in (("domain", r), ("domain_refs_train", train_emb)):
+                if emb is None:
+                    continue
+                b = calibrate.domain_start_profile(net, hrs, emb, bank)["chosen"]
+                rows[key] += [float(p[b]) for p in ps_photo]
+                picks[key].append(f"{ph}: {calibrate.theta_label(bank[b])}")
+        table = torch.stack(psnrs)
+        res = {k: round(statistics.fmean(v), 3) for k, v in rows.items() if v}
+        best = int(table.mean(0).argmax())
+        res |= {
+            "best_fixed": round(float(table.mean(0).max()), 3),
+            "best_fixed_entry": calibrate.theta_label(bank[best]),
+            "oracle": round(float(table.max(1).values.mean()), 3),
             "entries": len(bank),
-            "single": round(statistics.fmean(single), 3),
-            "oracle": round(statistics.fmean(oracle), 3),
+            "domain_picks": {k: v for k, v in picks.items() if v},
         }
+        out[name] = res
     return {"checkpoint": str(ckpt), "tiles": sum(len(t) for t in photos.values()), "banks": out}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("work", help="the `work` folder of a kind: evaluate run")
+    ap.add_argument("--refs-root", help="the benchmark root (<pipeline>/refs_train/): adds domain_refs_train")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.work)
-    result = {
-        p.name: pipeline(p)
-        for p in sorted(root.iterdir())
-        if any(p.glob("data-*/adapt-*/adapted.safetensors"))
-    }
+    result = {}
+    for p in sorted(root.iterdir()):
+        if not any(p.glob("data-*/adapt-*/_done.json")):
+            continue
+        rt = Path(args.refs_root) / p.name / "refs_train" if args.refs_root else None
+        result[p.name] = pipeline(p, rt if rt is not None and rt.is_dir() else None)
     print(json.dumps(result, indent=1))
 
 
