@@ -340,9 +340,8 @@ def adapt_checkpoint(
     # (the domain's work folder already names the refs_train content). The resolved manifest's digest
     # holds the defaults too (e.g. the calibration's start bank), so new defaults mean a new adaptation.
     resolved = manifest_digest(load_manifest(manifest, list(m.adapt.overrides), kind="train"))
-    tag = _sha(base_digest, m.adapt.steps, list(m.adapt.overrides), manifest.read_text(), m.seed, resolved)[
-        :12
-    ]
+    inputs = (base_digest, m.adapt.steps, list(m.adapt.overrides), manifest.read_text(), m.seed, resolved)
+    tag = _sha(*inputs)[:12]
     folder = work / f"adapt-{tag}"
     ckpt = folder / "adapted.safetensors"
     done = folder / "_done.json"

@@ -149,26 +149,15 @@ def two_sample_test(
             loss.backward()
             opt.step()
         net.eval()
-        with torch.no_grad():
-            # [class, tile, crop] logits of the held-out tiles
+
+        def test_crops(src: torch.Tensor, i: int) -> torch.Tensor:
+            return torch.stack(
+                [src[i, :, y0 : y0 + crop, x0 : x0 + crop] for y0 in test_ys for x0 in test_xs]
+            )
+
+        with torch.no_grad():  # [class, tile, crop] logits of the held-out tiles
             logits = torch.stack(
-                [
-                    torch.stack(
-                        [
-                            net(
-                                torch.stack(
-                                    [
-                                        src[i, :, y0 : y0 + crop, x0 : x0 + crop]
-                                        for y0 in test_ys
-                                        for x0 in test_xs
-                                    ]
-                                )
-                            )
-                            for i in test_idx
-                        ]
-                    )
-                    for src in (xr, xg)
-                ]
+                [torch.stack([net(test_crops(src, i)) for i in test_idx]) for src in (xr, xg)]
             )
         # The held-out set holds as many real as generated crops, so "generated" = the upper half of
         # its logits (threshold = their median). A fixed threshold of 0 reads a shift of every logit of

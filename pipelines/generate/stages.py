@@ -393,6 +393,15 @@ class GenerateLR:
             self.model_digest = self.generator.digest
             bank = _resolve(self.cfg.ref_bank)
             self.bank = torch.as_tensor(np.asarray(bank, dtype=np.float32)) if bank is not None else None
+        # start_choice domain: each profile as the per-sample start errors it stands for, built once
+        self.start_errors = {}
+        if self.cfg.start_profiles and self.cfg.start_kind == "domain":
+            from realdgen_core import calibrate
+
+            n = len(self.cfg.start_bank)
+            self.start_errors = {
+                k: calibrate.profile_errors(p, n) for k, p in self.cfg.start_profiles.items()
+            }
 
     def _generate(self, rows: list[dict]) -> None:
         import torch
@@ -411,9 +420,7 @@ class GenerateLR:
                 k, lt = int(t.k), tile // self.scale
                 raw = np.stack([np.frombuffer(r["x_start"], np.uint8).reshape(k, lt, lt, 3) for r in rows])
                 starts = torch.from_numpy(raw).permute(0, 1, 4, 2, 3).float().div_(255.0)
-            bank_errors = None
-            if t.start_profiles and t.start_kind == "domain":
-                bank_errors = self._profile_errors(rows)
+            bank_errors = self._profile_errors(rows) if self.start_errors else None
             res = self.generator.generate(
                 x.to(self.device),
                 k=int(t.k),
@@ -457,18 +464,16 @@ class GenerateLR:
         import torch
 
         from pipelines.generate.references import profile_key
-        from realdgen_core import calibrate
 
-        n = len(self.cfg.start_bank)
-        first = next(iter(self.cfg.start_profiles.values()))
         out = []
         for r in rows:
-            # a row without a reference set is the health probe (healthy()): any profile will do
-            key = profile_key(r.get("domain"), r["ref_set"]) if r.get("ref_set") is not None else None
-            prof = first if key is None else self.cfg.start_profiles.get(key)
-            if prof is None:
-                raise RuntimeError(f"no start profile for reference set {r.get('ref_set')!r}")
-            out.append(calibrate.profile_errors(prof, n))
+            if r.get("ref_set") is None:  # the health probe (healthy()): any profile will do
+                out.append(next(iter(self.start_errors.values())))
+                continue
+            errors = self.start_errors.get(profile_key(r.get("domain"), r["ref_set"]))
+            if errors is None:
+                raise RuntimeError(f"no start profile for reference set {r['ref_set']!r}")
+            out.append(errors)
         return torch.stack(out)
 
     def healthy(self, tile_hr: int) -> bool:
