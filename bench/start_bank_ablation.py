@@ -12,6 +12,9 @@ tiles, the PSNR to the true LR of
   the other photo's true LR (what one job of the evaluation sees);
 - ``domain_refs_train`` (with ``--refs-root``): the same choice against the pipeline's
   ``refs_train/`` instead (the SR proxy's situation: references whose scenes differ from the HR's);
+- ``domain_uniform`` / ``domain_refs_train_uniform``: both per-domain choices with every reference
+  weighted the same (``generator.start_ref_weighting: uniform``; the default weights each reference
+  by ``calibrate.reference_weights``);
 - ``best_fixed``: the one entry best for the whole pipeline, and ``oracle``: the best entry per tile
   (both need the truth; upper bounds for the bank),
 
@@ -68,14 +71,26 @@ def pipeline(folder: Path, refs_train: Path | None) -> dict:
     if len(photos) < 2:
         raise SystemExit(f"{folder}: needs tiles of two photos (references come from the other one)")
     refs = {ph: embed(net, [lr for _, lr in tiles]) for ph, tiles in photos.items()}
-    train_emb = embed(net, [load(p) for p in sorted(refs_train.glob("*.png"))]) if refs_train else None
+    weights = {
+        ph: calibrate.reference_weights(refs[ph], embed(net, [calibrate.weight_probe(lr) for _, lr in tiles]))
+        for ph, tiles in photos.items()
+    }
+    train_emb = train_w = None
+    if refs_train:
+        train = [load(p) for p in sorted(refs_train.glob("*.png"))]
+        train_emb = embed(net, train)
+        train_w = calibrate.reference_weights(
+            train_emb, embed(net, [calibrate.weight_probe(t) for t in train])
+        )
     out = {}
     for name, bank in BANKS.items():
         psnrs: list[torch.Tensor] = []  # per tile: [len(bank)]
-        rows: dict[str, list[float]] = {"single": [], "domain": [], "domain_refs_train": []}
-        picks: dict[str, list[str]] = {"domain": [], "domain_refs_train": []}
+        keys = ("domain", "domain_uniform", "domain_refs_train", "domain_refs_train_uniform")
+        rows: dict[str, list[float]] = {"single": [], **{k: [] for k in keys}}
+        picks: dict[str, list[str]] = {k: [] for k in keys}
         for ph, tiles in photos.items():
             r = torch.cat([refs[q] for q in photos if q != ph])
+            rw = torch.cat([weights[q] for q in photos if q != ph])
             hrs = [hr[0] for hr, _ in tiles]
             ps_photo = []
             for hr, lr in tiles:
@@ -85,10 +100,15 @@ def pipeline(folder: Path, refs_train: Path | None) -> dict:
                 rows["single"].append(float(ps[d.argmin(0)].mean()))
                 ps_photo.append(ps)
             psnrs += ps_photo
-            for key, emb in (("domain", r), ("domain_refs_train", train_emb)):
+            for key, emb, w in (
+                ("domain", r, rw),
+                ("domain_uniform", r, None),
+                ("domain_refs_train", train_emb, train_w),
+                ("domain_refs_train_uniform", train_emb, None),
+            ):
                 if emb is None:
                     continue
-                b = calibrate.domain_start_profile(net, hrs, emb, bank)["chosen"]
+                b = calibrate.domain_start_profile(net, hrs, emb, bank, ref_weights=w)["chosen"]
                 rows[key] += [float(p[b]) for p in ps_photo]
                 picks[key].append(f"{ph}: {calibrate.theta_label(bank[b])}")
         table = torch.stack(psnrs)

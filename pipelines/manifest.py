@@ -221,6 +221,13 @@ class GeneratorSpec(StrictModel):
         "every sample of that domain from the best entry (recorded in the dataset index); `sample` "
         "chooses per sample from its one reference (noisier: E_deg also reads the scene).",
     )
+    start_ref_weighting: Literal["sensitivity", "uniform"] = Field(
+        "sensitivity",
+        description="start_choice `domain`: how the domain's references are weighted in its profile. "
+        "`sensitivity`: by how far E_deg moves when the reference is blurred a little more (flat or "
+        "dark crops, which E_deg reads as blurred whatever made them, count less; "
+        "realdgen_core/calibrate.py reference_weights); `uniform`: every reference the same.",
+    )
     start_probe_tiles: int = Field(
         32,
         ge=1,
@@ -630,6 +637,8 @@ def manifest_digest(manifest: StrictModel) -> str:
         for key, default in (("precision", "auto"), ("channels_last", False), ("compile", False)):
             if gen.get(key, default) == default:
                 gen.pop(key, None)
+        if gen.get("kind") != "realdgen" or gen.get("start_choice") != "domain":
+            gen.pop("start_ref_weighting", None)  # acts on the per-domain start choice only
     canon = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canon.encode()).hexdigest()
 

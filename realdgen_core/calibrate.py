@@ -183,6 +183,7 @@ def domain_start_profile(
     ref_emb: Tensor,
     bank: Sequence[dict],
     device: torch.device | str = "cpu",
+    ref_weights: Tensor | None = None,
 ) -> dict:
     """Score every bank entry against a whole reference domain and keep the best: the paper's
     "choose the start per domain" (§4 future work), made from the job's own inputs.
@@ -195,15 +196,28 @@ def domain_start_profile(
     A real domain's LR share one pipeline, so averaging over many pairs removes most of that noise
     (docs/realism.md, "Start choice"). Computed in closed form: mean_r ‖e − r‖² = ‖e − r̄‖² + tr Σ_r.
 
-    Returns ``{"errors": [len(bank)] floats, "chosen": index, "tiles": n, "refs": m}``.
+    ``ref_weights`` ([M], ≥ 0; ``reference_weights``): the mean over references becomes a weighted
+    mean (same closed form with the weighted mean and spread), so references whose embedding says
+    little about their degradation count less. None or all zero: every reference counts the same.
+
+    Returns ``{"errors": [len(bank)] floats, "chosen": index, "tiles": n, "refs": m,
+    "effective_refs": (Σw)² / Σw²}``.
     """
     if not len(hr_tiles):
         raise ValueError("domain_start_profile needs at least one probe HR tile")
     if ref_emb.ndim != 2 or not ref_emb.shape[0]:
         raise ValueError(f"ref_emb must be [M>0, D], got {tuple(ref_emb.shape)}")
     r = ref_emb.detach().to(device, torch.float64)
-    mean_r = r.mean(0)
-    spread = float((r - mean_r).pow(2).sum(1).mean()) / r.shape[1]  # tr Σ_r / D, the same for every b
+    w = torch.ones(r.shape[0], dtype=torch.float64, device=r.device)
+    if ref_weights is not None:
+        given = torch.as_tensor(ref_weights, dtype=torch.float64).to(r.device).flatten()
+        if given.shape[0] != r.shape[0] or not bool(torch.isfinite(given).all()) or bool((given < 0).any()):
+            raise ValueError(f"ref_weights must be {r.shape[0]} finite values >= 0, got {tuple(given.shape)}")
+        if float(given.sum()) > 0:
+            w = given
+    w = w / w.sum()
+    mean_r = (w[:, None] * r).sum(0)
+    spread = float((w * (r - mean_r).pow(2).sum(1)).sum()) / r.shape[1]  # weighted tr Σ_r / D
     total = torch.zeros(len(bank), dtype=torch.float64)
     for hr in hr_tiles:
         starts = degrade.apply(
@@ -217,7 +231,32 @@ def domain_start_profile(
         "chosen": int(torch.argmin(errors)),
         "tiles": len(hr_tiles),
         "refs": int(r.shape[0]),
+        "effective_refs": round(float(1.0 / w.pow(2).sum()), 2),
     }
+
+
+# A reference's weight in the domain profile: how far E_deg moves when the reference is blurred a
+# little more (Gaussian σ in LR pixels). A flat or dark crop looks the same blurred or not, so its
+# embedding carries little about the pipeline and much about the scene; E_deg reads such a crop as
+# "blurred" whatever made it (docs/realism.md, "Reference weights").
+REF_WEIGHT_BLUR_SIGMA = 0.7
+
+
+def weight_probe(img: Tensor, sigma: float = REF_WEIGHT_BLUR_SIGMA) -> Tensor:
+    """``img`` ([3,h,w] or [N,3,h,w] in [0,1]) blurred by an isotropic Gaussian of ``sigma`` px."""
+    size = 2 * math.ceil(3 * sigma) + 1
+    x = img[None] if img.dim() == 3 else img
+    out = degrade.filter2d(x.float(), degrade.isotropic_gaussian_kernel(size, sigma))
+    return out[0] if img.dim() == 3 else out
+
+
+def reference_weights(emb: Tensor, emb_blurred: Tensor) -> Tensor:
+    """Per-reference weights ``‖E_deg(weight_probe(r)) − E_deg(r)‖² / D`` ([M] float64)."""
+    if emb.shape != emb_blurred.shape or emb.ndim != 2:
+        raise ValueError(
+            f"embeddings must both be [M, D], got {tuple(emb.shape)} and {tuple(emb_blurred.shape)}"
+        )
+    return (emb_blurred.double() - emb.double()).pow(2).mean(1)
 
 
 def profile_errors(profile: dict, n_bank: int) -> Tensor:

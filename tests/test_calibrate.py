@@ -193,3 +193,50 @@ def test_domain_start_profile_picks_the_domains_entry_and_is_the_mean_pair_error
         calibrate.domain_start_profile(net, [], ref_emb, bank)
     with pytest.raises(ValueError, match="all errors are infinite"):
         calibrate.choose_starts(torch.full((3,), float("inf")), 2)
+
+
+def test_reference_weights_discount_flat_references_and_weight_the_profile(photos):
+    bank = calibrate.start_bank(4, (0.0, 1.5, 3.0), (0,))
+    img = torch.from_numpy(photos["chelsea"].copy()).permute(2, 0, 1).float() / 255
+    probe = [img[:, 100 + d : 164 + d, 200:264] for d in (0, 2, 4, 6)]
+    net = _Sharpness()
+    want = 0  # the textured references were made by the sharpest entry ...
+    textured = degrade.apply(
+        torch.stack([img[:, 101 + d : 165 + d, 201:265] for d in (0, 2, 4)]), [bank[want]] * 3
+    )
+    # ... and a majority of flat crops (one grey level each), which E_deg reads as "blurred"
+    flat = torch.stack([torch.full((3, 16, 16), v) for v in (0.2, 0.4, 0.5, 0.6, 0.8)])
+    refs = list(textured) + list(flat)
+    emb = torch.cat([net(textured), net(flat)])
+    blurred = torch.cat([net(calibrate.weight_probe(textured)), net(calibrate.weight_probe(flat))])
+    w = calibrate.reference_weights(emb, blurred)
+    assert w.shape == (8,) and bool((w[:3] > 1e-4).all()) and float(w[3:].abs().max()) < 1e-12
+    assert torch.allclose(calibrate.weight_probe(refs[0]), calibrate.weight_probe(textured)[0])
+
+    uniform = calibrate.domain_start_profile(net, probe, emb, bank)
+    weighted = calibrate.domain_start_profile(net, probe, emb, bank, ref_weights=w)
+    only_textured = calibrate.domain_start_profile(net, probe, emb[:3], bank, ref_weights=w[:3])
+    # the flat majority pulls the uniform choice to the blurriest entry; weighted, they drop out
+    assert uniform["chosen"] == 2 and weighted["chosen"] == want
+    assert torch.allclose(torch.tensor(weighted["errors"]), torch.tensor(only_textured["errors"]), rtol=1e-6)
+    assert uniform["effective_refs"] == 8.0 and weighted["effective_refs"] < 3.01
+    # the weighted closed form == the brute-force weighted mean over every (probe, reference) pair
+    ws = torch.tensor([0.5, 2.0, 1.0, 0.25, 0.0, 0.0, 3.0, 1.0], dtype=torch.float64)
+    prof = calibrate.domain_start_profile(net, probe, emb, bank, ref_weights=ws)
+    pair = torch.stack(
+        [
+            ((net(degrade.apply(h[None].expand(3, -1, -1, -1), list(bank)))[:, None] - emb[None]) ** 2).mean(
+                -1
+            )
+            for h in probe
+        ]
+    ).double()  # [tiles, bank, refs]
+    brute = (pair * ws).sum(2).mean(0) / ws.sum()
+    assert torch.allclose(torch.tensor(prof["errors"], dtype=torch.float64), brute, rtol=1e-5)
+    # all-zero weights mean "no information": every reference counts the same
+    zero = calibrate.domain_start_profile(net, probe, emb, bank, ref_weights=torch.zeros(8))
+    assert zero["errors"] == uniform["errors"]
+    with pytest.raises(ValueError, match="ref_weights must be 8"):
+        calibrate.domain_start_profile(net, probe, emb, bank, ref_weights=torch.ones(3))
+    with pytest.raises(ValueError, match="ref_weights must be 8"):
+        calibrate.domain_start_profile(net, probe, emb, bank, ref_weights=-torch.ones(8))

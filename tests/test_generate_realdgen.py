@@ -131,8 +131,21 @@ def test_domain_start_profile_chosen_once_per_domain_and_used_by_every_sample(
                 for h in hrs
             ]
         )
-    want = int(pair.mean((0, 2)).argmin())
+    # each reference weighted by how far its embedding moves under a Gaussian blur of σ 0.7 px
+    # (built here from the formula: reflect-padded 7x7 kernel, normalised)
+    ax = torch.arange(-3, 4, dtype=torch.float32)
+    k2 = torch.exp(-(ax[:, None] ** 2 + ax[None] ** 2) / (2 * 0.7**2))
+    k2 = (k2 / k2.sum()).expand(3, 1, 7, 7)
+    ref_imgs = torch.stack([load(p) for p in sorted(ref_dir.glob("*.png"))])
+    blurred = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(ref_imgs, (3, 3, 3, 3), mode="reflect"), k2, groups=3
+    )
+    w = (gen.degradation_embeddings(blurred) - refs).double().pow(2).mean(1)
+    want = int(((pair.double() * w).sum(2) / w.sum()).mean(0).argmin())
     assert prof["bank_entry"] == want and prof["start"] == calibrate.theta_label(bank[want])
+    assert prof["reference_weighting"] == "sensitivity"
+    assert prof["effective_references"] == pytest.approx(float(w.sum() ** 2 / w.pow(2).sum()), abs=0.01)
+    assert prof["effective_references"] < 3
     n = distinct = 0
     for tar in sorted(out.glob("*.tar")):
         with tarfile.open(tar) as t:

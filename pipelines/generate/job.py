@@ -359,7 +359,12 @@ class GenerateJob:
             return [], plan.sets, None
         start = None
         if plan.probe:
-            start = {"bank": g.start_bank, "probe": plan.probe, "tile_hr": m.tiling.tile * m.scale}
+            start = {
+                "bank": g.start_bank,
+                "probe": plan.probe,
+                "tile_hr": m.tiling.tile * m.scale,
+                "ref_weighting": g.start_ref_weighting,
+            }
         task = ray.remote(prepare_references).options(
             num_returns=4, num_gpus=num_gpus, num_cpus=1, **_retrying()
         )
@@ -385,7 +390,8 @@ class GenerateJob:
             for key, p in profiles.items():
                 self.log(
                     f"start profile {key}: {p['label']} (bank entry {p['chosen']}, mean E_deg error "
-                    f"{p['errors'][p['chosen']]:.4g} over {p['tiles']} probe tiles x {p['refs']} references)"
+                    f"{p['errors'][p['chosen']]:.4g} over {p['tiles']} probe tiles x {p['refs']} references, "
+                    f"{p['effective_refs']:g} effective)"
                 )
         plan.start_profiles = profiles
         refs = [plan.refs[i] for i in ok]
@@ -679,6 +685,8 @@ class GenerateJob:
                     "bank_entry": p["chosen"],
                     "probe_tiles": p["tiles"],
                     "references": p["refs"],
+                    "effective_references": p["effective_refs"],
+                    "reference_weighting": self.m.generator.start_ref_weighting,
                 }
                 for k, p in plan.start_profiles.items()
             }

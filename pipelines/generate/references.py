@@ -56,7 +56,9 @@ def prepare_references(
     """Decode every reference once: ``(ok indices, failure reasons, E_deg bank [n_ok, D] or None,
     start profiles)``.
 
-    ``start``: ``{bank, probe (HR input rows), tile_hr}`` when the job chooses its start per domain;
+    ``start``: ``{bank, probe (HR input rows), tile_hr, ref_weighting}`` when the job chooses its
+    start per domain (``ref_weighting`` ``sensitivity``: references weighted by
+    ``calibrate.reference_weights``; ``uniform``: all the same);
     the profiles are then ``{profile_key: domain_start_profile(...) + {"label": ...}}`` (empty when
     no probe tile could be read: the job then chooses per sample).
     """
@@ -90,9 +92,18 @@ def prepare_references(
             groups: dict[str, list[int]] = {}
             for j, i in enumerate(ok):
                 groups.setdefault(profile_key(refs[i].get("domain"), refs[i]["set"]), []).append(j)
+            weights = None
+            if start.get("ref_weighting", "sensitivity") == "sensitivity":
+                blurred = gen.degradation_embeddings([calibrate.weight_probe(im) for im in images])
+                weights = calibrate.reference_weights(emb, blurred)
             for key, rows in groups.items():
                 prof = calibrate.domain_start_profile(
-                    gen.model.degradation, tiles, emb[rows], start["bank"], gen.device
+                    gen.model.degradation,
+                    tiles,
+                    emb[rows],
+                    start["bank"],
+                    gen.device,
+                    ref_weights=None if weights is None else weights[rows],
                 )
                 prof["label"] = calibrate.theta_label(start["bank"][prof["chosen"]])
                 profiles[key] = prof

@@ -1,0 +1,135 @@
+"""The SR proxy's ceiling: what a perfect LR generator would score on it, per codec pipeline; JSON.
+
+The SR proxy (``realdgen_core.probes``, issue 8 §1) trains one small SR net per generator on that
+generator's (HR, LR) pairs of the ``sr_proxy.photos`` and scores it on the benchmark's real pairs.
+A generator can do no better than to reproduce the true pipeline. This script makes exactly those
+pairs (the benchmark's own pipeline, run by ``make_codec_pairs.py``'s ``degrade``, or by
+``bench/make_variant_codecs.py`` for its three pipelines, on the very HR tiles of the evaluation's
+SR-proxy training set) and trains the SR proxy on them with the manifest's settings, next to plain
+bicubic pairs of the same tiles, in the same run and with the same seeds. Where the true pipeline's
+pairs do not beat bicubic's, no generator can be ranked first there by this probe. The report's SR
+figures of every generator are quoted next to them.
+
+    python bench/sr_proxy_ceiling.py out/eval_codecs [--manifest manifests/evaluate_codecs.yaml]
+        [--benchmark ../shared/bench/make_codec_pairs.py]
+
+Needs a finished ``kind: evaluate`` run (``<report.dir>/report.json`` and ``work/``) and the
+benchmark's tools (ffmpeg, ImageMagick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from make_variant_codecs import (  # noqa: E402
+    DEFAULT_BENCHMARK,
+    degrade_variant,
+    load_benchmark,
+)
+from make_variant_codecs import PIPELINES as VARIANTS  # noqa: E402
+
+from pipelines.evaluate_realism import read_dataset  # noqa: E402
+from pipelines.manifest import load_manifest  # noqa: E402
+from realdgen_core.probes import evaluate_sr_proxy, train_sr_proxy  # noqa: E402
+
+
+def rgb(path: Path) -> np.ndarray:
+    return np.array(Image.open(path).convert("RGB"))
+
+
+def true_pairs(mcp, pipeline: str, hrs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(HR, the pipeline's LR of it) for every HR tile, through the benchmark's own encoders."""
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, hr in enumerate(hrs):
+            src, dst = os.path.join(tmp, f"hr{i}.png"), os.path.join(tmp, f"lr{i}.png")
+            Image.fromarray(hr).save(src)
+            if pipeline in VARIANTS:
+                degrade_variant(mcp, pipeline, src, dst, tmp)
+            else:
+                mcp.degrade(pipeline, src, dst, tmp)
+            out.append((hr, rgb(Path(dst))))
+    return out
+
+
+def score(pairs, real, sp, scale: int, seed: int) -> dict:
+    runs = []
+    for r in range(sp.repeats):
+        net, _ = train_sr_proxy(
+            pairs,
+            scale,
+            steps=sp.steps,
+            batch_size=sp.batch_size,
+            crop=sp.crop,
+            width=sp.width,
+            blocks=sp.blocks,
+            lr=sp.lr,
+            seed=seed + 1000 * r,
+        )
+        runs.append(evaluate_sr_proxy(net, real, scale)["psnr"])
+    return {"psnr": round(float(np.mean(runs)), 3), "runs": runs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("report_dir", help="report.dir of a finished kind: evaluate run")
+    ap.add_argument("--manifest", default=str(ROOT / "manifests" / "evaluate_codecs.yaml"))
+    ap.add_argument("--benchmark", default=str(DEFAULT_BENCHMARK), help="path of make_codec_pairs.py")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    m = load_manifest(args.manifest, kind="evaluate")
+    sp = m.sr_proxy
+    mcp = load_benchmark(args.benchmark)
+    rep_dir = Path(args.report_dir)
+    report = json.loads((rep_dir / "report.json").read_text())
+    work = rep_dir / "work"
+    shared = sorted(work.glob("_shared/sr_pairs-*/bicubic"))
+    if len(shared) != 1:
+        raise SystemExit(f"{work}: expected one _shared/sr_pairs-*/bicubic dataset, found {len(shared)}")
+    bicubic = [(hr, lr) for _, (hr, lr, _) in sorted(read_dataset(str(shared[0]), m.scale, False).items())]
+    hrs = [hr for hr, _ in bicubic]
+    out: dict = {"settings": sp.model_dump(), "train_tiles": len(hrs)}
+    for name, dom in report["domains"].items():
+        if name not in mcp.PIPELINES and name not in VARIANTS:
+            out[name] = {"skipped": "no known pipeline of that name"}
+            continue
+        folder = next((work / name).glob("data-*/tiles"))
+        real = [
+            (rgb(h), rgb(Path(str(h).replace("/hr/", "/lr/")))) for h in sorted(folder.glob("hr/*/*.png"))
+        ]
+        t0 = time.perf_counter()
+        res = {
+            "bicubic_pairs": score(bicubic, real, sp, m.scale, m.seed),
+            "true_pipeline_pairs": score(true_pairs(mcp, name, hrs), real, sp, m.scale, m.seed),
+            "report_sr_psnr": {g: v["metrics"].get("sr_psnr") for g, v in dom["generators"].items()},
+            "bicubic_upsampling": dom["sr_proxy"]["bicubic_upsampling"]["psnr"],
+        }
+        res["ceiling_margin_db"] = round(res["true_pipeline_pairs"]["psnr"] - res["bicubic_pairs"]["psnr"], 3)
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        out[name] = res
+        print(
+            f"{name}: true pipeline {res['true_pipeline_pairs']['psnr']:.2f} dB, bicubic pairs "
+            f"{res['bicubic_pairs']['psnr']:.2f} dB",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
