@@ -42,9 +42,8 @@ from make_variant_codecs import (  # noqa: E402
 )
 from make_variant_codecs import PIPELINES as VARIANTS  # noqa: E402
 
-from pipelines.evaluate_realism import read_dataset  # noqa: E402
+from pipelines.evaluate_realism import read_dataset, sr_proxy_runs  # noqa: E402
 from pipelines.manifest import load_manifest  # noqa: E402
-from realdgen_core.probes import evaluate_sr_proxy, train_sr_proxy  # noqa: E402
 
 
 def rgb(path: Path) -> np.ndarray:
@@ -67,20 +66,7 @@ def true_pairs(mcp, pipeline: str, hrs: list[np.ndarray]) -> list[tuple[np.ndarr
 
 
 def score(pairs, real, sp, scale: int, seed: int) -> dict:
-    runs = []
-    for r in range(sp.repeats):
-        net, _ = train_sr_proxy(
-            pairs,
-            scale,
-            steps=sp.steps,
-            batch_size=sp.batch_size,
-            crop=sp.crop,
-            width=sp.width,
-            blocks=sp.blocks,
-            lr=sp.lr,
-            seed=seed + 1000 * r,
-        )
-        runs.append(evaluate_sr_proxy(net, real, scale)["psnr"])
+    runs = [r["psnr"] for r in sr_proxy_runs(pairs, real, sp, scale, seed)]
     return {"psnr": round(float(np.mean(runs)), 3), "runs": runs}
 
 

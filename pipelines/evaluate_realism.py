@@ -688,10 +688,32 @@ def _sr_source_key(sr_hr: str, work: Path) -> str:
     return _sha(sr_hr, listing)[:12]
 
 
+def sr_proxy_runs(pairs, real_pairs, sp, scale: int, seed: int) -> list[dict]:
+    """Train the SR proxy ``sp.repeats`` times on ``pairs`` (seeds ``seed + 1000 r``, the other
+    settings from the manifest's ``sr_proxy`` section ``sp``) and score each net on ``real_pairs``."""
+    from realdgen_core.probes import evaluate_sr_proxy, train_sr_proxy
+
+    runs = []
+    for r in range(sp.repeats):
+        net, info = train_sr_proxy(
+            pairs,
+            scale,
+            steps=sp.steps,
+            batch_size=sp.batch_size,
+            crop=sp.crop,
+            width=sp.width,
+            blocks=sp.blocks,
+            lr=sp.lr,
+            seed=seed + 1000 * r,
+        )
+        runs.append({**evaluate_sr_proxy(net, real_pairs, scale), **info})
+    return runs
+
+
 def sr_proxy_domain(m, d, dom, dwork, work, sr_hr, ckpt, digest, gens_out, timings, log) -> dict:
     import torch
 
-    from realdgen_core.probes import evaluate_sr_proxy, train_sr_proxy
+    from realdgen_core.probes import evaluate_sr_proxy
 
     torch.set_num_threads(m.compute.torch_threads)
     sp = m.sr_proxy
@@ -726,20 +748,7 @@ def sr_proxy_domain(m, d, dom, dwork, work, sr_hr, ckpt, digest, gens_out, timin
             (hr, lr)
             for _, (hr, lr, _) in sorted(read_dataset(str(target), m.scale, one_per_image=False).items())
         ]
-        runs = []
-        for r in range(sp.repeats):
-            net, info = train_sr_proxy(
-                pairs,
-                m.scale,
-                steps=sp.steps,
-                batch_size=sp.batch_size,
-                crop=sp.crop,
-                width=sp.width,
-                blocks=sp.blocks,
-                lr=sp.lr,
-                seed=m.seed + 1000 * r,
-            )
-            runs.append({**evaluate_sr_proxy(net, real_pairs, m.scale), **info})
+        runs = sr_proxy_runs(pairs, real_pairs, sp, m.scale, m.seed)
         res = dict(runs[0])
         if len(runs) > 1:  # mean over seeds; the spread says how much a ranking can be trusted
             for k in ("psnr", "ssim"):
