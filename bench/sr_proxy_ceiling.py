@@ -11,7 +11,7 @@ pairs do not beat bicubic's, no generator can be ranked first there by this prob
 figures of every generator are quoted next to them.
 
     python bench/sr_proxy_ceiling.py out/eval_codecs [--manifest manifests/evaluate_codecs.yaml]
-        [--benchmark ../shared/bench/make_codec_pairs.py]
+        [--benchmark ../shared/bench/make_codec_pairs.py] [--set sr_proxy.steps=1500 ...]
 
 Needs a finished ``kind: evaluate`` run (``<report.dir>/report.json`` and ``work/``) and the
 benchmark's tools (ffmpeg, ImageMagick).
@@ -76,9 +76,16 @@ def main() -> None:
     ap.add_argument("--manifest", default=str(ROOT / "manifests" / "evaluate_codecs.yaml"))
     ap.add_argument("--benchmark", default=str(DEFAULT_BENCHMARK), help="path of make_codec_pairs.py")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="manifest override, e.g. sr_proxy.steps=1500 (the protocol's budget; repeatable)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    m = load_manifest(args.manifest, kind="evaluate")
+    m = load_manifest(args.manifest, args.set, kind="evaluate")
     sp = m.sr_proxy
     mcp = load_benchmark(args.benchmark)
     rep_dir = Path(args.report_dir)

@@ -29,6 +29,7 @@ METRIC_TITLES = {
     "laplacian_gap": "Laplacian-energy relative gap (lower is better)",
     "blockiness_gap": "8x8 blockiness relative gap (lower is better)",
     "classifier_accuracy": "classifier accuracy (0.5 = indistinguishable)",
+    "classifier_paired_accuracy": "classifier paired (2AFC) accuracy (0.5 = indistinguishable)",
     "sr_psnr": "SR proxy PSNR on real pairs (dB, higher is better)",
     "sr_ssim": "SR proxy SSIM on real pairs (higher is better)",
 }
@@ -158,7 +159,7 @@ def write_report(result: dict, images: dict, out: Path, *, grid_rows: int = 6, s
         if not any(v is not None for g in groups.values() for v in g.values()):
             continue
         name = f"bars_{key}.png"
-        bar_chart(title, groups, out / name, ref_line=0.5 if key == "classifier_accuracy" else None)
+        bar_chart(title, groups, out / name, ref_line=0.5 if key.startswith("classifier_") else None)
         figures.append(name)
     for d, sec in domains.items():
         img = _grid(images[d]["tiles"], images[d]["generated"], grid_rows, scale)
@@ -228,6 +229,13 @@ def _markdown(result: dict, figures: list[str], gens: list[str]) -> str:
                 "- classifier accuracy (95% CI over test crops): "
                 + "; ".join(
                     f"{g} {c['accuracy']:.3f} [{c['accuracy_ci95'][0]:.2f}, {c['accuracy_ci95'][1]:.2f}]"
+                    for g, c in clf.items()
+                )
+            )
+            lines.append(
+                "- classifier paired (2AFC) accuracy (95% CI over test pairs): "
+                + "; ".join(
+                    f"{g} {c['paired_accuracy']:.3f} [{c['paired_ci95'][0]:.2f}, {c['paired_ci95'][1]:.2f}]"
                     for g, c in clf.items()
                 )
             )

@@ -657,11 +657,13 @@ def evaluate_domain(
             res = pool_classifier_runs(runs)
             gens_out[kind]["classifier"] = res
             gens_out[kind]["metrics"]["classifier_accuracy"] = res["accuracy"]
+            gens_out[kind]["metrics"]["classifier_paired_accuracy"] = res["paired_accuracy"]
             timings[f"classifier_{kind}_s"] = round(time.perf_counter() - t0, 1)
             lo, hi = res["accuracy_ci95"]
             log(
                 f"[{d.name}] {kind}: classifier accuracy {res['accuracy']:.3f} "
-                f"(95% CI {lo:.2f}-{hi:.2f}; 0.5 = not told apart)"
+                f"(95% CI {lo:.2f}-{hi:.2f}; 0.5 = not told apart), paired {res['paired_accuracy']:.3f} "
+                f"(95% CI {res['paired_ci95'][0]:.2f}-{res['paired_ci95'][1]:.2f})"
             )
 
     # SR proxy.
@@ -776,9 +778,16 @@ def pool_classifier_runs(runs: list[dict]) -> dict:
     correct = sum(round(r["accuracy"] * r["test_crops"]) for r in runs)
     total = sum(r["test_crops"] for r in runs)
     accs = [r["accuracy"] for r in runs]
+    wins = sum(r["paired_wins"] for r in runs)
+    pairs = sum(r["test_pairs"] for r in runs)
     return {
         "accuracy": round(correct / total, 4),
         "accuracy_ci95": [round(v, 4) for v in wilson_interval(correct, total)],
+        "paired_accuracy": round(wins / pairs, 4),
+        "paired_ci95": [round(v, 4) for v in wilson_interval(round(wins), pairs)],
+        "paired_wins": wins,
+        "test_pairs": pairs,
+        "paired_repeats": [r["paired_accuracy"] for r in runs],
         "accuracy_std": round(float(np.std(accs)), 4),
         "tile_accuracy": round(float(np.mean([r["tile_accuracy"] for r in runs])), 4),
         "test_crops": total,
@@ -855,6 +864,7 @@ SUMMARY_KEYS = (
     "laplacian_gap",
     "blockiness_gap",
     "classifier_accuracy",
+    "classifier_paired_accuracy",
     "sr_psnr",
     "sr_ssim",
 )
@@ -874,7 +884,7 @@ def summary_table(domains: dict, generators) -> dict:
                 continue
 
             def badness(g, v=vals, k=key):
-                if k == "classifier_accuracy":
+                if k.startswith("classifier_"):  # closeness to chance
                     return abs(v[g] - 0.5)
                 return -v[g] if HIGHER_IS_BETTER.get(k, False) else v[g]
 
@@ -906,6 +916,10 @@ DEFINITIONS = {
     "crops of the same tiles, leave-one-photo-out folds; threshold = median of the held-out logits "
     "(the held-out set is balanced), so a content shift of an unseen photo's logits does not read as "
     "chance; 0.5 = indistinguishable",
+    "classifier_paired_accuracy": "the same classifier's held-out two-alternative forced choice: over "
+    "pairs (the true and the generated crop of the same tile and position), the fraction where the "
+    "generated crop gets the higher logit (ties half); the content both crops share cancels; 0.5 = "
+    "indistinguishable",
     "sr_psnr/sr_ssim": "a small SR net (convs + pixel shuffle, residual on bicubic) trained for a fixed "
     "budget on the generator's pairs of other HR photos (domain refs_train as references), scored on the "
     "domain's real (HR, true LR) tiles, crop_border = scale",

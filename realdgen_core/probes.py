@@ -102,7 +102,10 @@ def two_sample_test(
     and half generated per batch. Test: every
     non-overlapping ``crop`` position of every held-out tile, both classes; ``accuracy`` is over
     those crops (with a Wilson 95 % interval), ``tile_accuracy`` over tiles (mean logit of a tile's
-    crops). The held-out set is balanced by construction, so the decision threshold is the median of
+    crops), ``paired_accuracy`` over pairs: the real and the generated crop of the same tile and
+    position, called right when the generated one has the higher logit (a two-alternative forced
+    choice; the content both crops share cancels, so it ranks generators where the unpaired figure's
+    interval cannot). The held-out set is balanced by construction, so the decision threshold is the median of
     its logits (``_balanced_correct``): a held-out photo shifts every logit by its content, and with a
     threshold of 0 that shift alone gave exactly 0.5 for a classifier that ranked the two classes
     apart (``fixed_threshold_accuracy`` keeps that figure). 0.5 = chance. With a few dozen tiles
@@ -121,6 +124,7 @@ def two_sample_test(
     ys, xs = _grid_positions(h, crop, 8), _grid_positions(w, crop, 8)
     test_ys, test_xs = _grid_positions(h, crop, crop), _grid_positions(w, crop, crop)
     correct = total = tile_correct = tile_total = fixed_correct = 0
+    paired_wins, paired_total = 0.0, 0
     folds_out = []
     for fi, (name, train_idx, test_idx) in enumerate(_folds(list(groups))):
         net = _seeded(seed + fi, lambda: TwoSampleCNN(width))
@@ -169,6 +173,13 @@ def two_sample_test(
         tile_correct += t_correct
         tile_total += t_total
         fixed_correct += int((logits[0] <= 0).sum() + (logits[1] > 0).sum())
+        # Paired (two-alternative forced choice): the real and the generated crop of the same tile
+        # and position, the one with the higher logit called generated. The content term of a logit
+        # is the same for both crops of a pair and cancels; ties (no information) count half.
+        diff = logits[1] - logits[0]
+        f_paired = float((diff > 0).sum()) + 0.5 * float((diff == 0).sum())
+        paired_wins += f_paired
+        paired_total += diff.numel()
         correct += f_correct
         total += f_total
         folds_out.append(
@@ -177,12 +188,17 @@ def two_sample_test(
                 "train_tiles": len(train_idx),
                 "test_tiles": len(test_idx),
                 "accuracy": round(f_correct / f_total, 4),
+                "paired_accuracy": round(f_paired / diff.numel(), 4),
                 "final_loss": round(loss.item(), 4),
             }
         )
     return {
         "accuracy": round(correct / total, 4),
         "accuracy_ci95": [round(v, 4) for v in wilson_interval(correct, total)],
+        "paired_accuracy": round(paired_wins / paired_total, 4),
+        "paired_ci95": [round(v, 4) for v in wilson_interval(round(paired_wins), paired_total)],
+        "paired_wins": paired_wins,
+        "test_pairs": paired_total,
         "tile_accuracy": round(tile_correct / tile_total, 4),
         "fixed_threshold_accuracy": round(fixed_correct / total, 4),
         "test_crops": total,

@@ -175,6 +175,7 @@ def test_tiny_evaluation_report_matches_independent_numbers(ray_local, bench, ti
         "grid_jpeg-standin.png",
         "bars_psnr.png",
         "bars_classifier_accuracy.png",
+        "bars_classifier_paired_accuracy.png",
         "hist_jpeg-standin.png",
     ):
         assert (out / name).stat().st_size > 0, name
@@ -218,6 +219,12 @@ def test_tiny_evaluation_report_matches_independent_numbers(ray_local, bench, ti
     assert [f["held_out"] for f in clf["folds"]] == ["astronaut", "coffee"] * 2 and clf["test_crops"] == 64
     assert len(clf["repeats"]) == 2 and clf["accuracy"] == pytest.approx(np.mean(clf["repeats"]), abs=1e-3)
     assert 0.0 <= clf["accuracy_ci95"][0] <= clf["accuracy"] <= clf["accuracy_ci95"][1] <= 1.0
+    # paired figure pooled over the repeats: 32 pairs (half the crops) per repeat
+    assert clf["test_pairs"] == 32
+    assert clf["paired_accuracy"] == pytest.approx(clf["paired_wins"] / 32, abs=1e-4)
+    assert clf["paired_accuracy"] == pytest.approx(np.mean(clf["paired_repeats"]), abs=1e-3)
+    assert dom["generators"]["realdgen"]["metrics"]["classifier_paired_accuracy"] == clf["paired_accuracy"]
+    assert 0.0 <= clf["paired_ci95"][0] <= clf["paired_accuracy"] <= clf["paired_ci95"][1] <= 1.0
     # SR proxy: 2 training tiles of `camera` per generator, scored on the 4 real pairs.
     for kind in ("bicubic", "realdgen"):
         sp = dom["generators"][kind]["sr_proxy"]
@@ -345,3 +352,9 @@ def test_two_sample_threshold_is_the_median_of_the_balanced_held_out_set(photos)
     same = two_sample_test(tiles, [t.copy() for t in tiles], groups, **kw)
     assert told["accuracy"] >= 0.7 and same["accuracy"] == 0.5, (told, same)
     assert 0.0 <= told["fixed_threshold_accuracy"] <= 1.0 and told["test_crops"] == same["test_crops"] == 48
+    # paired 2AFC: identical crops tie everywhere (exactly chance); noise is picked in nearly every pair
+    assert same["paired_accuracy"] == 0.5 and same["test_pairs"] == 24 and same["paired_wins"] == 12.0
+    assert told["paired_accuracy"] >= 0.9, told
+    assert told["paired_accuracy"] == pytest.approx(
+        np.mean([f["paired_accuracy"] for f in told["folds"]]), abs=1e-3
+    )
