@@ -30,6 +30,7 @@ METRIC_TITLES = {
     "blockiness_gap": "8x8 blockiness relative gap (lower is better)",
     "classifier_accuracy": "classifier accuracy (0.5 = indistinguishable)",
     "classifier_paired_accuracy": "classifier paired (2AFC) accuracy (0.5 = indistinguishable)",
+    "classifier_paired_fold_distance": "classifier paired, mean per-fold |accuracy - 0.5| (lower is better)",
     "sr_psnr": "SR proxy PSNR on real pairs (dB, higher is better)",
     "sr_ssim": "SR proxy SSIM on real pairs (higher is better)",
 }
@@ -159,7 +160,7 @@ def write_report(result: dict, images: dict, out: Path, *, grid_rows: int = 6, s
         if not any(v is not None for g in groups.values() for v in g.values()):
             continue
         name = f"bars_{key}.png"
-        bar_chart(title, groups, out / name, ref_line=0.5 if key.startswith("classifier_") else None)
+        bar_chart(title, groups, out / name, ref_line=0.5 if key.endswith("accuracy") else None)
         figures.append(name)
     for d, sec in domains.items():
         img = _grid(images[d]["tiles"], images[d]["generated"], grid_rows, scale)
@@ -236,6 +237,7 @@ def _markdown(result: dict, figures: list[str], gens: list[str]) -> str:
                 "- classifier paired (2AFC) accuracy (95% CI over test pairs): "
                 + "; ".join(
                     f"{g} {c['paired_accuracy']:.3f} [{c['paired_ci95'][0]:.2f}, {c['paired_ci95'][1]:.2f}]"
+                    f" (per fold {', '.join(format(f['paired_accuracy'], '.2f') for f in c['folds'])})"
                     for g, c in clf.items()
                 )
             )

@@ -658,12 +658,14 @@ def evaluate_domain(
             gens_out[kind]["classifier"] = res
             gens_out[kind]["metrics"]["classifier_accuracy"] = res["accuracy"]
             gens_out[kind]["metrics"]["classifier_paired_accuracy"] = res["paired_accuracy"]
+            gens_out[kind]["metrics"]["classifier_paired_fold_distance"] = res["paired_fold_distance"]
             timings[f"classifier_{kind}_s"] = round(time.perf_counter() - t0, 1)
             lo, hi = res["accuracy_ci95"]
             log(
                 f"[{d.name}] {kind}: classifier accuracy {res['accuracy']:.3f} "
                 f"(95% CI {lo:.2f}-{hi:.2f}; 0.5 = not told apart), paired {res['paired_accuracy']:.3f} "
-                f"(95% CI {res['paired_ci95'][0]:.2f}-{res['paired_ci95'][1]:.2f})"
+                f"(95% CI {res['paired_ci95'][0]:.2f}-{res['paired_ci95'][1]:.2f}), per-fold distance to "
+                f"chance {res['paired_fold_distance']:.3f}"
             )
 
     # SR proxy.
@@ -771,7 +773,7 @@ def sr_proxy_domain(m, d, dom, dwork, work, sr_hr, ckpt, digest, gens_out, timin
 
 def pool_classifier_runs(runs: list[dict]) -> dict:
     """One classifier result from seeded repeats: accuracy = mean, CI over the pooled test crops."""
-    from realdgen_core.probes import wilson_interval
+    from realdgen_core.probes import fold_distance, wilson_interval
 
     if len(runs) == 1:
         return runs[0]
@@ -788,6 +790,7 @@ def pool_classifier_runs(runs: list[dict]) -> dict:
         "paired_wins": wins,
         "test_pairs": pairs,
         "paired_repeats": [r["paired_accuracy"] for r in runs],
+        "paired_fold_distance": fold_distance([f for r in runs for f in r["folds"]]),
         "accuracy_std": round(float(np.std(accs)), 4),
         "tile_accuracy": round(float(np.mean([r["tile_accuracy"] for r in runs])), 4),
         "test_crops": total,
@@ -865,6 +868,7 @@ SUMMARY_KEYS = (
     "blockiness_gap",
     "classifier_accuracy",
     "classifier_paired_accuracy",
+    "classifier_paired_fold_distance",
     "sr_psnr",
     "sr_ssim",
 )
@@ -884,7 +888,7 @@ def summary_table(domains: dict, generators) -> dict:
                 continue
 
             def badness(g, v=vals, k=key):
-                if k.startswith("classifier_"):  # closeness to chance
+                if k in ("classifier_accuracy", "classifier_paired_accuracy"):  # closeness to chance
                     return abs(v[g] - 0.5)
                 return -v[g] if HIGHER_IS_BETTER.get(k, False) else v[g]
 
@@ -920,6 +924,9 @@ DEFINITIONS = {
     "pairs (the true and the generated crop of the same tile and position), the fraction where the "
     "generated crop gets the higher logit (ties half); the content both crops share cancels; 0.5 = "
     "indistinguishable",
+    "classifier_paired_fold_distance": "mean over the held-out folds (and repeats) of |paired accuracy "
+    "- 0.5|: a fold far below 0.5 (told apart, in the direction opposite to the training photos) "
+    "counts as told apart instead of cancelling a fold above; 0 = chance on every fold, lower is better",
     "sr_psnr/sr_ssim": "a small SR net (convs + pixel shuffle, residual on bicubic) trained for a fixed "
     "budget on the generator's pairs of other HR photos (domain refs_train as references), scored on the "
     "domain's real (HR, true LR) tiles, crop_border = scale",

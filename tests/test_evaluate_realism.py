@@ -225,6 +225,16 @@ def test_tiny_evaluation_report_matches_independent_numbers(ray_local, bench, ti
     assert clf["paired_accuracy"] == pytest.approx(np.mean(clf["paired_repeats"]), abs=1e-3)
     assert dom["generators"]["realdgen"]["metrics"]["classifier_paired_accuracy"] == clf["paired_accuracy"]
     assert 0.0 <= clf["paired_ci95"][0] <= clf["paired_accuracy"] <= clf["paired_ci95"][1] <= 1.0
+    dist = np.mean([abs(f["paired_accuracy"] - 0.5) for f in clf["folds"]])  # 4 folds, sign-free
+    fd = rep["summary"]["classifier_paired_fold_distance"]["jpeg-standin"]  # lower is better
+    assert fd["realdgen_margin"] == pytest.approx(
+        fd["values"][fd["best_baseline"]] - fd["values"]["realdgen"]
+    )
+    assert fd["values"][fd["best_baseline"]] == min(v for g, v in fd["values"].items() if g != "realdgen")
+    assert clf["paired_fold_distance"] == pytest.approx(dist, abs=1e-4)
+    assert dom["generators"]["realdgen"]["metrics"]["classifier_paired_fold_distance"] == pytest.approx(
+        dist, abs=1e-4
+    )
     # SR proxy: 2 training tiles of `camera` per generator, scored on the 4 real pairs.
     for kind in ("bicubic", "realdgen"):
         sp = dom["generators"][kind]["sr_proxy"]
@@ -355,6 +365,7 @@ def test_two_sample_threshold_is_the_median_of_the_balanced_held_out_set(photos)
     # paired 2AFC: identical crops tie everywhere (exactly chance); noise is picked in nearly every pair
     assert same["paired_accuracy"] == 0.5 and same["test_pairs"] == 24 and same["paired_wins"] == 12.0
     assert told["paired_accuracy"] >= 0.9, told
+    assert same["paired_fold_distance"] == 0.0 and told["paired_fold_distance"] >= 0.4
     assert told["paired_accuracy"] == pytest.approx(
         np.mean([f["paired_accuracy"] for f in told["folds"]]), abs=1e-3
     )
