@@ -11,7 +11,12 @@ pairs do not beat bicubic's, no generator can be ranked first there by this prob
 figures of every generator are quoted next to them.
 
     python bench/sr_proxy_ceiling.py out/eval_codecs [--manifest manifests/evaluate_codecs.yaml]
-        [--benchmark ../shared/bench/make_codec_pairs.py] [--set sr_proxy.steps=1500 ...]
+        [--benchmark ../shared/bench/make_codec_pairs.py] [--set sr_proxy.steps=1500 ...] [--stride 128]
+
+``--stride N`` trains on more data than the evaluation did: every HR tile (``generation.tile`` ×
+scale) of the ``sr_proxy.photos`` on a grid of that stride, bicubic pairs made by D's ``bicubic``
+kind (what the job's ``bicubic`` generator applies). With ``--set`` it asks whether any protocol
+of this family (more tiles, steps, a wider net) lets the true pipeline's pairs beat bicubic's.
 
 Needs a finished ``kind: evaluate`` run (``<report.dir>/report.json`` and ``work/``) and the
 benchmark's tools (ffmpeg, ImageMagick).
@@ -65,6 +70,28 @@ def true_pairs(mcp, pipeline: str, hrs: list[np.ndarray]) -> list[tuple[np.ndarr
     return out
 
 
+def grid_tiles(photos: list[str], size: int, stride: int) -> list[np.ndarray]:
+    """Every ``size`` tile of each photo on a grid of ``stride`` (top-left first, row-major)."""
+    from pipelines.demo_data import load_photo
+
+    out = []
+    for name in photos:
+        img = load_photo(name)
+        h, w = img.shape[:2]
+        for y in range(0, h - size + 1, stride):
+            for x in range(0, w - size + 1, stride):
+                out.append(np.ascontiguousarray(img[y : y + size, x : x + size]))
+    return out
+
+
+def bicubic_lr(hr: np.ndarray, scale: int) -> np.ndarray:
+    from realdgen_core import degrade
+
+    theta = degrade.sample_theta("bicubic", scale, torch.Generator().manual_seed(0))
+    x = torch.from_numpy(hr).permute(2, 0, 1)[None].float() / 255
+    return degrade.apply(x, [theta])[0].permute(1, 2, 0).mul(255).round().byte().numpy()
+
+
 def score(pairs, real, sp, scale: int, seed: int) -> dict:
     runs = [r["psnr"] for r in sr_proxy_runs(pairs, real, sp, scale, seed)]
     return {"psnr": round(float(np.mean(runs)), 3), "runs": runs}
@@ -76,6 +103,9 @@ def main() -> None:
     ap.add_argument("--manifest", default=str(ROOT / "manifests" / "evaluate_codecs.yaml"))
     ap.add_argument("--benchmark", default=str(DEFAULT_BENCHMARK), help="path of make_codec_pairs.py")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--stride", type=int, default=0, help="cut grid tiles of sr_proxy.photos (0 = the report's)"
+    )
     ap.add_argument(
         "--set",
         action="append",
@@ -91,12 +121,17 @@ def main() -> None:
     rep_dir = Path(args.report_dir)
     report = json.loads((rep_dir / "report.json").read_text())
     work = rep_dir / "work"
-    shared = sorted(work.glob("_shared/sr_pairs-*/bicubic"))
-    if len(shared) != 1:
-        raise SystemExit(f"{work}: expected one _shared/sr_pairs-*/bicubic dataset, found {len(shared)}")
-    bicubic = [(hr, lr) for _, (hr, lr, _) in sorted(read_dataset(str(shared[0]), m.scale, False).items())]
-    hrs = [hr for hr, _ in bicubic]
-    out: dict = {"settings": sp.model_dump(), "train_tiles": len(hrs)}
+    if args.stride:
+        hrs = grid_tiles(sp.photos, m.generation.tile * m.scale, args.stride)
+        bicubic = [(hr, bicubic_lr(hr, m.scale)) for hr in hrs]
+    else:
+        shared = sorted(work.glob("_shared/sr_pairs-*/bicubic"))
+        if len(shared) != 1:
+            raise SystemExit(f"{work}: expected one _shared/sr_pairs-*/bicubic dataset, found {len(shared)}")
+        done = read_dataset(str(shared[0]), m.scale, False)
+        bicubic = [(hr, lr) for _, (hr, lr, _) in sorted(done.items())]
+        hrs = [hr for hr, _ in bicubic]
+    out: dict = {"settings": sp.model_dump(), "stride": args.stride or None, "train_tiles": len(hrs)}
     for name, dom in report["domains"].items():
         if name not in mcp.PIPELINES and name not in VARIANTS:
             out[name] = {"skipped": "no known pipeline of that name"}

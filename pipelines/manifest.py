@@ -864,6 +864,11 @@ class TrainCalibration(StrictModel):
     jpeg_qualities: tuple[int, ...] = Field(
         _calibrate.DEFAULT_JPEG_QUALITIES, min_length=1, description="Start bank: JPEG qualities (0 = none)."
     )
+    sharpen_amounts: tuple[float, ...] = Field(
+        _calibrate.DEFAULT_SHARPEN_AMOUNTS,
+        min_length=1,
+        description="Start bank: unsharp-mask amounts on the LR before the JPEG (0 = none).",
+    )
     k: int = Field(4, ge=1, le=64, description="Best-of-k while calibrating (as the job uses).")
     content_weight: float = Field(0.0, ge=0, le=1e6, description="Filter weight of the content error.")
     degradation_weight: float = Field(1.0, ge=0, le=1e6, description="Filter weight of the E_deg error.")

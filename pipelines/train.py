@@ -230,7 +230,9 @@ def calibrate_checkpoint(m: TrainManifest) -> dict:
     local = fetch_to_local(m.output.checkpoint, storage)
     model, meta = load_checkpoint(local)
     gen = LRGenerator(model, sampler=SamplerConfig(kind="ddim", steps=cal_m.sampler_steps, eta=1.0))
-    bank = calibrate.start_bank(model.config.scale, cal_m.blur_sigmas, cal_m.jpeg_qualities)
+    bank = calibrate.start_bank(
+        model.config.scale, cal_m.blur_sigmas, cal_m.jpeg_qualities, cal_m.sharpen_amounts
+    )
     weights = (cal_m.content_weight, cal_m.degradation_weight)
     tau_max, scores = calibrate.calibrate_tau(
         gen, hr, pair_refs, bank, tau_grid=cal_m.tau_grid, k=cal_m.k, weights=weights, seed=m.seed

@@ -45,16 +45,22 @@ METADATA_KEY = "calibration"
 DEFAULT_BLUR_SIGMAS: tuple[float, ...] = (0.0, 0.6, 1.0, 1.3, 1.6, 2.2, 3.0)
 DEFAULT_JPEG_QUALITIES: tuple[int, ...] = (0, 95, 90, 85, 75, 60, 40)  # 0 = no JPEG
 DEFAULT_TAU_GRID: tuple[int, ...] = (0, 25, 50, 100, 200, 300)
+# Unsharp-mask amounts applied to the LR after the resize (0 = none): phones and re-share apps sharpen.
+DEFAULT_SHARPEN_AMOUNTS: tuple[float, ...] = (0.0,)
+SHARPEN_SIGMA = 1.0  # LR px: the mask's Gaussian
 
 
-def start_theta(scale: int, blur_sigma: float, jpeg_quality: int) -> dict:
-    """One start θ (kind ``domain``): blur σ (HR px, 0 = none) → bicubic_aa ×1/s → JPEG q (0 = none)."""
+def start_theta(scale: int, blur_sigma: float, jpeg_quality: int, sharpen: float = 0.0) -> dict:
+    """One start θ (kind ``domain``): blur σ (HR px, 0 = none) → bicubic_aa ×1/s → unsharp mask of
+    that amount (σ ``SHARPEN_SIGMA`` LR px, 0 = none) → JPEG q (0 = none)."""
     if scale not in degrade.SCALES:
         raise ValueError(f"scale must be one of {degrade.SCALES}, got {scale!r}")
     if not 0.0 <= float(blur_sigma) <= 10.0:
         raise ValueError(f"blur_sigma must be in [0, 10] HR pixels, got {blur_sigma!r}")
     if not (int(jpeg_quality) == 0 or 1 <= int(jpeg_quality) <= 100):
         raise ValueError(f"jpeg_quality must be 0 (none) or in [1, 100], got {jpeg_quality!r}")
+    if not 0.0 <= float(sharpen) <= 10.0:
+        raise ValueError(f"sharpen must be in [0, 10] (0 = none), got {sharpen!r}")
     ops: list[dict] = []
     if blur_sigma > 0:
         # 21 taps as in D; covers ±3σ up to σ = 3.3, wider kernels are truncated (and renormalised).
@@ -62,6 +68,8 @@ def start_theta(scale: int, blur_sigma: float, jpeg_quality: int) -> dict:
         kernel = {"type": "iso", "size": size, "sigma_x": float(blur_sigma), "sigma_y": float(blur_sigma)}
         ops.append({"name": "blur", "op": "blur", "kernel": {**kernel, "rotation": 0.0}})
     ops.append({"name": "resize", "op": "resize", "relative_to": "lr", "factor": 1.0, "mode": "bicubic_aa"})
+    if sharpen > 0:
+        ops.append({"name": "sharpen", "op": "unsharp", "sigma": SHARPEN_SIGMA, "amount": float(sharpen)})
     if jpeg_quality:
         ops.append({"name": "jpeg", "op": "jpeg", "quality": int(jpeg_quality)})
     return {
@@ -77,11 +85,14 @@ def start_bank(
     scale: int,
     blur_sigmas: Sequence[float] = DEFAULT_BLUR_SIGMAS,
     jpeg_qualities: Sequence[int] = DEFAULT_JPEG_QUALITIES,
+    sharpen_amounts: Sequence[float] = DEFAULT_SHARPEN_AMOUNTS,
 ) -> tuple[dict, ...]:
-    """The grid of start θs (blur-major order); see :func:`start_theta`."""
-    if not blur_sigmas or not jpeg_qualities:
-        raise ValueError("a start bank needs at least one blur sigma and one JPEG quality")
-    return tuple(start_theta(scale, s, q) for s in blur_sigmas for q in jpeg_qualities)
+    """The grid of start θs (blur-major, then sharpening, then JPEG); see :func:`start_theta`."""
+    if not blur_sigmas or not jpeg_qualities or not sharpen_amounts:
+        raise ValueError("a start bank needs at least one blur sigma, sharpen amount and JPEG quality")
+    return tuple(
+        start_theta(scale, s, q, a) for s in blur_sigmas for a in sharpen_amounts for q in jpeg_qualities
+    )
 
 
 def check_bank(bank: Sequence[dict], scale: int) -> None:
@@ -278,6 +289,8 @@ def theta_label(theta: dict) -> str:
             parts.append(op.get("mode", "resize"))
         elif op["op"] == "jpeg":
             parts.append(f"JPEG q{op['quality']}")
+        elif op["op"] == "unsharp":
+            parts.append(f"sharpen {op['amount']:g}")
         else:
             parts.append(str(op["op"]))
     return " + ".join(parts)

@@ -36,7 +36,9 @@ The output is clamped and 8-bit quantised, ``round(x * 255) / 255``.
   level 25, so the drawn ``level`` is recorded but unused); ``camera_noise``: ``gamma``,
   ``shot``, ``read``. Each noise op has a ``stream`` int: its field is drawn from a CPU generator
   seeded with ``noise_seed + stream``;
-- ``jpeg``: ``quality`` (int).
+- ``jpeg``: ``quality`` (int);
+- ``unsharp``: ``sigma`` (px of the current image), ``amount``: ``x + amount·(x − G_σ∗x)``, clamped
+  (the sharpening of camera pipelines and re-share apps; only domain start θs use it today).
 
 Real-ESRGAN (numbers from its public training options, in :class:`RealESRGANConfig`):
 blur1 → resize1 → noise1 → jpeg1 → blur2 (p .8) → resize2 (relative to the LR size) → noise2 →
@@ -540,6 +542,17 @@ def filter2d(img: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     weight = kernel.repeat_interleave(c, dim=0).unsqueeze(1)  # [B*C, 1, k, k]
     out = F.conv2d(img.reshape(1, b * c, *img.shape[-2:]), weight, groups=b * c)
     return out.view(b, c, h, w)
+
+
+def unsharp_mask(img: torch.Tensor, sigma: float, amount: float) -> torch.Tensor:
+    """Unsharp masking ``img + amount·(img − G_σ∗img)``, clamped to [0, 1]; σ in pixels of ``img``."""
+    if not 0.0 < sigma <= 10.0:
+        raise ValueError(f"unsharp sigma must be in (0, 10] px, got {sigma!r}")
+    if not 0.0 <= amount <= 10.0:
+        raise ValueError(f"unsharp amount must be in [0, 10], got {amount!r}")
+    size = 2 * math.ceil(3 * sigma) + 1
+    blurred = filter2d(img, isotropic_gaussian_kernel(size, sigma))
+    return (img + amount * (img - blurred)).clamp_(0.0, 1.0)
 
 
 def _fast_fft_size(n: int) -> int:
@@ -1058,6 +1071,8 @@ def _apply_op(x: torch.Tensor, op: dict, lr_size: tuple[int, int], noise_seed: i
         return filter2d(x, build_kernel(op["kernel"]))[..., ::stride, ::stride]
     if t == "jpeg":
         return jpeg(x, int(op["quality"]))
+    if t == "unsharp":
+        return unsharp_mask(x, float(op["sigma"]), float(op["amount"]))
     g = _cpu_generator(int(noise_seed) + int(op["stream"]))
     if t == "gaussian_noise":
         return add_gaussian_noise(x, float(op["sigma"]), bool(op["gray"]), g)

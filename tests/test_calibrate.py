@@ -40,6 +40,32 @@ def test_start_theta_is_blur_resize_jpeg_and_replays(photos):
         calibrate.check_bank([degrade.sample_theta("bicubic", 4, torch.Generator())], 4)
 
 
+def test_sharpen_axis_is_an_unsharp_mask_of_the_resized_lr(photos):
+    hr = _hr(photos, "astronaut")
+    plain = degrade.resize(hr, (16, 16), "bicubic_aa")
+    sharp = degrade.apply(hr, [calibrate.start_theta(4, 0.0, 0, sharpen=0.8)])
+    # independent: the mask's Gaussian built here with the same σ and size, then x + a(x - Gx), clamped
+    size = 2 * 3 + 1
+    g = torch.tensor([[-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0]])
+    k = torch.exp(-(g**2 + g.T**2) / (2 * calibrate.SHARPEN_SIGMA**2))
+    k = (k / k.sum()).reshape(1, 1, size, size).repeat(3, 1, 1, 1)
+    padded = torch.nn.functional.pad(plain, (3,) * 4, mode="reflect")
+    blurred = torch.nn.functional.conv2d(padded, k, groups=3)
+    want = degrade.quantize_8bit((plain + 0.8 * (plain - blurred)).clamp(0, 1))
+    assert torch.allclose(sharp, want, atol=1.5 / 255)
+    lap = lambda x: (x[..., 1:, :] - x[..., :-1, :]).abs().mean()  # noqa: E731
+    assert lap(sharp) > 1.2 * lap(degrade.quantize_8bit(plain))
+    bank = calibrate.start_bank(4, (0.0, 1.0), (0, 50), (0.0, 0.5, 1.0))
+    assert len(bank) == 12 and len({str(t["ops"]) for t in bank}) == 12
+    assert calibrate.theta_label(bank[5]) == "bicubic_aa + sharpen 1 + JPEG q50"
+    assert [op["op"] for op in bank[5]["ops"]] == ["resize", "unsharp", "jpeg"]  # sharpen before the JPEG
+    assert calibrate.start_bank(4, (0.0,), (0,)) == calibrate.start_bank(4, (0.0,), (0,), (0.0,))
+    with pytest.raises(ValueError, match="sharpen"):
+        calibrate.start_theta(4, 1.0, 50, sharpen=-1)
+    with pytest.raises(ValueError, match="unsharp sigma"):
+        degrade.unsharp_mask(hr, 0.0, 1.0)
+
+
 def test_domain_start_picks_the_bank_entry_of_the_reference(photos):
     """A reference made by bank entry b* on the same content has E_deg error exactly 0 to b*'s start,
     so every sample's first candidate starts from b* (a broken selection picks by index or at random)."""
@@ -125,13 +151,14 @@ output: {{run_dir: {tmp_path / "run"}, checkpoint: {tmp_path / "adapted.safetens
 compute: {{torch_threads: 1}}
 progress: {{bar: false}}
 calibration: {{enabled: true, domain: codec, pairs: 2, hr_crop: 32, tau_grid: [0, 4], blur_sigmas: [0.0, 2.0],
-               jpeg_qualities: [0, 35], k: 2, sampler_steps: 2}}
+               jpeg_qualities: [0, 35], sharpen_amounts: [0.0, 0.7], k: 2, sampler_steps: 2}}
 """
     )
     assert T.main([str(path)]) == 0
     model, meta = load_checkpoint(tmp_path / "adapted.safetensors")
     cal = calibrate.from_metadata(meta)
-    assert cal is not None and cal.domain == "codec" and cal.tau_max in (0, 4) and len(cal.bank) == 4
+    assert cal is not None and cal.domain == "codec" and cal.tau_max in (0, 4) and len(cal.bank) == 8
+    assert sum(any(op["op"] == "unsharp" for op in t["ops"]) for t in cal.bank) == 4
     assert set(cal.scores["per_tau_max"]) == {"0", "4"} and cal.scores["validation_images"] >= 1
     assert meta["completed"] == ["diffusion"]  # the training metadata is kept
     # the job resolves its unset settings from it
@@ -189,6 +216,11 @@ def test_domain_start_profile_picks_the_domains_entry_and_is_the_mean_pair_error
             calibrate.choose_starts(errs, 3) == [want] * 3
         )  # every candidate starts from the domain's entry
     assert calibrate.theta_label(bank[1]) == "blur σ 1.5 + bicubic_aa"
+    # a sharpened domain picks its sharpening entry, a plain one does not
+    sharp_bank = calibrate.start_bank(4, (0.0, 1.5), (0,), (0.0, 1.0))
+    for want in range(4):
+        emb = net(degrade.apply(ref_hr, [sharp_bank[want]] * len(ref_hr)))
+        assert calibrate.domain_start_profile(net, probe, emb, sharp_bank)["chosen"] == want
     with pytest.raises(ValueError, match="probe HR tile"):
         calibrate.domain_start_profile(net, [], ref_emb, bank)
     with pytest.raises(ValueError, match="all errors are infinite"):
