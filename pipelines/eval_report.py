@@ -224,6 +224,8 @@ def _markdown(result: dict, figures: list[str], gens: list[str]) -> str:
             lines.append(
                 f"- SR proxy floor (bicubic upsampling of the true LR): {b['psnr']:.2f} dB / {b['ssim']:.4f}"
             )
+            for g, n in sec["sr_proxy"].get("inputs_failed", {}).items():
+                lines.append(f"- SR proxy: {n} training HR inputs failed for {g} (see its _index.json)")
         clf = {g: v["classifier"] for g, v in sec["generators"].items() if "classifier" in v}
         if clf:
             lines.append(

@@ -752,6 +752,10 @@ def sr_proxy_domain(m, d, dom, dwork, work, sr_hr, ckpt, digest, gens_out, timin
             (hr, lr)
             for _, (hr, lr, _) in sorted(read_dataset(str(target), m.scale, one_per_image=False).items())
         ]
+        index = json.loads((target / "_index.json").read_text())
+        if index.get("inputs_failed"):  # the job tolerates some (max_failure_fraction): say so
+            out.setdefault("inputs_failed", {})[kind] = f"{index['inputs_failed']} of {index['inputs']}"
+            log(f"[{d.name}] SR proxy {kind}: {index['inputs_failed']} of {index['inputs']} HR inputs failed")
         runs = sr_proxy_runs(pairs, real_pairs, sp, m.scale, m.seed)
         res = dict(runs[0])
         if len(runs) > 1:  # mean over seeds; the spread says how much a ranking can be trusted

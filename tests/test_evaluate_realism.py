@@ -166,7 +166,16 @@ def test_tiny_evaluation_report_matches_independent_numbers(ray_local, bench, ti
     from pipelines.evaluate_realism import run_evaluation
 
     out = tmp_path / "report"
-    m = parse_manifest(_manifest(bench, tiny_ckpt, out))
+    # the SR proxy's HR: a user folder with one photo and one broken file (the job skips it, the
+    # report says so, the rest goes on)
+    sr_hr = tmp_path / "sr_hr"
+    sr_hr.mkdir()
+    from skimage import data as skdata
+
+    Image.fromarray(skdata.camera()).convert("RGB").save(sr_hr / "camera.png")
+    (sr_hr / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    base = _manifest(bench, tiny_ckpt, out)
+    m = parse_manifest({**base, "sr_proxy": {**base["sr_proxy"], "hr": {"uri": str(sr_hr)}}})
     result = run_evaluation(m, log=lambda *_: None)
     rep = json.loads((out / "report.json").read_text())
     assert rep["summary"] == json.loads(json.dumps(result["summary"]))
@@ -235,6 +244,8 @@ def test_tiny_evaluation_report_matches_independent_numbers(ray_local, bench, ti
     assert dom["generators"]["realdgen"]["metrics"]["classifier_paired_fold_distance"] == pytest.approx(
         dist, abs=1e-4
     )
+    assert dom["sr_proxy"]["inputs_failed"] == {"realdgen": "1 of 2", "bicubic": "1 of 2"}
+    assert "1 of 2 training HR inputs failed for realdgen" in (out / "report.md").read_text()
     # SR proxy: 2 training tiles of `camera` per generator, scored on the 4 real pairs.
     for kind in ("bicubic", "realdgen"):
         sp = dom["generators"][kind]["sr_proxy"]
