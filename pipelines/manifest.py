@@ -874,6 +874,15 @@ class TrainCalibration(StrictModel):
     degradation_weight: float = Field(1.0, ge=0, le=1e6, description="Filter weight of the E_deg error.")
     sampler_steps: int = Field(10, ge=1, le=1000, description="DDIM steps while calibrating τ.")
 
+    @model_validator(mode="after")
+    def _bank_is_valid(self) -> TrainCalibration:
+        # build the bank now (any scale) so that a bad σ / quality / amount fails before training
+        try:
+            _calibrate.start_bank(4, self.blur_sigmas, self.jpeg_qualities, self.sharpen_amounts)
+        except ValueError as exc:
+            raise ValueError(f"start bank: {exc}") from None
+        return self
+
 
 class TrainManifest(StrictModel):
     """kind: train — RealDGen's three-stage training (A content, B degradation, C Decoupled DDPM)."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipelines.manifest import ManifestError, load_manifest
 from realdgen_core import calibrate, degrade
 from realdgen_core.checkpoint import load_checkpoint, save_checkpoint
 from realdgen_core.config import preset
@@ -154,6 +155,10 @@ calibration: {{enabled: true, domain: codec, pairs: 2, hr_crop: 32, tau_grid: [0
                jpeg_qualities: [0, 35], sharpen_amounts: [0.0, 0.7], k: 2, sampler_steps: 2}}
 """
     )
+    # a bad bank axis is a manifest error, before any training
+    for bad, word in (("sharpen_amounts=[-1]", "sharpen"), ("jpeg_qualities=[101]", "jpeg_quality")):
+        with pytest.raises(ManifestError, match=word):
+            load_manifest(path, [f"calibration.{bad}"], kind="train")
     assert T.main([str(path)]) == 0
     model, meta = load_checkpoint(tmp_path / "adapted.safetensors")
     cal = calibrate.from_metadata(meta)
