@@ -86,10 +86,10 @@ def grid_tiles(photos: list[str], size: int, stride: int) -> list[np.ndarray]:
 
 def bicubic_lr(hr: np.ndarray, scale: int) -> np.ndarray:
     from realdgen_core import degrade
+    from realdgen_core.train.data import to_tensor, to_uint8
 
-    theta = degrade.sample_theta("bicubic", scale, torch.Generator().manual_seed(0))
-    x = torch.from_numpy(hr).permute(2, 0, 1)[None].float() / 255
-    return degrade.apply(x, [theta])[0].permute(1, 2, 0).mul(255).round().byte().numpy()
+    lr, _ = degrade.degrade(to_tensor(hr)[None], "bicubic", scale, [torch.Generator().manual_seed(0)])
+    return to_uint8(lr[0])
 
 
 def score(pairs, real, sp, scale: int, seed: int) -> dict:

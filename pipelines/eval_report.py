@@ -22,6 +22,9 @@ COLOURS = {
     "bsrgan": (44, 160, 44),
     "bicubic": (127, 127, 127),
 }
+# metrics where 0.5 is the ideal (chance): ranked by |value - 0.5|, drawn with a line at 0.5
+CHANCE_METRICS = ("classifier_accuracy", "classifier_paired_accuracy")
+
 METRIC_TITLES = {
     "psnr": "PSNR to true LR (dB, higher is better)",
     "ssim": "SSIM to true LR (higher is better)",
@@ -160,7 +163,7 @@ def write_report(result: dict, images: dict, out: Path, *, grid_rows: int = 6, s
         if not any(v is not None for g in groups.values() for v in g.values()):
             continue
         name = f"bars_{key}.png"
-        bar_chart(title, groups, out / name, ref_line=0.5 if key.endswith("accuracy") else None)
+        bar_chart(title, groups, out / name, ref_line=0.5 if key in CHANCE_METRICS else None)
         figures.append(name)
     for d, sec in domains.items():
         img = _grid(images[d]["tiles"], images[d]["generated"], grid_rows, scale)

@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipelines.eval_report import CHANCE_METRICS
 from pipelines.manifest import (
     EvalDomain,
     EvaluateManifest,
@@ -892,7 +893,7 @@ def summary_table(domains: dict, generators) -> dict:
                 continue
 
             def badness(g, v=vals, k=key):
-                if k in ("classifier_accuracy", "classifier_paired_accuracy"):  # closeness to chance
+                if k in CHANCE_METRICS:  # closeness to chance
                     return abs(v[g] - 0.5)
                 return -v[g] if HIGHER_IS_BETTER.get(k, False) else v[g]
 
