@@ -8,7 +8,8 @@ pairs (the benchmark's own pipeline, run by ``make_codec_pairs.py``'s ``degrade`
 SR-proxy training set) and trains the SR proxy on them with the manifest's settings, next to plain
 bicubic pairs of the same tiles, in the same run and with the same seeds. Where the true pipeline's
 pairs do not beat bicubic's, no generator can be ranked first there by this probe. The report's SR
-figures of every generator are quoted next to them.
+figures of every generator are quoted next to them, and how close each generator's SR training LR
+is to the true pipeline's LR of the same boxes (``train_lr_psnr_to_truth``, PSNR in dB).
 
     python bench/sr_proxy_ceiling.py out/eval_codecs [--manifest manifests/evaluate_codecs.yaml]
         [--benchmark ../shared/bench/make_codec_pairs.py] [--set sr_proxy.steps=1500 ...] [--stride 128]
@@ -70,6 +71,73 @@ def true_pairs(mcp, pipeline: str, hrs: list[np.ndarray]) -> list[tuple[np.ndarr
     return out
 
 
+def whole_photo_lr(mcp, pipeline: str, name: str, tmp: str) -> tuple[np.ndarray, np.ndarray]:
+    """(photo cropped to a multiple of 16, the pipeline's LR of it as one frame), as the benchmark
+    makes its own pairs."""
+    from pipelines.demo_data import load_photo
+
+    img = load_photo(name)
+    h, w = (img.shape[0] // 16) * 16, (img.shape[1] // 16) * 16
+    src, dst = os.path.join(tmp, "src.png"), os.path.join(tmp, "lr.png")
+    Image.fromarray(img[:h, :w]).save(src)
+    if pipeline in VARIANTS:
+        degrade_variant(mcp, pipeline, src, dst, tmp)
+    else:
+        mcp.degrade(pipeline, src, dst, tmp)
+    return img[:h, :w], rgb(Path(dst))
+
+
+def whole_photo_pairs(
+    mcp, pipeline: str, photos: list[str], size: int, stride: int, scale: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(HR tile, its crop of the pipeline's LR of the WHOLE photo), cut on the same grid as
+    ``grid_tiles`` (same tiles, same order). Tiles that leave the 16-aligned photo are an error."""
+    from pipelines.demo_data import load_photo
+
+    out = []
+    lt = size // scale
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in photos:
+            full = load_photo(name).shape[:2]
+            img, lr = whole_photo_lr(mcp, pipeline, name, tmp)
+            for y in range(0, full[0] - size + 1, stride):
+                for x in range(0, full[1] - size + 1, stride):
+                    if y + size > img.shape[0] or x + size > img.shape[1]:
+                        raise SystemExit(
+                            f"{name}: tile at {(y, x)} leaves the 16-aligned photo; use another stride"
+                        )
+                    ly, lx = y // scale, x // scale
+                    out.append(
+                        (
+                            np.ascontiguousarray(img[y : y + size, x : x + size]),
+                            np.ascontiguousarray(lr[ly : ly + lt, lx : lx + lt]),
+                        )
+                    )
+    return out
+
+
+def train_lr_fidelity(mcp, pipeline: str, datasets: dict[str, Path], scale: int) -> dict:
+    """Mean PSNR (dB) of each generator's SR-proxy training LR to the true pipeline's LR of the
+    same box of the whole photo: how close the data the proxy learns from is to the domain."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    truth: dict[str, np.ndarray] = {}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for gen, folder in datasets.items():
+            vals = []
+            for _, (_hr, lr, meta) in sorted(read_dataset(str(folder), scale, False).items()):
+                name = Path(meta["hr_source"].rsplit("#", 1)[-1]).stem
+                if name not in truth:
+                    truth[name] = whole_photo_lr(mcp, pipeline, name, tmp)[1]
+                x0, y0, x1, y1 = meta["hr_box"]
+                want = truth[name][y0 // scale : y1 // scale, x0 // scale : x1 // scale]
+                if want.shape == lr.shape:  # a box past the 16-aligned crop has no truth
+                    vals.append(peak_signal_noise_ratio(want, lr, data_range=255))
+            out[gen] = round(float(np.mean(vals)), 3) if vals else None
+    return out
+
+
 def grid_tiles(photos: list[str], size: int, stride: int) -> list[np.ndarray]:
     """Every ``size`` tile of each photo on a grid of ``stride`` (top-left first, row-major)."""
     from pipelines.demo_data import load_photo
@@ -113,7 +181,15 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="manifest override, e.g. sr_proxy.steps=1500 (the protocol's budget; repeatable)",
     )
+    ap.add_argument(
+        "--whole-photo",
+        action="store_true",
+        help="with --stride: the true LR is cut from the pipeline's LR of the whole photo (how the benchmark "
+        "makes its own pairs), not the pipeline run on each HR tile alone",
+    )
     args = ap.parse_args()
+    if args.whole_photo and (not args.stride or args.stride % 4):
+        ap.error("--whole-photo needs --stride, a multiple of the scale")
     torch.set_num_threads(args.threads)
     m = load_manifest(args.manifest, args.set, kind="evaluate")
     sp = m.sr_proxy
@@ -131,7 +207,12 @@ def main() -> None:
         done = read_dataset(str(shared[0]), m.scale, False)
         bicubic = [(hr, lr) for _, (hr, lr, _) in sorted(done.items())]
         hrs = [hr for hr, _ in bicubic]
-    out: dict = {"settings": sp.model_dump(), "stride": args.stride or None, "train_tiles": len(hrs)}
+    out: dict = {
+        "settings": sp.model_dump(),
+        "stride": args.stride or None,
+        "whole_photo": args.whole_photo,
+        "train_tiles": len(hrs),
+    }
     for name, dom in report["domains"].items():
         if name not in mcp.PIPELINES and name not in VARIANTS:
             out[name] = {"skipped": "no known pipeline of that name"}
@@ -141,13 +222,32 @@ def main() -> None:
             (rgb(h), rgb(Path(str(h).replace("/hr/", "/lr/")))) for h in sorted(folder.glob("hr/*/*.png"))
         ]
         t0 = time.perf_counter()
+        if args.whole_photo:
+            truth = whole_photo_pairs(
+                mcp, name, list(sp.photos), m.generation.tile * m.scale, args.stride, m.scale
+            )
+            assert all(np.array_equal(a, b) for (a, _), b in zip(truth, hrs, strict=True))
+        else:
+            truth = true_pairs(mcp, name, hrs)
         res = {
             "bicubic_pairs": score(bicubic, real, sp, m.scale, m.seed),
-            "true_pipeline_pairs": score(true_pairs(mcp, name, hrs), real, sp, m.scale, m.seed),
+            "true_pipeline_pairs": score(truth, real, sp, m.scale, m.seed),
             "report_sr_psnr": {g: v["metrics"].get("sr_psnr") for g, v in dom["generators"].items()},
             "bicubic_upsampling": dom["sr_proxy"]["bicubic_upsampling"]["psnr"],
         }
         res["ceiling_margin_db"] = round(res["true_pipeline_pairs"]["psnr"] - res["bicubic_pairs"]["psnr"], 3)
+        # the newest realdgen SR dataset here (a work folder keeps older ones), the shared baselines'
+        datasets = {
+            kind.name: kind
+            for kind in sorted(work.glob("_shared/sr_pairs-*/*"))
+            if (kind / "_index.json").is_file()
+        }
+        own = sorted(
+            (work / name).glob("data-*/sr_pairs/realdgen-*/_index.json"), key=lambda p: p.stat().st_mtime
+        )
+        if own:
+            datasets["realdgen"] = own[-1].parent
+        res["train_lr_psnr_to_truth"] = train_lr_fidelity(mcp, name, datasets, m.scale)
         res["seconds"] = round(time.perf_counter() - t0, 1)
         out[name] = res
         print(

@@ -15,6 +15,8 @@ tiles, the PSNR to the true LR of
 - ``domain_uniform`` / ``domain_refs_train_uniform``: both per-domain choices with every reference
   weighted the same (``generator.start_ref_weighting: uniform``; the default weights each reference
   by ``calibrate.reference_weights``);
+- ``*_distance``: each of those four choices made by the lowest mean error instead of the lowest mean
+  rank (``generator.start_aggregate: distance``, the rule before ``rank``; same profile, same run);
 - ``best_fixed``: the one entry best for the whole pipeline, and ``oracle``: the best entry per tile
   (both need the truth; upper bounds for the bank),
 
@@ -85,7 +87,8 @@ def pipeline(folder: Path, refs_train: Path | None) -> dict:
     out = {}
     for name, bank in BANKS.items():
         psnrs: list[torch.Tensor] = []  # per tile: [len(bank)]
-        keys = ("domain", "domain_uniform", "domain_refs_train", "domain_refs_train_uniform")
+        base = ("domain", "domain_uniform", "domain_refs_train", "domain_refs_train_uniform")
+        keys = base + tuple(f"{k}_distance" for k in base)
         rows: dict[str, list[float]] = {"single": [], **{k: [] for k in keys}}
         picks: dict[str, list[str]] = {k: [] for k in keys}
         for ph, tiles in photos.items():
@@ -108,9 +111,11 @@ def pipeline(folder: Path, refs_train: Path | None) -> dict:
             ):
                 if emb is None:
                     continue
-                b = calibrate.domain_start_profile(net, hrs, emb, bank, ref_weights=w)["chosen"]
-                rows[key] += [float(p[b]) for p in ps_photo]
-                picks[key].append(f"{ph}: {calibrate.theta_label(bank[b])}")
+                prof = calibrate.domain_start_profile(net, hrs, emb, bank, ref_weights=w)  # rank
+                by_distance = min(range(len(bank)), key=lambda i: (prof["errors"][i], i))
+                for k, b in ((key, prof["chosen"]), (f"{key}_distance", by_distance)):
+                    rows[k] += [float(p[b]) for p in ps_photo]
+                    picks[k].append(f"{ph}: {calibrate.theta_label(bank[b])}")
         table = torch.stack(psnrs)
         res = {k: round(statistics.fmean(v), 3) for k, v in rows.items() if v}
         best = int(table.mean(0).argmax())

@@ -228,6 +228,14 @@ class GeneratorSpec(StrictModel):
         "dark crops, which E_deg reads as blurred whatever made them, count less; "
         "realdgen_core/calibrate.py reference_weights); `uniform`: every reference the same.",
     )
+    start_aggregate: Literal["rank", "distance"] = Field(
+        "rank",
+        description="start_choice `domain`: how the references' verdicts make the choice. `rank`: each "
+        "reference ranks the bank by its own E_deg error and the lowest weighted mean rank wins (a "
+        "Borda count: every reference has one bounded say whatever the scale of its errors); "
+        "`distance`: the lowest weighted mean error, i.e. the entry nearest the references' weighted "
+        "centroid (the rule before this field). docs/realism.md, 'Start choice: ranks, not distances'.",
+    )
     start_probe_tiles: int = Field(
         32,
         ge=1,
@@ -639,6 +647,9 @@ def manifest_digest(manifest: StrictModel) -> str:
                 gen.pop(key, None)
         if gen.get("kind") != "realdgen" or gen.get("start_choice") != "domain":
             gen.pop("start_ref_weighting", None)  # acts on the per-domain start choice only
+            gen.pop("start_aggregate", None)
+        elif gen.get("start_aggregate") == "distance":
+            gen.pop("start_aggregate", None)  # the rule before the field existed: same digests as then
     canon = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canon.encode()).hexdigest()
 

@@ -232,6 +232,41 @@ def test_domain_start_profile_picks_the_domains_entry_and_is_the_mean_pair_error
         calibrate.choose_starts(torch.full((3,), float("inf")), 2)
 
 
+def test_rank_aggregate_gives_each_reference_one_say_where_the_mean_follows_outliers(photos):
+    bank = calibrate.start_bank(4, (0.0, 1.5, 3.0), (0,))
+    img = torch.from_numpy(photos["chelsea"].copy()).permute(2, 0, 1).float() / 255
+    probe = [img[:, 100 + d : 164 + d, 200:264] for d in (0, 2, 4, 6)]
+    net = _Sharpness()
+    ref_hr = torch.stack([img[:, 101 + d : 165 + d, 201:265] for d in (0, 2, 4)])
+    agree = net(degrade.apply(ref_hr, [bank[0]] * 3))  # three references made by the sharpest entry
+    e = torch.stack([torch.stack([net(degrade.apply(h[None], [t]))[0] for h in probe]).mean(0) for t in bank])
+    far = e[2] + 10 * (e[2] - e[0])  # two references beyond the blurriest entry (a scene unlike the HR)
+    emb = torch.cat([agree, far.expand(2, -1)])
+    dist = calibrate.domain_start_profile(net, probe, emb, bank, aggregate="distance")
+    rank = calibrate.domain_start_profile(net, probe, emb, bank)  # the default
+    # the two far references dominate the mean error; counted by rank, the three agreeing ones win
+    assert dist["chosen"] == 2 and dist["aggregate"] == "distance"
+    assert rank["chosen"] == 0 and rank["aggregate"] == "rank"
+    assert rank["errors"] == dist["errors"]
+    # brute force: each reference ranks the bank by its mean error over the probe tiles
+    pair = torch.stack(
+        [
+            ((net(degrade.apply(h[None].expand(3, -1, -1, -1), list(bank)))[:, None] - emb[None]) ** 2).mean(
+                -1
+            )
+            for h in probe
+        ]
+    ).mean(0)  # [bank, refs]
+    ranks = pair.argsort(0).argsort(0).double().mean(1)
+    assert torch.allclose(torch.tensor(rank["ranks"], dtype=torch.float64), ranks, atol=1e-6)
+    assert rank["ranks"] == pytest.approx([(0 * 3 + 2 * 2) / 5, 1.0, (2 * 3 + 0 * 2) / 5])
+    # weights count in the rank too: weighted to the far pair, the blurriest entry wins again
+    w = torch.tensor([0.1, 0.1, 0.1, 1.0, 1.0])
+    assert calibrate.domain_start_profile(net, probe, emb, bank, ref_weights=w)["chosen"] == 2
+    with pytest.raises(ValueError, match="aggregate must be"):
+        calibrate.domain_start_profile(net, probe, emb, bank, aggregate="median")
+
+
 def test_reference_weights_discount_flat_references_and_weight_the_profile(photos):
     bank = calibrate.start_bank(4, (0.0, 1.5, 3.0), (0,))
     img = torch.from_numpy(photos["chelsea"].copy()).permute(2, 0, 1).float() / 255

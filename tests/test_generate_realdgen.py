@@ -141,9 +141,15 @@ def test_domain_start_profile_chosen_once_per_domain_and_used_by_every_sample(
         torch.nn.functional.pad(ref_imgs, (3, 3, 3, 3), mode="reflect"), k2, groups=3
     )
     w = (gen.degradation_embeddings(blurred) - refs).double().pow(2).mean(1)
-    want = int(((pair.double() * w).sum(2) / w.sum()).mean(0).argmin())
+    dist_score = ((pair.double() * w).sum(2) / w.sum()).mean(0)  # [bank]
+    # the default rule, a weighted Borda count: each reference ranks the bank by its error averaged
+    # over the probe tiles; lowest weighted mean rank wins, ties to the lower mean error
+    per_ref = pair.double().mean(0)  # [bank, refs]
+    ranks = per_ref.argsort(0).argsort(0).double()
+    mean_rank = (ranks * w).sum(1) / w.sum()
+    want = min(range(len(bank)), key=lambda b: (round(float(mean_rank[b]), 9), float(dist_score[b])))
     assert prof["bank_entry"] == want and prof["start"] == calibrate.theta_label(bank[want])
-    assert prof["reference_weighting"] == "sensitivity"
+    assert prof["reference_weighting"] == "sensitivity" and prof["aggregate"] == "rank"
     assert prof["effective_references"] == pytest.approx(float(w.sum() ** 2 / w.pow(2).sum()), abs=0.01)
     assert prof["effective_references"] < 3
     n = distinct = 0

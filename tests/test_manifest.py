@@ -147,6 +147,20 @@ def test_digest_ignores_sizing_but_not_data():
         assert manifest_digest(parse_manifest({**BASE, **patch})) != manifest_digest(a), patch
 
 
+def test_digest_of_the_start_aggregate_rule():
+    """The rank rule changes what realdgen writes, so its datasets get a new digest; `distance` (the
+    rule before the field) keeps the digests of datasets written before it; baselines ignore it."""
+    gen = {"kind": "realdgen", "checkpoint": "c.safetensors"}
+    digest = lambda g: manifest_digest(parse_manifest({**BASE, "generator": g}))  # noqa: E731
+    assert digest(gen) == digest({**gen, "start_aggregate": "rank"})
+    assert digest(gen) != digest({**gen, "start_aggregate": "distance"})
+    payload = parse_manifest({**BASE, "generator": gen}).model_dump(mode="json")
+    assert payload["generator"]["start_aggregate"] == "rank"  # popped by the digest only, not by the schema
+    assert digest({"kind": "bicubic"}) == digest({"kind": "bicubic", "start_aggregate": "distance"})
+    with pytest.raises(ManifestError, match="start_aggregate"):
+        parse_manifest({**BASE, "generator": {**gen, "start_aggregate": "median"}})
+
+
 def test_schema_has_descriptions():
     schema = manifest_json_schema("generate")
     text = json.dumps(schema)

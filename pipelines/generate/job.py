@@ -364,6 +364,7 @@ class GenerateJob:
                 "probe": plan.probe,
                 "tile_hr": m.tiling.tile * m.scale,
                 "ref_weighting": g.start_ref_weighting,
+                "aggregate": g.start_aggregate,
             }
         task = ray.remote(prepare_references).options(
             num_returns=4, num_gpus=num_gpus, num_cpus=1, **_retrying()
@@ -388,10 +389,14 @@ class GenerateJob:
             if not profiles:
                 self.log("start profile: no probe HR tile could be read; choosing the start per sample")
             for key, p in profiles.items():
+                how = (
+                    f"mean rank {p['ranks'][p['chosen']]:.3g} of {len(p['ranks'])}"
+                    if p.get("aggregate") == "rank"
+                    else f"mean E_deg error {p['errors'][p['chosen']]:.4g}"
+                )
                 self.log(
-                    f"start profile {key}: {p['label']} (bank entry {p['chosen']}, mean E_deg error "
-                    f"{p['errors'][p['chosen']]:.4g} over {p['tiles']} probe tiles x {p['refs']} references, "
-                    f"{p['effective_refs']:g} effective)"
+                    f"start profile {key}: {p['label']} (bank entry {p['chosen']}, {how} over "
+                    f"{p['tiles']} probe tiles x {p['refs']} references, {p['effective_refs']:g} effective)"
                 )
         plan.start_profiles = profiles
         refs = [plan.refs[i] for i in ok]
@@ -687,6 +692,7 @@ class GenerateJob:
                     "references": p["refs"],
                     "effective_references": p["effective_refs"],
                     "reference_weighting": self.m.generator.start_ref_weighting,
+                    "aggregate": p.get("aggregate", "distance"),
                 }
                 for k, p in plan.start_profiles.items()
             }

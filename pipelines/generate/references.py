@@ -56,9 +56,10 @@ def prepare_references(
     """Decode every reference once: ``(ok indices, failure reasons, E_deg bank [n_ok, D] or None,
     start profiles)``.
 
-    ``start``: ``{bank, probe (HR input rows), tile_hr, ref_weighting}`` when the job chooses its
-    start per domain (``ref_weighting`` ``sensitivity``: references weighted by
-    ``calibrate.reference_weights``; ``uniform``: all the same);
+    ``start``: ``{bank, probe (HR input rows), tile_hr, ref_weighting, aggregate}`` when the job
+    chooses its start per domain (``ref_weighting`` ``sensitivity``: references weighted by
+    ``calibrate.reference_weights``; ``uniform``: all the same; ``aggregate``: ``rank`` or
+    ``distance``, see ``calibrate.domain_start_profile``);
     the profiles are then ``{profile_key: domain_start_profile(...) + {"label": ...}}`` (empty when
     no probe tile could be read: the job then chooses per sample).
     """
@@ -104,6 +105,7 @@ def prepare_references(
                     start["bank"],
                     gen.device,
                     ref_weights=None if weights is None else weights[rows],
+                    aggregate=start.get("aggregate", "rank"),
                 )
                 prof["label"] = calibrate.theta_label(start["bank"][prof["chosen"]])
                 profiles[key] = prof
