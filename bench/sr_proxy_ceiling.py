@@ -56,6 +56,14 @@ def rgb(path: Path) -> np.ndarray:
     return np.array(Image.open(path).convert("RGB"))
 
 
+def run_pipeline(mcp, pipeline: str, src: str, dst: str, tmp: str) -> None:
+    """Write the LR of image file ``src`` made by ``pipeline`` (the benchmark's or a variant) to ``dst``."""
+    if pipeline in VARIANTS:
+        degrade_variant(mcp, pipeline, src, dst, tmp)
+    else:
+        mcp.degrade(pipeline, src, dst, tmp)
+
+
 def true_pairs(mcp, pipeline: str, hrs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(HR, the pipeline's LR of it) for every HR tile, through the benchmark's own encoders."""
     out = []
@@ -63,10 +71,7 @@ def true_pairs(mcp, pipeline: str, hrs: list[np.ndarray]) -> list[tuple[np.ndarr
         for i, hr in enumerate(hrs):
             src, dst = os.path.join(tmp, f"hr{i}.png"), os.path.join(tmp, f"lr{i}.png")
             Image.fromarray(hr).save(src)
-            if pipeline in VARIANTS:
-                degrade_variant(mcp, pipeline, src, dst, tmp)
-            else:
-                mcp.degrade(pipeline, src, dst, tmp)
+            run_pipeline(mcp, pipeline, src, dst, tmp)
             out.append((hr, rgb(Path(dst))))
     return out
 
@@ -80,10 +85,7 @@ def whole_photo_lr(mcp, pipeline: str, name: str, tmp: str) -> tuple[np.ndarray,
     h, w = (img.shape[0] // 16) * 16, (img.shape[1] // 16) * 16
     src, dst = os.path.join(tmp, "src.png"), os.path.join(tmp, "lr.png")
     Image.fromarray(img[:h, :w]).save(src)
-    if pipeline in VARIANTS:
-        degrade_variant(mcp, pipeline, src, dst, tmp)
-    else:
-        mcp.degrade(pipeline, src, dst, tmp)
+    run_pipeline(mcp, pipeline, src, dst, tmp)
     return img[:h, :w], rgb(Path(dst))
 
 
