@@ -53,7 +53,10 @@ def test_demo_job_console_shows_progress_as_it_goes_and_no_ray_noise(tiny_checkp
         "refs.0.source.uri": demo / "refs",
         "generator.checkpoint": tiny_checkpoint,
         "generator.k": 2,
-        "generator.tau_max": 150,  # enough denoising steps that each batch takes a moment
+        # every sample denoises from τ = 150, so each batch takes a moment (τ drawn below that could
+        # make all batches finish within half a second on a fast machine)
+        "generator.tau_min": 150,
+        "generator.tau_max": 150,
         "tiling.tile": 16,
         "tiling.max_tiles_per_image": 2,
         "output.uri": out,
