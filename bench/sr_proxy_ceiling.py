@@ -77,8 +77,8 @@ def true_pairs(mcp, pipeline: str, hrs: list[np.ndarray]) -> list[tuple[np.ndarr
 
 
 def whole_photo_lr(mcp, pipeline: str, name: str, tmp: str) -> tuple[np.ndarray, np.ndarray]:
-    """(photo cropped to a multiple of 16, the pipeline's LR of it as one frame), as the benchmark
-    makes its own pairs."""
+    """(the photo, the pipeline's LR of it cropped to a multiple of 16 and encoded as one frame),
+    as the benchmark makes its own pairs."""
     from pipelines.demo_data import load_photo
 
     img = load_photo(name)
@@ -86,7 +86,7 @@ def whole_photo_lr(mcp, pipeline: str, name: str, tmp: str) -> tuple[np.ndarray,
     src, dst = os.path.join(tmp, "src.png"), os.path.join(tmp, "lr.png")
     Image.fromarray(img[:h, :w]).save(src)
     run_pipeline(mcp, pipeline, src, dst, tmp)
-    return img[:h, :w], rgb(Path(dst))
+    return img, rgb(Path(dst))
 
 
 def whole_photo_pairs(
@@ -94,27 +94,23 @@ def whole_photo_pairs(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(HR tile, its crop of the pipeline's LR of the WHOLE photo), cut on the same grid as
     ``grid_tiles`` (same tiles, same order). Tiles that leave the 16-aligned photo are an error."""
-    from pipelines.demo_data import load_photo
-
     out = []
     lt = size // scale
     with tempfile.TemporaryDirectory() as tmp:
         for name in photos:
-            full = load_photo(name).shape[:2]
             img, lr = whole_photo_lr(mcp, pipeline, name, tmp)
-            for y in range(0, full[0] - size + 1, stride):
-                for x in range(0, full[1] - size + 1, stride):
-                    if y + size > img.shape[0] or x + size > img.shape[1]:
-                        raise SystemExit(
-                            f"{name}: tile at {(y, x)} leaves the 16-aligned photo; use another stride"
-                        )
-                    ly, lx = y // scale, x // scale
-                    out.append(
-                        (
-                            np.ascontiguousarray(img[y : y + size, x : x + size]),
-                            np.ascontiguousarray(lr[ly : ly + lt, lx : lx + lt]),
-                        )
+            for y, x in grid_positions(img.shape[:2], size, stride):
+                ly, lx = y // scale, x // scale
+                if ly + lt > lr.shape[0] or lx + lt > lr.shape[1]:
+                    raise SystemExit(
+                        f"{name}: tile at {(y, x)} leaves the 16-aligned photo; use another stride"
                     )
+                out.append(
+                    (
+                        np.ascontiguousarray(img[y : y + size, x : x + size]),
+                        np.ascontiguousarray(lr[ly : ly + lt, lx : lx + lt]),
+                    )
+                )
     return out
 
 
@@ -140,6 +136,13 @@ def train_lr_fidelity(mcp, pipeline: str, datasets: dict[str, Path], scale: int)
     return out
 
 
+def grid_positions(shape: tuple[int, int], size: int, stride: int) -> list[tuple[int, int]]:
+    """Top-left corners of every ``size`` tile of an image of ``shape`` on a grid of ``stride``
+    (row-major)."""
+    h, w = shape
+    return [(y, x) for y in range(0, h - size + 1, stride) for x in range(0, w - size + 1, stride)]
+
+
 def grid_tiles(photos: list[str], size: int, stride: int) -> list[np.ndarray]:
     """Every ``size`` tile of each photo on a grid of ``stride`` (top-left first, row-major)."""
     from pipelines.demo_data import load_photo
@@ -147,10 +150,10 @@ def grid_tiles(photos: list[str], size: int, stride: int) -> list[np.ndarray]:
     out = []
     for name in photos:
         img = load_photo(name)
-        h, w = img.shape[:2]
-        for y in range(0, h - size + 1, stride):
-            for x in range(0, w - size + 1, stride):
-                out.append(np.ascontiguousarray(img[y : y + size, x : x + size]))
+        out += [
+            np.ascontiguousarray(img[y : y + size, x : x + size])
+            for y, x in grid_positions(img.shape[:2], size, stride)
+        ]
     return out
 
 

@@ -262,8 +262,7 @@ def domain_start_profile(
     mean_rank = (ranks * w[None]).sum(1).cpu()
     if aggregate == "rank":
         # lowest mean rank; among equal ranks, the lower mean error
-        order = sorted(range(len(bank)), key=lambda b: (round(float(mean_rank[b]), 9), float(errors[b]), b))
-        chosen = order[0]
+        chosen = min(range(len(bank)), key=lambda b: (round(float(mean_rank[b]), 9), float(errors[b]), b))
     else:
         chosen = int(torch.argmin(errors))
     return {

@@ -391,7 +391,7 @@ class GenerateJob:
             for key, p in profiles.items():
                 how = (
                     f"mean rank {p['ranks'][p['chosen']]:.3g} of {len(p['ranks'])}"
-                    if p.get("aggregate") == "rank"
+                    if p["aggregate"] == "rank"
                     else f"mean E_deg error {p['errors'][p['chosen']]:.4g}"
                 )
                 self.log(
@@ -692,7 +692,7 @@ class GenerateJob:
                     "references": p["refs"],
                     "effective_references": p["effective_refs"],
                     "reference_weighting": self.m.generator.start_ref_weighting,
-                    "aggregate": p.get("aggregate", "distance"),
+                    "aggregate": p["aggregate"],
                 }
                 for k, p in plan.start_profiles.items()
             }
