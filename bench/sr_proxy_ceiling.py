@@ -56,6 +56,21 @@ def rgb(path: Path) -> np.ndarray:
     return np.array(Image.open(path).convert("RGB"))
 
 
+def shared_bicubic(work: Path, scale: int) -> list:
+    """The evaluation's SR-proxy training set as made by the ``bicubic`` generator: sorted
+    ``read_dataset`` items ``(key, (hr, lr, meta))`` (the same HR tiles every generator got)."""
+    shared = sorted(work.glob("_shared/sr_pairs-*/bicubic"))
+    if len(shared) != 1:
+        raise SystemExit(f"{work}: expected one _shared/sr_pairs-*/bicubic dataset, found {len(shared)}")
+    return sorted(read_dataset(str(shared[0]), scale, False).items())
+
+
+def eval_pairs(work: Path, pipeline: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The benchmark's real (HR, true LR) eval tiles of one pipeline, as the evaluation copied them."""
+    folder = next((work / pipeline).glob("data-*/tiles"))
+    return [(rgb(h), rgb(Path(str(h).replace("/hr/", "/lr/")))) for h in sorted(folder.glob("hr/*/*.png"))]
+
+
 def run_pipeline(mcp, pipeline: str, src: str, dst: str, tmp: str) -> None:
     """Write the LR of image file ``src`` made by ``pipeline`` (the benchmark's or a variant) to ``dst``."""
     if pipeline in VARIANTS:
@@ -114,25 +129,46 @@ def whole_photo_pairs(
     return out
 
 
+def truth_crops(mcp, pipeline: str, items, scale: int, cache: dict | None = None) -> list[np.ndarray | None]:
+    """For each ``(key, (hr, lr, meta))`` of a generated dataset (``read_dataset``'s items), the true
+    pipeline's LR of the same box of the whole photo (``meta["hr_box"]``), or None where the box
+    leaves the 16-aligned crop the benchmark encodes. ``cache`` keeps each photo's LR across calls
+    (one pipeline)."""
+    truth: dict[str, np.ndarray] = {} if cache is None else cache
+    out: list[np.ndarray | None] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _, (_hr, lr, meta) in items:
+            name = Path(meta["hr_source"].rsplit("#", 1)[-1]).stem
+            if name not in truth:
+                truth[name] = whole_photo_lr(mcp, pipeline, name, tmp)[1]
+            x0, y0, x1, y1 = meta["hr_box"]
+            want = truth[name][y0 // scale : y1 // scale, x0 // scale : x1 // scale]
+            out.append(want if want.shape == lr.shape else None)
+    return out
+
+
+def psnr_to_truth(truths: list[np.ndarray | None], lrs: list[np.ndarray]) -> float | None:
+    """Mean PSNR (dB) of ``lrs`` to their true LR, over the boxes that have one."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    vals = [
+        peak_signal_noise_ratio(t, lr, data_range=255)
+        for t, lr in zip(truths, lrs, strict=True)
+        if t is not None
+    ]
+    return round(float(np.mean(vals)), 3) if vals else None
+
+
 def train_lr_fidelity(mcp, pipeline: str, datasets: dict[str, Path], scale: int) -> dict:
     """Mean PSNR (dB) of each generator's SR-proxy training LR to the true pipeline's LR of the
     same box of the whole photo: how close the data the proxy learns from is to the domain."""
-    from skimage.metrics import peak_signal_noise_ratio
-
-    truth: dict[str, np.ndarray] = {}
-    out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for gen, folder in datasets.items():
-            vals = []
-            for _, (_hr, lr, meta) in sorted(read_dataset(str(folder), scale, False).items()):
-                name = Path(meta["hr_source"].rsplit("#", 1)[-1]).stem
-                if name not in truth:
-                    truth[name] = whole_photo_lr(mcp, pipeline, name, tmp)[1]
-                x0, y0, x1, y1 = meta["hr_box"]
-                want = truth[name][y0 // scale : y1 // scale, x0 // scale : x1 // scale]
-                if want.shape == lr.shape:  # a box past the 16-aligned crop has no truth
-                    vals.append(peak_signal_noise_ratio(want, lr, data_range=255))
-            out[gen] = round(float(np.mean(vals)), 3) if vals else None
+    out: dict = {}
+    cache: dict = {}
+    for gen, folder in datasets.items():
+        items = sorted(read_dataset(str(folder), scale, False).items())
+        out[gen] = psnr_to_truth(
+            truth_crops(mcp, pipeline, items, scale, cache), [lr for _, (_, lr, _) in items]
+        )
     return out
 
 
@@ -165,26 +201,36 @@ def bicubic_lr(hr: np.ndarray, scale: int) -> np.ndarray:
     return to_uint8(lr[0])
 
 
-def score(pairs, real, sp, scale: int, seed: int) -> dict:
+def score(pairs, real, sp, scale: int, seed: int, repeats: int | None = None) -> dict:
+    """SR proxy trained on ``pairs`` (``repeats`` seeded nets, default ``sp.repeats``), scored on
+    ``real``: the mean PSNR and each net's."""
+    if repeats is not None:
+        sp = sp.model_copy(update={"repeats": repeats})
     runs = [r["psnr"] for r in sr_proxy_runs(pairs, real, sp, scale, seed)]
     return {"psnr": round(float(np.mean(runs)), 3), "runs": runs}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def common_args(description: str) -> argparse.ArgumentParser:
+    """The arguments every SR-proxy bench shares: the run, its manifest, the benchmark, threads, --set."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("report_dir", help="report.dir of a finished kind: evaluate run")
     ap.add_argument("--manifest", default=str(ROOT / "manifests" / "evaluate_codecs.yaml"))
     ap.add_argument("--benchmark", default=str(DEFAULT_BENCHMARK), help="path of make_codec_pairs.py")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument(
-        "--stride", type=int, default=0, help="cut grid tiles of sr_proxy.photos (0 = the report's)"
-    )
     ap.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="manifest override, e.g. sr_proxy.steps=1500 (the protocol's budget; repeatable)",
+    )
+    return ap
+
+
+def main() -> None:
+    ap = common_args(__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--stride", type=int, default=0, help="cut grid tiles of sr_proxy.photos (0 = the report's)"
     )
     ap.add_argument(
         "--whole-photo",
@@ -206,11 +252,7 @@ def main() -> None:
         hrs = grid_tiles(sp.photos, m.generation.tile * m.scale, args.stride)
         bicubic = [(hr, bicubic_lr(hr, m.scale)) for hr in hrs]
     else:
-        shared = sorted(work.glob("_shared/sr_pairs-*/bicubic"))
-        if len(shared) != 1:
-            raise SystemExit(f"{work}: expected one _shared/sr_pairs-*/bicubic dataset, found {len(shared)}")
-        done = read_dataset(str(shared[0]), m.scale, False)
-        bicubic = [(hr, lr) for _, (hr, lr, _) in sorted(done.items())]
+        bicubic = [(hr, lr) for _, (hr, lr, _) in shared_bicubic(work, m.scale)]
         hrs = [hr for hr, _ in bicubic]
     out: dict = {
         "settings": sp.model_dump(),
@@ -222,10 +264,7 @@ def main() -> None:
         if name not in mcp.PIPELINES and name not in VARIANTS:
             out[name] = {"skipped": "no known pipeline of that name"}
             continue
-        folder = next((work / name).glob("data-*/tiles"))
-        real = [
-            (rgb(h), rgb(Path(str(h).replace("/hr/", "/lr/")))) for h in sorted(folder.glob("hr/*/*.png"))
-        ]
+        real = eval_pairs(work, name)
         t0 = time.perf_counter()
         if args.whole_photo:
             truth = whole_photo_pairs(
