@@ -9,6 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+# No Ray metrics in the tests: nothing here reads them, and Ray 2.60's OpenTelemetry metrics thread
+# once crashed a job's driver with SIGSEGV at shutdown (TemporalMetricStorage::buildMetrics, exit
+# -11 in test_multinode). Every Ray process the suite starts, and every driver it launches (their
+# environments copy this one), inherits the switch; production jobs keep their metrics.
+os.environ.setdefault("RAY_enable_metrics_collection", "0")
+
 # One intra-op thread: the suite runs Ray workers beside the test process on 2 cores, and two
 # spinning OpenMP pools per process were measured 10-50x slower than one thread each.
 torch.set_num_threads(1)
