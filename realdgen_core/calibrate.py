@@ -206,11 +206,12 @@ def domain_start_profile(
     per-sample choice uses for one pair. One pair is a noisy measure: E_deg reads the picture's
     content as well as its degradation, and a sample's own HR and reference show different scenes.
     A real domain's LR share one pipeline, so averaging over many pairs removes most of that noise
-    (docs/realism.md, "Start choice"). Computed in closed form: mean_r ‖e − r‖² = ‖e − r̄‖² + tr Σ_r.
+    (docs/realism.md, "Start choice"). Computed from each entry's mean embedding and mean squared
+    norm over the tiles: mean_t ‖e_t − r‖² = mean_t ‖e_t‖² − 2 ē·r + ‖r‖², per reference.
 
     ``ref_weights`` ([M], ≥ 0; ``reference_weights``): the mean over references becomes a weighted
-    mean (same closed form with the weighted mean and spread), so references whose embedding says
-    little about their degradation count less. None or all zero: every reference counts the same.
+    mean, so references whose embedding says little about their degradation count less. None or all
+    zero: every reference counts the same.
 
     ``aggregate``: how the references' verdicts are combined into the choice.
     ``rank`` (default): a weighted Borda count. Each reference ranks the bank by its own mean error
@@ -241,10 +242,7 @@ def domain_start_profile(
         if float(given.sum()) > 0:
             w = given
     w = w / w.sum()
-    mean_r = (w[:, None] * r).sum(0)
-    spread = float((w * (r - mean_r).pow(2).sum(1)).sum()) / r.shape[1]  # weighted tr Σ_r / D
-    total = torch.zeros(len(bank), dtype=torch.float64)
-    # per (entry, reference) error averaged over the tiles, for the rank count:
+    # per (entry, reference) error averaged over the tiles, from two running sums over the tiles:
     # mean_t ‖e_tb − r‖² = mean_t ‖e_tb‖² − 2 ē_b·r + ‖r‖²
     sq_mean = torch.zeros(len(bank), dtype=torch.float64, device=r.device)
     emb_mean = torch.zeros(len(bank), r.shape[1], dtype=torch.float64, device=r.device)
@@ -253,11 +251,10 @@ def domain_start_profile(
             hr.detach().to("cpu", torch.float32)[None].expand(len(bank), -1, -1, -1), list(bank)
         )
         emb = degradation_net(starts.to(device)).to(torch.float64)
-        total += (emb - mean_r[None]).pow(2).mean(1).cpu()
         sq_mean += emb.pow(2).sum(1) / len(hr_tiles)
         emb_mean += emb / len(hr_tiles)
-    errors = total / len(hr_tiles) + spread
     per_ref = (sq_mean[:, None] - 2 * emb_mean @ r.T + r.pow(2).sum(1)[None]) / r.shape[1]  # [B, M]
+    errors = (per_ref * w[None]).sum(1).cpu()  # the weighted mean over references
     ranks = per_ref.argsort(dim=0, stable=True).argsort(dim=0, stable=True).to(torch.float64)
     mean_rank = (ranks * w[None]).sum(1).cpu()
     if aggregate == "rank":
