@@ -9,7 +9,7 @@ probe sets cut from the same photos:
 - ``centre``: the job's own probes, one centre tile per photo;
 - ``job_tiles``: the tiles the SR-proxy datasets were generated on (2 per photo);
 - ``spread_32`` / ``spread_64``: 32 / 64 distinct tiles spread evenly over the photos
-  (``probe_boxes``),
+  (``calibrate.probe_boxes``; the job's own layout since ``generator.start_probe_layout: spread``),
 
 under both aggregates (``rank``, the default, and ``distance``), and reads each chosen start's
 SR-proxy score (one seed, as a margin over bicubic pairs) and the PSNR of its LR to the truth from
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -46,18 +45,6 @@ from realdgen_core.generator import LRGenerator  # noqa: E402
 from realdgen_core.train.data import to_tensor  # noqa: E402
 
 
-def probe_boxes(h: int, w: int, tile: int, k: int) -> list[tuple[int, int]]:
-    """Top-left corners ``(y, x)`` of up to ``k`` distinct ``tile`` squares spread over an ``h × w``
-    image: the centres of a ``gy × gx`` grid of cells (``gx = ⌈√(k·w/h)⌉``, ``gy = ⌈k/gx⌉``), clipped
-    inside the image, ``k`` of them taken evenly in row-major order."""
-    gx = max(1, min(k, math.ceil(math.sqrt(k * w / h))))
-    gy = math.ceil(k / gx)
-    ys = sorted({min(max(round((i + 0.5) * h / gy - tile / 2), 0), h - tile) for i in range(gy)})
-    xs = sorted({min(max(round((i + 0.5) * w / gx - tile / 2), 0), w - tile) for i in range(gx)})
-    cells = [(y, x) for y in ys for x in xs]
-    return cells if len(cells) <= k else [cells[(j * len(cells)) // k] for j in range(k)]
-
-
 def probe_sets(photos: list[str], tile: int, work: Path, scale: int) -> dict[str, list[torch.Tensor]]:
     images = [load_photo(p) for p in photos]
 
@@ -71,7 +58,7 @@ def probe_sets(photos: list[str], tile: int, work: Path, scale: int) -> dict[str
         sets[f"spread_{budget}"] = [
             cut(im, y, x)
             for im, k in zip(images, split, strict=True)
-            for y, x in probe_boxes(*im.shape[:2], tile, k)
+            for y, x in calibrate.probe_boxes(*im.shape[:2], tile, k)
         ]
     return sets
 

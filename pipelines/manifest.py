@@ -233,15 +233,24 @@ class GeneratorSpec(StrictModel):
         description="start_choice `domain`: how the references' verdicts make the choice. `rank`: each "
         "reference ranks the bank by its own E_deg error and the lowest weighted mean rank wins (a "
         "Borda count: every reference has one bounded say whatever the scale of its errors); "
-        "`distance`: the lowest weighted mean error, i.e. the entry nearest the references' weighted "
-        "centroid (the rule before this field). docs/realism.md, 'Start choice: ranks, not distances'.",
+        "`distance`: the lowest weighted mean error (the distance of the entry's mean embedding to the "
+        "references' weighted centroid plus its spread over the probe tiles; the rule before this "
+        "field). docs/realism.md, 'Start choice: ranks, not distances'.",
     )
     start_probe_tiles: int = Field(
         32,
         ge=1,
         le=4096,
-        description="start_choice `domain`: HR tiles of the job (evenly spaced over the inputs, one "
-        "centre tile each) the domain profile is measured on.",
+        description="start_choice `domain`: HR tiles of the job the domain profile is measured on, "
+        "cut from up to this many inputs evenly spaced over the sorted inputs (see start_probe_layout).",
+    )
+    start_probe_layout: Literal["spread", "centre"] = Field(
+        "spread",
+        description="start_choice `domain`: how the probe tiles are cut. `spread`: start_probe_tiles "
+        "tiles shared over the probe inputs, each input's spread over it, so a job of a few large "
+        "photos still measures start_probe_tiles tiles; `centre`: one centre tile per probe input "
+        "(the layout before this field; a job of 6 photos measured 6 tiles). docs/realism.md, "
+        "'Probe tiles'.",
     )
     rows_per_call: int | None = Field(
         None,
@@ -648,8 +657,12 @@ def manifest_digest(manifest: StrictModel) -> str:
         if gen.get("kind") != "realdgen" or gen.get("start_choice") != "domain":
             gen.pop("start_ref_weighting", None)  # acts on the per-domain start choice only
             gen.pop("start_aggregate", None)
-        elif gen.get("start_aggregate") == "distance":
-            gen.pop("start_aggregate", None)  # the rule before the field existed: same digests as then
+            gen.pop("start_probe_layout", None)
+        else:
+            if gen.get("start_aggregate") == "distance":
+                gen.pop("start_aggregate", None)  # the rule before the field existed: same digests as then
+            if gen.get("start_probe_layout") == "centre":
+                gen.pop("start_probe_layout", None)  # likewise the layout before its field
     canon = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canon.encode()).hexdigest()
 

@@ -217,8 +217,10 @@ def domain_start_profile(
     ``rank`` (default): a weighted Borda count. Each reference ranks the bank by its own mean error
     over the probe tiles; the chosen entry has the lowest weighted mean rank (ties: the lower mean
     error), so every reference has one bounded say whatever the scale of its errors.
-    ``distance``: the lowest (weighted) mean error above, i.e. the entry nearest the references'
-    weighted centroid, where the references whose errors are large for every entry weigh the most.
+    ``distance``: the lowest (weighted) mean error above: the squared distance of the entry's mean
+    embedding ē_b to the references' weighted centroid, plus the spread mean_t ‖e_tb − ē_b‖² of its
+    embeddings over the probe tiles (plus the references' own spread, the same for every entry); the
+    references whose errors are large for every entry weigh the most.
     Measured on seven codec pipelines, with `refs_train/` as references (docs/realism.md, "Start
     choice: ranks, not distances"): the SR proxy trained on the job's data gained 0.2–0.6 dB on
     six and was unchanged on one.
@@ -271,6 +273,29 @@ def domain_start_profile(
         "refs": int(r.shape[0]),
         "effective_refs": round(float(1.0 / w.pow(2).sum()), 2),
     }
+
+
+def probe_boxes(h: int, w: int, tile: int, k: int) -> list[tuple[int, int]]:
+    """Top-left corners ``(y, x)`` of up to ``k`` distinct ``tile`` squares spread over an ``h × w``
+    image: the centres of a ``gy × gx`` grid of cells (``gx = ⌈√(k·w/h)⌉``, ``gy = ⌈k/gx⌉``), clipped
+    inside the image, ``k`` of them taken evenly in row-major order. ``k = 1`` is the centre tile;
+    an image of one tile gives one box whatever ``k``."""
+    if tile < 1 or h < tile or w < tile or k < 1:
+        raise ValueError(f"probe_boxes needs 1 <= tile <= min(h, w) and k >= 1, got {h}x{w}, {tile}, {k}")
+    gx = max(1, min(k, math.ceil(math.sqrt(k * w / h))))
+    gy = math.ceil(k / gx)
+    ys = sorted({min(max(round((i + 0.5) * h / gy - tile / 2), 0), h - tile) for i in range(gy)})
+    xs = sorted({min(max(round((i + 0.5) * w / gx - tile / 2), 0), w - tile) for i in range(gx)})
+    cells = [(y, x) for y in ys for x in xs]
+    return cells if len(cells) <= k else [cells[(j * len(cells)) // k] for j in range(k)]
+
+
+def split_probe_budget(n_tiles: int, n_inputs: int) -> list[int]:
+    """Probe tiles per input: ``n_tiles`` shared as evenly as possible over ``n_inputs`` (the first
+    inputs take the remainder), at least one each."""
+    if n_inputs < 1 or n_tiles < 1:
+        raise ValueError(f"need n_tiles >= 1 and n_inputs >= 1, got {n_tiles}, {n_inputs}")
+    return [max(1, n_tiles // n_inputs + (j < n_tiles % n_inputs)) for j in range(n_inputs)]
 
 
 # A reference's weight in the domain profile: how far E_deg moves when the reference is blurred a

@@ -312,3 +312,54 @@ def test_reference_weights_discount_flat_references_and_weight_the_profile(photo
         calibrate.domain_start_profile(net, probe, emb, bank, ref_weights=torch.ones(3))
     with pytest.raises(ValueError, match="ref_weights must be 8"):
         calibrate.domain_start_profile(net, probe, emb, bank, ref_weights=-torch.ones(8))
+
+
+def test_probe_boxes_spread_distinct_tiles_inside_the_image():
+    for h, w, tile, k in ((512, 768, 256, 6), (300, 1000, 64, 11), (256, 256, 64, 32), (97, 130, 32, 5)):
+        boxes = calibrate.probe_boxes(h, w, tile, k)
+        assert len(boxes) == k and len(set(boxes)) == k, (h, w, tile, k, boxes)
+        assert all(0 <= y <= h - tile and 0 <= x <= w - tile for y, x in boxes)
+    # the 6 boxes of a 512x768 image at 256 are exactly its 2x3 grid of whole tiles
+    assert calibrate.probe_boxes(512, 768, 256, 6) == [(y, x) for y in (0, 256) for x in (0, 256, 512)]
+    assert calibrate.probe_boxes(512, 768, 256, 1) == [(128, 256)]  # one box: the centre tile
+    assert calibrate.probe_boxes(256, 256, 256, 5) == [(0, 0)]  # an image of one tile: one box
+    assert calibrate.probe_boxes(40, 400, 32, 8) == sorted(set(calibrate.probe_boxes(40, 400, 32, 8)))
+    with pytest.raises(ValueError, match="probe_boxes"):
+        calibrate.probe_boxes(16, 64, 32, 2)
+
+
+def test_split_probe_budget():
+    assert calibrate.split_probe_budget(32, 6) == [6, 6, 5, 5, 5, 5]
+    assert calibrate.split_probe_budget(32, 40) == [1] * 40  # more inputs than tiles: one each
+    assert sum(calibrate.split_probe_budget(100, 7)) == 100
+    with pytest.raises(ValueError):
+        calibrate.split_probe_budget(0, 3)
+
+
+def test_probe_tiles_spread_the_budget_over_few_inputs_and_skip_broken_ones(tmp_path):
+    """The job's probe tiles (`generator.start_probe_layout`): `spread` cuts start_probe_tiles tiles
+    from a few large inputs, `centre` one centre tile per input; a broken input loses its share."""
+    import numpy as np
+
+    from pipelines.generate.references import _probe_tiles
+
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 256, (192, 256, 3), dtype=np.uint8)
+    small = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(big).save(tmp_path / "big.png")
+    Image.fromarray(small).save(tmp_path / "small.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows = [
+        {"uri": str(tmp_path / n), "path": str(tmp_path / n)} for n in ("big.png", "broken.png", "small.png")
+    ]
+    as_u8 = lambda t: (t.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()  # noqa: E731
+    # spread: 9 tiles over 3 inputs -> 3 each; the broken one gives none, the small one (one tile) one
+    spread = _probe_tiles(rows, {}, 10**7, 64, n_tiles=9)
+    boxes = calibrate.probe_boxes(192, 256, 64, 3)
+    assert len(spread) == 4
+    for t, (y, x) in zip(spread[:3], boxes, strict=True):
+        assert np.array_equal(as_u8(t), big[y : y + 64, x : x + 64])
+    assert np.array_equal(as_u8(spread[3]), small)
+    # centre: one centre tile per readable input
+    centre = _probe_tiles(rows, {}, 10**7, 64)
+    assert len(centre) == 2 and np.array_equal(as_u8(centre[0]), big[64:128, 96:160])

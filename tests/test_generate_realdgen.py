@@ -168,3 +168,36 @@ def test_domain_start_profile_chosen_once_per_domain_and_used_by_every_sample(
             assert json.loads(files[name])["tau"] == 0
             n += 1
     assert n == 5 and distinct >= 3
+
+
+@pytest.mark.ray
+def test_domain_start_profile_reads_start_probe_tiles_from_few_large_inputs(
+    ray_local, tiny_checkpoint, tmp_path, photos
+):
+    """A job of 2 photos of 4 tiles each measures its start profile on start_probe_tiles (8) tiles
+    with the default `spread` layout, and on one centre tile per photo with `centre`."""
+    from test_generate_job import manifest_dict, run_dict, write_inputs
+
+    from realdgen_core import calibrate
+
+    ckpt, _ = tiny_checkpoint
+    hr_dir, ref_dir = write_inputs(tmp_path, photos, size=(128, 128))
+    bank = list(calibrate.start_bank(4, (0.0, 2.0), (0, 30)))
+    gen_spec = {"kind": "realdgen", "checkpoint": str(ckpt), "k": 1, "tau_max": 0, "start_kind": "domain"}
+    gen_spec |= {"start_bank": bank, "start_probe_tiles": 8}
+    tiles = {}
+    for layout in ("spread", "centre"):
+        out = tmp_path / layout
+        run_dict(
+            manifest_dict(
+                str(hr_dir),
+                str(ref_dir),
+                str(out),
+                scale=4,
+                generator={**gen_spec, "start_probe_layout": layout},
+                hr__limit=2,
+                tiling__max_tiles_per_image=1,
+            )
+        )
+        tiles[layout] = json.loads((out / "_index.json").read_text())["start_profile"]["domain:phone"]
+    assert tiles["spread"]["probe_tiles"] == 8 and tiles["centre"]["probe_tiles"] == 2

@@ -167,3 +167,16 @@ def test_schema_has_descriptions():
     assert "additionalProperties" in text and "Tile edge in LR pixels" in text
     tiling = schema["$defs"]["TilingSpec"]["properties"]["tile"]
     assert tiling["minimum"] == 8 and tiling["description"]
+
+
+def test_digest_of_the_probe_layout():
+    """`spread` (the default) changes which tiles the start choice reads, so its datasets get a new
+    digest; `centre` (the layout before the field) keeps the old ones; baselines ignore it."""
+    gen = {"kind": "realdgen", "checkpoint": "c.safetensors"}
+    digest = lambda g: manifest_digest(parse_manifest({**BASE, "generator": g}))  # noqa: E731
+    assert parse_manifest({**BASE, "generator": gen}).generator.start_probe_layout == "spread"
+    assert digest(gen) == digest({**gen, "start_probe_layout": "spread"})
+    assert digest(gen) != digest({**gen, "start_probe_layout": "centre"})
+    assert digest({"kind": "bicubic"}) == digest({"kind": "bicubic", "start_probe_layout": "centre"})
+    with pytest.raises(ManifestError, match="start_probe_layout"):
+        parse_manifest({**BASE, "generator": {**gen, "start_probe_layout": "grid"}})

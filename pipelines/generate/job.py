@@ -363,6 +363,7 @@ class GenerateJob:
                 "bank": g.start_bank,
                 "probe": plan.probe,
                 "tile_hr": m.tiling.tile * m.scale,
+                "n_tiles": g.start_probe_tiles if g.start_probe_layout == "spread" else None,
                 "ref_weighting": g.start_ref_weighting,
                 "aggregate": g.start_aggregate,
             }

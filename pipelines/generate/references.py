@@ -24,13 +24,21 @@ def profile_key(domain: str | None, ref_set: str) -> str:
     return f"domain:{domain}" if domain is not None else f"set:{ref_set}"
 
 
-def _probe_tiles(probe: Sequence[Mapping], storage: dict, max_pixels: int, tile_hr: int) -> list:
-    """The centre ``tile_hr`` square of each probe input as [3,H,W] floats; inputs that fail to
-    decode or are smaller than one tile are left out (the job skips them too)."""
+def _probe_tiles(
+    probe: Sequence[Mapping], storage: dict, max_pixels: int, tile_hr: int, n_tiles: int | None = None
+) -> list:
+    """``tile_hr`` squares of the probe inputs as [3,H,W] floats: with ``n_tiles`` None, the centre
+    square of each input; otherwise ``n_tiles`` squares shared over the inputs
+    (``calibrate.split_probe_budget``), each input's spread over it (``calibrate.probe_boxes``, the
+    centre when its share is one; an input of one tile gives one). Inputs that fail to decode or are
+    smaller than one tile are left out (the job skips them too), and their share with them."""
     import torch
 
+    from realdgen_core import calibrate
+
+    shares = calibrate.split_probe_budget(n_tiles, len(probe)) if n_tiles and probe else [1] * len(probe)
     tiles = []
-    for row in probe:
+    for row, share in zip(probe, shares, strict=True):
         try:
             img = load_image(SourceItem.from_row(row), storage, max_pixels=max_pixels)
         except ImageError:
@@ -38,9 +46,14 @@ def _probe_tiles(probe: Sequence[Mapping], storage: dict, max_pixels: int, tile_
         h, w = img.shape[:2]
         if h < tile_hr or w < tile_hr:
             continue
-        y, x = (h - tile_hr) // 2, (w - tile_hr) // 2
-        crop = np.ascontiguousarray(img[y : y + tile_hr, x : x + tile_hr])
-        tiles.append(torch.from_numpy(crop).permute(2, 0, 1).float().div(255.0))
+        boxes = (
+            calibrate.probe_boxes(h, w, tile_hr, share)
+            if n_tiles
+            else [((h - tile_hr) // 2, (w - tile_hr) // 2)]
+        )
+        for y, x in boxes:
+            crop = np.array(img[y : y + tile_hr, x : x + tile_hr])  # a writable copy
+            tiles.append(torch.from_numpy(crop).permute(2, 0, 1).float().div(255.0))
     return tiles
 
 
@@ -56,10 +69,11 @@ def prepare_references(
     """Decode every reference once: ``(ok indices, failure reasons, E_deg bank [n_ok, D] or None,
     start profiles)``.
 
-    ``start``: ``{bank, probe (HR input rows), tile_hr, ref_weighting, aggregate}`` when the job
+    ``start``: ``{bank, probe (HR input rows), tile_hr, n_tiles, ref_weighting, aggregate}`` when the job
     chooses its start per domain (``ref_weighting`` ``sensitivity``: references weighted by
     ``calibrate.reference_weights``; ``uniform``: all the same; ``aggregate``: ``rank`` or
-    ``distance``, see ``calibrate.domain_start_profile``);
+    ``distance``, see ``calibrate.domain_start_profile``; ``n_tiles``: the probe tiles shared over the
+    probe inputs, None = one centre tile each, see ``_probe_tiles``);
     the profiles are then ``{profile_key: domain_start_profile(...) + {"label": ...}}`` (empty when
     no probe tile could be read: the job then chooses per sample).
     """
@@ -88,7 +102,11 @@ def prepare_references(
         gen = LRGenerator.from_checkpoint(fetch_to_local(checkpoint, storage), device=device)
         emb = gen.degradation_embeddings(images)
         bank = emb.numpy().astype(np.float32)
-        tiles = _probe_tiles(start["probe"], storage, max_pixels, int(start["tile_hr"])) if start else []
+        tiles = (
+            _probe_tiles(start["probe"], storage, max_pixels, int(start["tile_hr"]), start.get("n_tiles"))
+            if start
+            else []
+        )
         if tiles:
             groups: dict[str, list[int]] = {}
             for j, i in enumerate(ok):
