@@ -290,14 +290,6 @@ def probe_boxes(h: int, w: int, tile: int, k: int) -> list[tuple[int, int]]:
     return cells if len(cells) <= k else [cells[(j * len(cells)) // k] for j in range(k)]
 
 
-def split_probe_budget(n_tiles: int, n_inputs: int) -> list[int]:
-    """Probe tiles per input: ``n_tiles`` shared as evenly as possible over ``n_inputs`` (the first
-    inputs take the remainder), at least one each."""
-    if n_inputs < 1 or n_tiles < 1:
-        raise ValueError(f"need n_tiles >= 1 and n_inputs >= 1, got {n_tiles}, {n_inputs}")
-    return [max(1, n_tiles // n_inputs + (j < n_tiles % n_inputs)) for j in range(n_inputs)]
-
-
 # A reference's weight in the domain profile: how far E_deg moves when the reference is blurred a
 # little more (Gaussian σ in LR pixels). A flat or dark crop looks the same blurred or not, so its
 # embedding carries little about the pipeline and much about the scene; E_deg reads such a crop as

@@ -328,17 +328,9 @@ def test_probe_boxes_spread_distinct_tiles_inside_the_image():
         calibrate.probe_boxes(16, 64, 32, 2)
 
 
-def test_split_probe_budget():
-    assert calibrate.split_probe_budget(32, 6) == [6, 6, 5, 5, 5, 5]
-    assert calibrate.split_probe_budget(32, 40) == [1] * 40  # more inputs than tiles: one each
-    assert sum(calibrate.split_probe_budget(100, 7)) == 100
-    with pytest.raises(ValueError):
-        calibrate.split_probe_budget(0, 3)
-
-
 def test_probe_tiles_spread_the_budget_over_few_inputs_and_skip_broken_ones(tmp_path):
     """The job's probe tiles (`generator.start_probe_layout`): `spread` cuts start_probe_tiles tiles
-    from a few large inputs, `centre` one centre tile per input; a broken input loses its share."""
+    from a few large inputs, `centre` one centre tile per input; a broken input's share passes on."""
     import numpy as np
 
     from pipelines.generate.references import _probe_tiles
@@ -353,13 +345,21 @@ def test_probe_tiles_spread_the_budget_over_few_inputs_and_skip_broken_ones(tmp_
         {"uri": str(tmp_path / n), "path": str(tmp_path / n)} for n in ("big.png", "broken.png", "small.png")
     ]
     as_u8 = lambda t: (t.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()  # noqa: E731
-    # spread: 9 tiles over 3 inputs -> 3 each; the broken one gives none, the small one (one tile) one
+    # spread: 9 tiles over 3 inputs -> 3 for big; the broken one gives none, the small one (one tile) one
     spread = _probe_tiles(rows, {}, 10**7, 64, n_tiles=9)
     boxes = calibrate.probe_boxes(192, 256, 64, 3)
     assert len(spread) == 4
     for t, (y, x) in zip(spread[:3], boxes, strict=True):
         assert np.array_equal(as_u8(t), big[y : y + 64, x : x + 64])
     assert np.array_equal(as_u8(spread[3]), small)
+    # what an input does not give passes to the inputs after it: broken then big -> 6 from big;
+    # small (one tile) then big -> 1 + 4
+    carried = _probe_tiles([rows[1], rows[0]], {}, 10**7, 64, n_tiles=6)
+    assert [as_u8(t).tobytes() for t in carried] == [
+        big[y : y + 64, x : x + 64].tobytes() for y, x in calibrate.probe_boxes(192, 256, 64, 6)
+    ]
+    assert len(_probe_tiles([rows[2], rows[0]], {}, 10**7, 64, n_tiles=5)) == 5
+    assert len(_probe_tiles([rows[0], rows[2]], {}, 10**7, 64, n_tiles=2)) == 2  # the budget is a cap
     # centre: one centre tile per readable input
     centre = _probe_tiles(rows, {}, 10**7, 64)
     assert len(centre) == 2 and np.array_equal(as_u8(centre[0]), big[64:128, 96:160])

@@ -7,6 +7,7 @@ choice is made once, before any sample is generated, from all of the domain's re
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,17 +29,20 @@ def _probe_tiles(
     probe: Sequence[Mapping], storage: dict, max_pixels: int, tile_hr: int, n_tiles: int | None = None
 ) -> list:
     """``tile_hr`` squares of the probe inputs as [3,H,W] floats: with ``n_tiles`` None, the centre
-    square of each input; otherwise ``n_tiles`` squares shared over the inputs
-    (``calibrate.split_probe_budget``), each input's spread over it (``calibrate.probe_boxes``, the
-    centre when its share is one; an input of one tile gives one). Inputs that fail to decode or are
-    smaller than one tile are left out (the job skips them too), and their share with them."""
+    square of each input; otherwise ``n_tiles`` squares shared over the inputs in order, each input
+    taking ``⌈tiles still wanted / inputs left⌉`` spread over it (``calibrate.probe_boxes``: the
+    centre when its share is one). An input that fails to decode or is smaller than one tile is left
+    out (the job skips it too), and so is anything an input cannot give (an input of one tile gives
+    one); what it did not give passes to the inputs after it."""
     import torch
 
     from realdgen_core import calibrate
 
-    shares = calibrate.split_probe_budget(n_tiles, len(probe)) if n_tiles and probe else [1] * len(probe)
     tiles = []
-    for row, share in zip(probe, shares, strict=True):
+    for j, row in enumerate(probe):
+        if n_tiles and len(tiles) >= n_tiles:
+            break
+        share = max(1, math.ceil((n_tiles - len(tiles)) / (len(probe) - j))) if n_tiles else 1
         try:
             img = load_image(SourceItem.from_row(row), storage, max_pixels=max_pixels)
         except ImageError:
