@@ -278,7 +278,8 @@ def domain_start_profile(
 def probe_boxes(h: int, w: int, tile: int, k: int) -> list[tuple[int, int]]:
     """Top-left corners ``(y, x)`` of up to ``k`` distinct ``tile`` squares spread over an ``h × w``
     image: the centres of a ``gy × gx`` grid of cells (``gx = ⌈√(k·w/h)⌉``, ``gy = ⌈k/gx⌉``), clipped
-    inside the image, ``k`` of them taken evenly in row-major order. ``k = 1`` is the centre tile;
+    inside the image, ``k`` of them taken evenly in row-major order. ``k = 1`` is the centre tile (to a
+    pixel: the offset is rounded, not floored);
     an image of one tile gives one box whatever ``k``."""
     if tile < 1 or h < tile or w < tile or k < 1:
         raise ValueError(f"probe_boxes needs 1 <= tile <= min(h, w) and k >= 1, got {h}x{w}, {tile}, {k}")

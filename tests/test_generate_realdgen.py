@@ -201,3 +201,4 @@ def test_domain_start_profile_reads_start_probe_tiles_from_few_large_inputs(
         )
         tiles[layout] = json.loads((out / "_index.json").read_text())["start_profile"]["domain:phone"]
     assert tiles["spread"]["probe_tiles"] == 8 and tiles["centre"]["probe_tiles"] == 2
+    assert (tiles["spread"]["probe_layout"], tiles["centre"]["probe_layout"]) == ("spread", "centre")

@@ -690,6 +690,7 @@ class GenerateJob:
                     "start": p["label"],
                     "bank_entry": p["chosen"],
                     "probe_tiles": p["tiles"],
+                    "probe_layout": self.m.generator.start_probe_layout,
                     "references": p["refs"],
                     "effective_references": p["effective_refs"],
                     "reference_weighting": self.m.generator.start_ref_weighting,
