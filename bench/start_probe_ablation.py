@@ -9,7 +9,7 @@ probe sets cut from the same photos:
 - ``centre``: the job's own probes, one centre tile per photo;
 - ``job_tiles``: the tiles the SR-proxy datasets were generated on (2 per photo);
 - ``spread_32`` / ``spread_64``: 32 / 64 distinct tiles spread evenly over the photos
-  (``calibrate.probe_boxes``; the job's own layout since ``generator.start_probe_layout: spread``),
+  (``calibrate.spread_probe_crops``, the job's own layout since ``generator.start_probe_layout: spread``),
 
 under both aggregates (``rank``, the default, and ``distance``), and reads each chosen start's
 SR-proxy score (one seed, as a margin over bicubic pairs) and the PSNR of its LR to the truth from
@@ -53,13 +53,9 @@ def probe_sets(photos: list[str], tile: int, work: Path, scale: int) -> dict[str
 
     sets = {"centre": [cut(im, (im.shape[0] - tile) // 2, (im.shape[1] - tile) // 2) for im in images]}
     sets["job_tiles"] = [to_tensor(hr) for _, (hr, _, _) in shared_bicubic(work, scale)]
-    for budget in (32, 64):
-        split = [budget // len(images) + (j < budget % len(images)) for j in range(len(images))]
-        sets[f"spread_{budget}"] = [
-            cut(im, y, x)
-            for im, k in zip(images, split, strict=True)
-            for y, x in calibrate.probe_boxes(*im.shape[:2], tile, k)
-        ]
+    for budget in (32, 64):  # the job's own layout (generator.start_probe_layout: spread)
+        crops = calibrate.spread_probe_crops(images, len(images), tile, budget)
+        sets[f"spread_{budget}"] = [to_tensor(c) for c in crops]
     return sets
 
 

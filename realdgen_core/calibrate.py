@@ -29,9 +29,10 @@ The result is a :class:`DomainCalibration` stored in the adapted checkpoint's me
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -289,6 +290,25 @@ def probe_boxes(h: int, w: int, tile: int, k: int) -> list[tuple[int, int]]:
     xs = sorted({min(max(round((i + 0.5) * w / gx - tile / 2), 0), w - tile) for i in range(gx)})
     cells = [(y, x) for y in ys for x in xs]
     return cells if len(cells) <= k else [cells[(j * len(cells)) // k] for j in range(k)]
+
+
+def spread_probe_crops(images: Iterable, n_images: int, tile: int, n_tiles: int) -> list[np.ndarray]:
+    """Up to ``n_tiles`` ``tile`` squares (copies, [tile, tile, 3]) cut from ``images`` (an iterable
+    of ``n_images`` [H, W, C] arrays, None for one that could not be read), in order: each image
+    takes ``⌈tiles still wanted / images left⌉`` squares spread over it (:func:`probe_boxes`). An image
+    that is None or smaller than one tile gives none, one of one tile gives one, and what an image
+    did not give passes to the images after it. Stops reading ``images`` once the budget is met."""
+    crops: list[np.ndarray] = []
+    for j, img in enumerate(images):
+        if len(crops) >= n_tiles:
+            break
+        if img is None or img.shape[0] < tile or img.shape[1] < tile:
+            continue
+        share = max(1, math.ceil((n_tiles - len(crops)) / (n_images - j)))
+        crops += [
+            np.array(img[y : y + tile, x : x + tile]) for y, x in probe_boxes(*img.shape[:2], tile, share)
+        ]
+    return crops
 
 
 # A reference's weight in the domain profile: how far E_deg moves when the reference is blurred a

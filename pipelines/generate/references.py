@@ -7,7 +7,6 @@ choice is made once, before any sample is generated, from all of the domain's re
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,36 +28,30 @@ def _probe_tiles(
     probe: Sequence[Mapping], storage: dict, max_pixels: int, tile_hr: int, n_tiles: int | None = None
 ) -> list:
     """``tile_hr`` squares of the probe inputs as [3,H,W] floats: with ``n_tiles`` None, the centre
-    square of each input; otherwise ``n_tiles`` squares shared over the inputs in order, each input
-    taking ``⌈tiles still wanted / inputs left⌉`` spread over it (``calibrate.probe_boxes``: the
-    centre when its share is one). An input that fails to decode or is smaller than one tile is left
-    out (the job skips it too), and so is anything an input cannot give (an input of one tile gives
-    one); what it did not give passes to the inputs after it."""
+    square of each input; otherwise ``n_tiles`` squares shared over the inputs in order and spread
+    over each (``calibrate.spread_probe_crops``). Inputs that fail to decode or are smaller than one
+    tile are left out (the job skips them too)."""
     import torch
 
     from realdgen_core import calibrate
 
-    tiles = []
-    for j, row in enumerate(probe):
-        if n_tiles and len(tiles) >= n_tiles:
-            break
-        share = max(1, math.ceil((n_tiles - len(tiles)) / (len(probe) - j))) if n_tiles else 1
-        try:
-            img = load_image(SourceItem.from_row(row), storage, max_pixels=max_pixels)
-        except ImageError:
-            continue
-        h, w = img.shape[:2]
-        if h < tile_hr or w < tile_hr:
-            continue
-        boxes = (
-            calibrate.probe_boxes(h, w, tile_hr, share)
-            if n_tiles
-            else [((h - tile_hr) // 2, (w - tile_hr) // 2)]
-        )
-        for y, x in boxes:
-            crop = np.array(img[y : y + tile_hr, x : x + tile_hr])  # a writable copy
-            tiles.append(torch.from_numpy(crop).permute(2, 0, 1).float().div(255.0))
-    return tiles
+    def decoded():
+        for row in probe:
+            try:
+                yield load_image(SourceItem.from_row(row), storage, max_pixels=max_pixels)
+            except ImageError:
+                yield None
+
+    if n_tiles:
+        crops = calibrate.spread_probe_crops(decoded(), len(probe), tile_hr, n_tiles)
+    else:
+        crops = []
+        for img in decoded():
+            if img is None or img.shape[0] < tile_hr or img.shape[1] < tile_hr:
+                continue
+            y, x = (img.shape[0] - tile_hr) // 2, (img.shape[1] - tile_hr) // 2
+            crops.append(np.array(img[y : y + tile_hr, x : x + tile_hr]))  # a writable copy
+    return [torch.from_numpy(c).permute(2, 0, 1).float().div(255.0) for c in crops]
 
 
 def prepare_references(
