@@ -6,6 +6,11 @@ at while the start choice was designed; same photos, tiles and folder layout as 
     python bench/make_variant_codecs.py OUT [--benchmark ../shared/bench/make_codec_pairs.py]
     python pipelines/evaluate.py manifests/evaluate_codecs.yaml --set root=OUT \\
         --set 'domains=[{"name":"x264-mobile"},{"name":"mpeg4-legacy"},{"name":"mjpeg-cam"}]'
+
+``--photos`` swaps the scenes instead (a held-out check on photos the start choice never saw):
+``--photos astronaut,coffee,hubble_deep_field,immunohistochemistry,retina:rocket,chelsea,cat`` is
+TRAIN:EVAL (scikit-image RGB photos), and ``--pipelines benchmark`` keeps the benchmark's own four
+codecs; ``--pipelines all`` writes those four and the three variants.
 """
 
 from __future__ import annotations
@@ -59,11 +64,53 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out")
     ap.add_argument("--benchmark", default=str(DEFAULT_BENCHMARK), help="path of make_codec_pairs.py")
+    ap.add_argument(
+        "--pipelines",
+        choices=["variants", "benchmark", "all"],
+        default="variants",
+        help="the three variants (default), the benchmark's own four, or all seven",
+    )
+    ap.add_argument(
+        "--photos", default=None, help="TRAIN:EVAL photo names, comma-separated (default: the benchmark's)"
+    )
     args = ap.parse_args()
     mcp = load_benchmark(args.benchmark)
-    mcp.degrade = lambda pipeline, src, dst, tmp: degrade_variant(mcp, pipeline, src, dst, tmp)
-    mcp.PIPELINES = PIPELINES
+    if args.photos:
+        mcp.TRAIN, mcp.EVAL = parse_photos(args.photos)
+    own, own_degrade = list(mcp.PIPELINES), mcp.degrade
+
+    def degrade(pipeline: str, src: str, dst: str, tmp: str) -> None:
+        if pipeline in own:
+            own_degrade(pipeline, src, dst, tmp)
+        else:
+            degrade_variant(mcp, pipeline, src, dst, tmp)
+
+    mcp.degrade = degrade
+    mcp.PIPELINES = {"variants": PIPELINES, "benchmark": own, "all": own + PIPELINES}[args.pipelines]
     mcp.main(args.out)
+
+
+def parse_photos(spec: str) -> tuple[list[str], list[str]]:
+    """``"a,b:c,d"`` -> (TRAIN, EVAL); each name must be a scikit-image RGB photo, the splits disjoint,
+    and EVAL at least two photos (a tile's reference comes from another eval photo)."""
+    from skimage import data
+
+    if spec.count(":") != 1:
+        raise SystemExit(f"--photos {spec!r}: want TRAIN:EVAL, e.g. astronaut,retina:rocket,cat")
+    train, ev = ([n.strip() for n in part.split(",") if n.strip()] for part in spec.split(":"))
+    for n in train + ev:
+        fn = getattr(data, n, None)
+        try:
+            arr = fn() if callable(fn) else None
+        except Exception as e:  # e.g. a photo that scikit-image would have to download
+            raise SystemExit(f"--photos: {n!r} cannot be loaded here: {e}") from None
+        if not hasattr(arr, "ndim") or arr.ndim != 3 or arr.shape[2] < 3:
+            raise SystemExit(f"--photos: {n!r} is not a scikit-image RGB photo")
+    if set(train) & set(ev):
+        raise SystemExit(f"--photos: {sorted(set(train) & set(ev))} in both TRAIN and EVAL")
+    if len(ev) < 2 or not train:
+        raise SystemExit("--photos: want at least one TRAIN and two EVAL photos")
+    return train, ev
 
 
 if __name__ == "__main__":
