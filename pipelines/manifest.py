@@ -184,7 +184,11 @@ class GeneratorSpec(StrictModel):
         "raw errors weighted 1:1).",
     )
     tau_min: int | None = Field(
-        None, ge=0, le=999, description="Smallest start step τ (realdgen). Unset: calibration, else 0."
+        None,
+        ge=0,
+        le=999,
+        description="Smallest start step τ (realdgen; 0 = no diffusion, the candidate is its start). "
+        "Unset: calibration, else 0.",
     )
     tau_max: int | None = Field(
         None,

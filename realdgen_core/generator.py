@@ -7,7 +7,8 @@ candidates j, in this order: τ_ij ~ U{tau_range} (inclusive, 0-based schedule i
     x_start_ij = 2·D(HR_i, θ_ij) − 1                       (Alg. 2 prints D(x_lr); §2.3 means the HR)
     c_i        = M(E_cont(HR_i), E_deg(ref_i))
     cand_ij    = reverse process from x_τ = √ᾱ_τ·x_start + √(1−ᾱ_τ)·ε down to t = 0, 8-bit quantised
-                 (``sampler``: the paper's ancestral DDPM, τ+1 UNet calls; or strided DDIM, ≤ steps)
+                 (``sampler``: the paper's ancestral DDPM, τ+1 UNet calls; or strided DDIM, ≤ steps);
+                 for τ = 0, x_start itself (no noise, no UNet call: "no diffusion")
     content_error_ij     = mean((E_cont(bicubic_up(cand_ij)) − E_cont(HR_i))²)   (MSE over the content map)
     degradation_error_ij = mean((E_deg(cand_ij) − E_deg(ref_i))²)                 (MSE over the 2048 dims)
     kept_i = argmin_j  w_c·content_error_ij + w_d·degradation_error_ij            (first index on ties)
@@ -277,6 +278,9 @@ class LRGenerator:
                 or a single reference [1,3,h,w] shared by all samples).
             k: candidates per sample (k = 1 disables the filter).
             tau_range: (lo, hi), inclusive 0-based start indices; τ ~ U{lo..hi} per candidate.
+                τ = 0 means no diffusion: the candidate is its start, D(HR, θ). (Noising to schedule
+                index 0 and denoising it changed a start by ~1.1 grey levels std, measured: the UNet
+                leaves most of that step's noise, σ ≈ 1.3 grey levels, in; docs/realism.md, "τ = 0".)
             seeds: one int per sample; the sample's every draw comes from ``Generator().manual_seed(seed)``.
             ref_embeddings: E_deg of the references ([B,2048] or [1,2048]), instead of ``refs``
                 (from ``degradation_embeddings``, so a pipeline embeds its reference bank once).
@@ -390,7 +394,11 @@ class LRGenerator:
                 return self._unet(x_t, c, t).float().contiguous()
 
         batching = None
-        if self.rows_per_call is None:
+        diffused = tau.reshape(-1) > 0
+        if not bool(diffused.any()):
+            # τ = 0 everywhere: every candidate is its start; no UNet call (see the module docstring).
+            x0 = x_start_p
+        elif self.rows_per_call is None:
             # One call per sample per step (its active candidates); diffusion groups the rows.
             x0 = self.diffusion.sample(
                 unet_rows,
@@ -415,6 +423,11 @@ class LRGenerator:
                 stats=batching,
             )
         cands = quantize_8bit((x0[..., :h, :w].float() + 1.0) * 0.5)
+        if not bool(diffused.all()):
+            # τ = 0 rows take their start as it is. They were sampled along with the others (a
+            # sample's noise draws, and so its τ > 0 rows' pixels, do not depend on which τ are 0).
+            kept = quantize_8bit((x_start[~diffused.to(x_start.device)] + 1.0) * 0.5)
+            cands[~diffused.to(cands.device)] = kept.to(cands)
         lap("unet")
 
         # 4. Best-of-k filter on the 8-bit candidates (what would be written).
