@@ -667,6 +667,10 @@ def manifest_digest(manifest: StrictModel) -> str:
                 gen.pop("start_aggregate", None)  # the rule before the field existed: same digests as then
             if gen.get("start_probe_layout") == "centre":
                 gen.pop("start_probe_layout", None)  # likewise the layout before its field
+        if gen.get("kind") == "realdgen" and gen.get("tau_min") == 0:
+            # τ = 0 became "no diffusion" (the candidate is its start). A dataset whose τ range holds
+            # 0 was made otherwise before that, so it gets a new digest and is never resumed into.
+            gen["tau_zero"] = "start"
     canon = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canon.encode()).hexdigest()
 

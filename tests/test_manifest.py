@@ -180,3 +180,25 @@ def test_digest_of_the_probe_layout():
     assert digest({"kind": "bicubic"}) == digest({"kind": "bicubic", "start_probe_layout": "centre"})
     with pytest.raises(ManifestError, match="start_probe_layout"):
         parse_manifest({**BASE, "generator": {**gen, "start_probe_layout": "grid"}})
+
+
+def test_digest_marks_the_tau_zero_rule():
+    """τ = 0 became "no diffusion": a realdgen dataset whose τ range holds 0 is made differently
+    since, so its digest moved (never resumed into an older one's shards); τ ≥ 1 ranges and the
+    baselines keep theirs. The old digests were computed with the code before the change."""
+    digest = lambda t: manifest_digest(  # noqa: E731
+        parse_manifest(
+            {
+                **BASE,
+                "generator": {
+                    "kind": "realdgen",
+                    "checkpoint": "c.safetensors",
+                    "tau_min": t[0],
+                    "tau_max": t[1],
+                },
+            }
+        )
+    )
+    assert digest((0, 5)) != "4f29e57017f177587701a70ca7920edd7810000dd467d20d24cdcc94393e9e19"  # before
+    assert digest((1, 5)) == "2cc4c12a88e4e2fae02582aca1652f73eb95063e5a8958fa9f9830f3788c9a65"  # unchanged
+    assert digest((0, 5)) != digest((1, 5))
