@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,16 +22,11 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.ports import free_ports
 from tests.test_generate_job import dataset_bytes, manifest_dict, tar_keys, validate
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _session_pids(sid: int) -> list[int]:
@@ -74,7 +68,7 @@ class TwoNodeRay:
 
     def __init__(self, temp: Path) -> None:
         self.temp = temp
-        self.port = _free_port()
+        self.port = free_ports(1)[0]
         self.address = f"127.0.0.1:{self.port}"
         self.sessions: list[int] = []
 
@@ -107,13 +101,13 @@ class TwoNodeRay:
             "--include-dashboard=false",
             f"--temp-dir={self.temp}",
         )
-        # The node manager port is picked free, then bound by the raylet a moment later; another
-        # process (the head's own workers and agents start meanwhile) can take it in between, and the
-        # raylet then dies and `ray start` times out. That race is the test's, so try a fresh port.
+        # The node manager port is picked free (outside the ephemeral range, tests/ports.py), then
+        # bound by the raylet a moment later; should anything still take it in between, the raylet
+        # dies and `ray start` times out. That race is the test's, so try a fresh port.
         tries = 0
         while tries < 3:
             tries += 1
-            self.node2_manager_port = _free_port()
+            self.node2_manager_port = free_ports(1)[0]
             sid, rc, out = self._start(
                 f"--address={self.address}",
                 "--num-cpus=2",
@@ -144,7 +138,7 @@ class TwoNodeRay:
 @pytest.fixture()
 def two_nodes(tmp_path_factory):
     pytest.importorskip("ray")
-    temp = Path(f"/tmp/rdg-{os.getpid()}-{_free_port()}")  # short: Ray's socket paths are long
+    temp = Path(f"/tmp/rdg-{os.getpid()}-{free_ports(1)[0]}")  # short: Ray's socket paths are long
     cluster = TwoNodeRay(temp).start()
     try:
         yield cluster
