@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
+from ports import free_ports
 
 # No Ray metrics in the tests: nothing here reads them, and Ray 2.60's OpenTelemetry metrics thread
 # once crashed a job's driver with SIGSEGV at shutdown (TemporalMetricStorage::buildMetrics, exit
@@ -20,12 +20,6 @@ os.environ.setdefault("RAY_enable_metrics_collection", "0")
 torch.set_num_threads(1)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server over HTTP on 127.0.0.1; yields its endpoint URL.
@@ -35,7 +29,7 @@ def s3_server():
     """
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_ports(1)[0]  # outside the ephemeral range: no outgoing connection takes it first
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
