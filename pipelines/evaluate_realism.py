@@ -16,8 +16,8 @@ Per domain (a folder of HR images and their true LR, e.g. one pipeline of
 3. **Generation through the main job** (``pipelines.generate_dataset.run``, one local Ray for the whole
    evaluation): a ``kind: generate`` manifest per run with ``tiling: {tile, grid, max_tiles_per_image:
    1}`` so the whole HR tile maps to the whole LR tile. Honest references (pairing): realdgen runs one
-   job per photo group whose ``refs`` are the true LR tiles of the *other* groups (a tile's own true LR
-   is never its reference); the baselines (random θ, no reference) run one job over all tiles. The
+   job per photo group whose ``refs`` are the true LR tiles of the *other* groups, one reference domain
+   (one pipeline; a tile's own true LR is never its reference); the baselines (random θ, no reference) run one job over all tiles. The
    shards are read back (``pipelines.reader.decode_pair``) and matched to tiles by ``hr_source``; the
    HR pixels in the shard are checked against the tile.
 4. **Metrics against the true LR**, per tile then averaged: PSNR/SSIM (``realdgen_core.metrics``,
@@ -240,8 +240,12 @@ def generate_manifest_dict(
     tiles_per_image: int,
     tiling_mode: str = "grid",
     max_failure_fraction: float = 0.0,
+    domain: str | None = None,
 ) -> dict:
-    """A ``kind: generate`` manifest (raw mapping) for one evaluation run, overrides applied."""
+    """A ``kind: generate`` manifest (raw mapping) for one evaluation run, overrides applied.
+
+    ``refs`` are ``(name, uri)`` sets; each is its own reference domain unless ``domain`` labels
+    them all as one (the job then chooses one start from all of them)."""
     gen: dict = {"kind": kind}
     if kind == "realdgen":
         gen["checkpoint"] = checkpoint
@@ -254,7 +258,7 @@ def generate_manifest_dict(
         "seed": m.seed,
         "scale": m.scale,
         "hr": {"uri": hr},
-        "refs": [{"name": name, "domain": name, "source": {"uri": uri}} for name, uri in refs],
+        "refs": [{"name": name, "domain": domain or name, "source": {"uri": uri}} for name, uri in refs],
         "generator": gen,
         "tiling": {"tile": m.generation.tile, "mode": tiling_mode, "max_tiles_per_image": tiles_per_image},
         "pairing": {"mode": "random", "refs_per_tile": 1},
@@ -560,6 +564,10 @@ def evaluate_domain(
                     out=str(out.resolve()),
                     checkpoint=str(Path(ckpt).resolve()),
                     tiles_per_image=1,
+                    # One pipeline, so one reference domain: with three or more photos the start is
+                    # chosen from the true LR of all the other photos together, not once per photo
+                    # from a handful of tiles each. (Two photos: the same label as one set alone.)
+                    domain="truelr-" + "+".join(others),
                 )
                 log(
                     f"[{d.name}] {kind}: photo {g} ({section['groups'][g]} tiles), refs = true LR of {others}"

@@ -380,3 +380,42 @@ def test_two_sample_threshold_is_the_median_of_the_balanced_held_out_set(photos)
     assert told["paired_accuracy"] == pytest.approx(
         np.mean([f["paired_accuracy"] for f in told["folds"]]), abs=1e-3
     )
+
+
+@pytest.mark.ray
+def test_three_photos_make_one_reference_domain_per_job(ray_local, tiny_ckpt, tmp_path):
+    """A codec pipeline is one domain: each photo's realdgen job gets the true LR of all the other
+    photos as one reference domain (one start choice from all of them), never its own."""
+    from skimage import data
+
+    from pipelines.evaluate_realism import run_evaluation
+
+    d = tmp_path / "bench" / "three"
+    for sub in ("hr", "lr", "refs_train"):
+        (d / sub).mkdir(parents=True)
+    names = ("astronaut", "chelsea", "coffee")
+    for name in names:
+        hr, lr = _standin(getattr(data, name)())
+        key = f"{name}_8_8"
+        Image.fromarray(hr[8 * S : (8 + T) * S, 8 * S : (8 + T) * S]).save(d / "hr" / f"{key}.png")
+        Image.fromarray(lr[8 : 8 + T, 8 : 8 + T]).save(d / "lr" / f"{key}.png")
+        Image.fromarray(lr[40 : 40 + T, 40 : 40 + T]).save(d / "refs_train" / f"{name}.png")
+    m = parse_manifest(
+        {
+            **_manifest(tmp_path / "bench", tiny_ckpt, tmp_path / "report"),
+            "domains": [{"name": "three"}],
+            "classifier": {"enabled": False},
+            "sr_proxy": {"enabled": False},
+        }
+    )
+    run_evaluation(m, log=lambda *_: None)
+    (gen,) = (tmp_path / "report" / "work" / "three").glob("data-*/gen")
+    (jobs,) = [p for p in gen.iterdir() if p.name.startswith("realdgen")]
+    assert sorted(p.name for p in jobs.iterdir()) == sorted(names)
+    for own in names:
+        others = [n for n in names if n != own]
+        ((lr, meta),) = _shard_samples(jobs / own).values()
+        assert lr.shape == (T, T, 3) and meta["hr_source"] == f"tiles/hr/{own}/{own}_8_8.png"
+        ref = Path(meta["ref_source"]).parent.name
+        assert ref in others and meta["ref_set"] == f"truelr-{ref}"
+        assert meta["domain"] == "truelr-" + "+".join(others)
