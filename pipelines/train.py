@@ -179,21 +179,11 @@ def calibration_split(items: Sequence[SourceItem], fraction: float) -> tuple[lis
     return [items[i] for i in train], [items[i] for i in val]
 
 
-def calibrate_checkpoint(m: TrainManifest) -> dict:
-    """Choose τ for the domain of ``data.lr`` on its validation split and record the calibration
-    (``realdgen_core.calibrate.DomainCalibration``) in ``output.checkpoint``'s metadata.
-
-    The weights are untouched (same model digest); the job reads the calibration by default.
-    """
-    from pipelines.storage import fetch_to_local
-    from realdgen_core import calibrate
-    from realdgen_core.checkpoint import load_checkpoint, save_checkpoint
-    from realdgen_core.diffusion import SamplerConfig
-    from realdgen_core.generator import LRGenerator
-
+def calibration_inputs(m: TrainManifest) -> tuple[list[Tensor], Tensor, list[Tensor]]:
+    """What the domain calibration measures on: (the validation split's LR images, the
+    ``calibration.pairs`` HR crops, the reference drawn for each crop), seeded by ``m.seed``."""
     cal_m = m.calibration
     storage = m.storage.model_dump()
-    t0 = time.time()
     g = torch.Generator().manual_seed(m.seed + 7919)
     refs: list[torch.Tensor] = []
     for i, c in enumerate(m.data.lr):
@@ -227,6 +217,25 @@ def calibrate_checkpoint(m: TrainManifest) -> dict:
             raise ValueError(f"calibration: no default photo is at least {cal_m.hr_crop}px")
         hr = torch.stack([random_crop(photos[i % len(photos)], cal_m.hr_crop, g) for i in range(cal_m.pairs)])
     pair_refs = [refs[int(j)] for j in torch.randint(0, len(refs), (cal_m.pairs,), generator=g)]
+    return refs, hr, pair_refs
+
+
+def calibrate_checkpoint(m: TrainManifest) -> dict:
+    """Choose τ for the domain of ``data.lr`` on its validation split and record the calibration
+    (``realdgen_core.calibrate.DomainCalibration``) in ``output.checkpoint``'s metadata.
+
+    The weights are untouched (same model digest); the job reads the calibration by default.
+    """
+    from pipelines.storage import fetch_to_local
+    from realdgen_core import calibrate
+    from realdgen_core.checkpoint import load_checkpoint, save_checkpoint
+    from realdgen_core.diffusion import SamplerConfig
+    from realdgen_core.generator import LRGenerator
+
+    cal_m = m.calibration
+    storage = m.storage.model_dump()
+    t0 = time.time()
+    refs, hr, pair_refs = calibration_inputs(m)
     local = fetch_to_local(m.output.checkpoint, storage)
     model, meta = load_checkpoint(local)
     gen = LRGenerator(model, sampler=SamplerConfig(kind="ddim", steps=cal_m.sampler_steps, eta=1.0))

@@ -402,6 +402,7 @@ def calibrate_tau(
     weights: tuple[float, float] = (0.0, 1.0),
     filter_norm: bool = True,
     seed: int = 0,
+    start_errors: Tensor | None = None,
 ) -> tuple[int, dict]:
     """Choose ``tau_max`` for a domain from its validation LR (unpaired), with the start bank in use.
 
@@ -412,6 +413,10 @@ def calibrate_tau(
     Returns the smallest ``tau_max`` whose mean error is within one standard error of the best
     one — a larger τ must buy a measurably closer degradation to be worth the fidelity it costs
     (paper Table 3) — and the per-τ scores.
+
+    ``start_errors`` ([N, len(bank)]): the start each pair draws from; default: each pair's own
+    best entry for its own reference (``bank_errors``). A domain profile's ``profile_errors``,
+    repeated per pair, makes every pair start from the domain's one chosen entry, as the job does.
     """
     if len(refs) != hr.shape[0] or not len(refs):
         raise ValueError(
@@ -422,13 +427,20 @@ def calibrate_tau(
         raise ValueError(f"tau_grid must hold non-negative steps, got {tau_grid!r}")
     seeds = [seed * 1_000_003 + i for i in range(hr.shape[0])]
     ref_emb = generator.degradation_embeddings(list(refs))
-    # the start choice does not depend on τ: embed each pair's bank once for the whole grid
-    errors = torch.stack(
-        [
-            bank_errors(generator.model.degradation, hr[i : i + 1], ref_emb[i], bank, generator.device)
-            for i in range(hr.shape[0])
-        ]
-    )
+    if start_errors is not None:
+        errors = torch.as_tensor(start_errors, dtype=torch.float32)
+        if tuple(errors.shape) != (hr.shape[0], len(bank)):
+            raise ValueError(
+                f"start_errors must be [{hr.shape[0]}, {len(bank)}] (pairs, bank), got {tuple(errors.shape)}"
+            )
+    else:
+        # the start choice does not depend on τ: embed each pair's bank once for the whole grid
+        errors = torch.stack(
+            [
+                bank_errors(generator.model.degradation, hr[i : i + 1], ref_emb[i], bank, generator.device)
+                for i in range(hr.shape[0])
+            ]
+        )
     scores: dict[str, dict] = {}
     for tau_max in grid:
         res = generator.generate(

@@ -127,6 +127,30 @@ def test_calibrate_tau_prefers_small_tau_within_noise(photos):
     assert tau <= int(best)
 
 
+def test_calibrate_tau_scores_the_start_rule_it_is_given(photos):
+    """Default: each pair starts from its own reference's best entry; ``start_errors`` (a domain
+    profile's, repeated per pair) makes every pair start from the given entry, as the job does."""
+    gen = LRGenerator(build_model(preset("tiny", 4), seed=2), sampler=SamplerConfig(kind="ddim", steps=2))
+    bank = calibrate.start_bank(4, (0.0, 1.6), (0,))
+    hr = torch.cat([_hr(photos, "astronaut", 32), _hr(photos, "coffee", 32)])
+    refs = [
+        degrade.apply(_hr(photos, "chelsea", 32), [bank[1]])[0],
+        degrade.apply(_hr(photos, "rocket", 32), [bank[0]])[0],
+    ]
+    emb = gen.degradation_embeddings(refs)
+    net = gen.model.degradation
+    err = torch.stack([calibrate.bank_errors(net, hr[i : i + 1], emb[i], bank, gen.device) for i in range(2)])
+    assert not torch.equal(err.argmin(1), torch.zeros(2, dtype=torch.long))  # the rules differ here
+    own = calibrate.calibrate_tau(gen, hr, refs, bank, tau_grid=(0,), k=2)[1]["per_tau_max"]["0"]
+    forced = torch.tensor([[0.0, float("inf")]] * 2)
+    one = calibrate.calibrate_tau(gen, hr, refs, bank, tau_grid=(0,), k=2, start_errors=forced)[1]
+    # τ = 0: the output is the start itself, so its E_deg error is the start's own
+    assert own["degradation_error"] == pytest.approx(float(err.min(1).values.mean()), rel=1e-4)
+    assert one["per_tau_max"]["0"]["degradation_error"] == pytest.approx(float(err[:, 0].mean()), rel=1e-4)
+    with pytest.raises(ValueError, match=r"start_errors must be \[2, 2\]"):
+        calibrate.calibrate_tau(gen, hr, refs, bank, tau_grid=(0,), start_errors=torch.zeros(2, 3))
+
+
 def test_adaptation_records_a_calibration_the_job_uses(tmp_path, photos):
     from pipelines import train as T
     from pipelines.generate_dataset import _checkpoint_calibration
