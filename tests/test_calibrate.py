@@ -110,7 +110,9 @@ def test_split_validation_is_by_name():
     assert calibrate.split_validation(["a.png", "b.png"], 0.01)[1]  # both sides non-empty
 
 
-def test_calibrate_tau_prefers_small_tau_within_noise(photos):
+def _two_pairs(photos):
+    """A tiny generator, a 2-entry bank and two (HR, reference) pairs whose references show other
+    scenes, made by different entries."""
     gen = LRGenerator(build_model(preset("tiny", 4), seed=2), sampler=SamplerConfig(kind="ddim", steps=2))
     bank = calibrate.start_bank(4, (0.0, 1.6), (0,))
     hr = torch.cat([_hr(photos, "astronaut", 32), _hr(photos, "coffee", 32)])
@@ -118,6 +120,11 @@ def test_calibrate_tau_prefers_small_tau_within_noise(photos):
         degrade.apply(_hr(photos, "chelsea", 32), [bank[1]])[0],
         degrade.apply(_hr(photos, "rocket", 32), [bank[0]])[0],
     ]
+    return gen, bank, hr, refs
+
+
+def test_calibrate_tau_prefers_small_tau_within_noise(photos):
+    gen, bank, hr, refs = _two_pairs(photos)
     tau, scores = calibrate.calibrate_tau(gen, hr, refs, bank, tau_grid=(0, 3, 30), k=2)
     per = scores["per_tau_max"]
     assert set(per) == {"0", "3", "30"} and scores["pairs"] == 2
@@ -130,13 +137,7 @@ def test_calibrate_tau_prefers_small_tau_within_noise(photos):
 def test_calibrate_tau_scores_the_start_rule_it_is_given(photos):
     """Default: each pair starts from its own reference's best entry; ``start_errors`` (a domain
     profile's, repeated per pair) makes every pair start from the given entry, as the job does."""
-    gen = LRGenerator(build_model(preset("tiny", 4), seed=2), sampler=SamplerConfig(kind="ddim", steps=2))
-    bank = calibrate.start_bank(4, (0.0, 1.6), (0,))
-    hr = torch.cat([_hr(photos, "astronaut", 32), _hr(photos, "coffee", 32)])
-    refs = [
-        degrade.apply(_hr(photos, "chelsea", 32), [bank[1]])[0],
-        degrade.apply(_hr(photos, "rocket", 32), [bank[0]])[0],
-    ]
+    gen, bank, hr, refs = _two_pairs(photos)
     emb = gen.degradation_embeddings(refs)
     net = gen.model.degradation
     err = torch.stack([calibrate.bank_errors(net, hr[i : i + 1], emb[i], bank, gen.device) for i in range(2)])
