@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: no adapted checkpoint in the run, skipped", file=sys.stderr)
             continue
         if len(ckpts) > 1:
-            print(f"{name}: {len(ckpts)} adapted checkpoints, the last in name order is used", file=sys.stderr)
+            print(f"{name}: {len(ckpts)} adapted checkpoints, using the last by name", file=sys.stderr)
         if not sec.get("adapted") or not sec.get("refs_train"):
             print(f"{name}: not adapted in this run, skipped", file=sys.stderr)
             continue

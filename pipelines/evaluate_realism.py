@@ -17,9 +17,9 @@ Per domain (a folder of HR images and their true LR, e.g. one pipeline of
    evaluation): a ``kind: generate`` manifest per run with ``tiling: {tile, grid, max_tiles_per_image:
    1}`` so the whole HR tile maps to the whole LR tile. Honest references (pairing): realdgen runs one
    job per photo group whose ``refs`` are the true LR tiles of the *other* groups, one reference domain
-   (one pipeline; a tile's own true LR is never its reference); the baselines (random θ, no reference) run one job over all tiles. The
-   shards are read back (``pipelines.reader.decode_pair``) and matched to tiles by ``hr_source``; the
-   HR pixels in the shard are checked against the tile.
+   (one pipeline; a tile's own true LR is never its reference); the baselines (random θ, no
+   reference) run one job over all tiles. The shards are read back (``pipelines.reader.decode_pair``)
+   and matched to tiles by ``hr_source``; the HR pixels in the shard are checked against the tile.
 4. **Metrics against the true LR**, per tile then averaged: PSNR/SSIM (``realdgen_core.metrics``,
    scikit-image), the relative gaps of noise level, Laplacian energy and 8×8 blockiness
    (``realdgen_core.realism``), the classifier two-sample test and the SR proxy
