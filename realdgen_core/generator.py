@@ -423,8 +423,8 @@ class LRGenerator:
                 stats=batching,
             )
         cands = quantize_8bit((x0[..., :h, :w].float() + 1.0) * 0.5)
-        if not bool(diffused.all()):
-            # τ = 0 rows take their start as it is. They were sampled along with the others (a
+        if bool(diffused.any()) and not bool(diffused.all()):
+            # Mixed τ: the τ = 0 rows take their start as it is. They were sampled along with the others (a
             # sample's noise draws, and so its τ > 0 rows' pixels, do not depend on which τ are 0).
             kept = quantize_8bit((x_start[~diffused.to(x_start.device)] + 1.0) * 0.5)
             cands[~diffused.to(cands.device)] = kept.to(cands)
