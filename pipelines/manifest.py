@@ -667,6 +667,11 @@ def manifest_digest(manifest: StrictModel) -> str:
                 gen.pop("start_aggregate", None)  # the rule before the field existed: same digests as then
             if gen.get("start_probe_layout") == "centre":
                 gen.pop("start_probe_layout", None)  # likewise the layout before its field
+            else:
+                # `spread` now makes up what the last inputs could not give from the earlier ones
+                # (calibrate.spread_probe_crops): a job that read fewer tiles before may choose
+                # another start, so its dataset is never resumed into one made before.
+                gen["start_probe_fill"] = "reserve"
         if gen.get("kind") == "realdgen" and gen.get("tau_min") == 0:
             # τ = 0 became "no diffusion" (the candidate is its start). A dataset whose τ range holds
             # 0 was made otherwise before that, so it gets a new digest and is never resumed into.

@@ -297,17 +297,29 @@ def spread_probe_crops(images: Iterable, n_images: int, tile: int, n_tiles: int)
     of ``n_images`` [H, W, C] arrays, None for one that could not be read), in order: each image
     takes ``⌈tiles still wanted / images left⌉`` squares spread over it (:func:`probe_boxes`). An image
     that is None or smaller than one tile gives none, one of one tile gives one, and what an image
-    did not give passes to the images after it. Stops reading ``images`` once the budget is met."""
+    did not give passes to the images after it. Stops reading ``images`` once the budget is met.
+
+    What the last images could not give is made up from the images before them: each image also
+    keeps up to its share again of further distinct squares (the boxes of a grid twice as fine that
+    its own share did not take), and a shortfall at the end takes those, one image at a time in turn.
+    So a job whose last inputs are broken or small still measures ``n_tiles`` tiles when its other
+    inputs have room (the reserve holds at most about ``n_tiles`` squares in all)."""
     crops: list[np.ndarray] = []
+    reserve: list[list[np.ndarray]] = []
     for j, img in enumerate(images):
         if len(crops) >= n_tiles:
             break
         if img is None or img.shape[0] < tile or img.shape[1] < tile:
             continue
         share = max(1, math.ceil((n_tiles - len(crops)) / (n_images - j)))
-        crops += [
-            np.array(img[y : y + tile, x : x + tile]) for y, x in probe_boxes(*img.shape[:2], tile, share)
-        ]
+        taken = probe_boxes(*img.shape[:2], tile, share)
+        crops += [np.array(img[y : y + tile, x : x + tile]) for y, x in taken]
+        spare = [b for b in probe_boxes(*img.shape[:2], tile, 2 * share) if b not in set(taken)][:share]
+        reserve.append([np.array(img[y : y + tile, x : x + tile]) for y, x in spare])
+    while len(crops) < n_tiles and any(reserve):
+        for spare in reserve:
+            if spare and len(crops) < n_tiles:
+                crops.append(spare.pop(0))
     return crops
 
 

@@ -355,7 +355,8 @@ def test_probe_boxes_spread_distinct_tiles_inside_the_image():
 
 def test_probe_tiles_spread_the_budget_over_few_inputs_and_skip_broken_ones(tmp_path):
     """The job's probe tiles (`generator.start_probe_layout`): `spread` cuts start_probe_tiles tiles
-    from a few large inputs, `centre` one centre tile per input; a broken input's share passes on."""
+    from a few large inputs, `centre` one centre tile per input; a broken input's share passes on,
+    and what the last inputs could not give comes from the earlier inputs' reserve."""
     import numpy as np
 
     from pipelines.generate.references import _probe_tiles
@@ -370,13 +371,17 @@ def test_probe_tiles_spread_the_budget_over_few_inputs_and_skip_broken_ones(tmp_
         {"uri": str(tmp_path / n), "path": str(tmp_path / n)} for n in ("big.png", "broken.png", "small.png")
     ]
     as_u8 = lambda t: (t.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()  # noqa: E731
-    # spread: 9 tiles over 3 inputs -> 3 for big; the broken one gives none, the small one (one tile) one
+    # spread: 9 tiles over 3 inputs -> 3 for big; the broken one gives none, the small one (one tile)
+    # one; the 5 still wanted come from big's reserve (3 more distinct boxes: up to its share again)
     spread = _probe_tiles(rows, {}, 10**7, 64, n_tiles=9)
     boxes = calibrate.probe_boxes(192, 256, 64, 3)
-    assert len(spread) == 4
+    assert len(spread) == 7
     for t, (y, x) in zip(spread[:3], boxes, strict=True):
         assert np.array_equal(as_u8(t), big[y : y + 64, x : x + 64])
     assert np.array_equal(as_u8(spread[3]), small)
+    spare = [b for b in calibrate.probe_boxes(192, 256, 64, 6) if b not in boxes][:3]
+    assert len(spare) == 3
+    assert [as_u8(t).tobytes() for t in spread[4:]] == [big[y : y + 64, x : x + 64].tobytes() for y, x in spare]
     # what an input does not give passes to the inputs after it: broken then big -> 6 from big;
     # small (one tile) then big -> 1 + 4
     carried = _probe_tiles([rows[1], rows[0]], {}, 10**7, 64, n_tiles=6)

@@ -171,12 +171,17 @@ def test_schema_has_descriptions():
 
 def test_digest_of_the_probe_layout():
     """`spread` (the default) changes which tiles the start choice reads, so its datasets get a new
-    digest; `centre` (the layout before the field) keeps the old ones; baselines ignore it."""
+    digest (and another when its shortfall began to be made up); `centre` (the layout before the
+    field) keeps the old ones; baselines ignore it."""
     gen = {"kind": "realdgen", "checkpoint": "c.safetensors"}
     digest = lambda g: manifest_digest(parse_manifest({**BASE, "generator": g}))  # noqa: E731
     assert parse_manifest({**BASE, "generator": gen}).generator.start_probe_layout == "spread"
     assert digest(gen) == digest({**gen, "start_probe_layout": "spread"})
     assert digest(gen) != digest({**gen, "start_probe_layout": "centre"})
+    # centre keeps its digest; spread's moved when its shortfall began to be made up from the
+    # earlier inputs (the old value was computed with the code before that change)
+    assert digest({**gen, "start_probe_layout": "centre"}).startswith("6b7daf5cb613d6d4")
+    assert not digest(gen).startswith("b26d27aaea95bcd6")
     assert digest({"kind": "bicubic"}) == digest({"kind": "bicubic", "start_probe_layout": "centre"})
     with pytest.raises(ManifestError, match="start_probe_layout"):
         parse_manifest({**BASE, "generator": {**gen, "start_probe_layout": "grid"}})
@@ -195,10 +200,11 @@ def test_digest_marks_the_tau_zero_rule():
                     "checkpoint": "c.safetensors",
                     "tau_min": t[0],
                     "tau_max": t[1],
+                    "start_probe_layout": "centre",  # spread's digest moved again later (probe fill)
                 },
             }
         )
     )
-    assert digest((0, 5)) != "4f29e57017f177587701a70ca7920edd7810000dd467d20d24cdcc94393e9e19"  # before
-    assert digest((1, 5)) == "2cc4c12a88e4e2fae02582aca1652f73eb95063e5a8958fa9f9830f3788c9a65"  # unchanged
+    assert digest((0, 5)) != "40e8154ae710d1ffe0dc71334cdafcc7d3fa5afb194100038a1bc066ccb11cf1"  # before
+    assert digest((1, 5)) == "ab1290f99d7b83e225fa9f262f9e278e0ad54aa0531ea16daa74972e6f0f196b"  # unchanged
     assert digest((0, 5)) != digest((1, 5))
