@@ -381,7 +381,9 @@ def test_probe_tiles_spread_the_budget_over_few_inputs_and_skip_broken_ones(tmp_
     assert np.array_equal(as_u8(spread[3]), small)
     spare = [b for b in calibrate.probe_boxes(192, 256, 64, 6) if b not in boxes][:3]
     assert len(spare) == 3
-    assert [as_u8(t).tobytes() for t in spread[4:]] == [big[y : y + 64, x : x + 64].tobytes() for y, x in spare]
+    assert [as_u8(t).tobytes() for t in spread[4:]] == [
+        big[y : y + 64, x : x + 64].tobytes() for y, x in spare
+    ]
     # what an input does not give passes to the inputs after it: broken then big -> 6 from big;
     # small (one tile) then big -> 1 + 4
     carried = _probe_tiles([rows[1], rows[0]], {}, 10**7, 64, n_tiles=6)
