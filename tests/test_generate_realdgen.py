@@ -202,3 +202,37 @@ def test_domain_start_profile_reads_start_probe_tiles_from_few_large_inputs(
         tiles[layout] = json.loads((out / "_index.json").read_text())["start_profile"]["domain:phone"]
     assert tiles["spread"]["probe_tiles"] == 8 and tiles["centre"]["probe_tiles"] == 2
     assert (tiles["spread"]["probe_layout"], tiles["centre"]["probe_layout"]) == ("spread", "centre")
+
+
+def test_reference_task_threads_change_no_output_and_are_restored(
+    ray_local, tiny_checkpoint, tmp_path, photos
+):
+    """On a CPU run the reference task takes the CPUs free on the largest node (at most
+    REF_TASK_MAX_CPUS) as torch threads: the references' E_deg bank and the start profile are the
+    same as on one thread, and the caller's thread count is restored."""
+    import numpy as np
+    import torch
+    from test_generate_job import write_inputs
+
+    from pipelines.generate.job import REF_TASK_MAX_CPUS, GenerateJob
+    from pipelines.generate.references import prepare_references
+    from realdgen_core import calibrate
+
+    # ray_local is one node of 2 CPUs: 2 when idle, never more than what is free now
+    free = int(ray_local.available_resources().get("CPU", 0))
+    assert GenerateJob._ref_task_cpus() == max(1, min(REF_TASK_MAX_CPUS, 2, free))
+    ckpt, _ = tiny_checkpoint
+    hr_dir, ref_dir = write_inputs(tmp_path, photos, size=(128, 128))
+    refs = [
+        {"uri": str(p), "path": str(p), "set": "phone", "domain": None} for p in sorted(ref_dir.iterdir())
+    ]
+    probe = [{"uri": str(p), "path": str(p)} for p in sorted(hr_dir.iterdir())[:2]]
+    start = {"bank": list(calibrate.start_bank(4, (0.0, 2.0), (0, 30))), "probe": probe, "tile_hr": 64}
+    start |= {"n_tiles": 4}
+    before = torch.get_num_threads()
+    one = prepare_references(refs, "realdgen", str(ckpt), {}, 10**7, "cpu", start, threads=1)
+    two = prepare_references(refs, "realdgen", str(ckpt), {}, 10**7, "cpu", start, threads=2)
+    assert torch.get_num_threads() == before
+    assert one[0] == two[0] and len(one[0]) == len(refs) and np.array_equal(one[2], two[2])
+    (p1,), (p2,) = one[3].values(), two[3].values()
+    assert p1["tiles"] == 4 and (p1["chosen"], p1["ranks"]) == (p2["chosen"], p2["ranks"])

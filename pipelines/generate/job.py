@@ -51,6 +51,9 @@ __all__ = ["GenerateJob", "JobFailed", "ensure_ray", "run", "decode_task_memory"
 TASK_RETRIES = 5
 # What Ray Data matches (in the exception's text) to retry a map task: TransientStorageError's.
 TRANSIENT_MARK = "TransientStorageError"
+# CPUs (torch threads) the reference task may take on a CPU run: E_deg's small convolutions stop
+# scaling beyond a few threads (1.33 -> 0.80 s per probe tile from 1 to 2 threads here).
+REF_TASK_MAX_CPUS = 8
 
 
 class JobFailed(RuntimeError):
@@ -348,6 +351,17 @@ class GenerateJob:
             return None
         return uri if uri.startswith("s3://") else plan.checkpoint_local
 
+    @staticmethod
+    def _ref_task_cpus() -> int:
+        """CPUs (and torch threads) of the reference task on a CPU run: the largest alive node's CPU
+        count, at most REF_TASK_MAX_CPUS and the CPUs free now (so it never waits on CPUs that
+        something else holds), at least 1."""
+        import ray
+
+        node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+        free = int(ray.available_resources().get("CPU", 0))
+        return max(1, min(REF_TASK_MAX_CPUS, max(node_cpus, default=1), free))
+
     def _prepare_refs(self, plan: Plan, num_gpus: float) -> tuple[list[dict], list[dict], Any]:
         import ray
 
@@ -367,8 +381,13 @@ class GenerateJob:
                 "ref_weighting": g.start_ref_weighting,
                 "aggregate": g.start_aggregate,
             }
+        # On the CPU the reference task (E_deg over the bank on every probe tile: ~1.3 s per tile on
+        # one thread) runs before the pipeline starts, so it may use the CPUs the pipeline will:
+        # up to REF_TASK_MAX_CPUS threads on the largest node (E_deg's output does not depend on
+        # the thread count: bitwise equal at 1, 2 and 4 threads on this project's CPU).
+        ref_cpus = 1 if num_gpus else self._ref_task_cpus()
         task = ray.remote(prepare_references).options(
-            num_returns=4, num_gpus=num_gpus, num_cpus=1, **_retrying()
+            num_returns=4, num_gpus=num_gpus, num_cpus=ref_cpus, **_retrying()
         )
         ok_ref, err_ref, bank_ref, prof_ref = task.remote(
             plan.refs,
@@ -378,6 +397,7 @@ class GenerateJob:
             m.limits.max_image_pixels,
             m.compute.device,
             start,
+            None if num_gpus else ref_cpus,
         )
         ok, errors, profiles = ray.get([ok_ref, err_ref, prof_ref])
         for e in errors[:10]:

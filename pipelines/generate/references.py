@@ -62,6 +62,7 @@ def prepare_references(
     max_pixels: int,
     device: str,
     start: Mapping[str, Any] | None = None,
+    threads: int | None = None,
 ) -> tuple[list[int], list[str], np.ndarray | None, dict]:
     """Decode every reference once: ``(ok indices, failure reasons, E_deg bank [n_ok, D] or None,
     start profiles)``.
@@ -73,7 +74,30 @@ def prepare_references(
     probe inputs, None = one centre tile each, see ``_probe_tiles``);
     the profiles are then ``{profile_key: domain_start_profile(...) + {"label": ...}}`` (empty when
     no probe tile could be read: the job then chooses per sample).
+
+    ``threads``: torch intra-op threads for this call on the CPU (the task runs before the pipeline
+    starts, so the job gives it the CPUs the generation will use; restored afterwards).
     """
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        return _prepare_references(refs, kind, checkpoint, storage, max_pixels, device, start)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _prepare_references(
+    refs: list[dict],
+    kind: str,
+    checkpoint: str | None,
+    storage: dict,
+    max_pixels: int,
+    device: str,
+    start: Mapping[str, Any] | None,
+) -> tuple[list[int], list[str], np.ndarray | None, dict]:
     import torch
 
     ok: list[int] = []
