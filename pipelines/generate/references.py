@@ -7,7 +7,8 @@ choice is made once, before any sample is generated, from all of the domain's re
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,20 @@ def _probe_tiles(
     return [torch.from_numpy(c).permute(2, 0, 1).float().div(255.0) for c in crops]
 
 
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch intra-op threads set to ``threads`` (None: unchanged) inside, the caller's after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def prepare_references(
     refs: list[dict],
     kind: str,
@@ -80,26 +95,6 @@ def prepare_references(
     """
     import torch
 
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    try:
-        return _prepare_references(refs, kind, checkpoint, storage, max_pixels, device, start)
-    finally:
-        torch.set_num_threads(before)
-
-
-def _prepare_references(
-    refs: list[dict],
-    kind: str,
-    checkpoint: str | None,
-    storage: dict,
-    max_pixels: int,
-    device: str,
-    start: Mapping[str, Any] | None,
-) -> tuple[list[int], list[str], np.ndarray | None, dict]:
-    import torch
-
     ok: list[int] = []
     errors: list[str] = []
     images = []
@@ -115,37 +110,38 @@ def _prepare_references(
     bank = None
     profiles: dict = {}
     if kind == "realdgen" and images:
-        from realdgen_core import calibrate
-        from realdgen_core.generator import LRGenerator
+        with _torch_threads(threads):
+            from realdgen_core import calibrate
+            from realdgen_core.generator import LRGenerator
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        gen = LRGenerator.from_checkpoint(fetch_to_local(checkpoint, storage), device=device)
-        emb = gen.degradation_embeddings(images)
-        bank = emb.numpy().astype(np.float32)
-        tiles = (
-            _probe_tiles(start["probe"], storage, max_pixels, int(start["tile_hr"]), start.get("n_tiles"))
-            if start
-            else []
-        )
-        if tiles:
-            groups: dict[str, list[int]] = {}
-            for j, i in enumerate(ok):
-                groups.setdefault(profile_key(refs[i].get("domain"), refs[i]["set"]), []).append(j)
-            weights = None
-            if start.get("ref_weighting", "sensitivity") == "sensitivity":
-                blurred = gen.degradation_embeddings([calibrate.weight_probe(im) for im in images])
-                weights = calibrate.reference_weights(emb, blurred)
-            for key, rows in groups.items():
-                prof = calibrate.domain_start_profile(
-                    gen.model.degradation,
-                    tiles,
-                    emb[rows],
-                    start["bank"],
-                    gen.device,
-                    ref_weights=None if weights is None else weights[rows],
-                    aggregate=start.get("aggregate", "rank"),
-                )
-                prof["label"] = calibrate.theta_label(start["bank"][prof["chosen"]])
-                profiles[key] = prof
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            gen = LRGenerator.from_checkpoint(fetch_to_local(checkpoint, storage), device=device)
+            emb = gen.degradation_embeddings(images)
+            bank = emb.numpy().astype(np.float32)
+            tiles = (
+                _probe_tiles(start["probe"], storage, max_pixels, int(start["tile_hr"]), start.get("n_tiles"))
+                if start
+                else []
+            )
+            if tiles:
+                groups: dict[str, list[int]] = {}
+                for j, i in enumerate(ok):
+                    groups.setdefault(profile_key(refs[i].get("domain"), refs[i]["set"]), []).append(j)
+                weights = None
+                if start.get("ref_weighting", "sensitivity") == "sensitivity":
+                    blurred = gen.degradation_embeddings([calibrate.weight_probe(im) for im in images])
+                    weights = calibrate.reference_weights(emb, blurred)
+                for key, rows in groups.items():
+                    prof = calibrate.domain_start_profile(
+                        gen.model.degradation,
+                        tiles,
+                        emb[rows],
+                        start["bank"],
+                        gen.device,
+                        ref_weights=None if weights is None else weights[rows],
+                        aggregate=start.get("aggregate", "rank"),
+                    )
+                    prof["label"] = calibrate.theta_label(start["bank"][prof["chosen"]])
+                    profiles[key] = prof
     return ok, errors, bank, profiles
