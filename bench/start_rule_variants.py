@@ -10,7 +10,9 @@ tried against it, both computable by a job (no truth):
   maps (channel means and stds of ``E_cont``) of the tile's HR and of the reference upsampled;
 - ``one_se_{z}``: a one-standard-error rule like the τ calibration's: among the entries whose mean rank
   is not worse than the best's by more than ``z`` paired standard errors (over the references), the
-  mildest (the least mean squared change from the plain downscale over the probe tiles).
+  mildest (the least mean squared change from the plain downscale over the probe tiles);
+- ``double_jpeg_bank``: the job's rule over a larger bank, the 49 entries plus each JPEG entry with a
+  second JPEG pass at its quality (a re-share; 91 entries).
 
 Per pipeline and per reference set (``eval``: the other photo's true LR, what one job of the
 evaluation sees; ``refs_train``: the pipeline's unpaired LR), the PSNR to the true LR of the start each
@@ -23,6 +25,7 @@ and ``best_fixed`` (the best single entry per photo, which needs the truth).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -40,6 +43,17 @@ from realdgen_core.generator import LRGenerator, bicubic_up  # noqa: E402
 
 BANK = calibrate.start_bank(4)
 PLAIN = next(i for i, t in enumerate(BANK) if calibrate.theta_label(t) == "bicubic_aa")
+
+
+def jpeg_twice(theta: dict) -> dict:
+    twice = copy.deepcopy(theta)
+    twice["ops"].append({"name": "jpeg2", "op": "jpeg", "quality": theta["ops"][-1]["quality"]})
+    return twice
+
+
+# the default bank, then every JPEG entry of it with a second pass at its quality
+EXTENDED = list(BANK) + [jpeg_twice(t) for t in BANK if t["ops"][-1]["op"] == "jpeg"]
+N = len(BANK)
 
 
 def pooled_content(model: torch.nn.Module, images: list[torch.Tensor], upsample: bool) -> torch.Tensor:
@@ -91,11 +105,12 @@ def pipeline(folder: Path, refs_train: Path) -> dict:
     for ph, tiles in photos.items():
         emb, psnrs, change = [], [], []
         for hr, lr in tiles:
-            starts = degrade.apply(hr.expand(len(BANK), -1, -1, -1), list(BANK))
+            starts = degrade.apply(hr.expand(len(EXTENDED), -1, -1, -1), EXTENDED)
             emb.append(net(starts).double())
-            psnrs.append(torch.tensor([psnr(starts[b : b + 1], lr) for b in range(len(BANK))]))
-            change.append(((starts - starts[PLAIN : PLAIN + 1]) ** 2).mean((1, 2, 3)).double())
-        e, table, mildness = torch.stack(emb), torch.stack(psnrs), torch.stack(change).mean(0)
+            psnrs.append(torch.tensor([psnr(starts[b : b + 1], lr) for b in range(len(EXTENDED))]))
+            change.append(((starts[:N] - starts[PLAIN : PLAIN + 1]) ** 2).mean((1, 2, 3)).double())
+        e_ext, table, mildness = torch.stack(emb), torch.stack(psnrs), torch.stack(change).mean(0)
+        e = e_ext[:, :N]  # every rule but double_jpeg_bank chooses from the default bank
         tile_content = pooled_content(model, [hr for hr, _ in tiles], upsample=False)
         others = tuple(torch.cat([own[q][i] for q in photos if q != ph]) for i in range(3))
         for name, (r, w, r_content) in {"eval": others, **ref_sets}.items():
@@ -113,11 +128,14 @@ def pipeline(folder: Path, refs_train: Path) -> dict:
                 chosen[f"content_soft{t}"] = rank_choice((err * a[:, None]).sum(0), w)[0]
             for z in (0.5, 1.0, 2.0):
                 chosen[f"one_se_{z}"] = one_se_choice(ranks, w, best, mildness, z)
+            chosen["double_jpeg_bank"] = rank_choice(
+                ((e_ext[:, :, None, :] - r[None, None]) ** 2).mean((0, -1)), w
+            )[0]
             row = scores.setdefault(name, {})
-            row.setdefault("best_fixed", []).append(float(table.mean(0).max()))
+            row.setdefault("best_fixed", []).append(float(table[:, :N].mean(0).max()))
             for rule, b in chosen.items():
                 row.setdefault(rule, []).append(float(table[:, b].mean()))
-                label = f"{ph}: {calibrate.theta_label(BANK[b])}"
+                label = f"{ph}: {calibrate.theta_label(EXTENDED[b])}"
                 picks.setdefault(name, {}).setdefault(rule, []).append(label)
     return {
         name: {rule: round(statistics.fmean(v), 3) for rule, v in row.items()} | {"picks": picks[name]}

@@ -106,7 +106,8 @@ def prepare_references(
             continue
         ok.append(i)
         if kind == "realdgen":
-            images.append(torch.from_numpy(img).permute(2, 0, 1).float().div(255.0))
+            # np.array: a writable copy (a decoded array may be read-only)
+            images.append(torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255.0))
     bank = None
     profiles: dict = {}
     if kind == "realdgen" and images:
