@@ -51,8 +51,8 @@ __all__ = ["GenerateJob", "JobFailed", "ensure_ray", "run", "decode_task_memory"
 TASK_RETRIES = 5
 # What Ray Data matches (in the exception's text) to retry a map task: TransientStorageError's.
 TRANSIENT_MARK = "TransientStorageError"
-# CPUs (torch threads) the reference task may take on a CPU run: E_deg's small convolutions stop
-# scaling beyond a few threads (1.33 -> 0.80 s per probe tile from 1 to 2 threads here).
+# CPUs (torch threads) the reference task of a realdgen job may take on a CPU run (measured here from
+# 1 to 2 threads only: 1.33 -> 0.80 s per probe tile; the cap keeps a large node's other work going).
 REF_TASK_MAX_CPUS = 8
 
 
@@ -385,9 +385,9 @@ class GenerateJob:
         # one thread) runs before the pipeline starts, so it may use the CPUs the pipeline will:
         # up to REF_TASK_MAX_CPUS threads on the largest node (E_deg's output does not depend on
         # the thread count: bitwise equal at 1, 2 and 4 threads on this project's CPU).
-        ref_cpus = 1 if num_gpus else self._ref_task_cpus()
+        threads = None if num_gpus or g.kind != "realdgen" else self._ref_task_cpus()
         task = ray.remote(prepare_references).options(
-            num_returns=4, num_gpus=num_gpus, num_cpus=ref_cpus, **_retrying()
+            num_returns=4, num_gpus=num_gpus, num_cpus=threads or 1, **_retrying()
         )
         ok_ref, err_ref, bank_ref, prof_ref = task.remote(
             plan.refs,
@@ -397,7 +397,7 @@ class GenerateJob:
             m.limits.max_image_pixels,
             m.compute.device,
             start,
-            None if num_gpus else ref_cpus,
+            threads,
         )
         ok, errors, profiles = ray.get([ok_ref, err_ref, prof_ref])
         for e in errors[:10]:
