@@ -314,7 +314,8 @@ def spread_probe_crops(images: Iterable, n_images: int, tile: int, n_tiles: int)
         share = max(1, math.ceil((n_tiles - len(crops)) / (n_images - j)))
         taken = probe_boxes(*img.shape[:2], tile, share)
         crops += [np.array(img[y : y + tile, x : x + tile]) for y, x in taken]
-        spare = [b for b in probe_boxes(*img.shape[:2], tile, 2 * share) if b not in set(taken)][:share]
+        taken_set = set(taken)
+        spare = [b for b in probe_boxes(*img.shape[:2], tile, 2 * share) if b not in taken_set][:share]
         reserve.append([np.array(img[y : y + tile, x : x + tile]) for y, x in spare])
     while len(crops) < n_tiles and any(reserve):
         for spare in reserve:
