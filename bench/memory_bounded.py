@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import tempfile
@@ -341,12 +340,6 @@ def listing_child(mode: str, uri: str) -> dict:
         }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _load(client, backend, prefix: str, n: int, how: str, threads: int) -> dict:
     keys = [f"{prefix}/img{i:07d}.png" for i in range(n)]
     t = time.perf_counter()
@@ -384,9 +377,10 @@ def listing_part(sizes: list[int], how: str, threads: int, growth_max_mb: float)
         "AWS_DEFAULT_REGION": "us-east-1",
     }
     os.environ.update(creds)
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    # Port 0: the server binds a free port itself and reports it, so nothing can take it in between.
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    port = server.get_host_and_port()[1]
     endpoint = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(creds, AWS_ENDPOINT_URL=endpoint)

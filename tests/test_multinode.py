@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from ports import free_ports
 
-from tests.ports import free_ports
 from tests.test_generate_job import dataset_bytes, manifest_dict, tar_keys, validate
 
 REPO = Path(__file__).resolve().parent.parent
