@@ -1,8 +1,8 @@
-"""Two variants of the per-domain start choice, scored like ``start_bank_ablation.py``; JSON.
+"""Variants of the per-domain start choice, scored like ``start_bank_ablation.py``; JSON.
 
 The job's rule (``calibrate.domain_start_profile``, rank aggregate, sensitivity weights) averages each
-reference's E_deg error over all probe tiles. E_deg also reads the scene, so two candidates were
-tried against it, both computable by a job (no truth):
+reference's E_deg error over all probe tiles. E_deg also reads the scene, so these candidates were
+tried against it, all computable by a job (no truth):
 
 - ``content_top{f}`` / ``content_soft{t}``: each reference is compared only with the probe tiles whose
   content is like its own: the nearest fraction ``f`` of the tiles, or all of them weighted by
@@ -12,7 +12,12 @@ tried against it, both computable by a job (no truth):
   is not worse than the best's by more than ``z`` paired standard errors (over the references), the
   mildest (the least mean squared change from the plain downscale over the probe tiles);
 - ``double_jpeg_bank``: the job's rule over a larger bank, the 49 entries plus each JPEG entry with a
-  second JPEG pass at its quality (a re-share; 91 entries).
+  second JPEG pass at its quality (a re-share; 91 entries);
+- ``centroid`` / ``centroid_z``: the job's rank rule on ``‖ē_b − r‖²``, the distance of each reference to
+  the entry's mean embedding over the probe tiles, instead of the mean of ``‖e_tb − r‖²`` over the tiles.
+  That mean adds the entry's spread over the tiles to every reference's error, and heavy JPEG, which
+  hides the scene, has about a tenth of the others' spread, so it is favoured whatever the domain.
+  ``centroid_z`` also divides each embedding dimension by its std over all (tile, entry) embeddings.
 
 Per pipeline and per reference set (``eval``: the other photo's true LR, what one job of the
 evaluation sees; ``refs_train``: the pipeline's unpaired LR), the PSNR to the true LR of the start each
@@ -128,6 +133,10 @@ def pipeline(folder: Path, refs_train: Path) -> dict:
                 chosen[f"content_soft{t}"] = rank_choice((err * a[:, None]).sum(0), w)[0]
             for z in (0.5, 1.0, 2.0):
                 chosen[f"one_se_{z}"] = one_se_choice(ranks, w, best, mildness, z)
+            e_bar = e.mean(0)  # [bank, dim]: the entry's mean embedding over the probe tiles
+            scale = e.reshape(-1, e.shape[-1]).std(0).clamp_min(1e-12)
+            chosen["centroid"] = rank_choice(((e_bar[:, None] - r[None]) ** 2).mean(-1), w)[0]
+            chosen["centroid_z"] = rank_choice((((e_bar[:, None] - r[None]) / scale) ** 2).mean(-1), w)[0]
             chosen["double_jpeg_bank"] = rank_choice(
                 ((e_ext[:, :, None, :] - r[None, None]) ** 2).mean((0, -1)), w
             )[0]
