@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -110,9 +111,36 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
-def _rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+def _rgb(path: Path, domain: str) -> np.ndarray:
+    """The job's own decoder (16-bit and palette PNGs scaled, EXIF orientation, the pixel limit)."""
+    from pipelines.sources import ImageError, decode_image
+
+    try:
+        return decode_image(path.read_bytes())
+    except ImageError as exc:
+        raise ManifestError(f"domains.{domain}: {path.name}: {exc}") from None
+
+
+def _align(hr: np.ndarray, lr: np.ndarray, s: int, what: str) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """Crop an (HR, true LR) pair to ``s`` × LR = HR. The LR must be ``HR // s`` px, or one more where the
+    HR is not a multiple of ``s`` (a codec that rounds up), or the HR at most 5 % wider than ``s`` × LR (a
+    registration crop). Anything else is another scale or another picture: a clear error, not tiles
+    that show different parts of the photo."""
+    (h, w), (lh, lw) = hr.shape[:2], lr.shape[:2]
+
+    def fits(n: int, ln: int) -> bool:  # HR // s or ⌈HR / s⌉, or an HR up to 5 % wider than s × LR
+        return n // s <= ln <= -(-n // s) or s * ln <= n <= 1.05 * s * ln
+
+    if not (lh and lw and fits(h, lh) and fits(w, lw)):
+        raise ManifestError(
+            f"{what}: HR {w}x{h} and its LR {lw}x{lh} are not a x{s} pair (the LR should be about "
+            f"{w // s}x{h // s}); check `scale` and that the names pair the right files"
+        )
+    lh, lw = min(lh, h // s), min(lw, w // s)
+    note = None
+    if (lh * s, lw * s) != (h, w) or lr.shape[:2] != (lh, lw):
+        note = f"{what}: cropped bottom/right to HR {lw * s}x{lh * s} / LR {lw}x{lh}"
+    return hr[: lh * s, : lw * s], lr[:lh, :lw], note
 
 
 def _resolve_dirs(m: EvaluateManifest, d: EvalDomain) -> tuple[str, Path, Path, Path | None]:
@@ -160,16 +188,12 @@ def prepare_domain(m: EvaluateManifest, d: EvalDomain, work: Path) -> DomainTile
         if lp is None:
             unmatched.append(hp.name)
             continue
-        hr, lr = _rgb(hp), _rgb(lp)
+        hr, lr, note = _align(
+            _rgb(hp, d.name), _rgb(lp, d.name), s, f"domains.{d.name}: {hp.name} / {lp.name}"
+        )
+        if note:
+            notes.append(note)
         lh, lw = lr.shape[:2]
-        if hr.shape[0] < lh * s or hr.shape[1] < lw * s:
-            raise ManifestError(
-                f"domains.{d.name}: {hp.name} is {hr.shape[1]}x{hr.shape[0]}, smaller than {s} x its LR "
-                f"{lw}x{lh} ({lp.name})"
-            )
-        if hr.shape[0] != lh * s or hr.shape[1] != lw * s:
-            notes.append(f"{hp.name}: HR cropped bottom/right to {s} x LR ({lw * s}x{lh * s})")
-            hr = hr[: lh * s, : lw * s]
         group = group_of(hp.stem, m.generation.group_pattern)
         if lh == t and lw == t:
             tiles.append(Tile(key, group, np.ascontiguousarray(hr), np.ascontiguousarray(lr)))
@@ -193,7 +217,23 @@ def prepare_domain(m: EvaluateManifest, d: EvalDomain, work: Path) -> DomainTile
     if unmatched:
         notes.append(f"{len(unmatched)} HR image(s) without a true LR of the same name, e.g. {unmatched[:3]}")
     if not tiles:
-        raise ManifestError(f"domains.{d.name}: no (HR, LR) tile found in {str(hr_dir)!r} / {str(lr_dir)!r}")
+        why = "; ".join(notes[:5]) or "no image files"
+        raise ManifestError(
+            f"domains.{d.name}: no (HR, LR) tile found in {str(hr_dir)!r} / {str(lr_dir)!r} ({why})"
+        )
+    groups = sorted({x.group for x in tiles})
+    if len(groups) < 2:
+        raise ManifestError(
+            f"domains.{d.name}: one photo group only ({groups[0]!r}, from generation.group_pattern "
+            f"{m.generation.group_pattern!r} on the file names); honest references need at least two photos"
+        )
+    if len(groups) == len(tiles) > 2:
+        notes.append(
+            f"every tile is its own photo group ({len(tiles)}): if some are cut from the same photo, their "
+            "references leak; set generation.group_pattern to name the photo"
+        )
+    if refs is not None and not _images(refs):
+        raise ManifestError(f"domains.{d.name}.refs_train: no image files in {str(refs)!r}")
     names = [x.name for x in tiles]
     if len(set(names)) != len(names):
         raise ManifestError(f"domains.{d.name}: tile names collide (HR names must be unique)")
@@ -333,6 +373,11 @@ def read_dataset(
 # --------------------------------------------------------------------------------------------
 
 
+def _yaml_str(path: Path) -> str:
+    """A path as a ``--set`` value: quoted, since the value is read as YAML (``#`` starts a comment)."""
+    return json.dumps(str(path))
+
+
 def adapt_checkpoint(
     m: EvaluateManifest, domain: DomainTiles, base_ckpt: str, base_digest: str, work: Path, log
 ) -> tuple[str, float]:
@@ -359,15 +404,15 @@ def adapt_checkpoint(
         str(REPO / "pipelines" / "train.py"),
         str(manifest),
         "--set",
-        f"init_checkpoint={Path(base_ckpt).resolve()}",
+        f"init_checkpoint={_yaml_str(Path(base_ckpt).resolve())}",
         "--set",
-        f"data.lr.0.source.uri={domain.refs_dir.resolve()}",
+        f"data.lr.0.source.uri={_yaml_str(domain.refs_dir.resolve())}",
         "--set",
         f"stage_c.steps={m.adapt.steps}",
         "--set",
-        f"output.checkpoint={ckpt.resolve()}",
+        f"output.checkpoint={_yaml_str(ckpt.resolve())}",
         "--set",
-        f"output.run_dir={(folder / 'run').resolve()}",
+        f"output.run_dir={_yaml_str((folder / 'run').resolve())}",
         "--set",
         f"seed={m.seed}",
         "--set",
@@ -411,15 +456,21 @@ def adapt_checkpoint(
 # --------------------------------------------------------------------------------------------
 
 
+# Identical 8-bit tiles have an infinite PSNR, which would make a domain's mean infinite: a tile's PSNR is
+# capped at that of 8-bit rounding error (MSE 1/12), the closest two 8-bit pictures can be told to agree.
+PSNR_CAP = round(10 * math.log10(255.0**2 * 12), 2)  # 58.92 dB
+
+
 def tile_metrics(gen: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """PSNR/SSIM (RGB, 0–255) and the three statistics of a generated and a true LR tile."""
+    """PSNR (capped at ``PSNR_CAP``)/SSIM (RGB, 0–255) and the three statistics of a generated and a true
+    LR tile; the gaps relative to the truth's statistic floored at ``realism.GAP_FLOORS``."""
     from realdgen_core.metrics import psnr, ssim
 
     g, t = realism.lr_stats(gen), realism.lr_stats(truth)
-    row = {"psnr": psnr(gen, truth), "ssim": ssim(gen, truth)}
+    row = {"psnr": min(psnr(gen, truth), PSNR_CAP), "ssim": ssim(gen, truth)}
     for k in realism.STATS:
         row[k] = g[k]
-        row[f"{k}_gap"] = realism.relative_gap(g[k], t[k])
+        row[f"{k}_gap"] = realism.relative_gap(g[k], t[k], realism.GAP_FLOORS[k])
     return row
 
 
@@ -501,13 +552,13 @@ def _default_log(msg: str) -> None:
 
 
 def evaluate_domain(
-    m: EvaluateManifest, d: EvalDomain, work: Path, sr_hr: str | None, log
+    m: EvaluateManifest, d: EvalDomain, dom: DomainTiles, work: Path, sr_hr: str | None, log
 ) -> tuple[dict, dict]:
-    """Measure one domain; returns (its report section, images for the report: tiles + LR per generator)."""
+    """Measure one prepared domain; returns (its report section, images for the report: tiles + LR per
+    generator)."""
     from realdgen_core.checkpoint import checkpoint_digest
 
     t_dom = time.perf_counter()
-    dom = prepare_domain(m, d, work / d.name)
     dwork = dom.work
     groups = dom.groups
     log(f"[{d.name}] {len(dom.tiles)} tiles in {len(groups)} photo group(s) {groups}, layout {dom.layout}")
@@ -549,12 +600,7 @@ def evaluate_domain(
         found: dict = {}
         if kind == "realdgen":
             for g in groups:
-                others = [o for o in groups if o != g]
-                if not others:
-                    raise ManifestError(
-                        f"domains.{d.name}: one photo group only ({g}); honest references need at least "
-                        "two (set generation.group_pattern)"
-                    )
+                others = [o for o in groups if o != g]  # never empty: prepare_domain checked
                 out = dwork / "gen" / tag / g
                 data = generate_manifest_dict(
                     m,
@@ -836,8 +882,9 @@ def run_evaluation(m: EvaluateManifest, *, log: Callable[[str], None] = _default
         else:
             _load_demo_photos(m.sr_proxy.photos, work / "_shared" / "sr_hr")
             sr_hr = "_shared/sr_hr"  # relative to the work folder (see run_generate)
-    for d in m.domains:  # bad paths fail before Ray starts
-        _resolve_dirs(m, d)
+    # Every domain's pairs are read, checked and cut before Ray starts: bad data in the last domain
+    # fails now, not after the earlier domains' adaptations and jobs.
+    prepared = {d.name: prepare_domain(m, d, work / d.name) for d in m.domains}
     if m.checkpoint and not Path(m.checkpoint).is_file():
         raise ManifestError(f"checkpoint: file not found (got {m.checkpoint!r})")
     notices = _learned_metric_notices(m)
@@ -851,7 +898,7 @@ def run_evaluation(m: EvaluateManifest, *, log: Callable[[str], None] = _default
     images: dict[str, dict] = {}
     try:
         for d in m.domains:
-            domains[d.name], images[d.name] = evaluate_domain(m, d, work, sr_hr, log)
+            domains[d.name], images[d.name] = evaluate_domain(m, d, prepared[d.name], work, sr_hr, log)
     finally:
         if started_ray:
             import ray
@@ -920,15 +967,16 @@ def summary_table(domains: dict, generators) -> dict:
 
 DEFINITIONS = {
     "psnr": "PSNR (dB) of the generated LR tile to the true LR tile, RGB, 0-255, skimage.metrics; "
-    "mean over tiles",
+    "capped at 58.92 dB (8-bit rounding error, MSE 1/12: identical tiles); mean over tiles",
     "ssim": "SSIM (Gaussian window sigma 1.5, mean over RGB channels), skimage.metrics; mean over tiles",
     "noise": "Immerkaer (1996) noise sigma of the luma 0.299R+0.587G+0.114B (0-255): "
     "sqrt(pi/2)/(6(H-2)(W-2)) * sum|Y*N|, N=[[1,-2,1],[-2,4,-2],[1,-2,1]]",
     "laplacian": "mean of (Y*L)^2 over valid pixels, L = 4-neighbour Laplacian [[0,1,0],[1,-4,1],[0,1,0]]",
     "blockiness": "mean |dY| of neighbour pairs straddling 8-px block boundaries / mean |dY| of all other "
     "neighbour pairs (horizontal and vertical pooled); 1 = no blocks",
-    "*_gap": "relative gap |g - t| / max(t, 1e-3) of a statistic of the generated (g) and true (t) LR tile; "
-    "mean over tiles (0 = same statistic)",
+    "*_gap": "relative gap |g - t| / max(t, floor) of a statistic of the generated (g) and true (t) LR "
+    "tile, floor 0.1 (noise), 1.0 (laplacian), 1e-3 (blockiness): below 8-bit rounding's own, only a flat "
+    "true tile reaches it; mean over tiles (0 = same statistic)",
     "classifier_accuracy": "held-out crop accuracy of a small CNN trained to tell generated from true LR "
     "crops of the same tiles, leave-one-photo-out folds; threshold = median of the held-out logits "
     "(the held-out set is balanced), so a content shift of an unseen photo's logits does not read as "

@@ -95,7 +95,10 @@ def _manifest(bench: Path, ckpt: Path, out: Path, **extra) -> dict:
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return 10 * math.log10(255.0**2 / mse)
+    return min(10 * math.log10(255.0**2 / mse) if mse else math.inf, 58.92)  # capped at MSE 1/12
+
+
+GAP_FLOORS = {"noise": 0.1, "laplacian": 1.0, "blockiness": 1e-3}
 
 
 def _ssim(a: np.ndarray, b: np.ndarray) -> float:
@@ -208,7 +211,7 @@ def test_tiny_evaluation_report_matches_independent_numbers(ray_local, bench, ti
             row = {
                 "psnr": _psnr(lr, truth[name]),
                 "ssim": _ssim(lr, truth[name]),
-                **{f"{k}_gap": abs(g[k] - t[k]) / max(t[k], 1e-3) for k in t},
+                **{f"{k}_gap": abs(g[k] - t[k]) / max(t[k], GAP_FLOORS[k]) for k in t},
             }
             for k, v in row.items():
                 assert per_tile[name][k] == pytest.approx(v, rel=1e-6, abs=1e-9), (kind, name, k)
@@ -298,28 +301,90 @@ def test_cli_dispatches_manifest_and_reports_bad_paths(tmp_path, bench, tiny_ckp
     assert "checkpoint: file not found" in capsys.readouterr().err
 
 
+def _realsr_domain(tmp_path, pairs: dict[str, tuple[np.ndarray, np.ndarray]], **generation):
+    for sub in ("HR", "LR"):
+        (tmp_path / "d" / sub).mkdir(parents=True, exist_ok=True)
+    for stem, (hr, lr) in pairs.items():
+        Image.fromarray(hr).save(tmp_path / "d" / "HR" / f"{stem}_HR.png")
+        Image.fromarray(lr).save(tmp_path / "d" / "LR" / f"{stem}_LR4.png")
+    return parse_manifest(
+        {
+            "kind": "evaluate",
+            "domains": [{"name": "d", "path": str(tmp_path / "d")}],
+            "generation": {"tile": 16, "generators": ["bicubic"], **generation},
+            "report": {"dir": str(tmp_path / "r")},
+        }
+    )
+
+
 def test_realsr_layout_pairs_by_name_and_cuts_tiles(tmp_path):
     from pipelines.evaluate_realism import prepare_domain
 
     rng = np.random.default_rng(1)
-    for sub in ("HR", "LR"):
-        (tmp_path / "d" / sub).mkdir(parents=True)
-    hr = rng.integers(0, 255, (130, 200, 3), dtype=np.uint8)  # not a multiple of 4 x 16: cropped
+    hr = rng.integers(0, 255, (130, 200, 3), dtype=np.uint8)  # 8 px wider than 4 x 48: cropped
     lr = rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)
-    Image.fromarray(hr).save(tmp_path / "d" / "HR" / "Canon_001_HR.png")
-    Image.fromarray(lr).save(tmp_path / "d" / "LR" / "Canon_001_LR4.png")
-    m = parse_manifest(
-        {
-            "kind": "evaluate",
-            "domains": [{"name": "d", "path": str(tmp_path / "d")}],
-            "generation": {"tile": 16, "generators": ["bicubic"]},
-            "report": {"dir": str(tmp_path / "r")},
-        }
-    )
+    other = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    m = _realsr_domain(tmp_path, {"Canon_001": (hr, lr), "Nikon_002": (other, other[::4, ::4].copy())})
     dom = prepare_domain(m, m.domains[0], tmp_path / "w")
-    assert dom.layout == "realsr" and len(dom.tiles) == 6 and {t.group for t in dom.tiles} == {"Canon"}
+    assert dom.layout == "realsr" and len(dom.tiles) == 7
+    assert {t.group for t in dom.tiles} == {"Canon", "Nikon"}
     t = next(t for t in dom.tiles if t.name == "Canon_001_16_32")
     assert np.array_equal(t.lr, lr[16:32, 32:48]) and np.array_equal(t.hr, hr[64:128, 128:192])
+    assert any("Canon_001_HR.png" in n and "cropped" in n for n in dom.notes)
+
+
+def test_eval_pairs_are_checked_before_any_work(tmp_path):
+    """Bad benchmark data fails in prepare_domain (before Ray, adaptation or any job) with the reason."""
+    from pipelines.evaluate_realism import prepare_domain
+
+    rng = np.random.default_rng(2)
+    img = lambda h, w: rng.integers(0, 255, (h, w, 3), dtype=np.uint8)  # noqa: E731
+
+    def prepare(name, pairs, **generation):
+        m = _realsr_domain(tmp_path / name, pairs, **generation)
+        return prepare_domain(m, m.domains[0], tmp_path / name / "w")
+
+    # x8 data read as x4: the HR is twice too large, not a crop
+    with pytest.raises(
+        ManifestError,
+        match=r"Canon_001_HR.png / Canon_001_LR4.png: HR 256x256 and its LR 32x32 are not a x4 pair",
+    ):
+        prepare("x8", {"Canon_001": (img(256, 256), img(32, 32)), "Nikon_002": (img(64, 64), img(16, 16))})
+    # an LR rounded up (HR 130 px -> LR 33): both are cropped to 128 / 32
+    dom = prepare(
+        "ceil", {"Canon_001": (img(130, 130), img(33, 33)), "Nikon_002": (img(64, 64), img(16, 16))}
+    )
+    assert next(t for t in dom.tiles if t.name == "Canon_001_16_16").lr.shape == (16, 16, 3)
+    # one photo only: no honest reference exists
+    with pytest.raises(ManifestError, match=r"one photo group only \('Canon'"):
+        prepare("one", {"Canon_001": (img(64, 64), img(16, 16)), "Canon_002": (img(64, 64), img(16, 16))})
+    # every pair too small: the error says why instead of only "no tile"
+    with pytest.raises(ManifestError, match=r"no \(HR, LR\) tile found .*smaller than one 16-px tile"):
+        prepare("small", {"Canon_001": (img(32, 32), img(8, 8)), "Nikon_002": (img(32, 32), img(8, 8))})
+    # a 16-bit grey PNG is scaled like the job scales it, not clipped to white
+    grey16 = (rng.integers(0, 256, (64, 64)) * 257).astype(np.uint16)
+    (tmp_path / "g" / "d" / "HR").mkdir(parents=True)
+    (tmp_path / "g" / "d" / "LR").mkdir(parents=True)
+    Image.fromarray(grey16).save(tmp_path / "g" / "d" / "HR" / "Canon_001_HR.png")
+    Image.fromarray(img(16, 16)).save(tmp_path / "g" / "d" / "LR" / "Canon_001_LR4.png")
+    dom = prepare("g", {"Nikon_002": (img(64, 64), img(16, 16))})
+    t = next(t for t in dom.tiles if t.group == "Canon")
+    assert np.array_equal(t.hr, np.repeat((grey16 >> 8).astype(np.uint8)[..., None], 3, axis=2))
+
+
+def test_tile_metrics_stay_finite_on_identical_and_flat_tiles():
+    from pipelines.evaluate_realism import tile_metrics
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    assert tile_metrics(x, x)["psnr"] == pytest.approx(58.92)  # identical: 8-bit rounding's PSNR
+    flat = np.zeros((32, 32, 3), np.uint8)
+    speck = flat.copy()
+    speck[::4, ::4] = 1  # a faint pattern on a black letterbox
+    row = tile_metrics(speck, flat)
+    g = realism.lr_stats(speck)
+    assert row["noise_gap"] == pytest.approx(g["noise"] / 0.1) and row["noise_gap"] < 10
+    assert row["laplacian_gap"] == pytest.approx(g["laplacian"] / 1.0)
 
 
 @pytest.mark.ray
