@@ -20,6 +20,7 @@ from pipelines.generate_dataset import JobFailed, main, run
 from pipelines.manifest import parse_manifest
 
 REPO = Path(__file__).resolve().parent.parent
+DEMO_CKPT = REPO / "checkpoints" / "realdgen-small-x4.safetensors"
 VALIDATOR = REPO.parent / "shared" / "checks" / "validate_shards.py"
 if not VALIDATOR.exists():
     VALIDATOR = Path("/work/shared/checks/validate_shards.py")
@@ -262,6 +263,21 @@ def test_bad_manifests_fail_before_any_work(tmp_path, capsys):
             {"generator": {"kind": "realdgen", "checkpoint": str(tmp_path / "x.safetensors")}},
             "generator.checkpoint: file not found",
         ),
+        "empty_bank": (
+            {"scale": 4, "generator": {"kind": "realdgen", "checkpoint": str(DEMO_CKPT), "start_bank": []}},
+            "generator.start_bank: ValueError: the start bank is empty",
+        ),
+        "bank_scale": (
+            {
+                "scale": 4,
+                "generator": {
+                    "kind": "realdgen",
+                    "checkpoint": str(DEMO_CKPT),
+                    "start_bank": [{"version": 1, "kind": "domain", "scale": 2, "ops": []}],
+                },
+            },
+            "start bank entry 0 is not a 'domain' θ of scale 4",
+        ),
     }
     for name, (patch, needle) in cases.items():
         data = {**manifest_dict(str(hr), str(hr), str(out)), **patch}
@@ -283,6 +299,40 @@ def test_dry_run_and_schema(tmp_path, capsys, photos):
     assert not (tmp_path / "out").exists()
     assert main(["--print-schema"]) == 0
     assert "GenerateManifest" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+def test_changed_input_listing_is_not_resumed_into(ray_local, photos, tmp_path):
+    """One input added under hr.uri moves every later input to another shard: the old shards are not
+    kept as complete (that would drop or repeat inputs); the job refuses, and overwrite regenerates."""
+    hr, refs = write_inputs(tmp_path / "in", dict(sorted(photos.items())[:3]))
+    out = tmp_path / "ds"
+    data = manifest_dict(str(hr), str(refs), str(out), generator__kind="bicubic")
+    first = run_dict(data)
+    assert first["inputs"] == 3 and first["shards"] == 2
+    index = json.loads((out / "_index.json").read_text())
+    assert index["inputs_digest"].startswith("sha256:")
+    stats = json.loads((out / "pairs-000000_stats.json").read_text())
+    assert stats["inputs_digest"] == index["inputs_digest"]
+    # an interrupted run of the old listing left a part behind in the work folder
+    from pipelines.generate.plan import make_plan
+
+    work = out / make_plan(parse_manifest(data), list_now=False).work
+    stale = work / "parts" / "pairs-000000" / "part-stale.parquet"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"from the old listing")
+    (work / "inputs_digest").write_text(index["inputs_digest"])
+    name, img = sorted(photos.items())[3]
+    Image.fromarray(np.ascontiguousarray(img[:72, :104])).save(hr / f"{name}.png")  # sorts among them
+    with pytest.raises(JobFailed, match=r"input listing \(files added, removed or renamed under hr.uri\)"):
+        run_dict(data)
+    assert not stale.exists()  # the listing cleared parts of another listing before anything ran
+    data["output"]["mode"] = "overwrite"
+    again = run_dict(data)
+    assert again["inputs"] == 4 and again["shards_written"] == 2 and again["shards_skipped"] == 0
+    validate(str(out), "--scale", "2")
+    assert len(tar_keys(out)) == 8
+    assert json.loads((out / "_index.json").read_text())["inputs_digest"] != index["inputs_digest"]
 
 
 @pytest.mark.ray

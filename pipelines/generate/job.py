@@ -137,21 +137,31 @@ class GenerateJob:
         ]
 
     def inspect_output(self, plan: Plan) -> set[str]:
-        """Stems already complete for this digest; refuses (or clears, with overwrite) foreign output."""
+        """Stems already complete for this plan; refuses (or clears, with overwrite) foreign output.
+
+        A shard is this plan's when its stats name the same manifest digest, the same model (a
+        checkpoint replaced at the same path is another model) and the same input listing (an input
+        added or removed under ``hr.uri`` moves every later input to another shard)."""
         names = self.store.names()
         foreign: list[str] = []
+        why: set[str] = set()
         complete: set[str] = set()
+        want = {"manifest_digest": plan.digest, "model_digest": plan.model_digest}
+        if plan.inputs_digest is not None:
+            want["inputs_digest"] = plan.inputs_digest
         for n in names:
             if not (n.endswith("_stats.json") or n == INDEX_NAME):
                 continue
             try:
-                digest = self.store.read_json(n).get("manifest_digest")
+                meta = self.store.read_json(n)
             except TransientStorageError:
                 raise
             except Exception:
-                digest = None
-            if digest != plan.digest:
+                meta = {}
+            differ = [k for k, v in want.items() if not isinstance(meta, dict) or meta.get(k) != v]
+            if differ:
                 foreign.append(n)
+                why.update(differ)
             elif n.endswith("_stats.json"):
                 complete.add(n.removesuffix("_stats.json"))
         stems = set(plan.stems)
@@ -160,10 +170,16 @@ class GenerateJob:
             if self.m.output.mode != "overwrite":
                 self.store.delete_prefix(plan.work)
                 what = (foreign or stray)[:3]
+                changed = {
+                    "manifest_digest": "manifest",
+                    "model_digest": "model (checkpoint contents)",
+                    "inputs_digest": "input listing (files added, removed or renamed under hr.uri)",
+                }
+                what_changed = ", ".join(changed[k] for k in sorted(why)) or "shard names"
                 raise JobFailed(
-                    f"output {self.store.uri} holds a dataset written from a different manifest "
-                    f"(e.g. {what}); use output.mode: overwrite (or --set output.mode=overwrite) "
-                    "to replace it, or choose another output.uri"
+                    f"output {self.store.uri} holds a dataset written from a different manifest, model or "
+                    f"input listing (here: {what_changed}; e.g. {what}); use output.mode: overwrite "
+                    "(or --set output.mode=overwrite) to replace it, or choose another output.uri"
                 )
             for n in self._dataset_names(names):
                 self.store.delete(n)
@@ -486,6 +502,7 @@ class GenerateJob:
             digest=plan.digest,
             model_digest=plan.model_digest,
             generator=g.kind,
+            inputs_digest=plan.inputs_digest,
         )
         return decode, generate, sink
 
@@ -699,6 +716,7 @@ class GenerateJob:
             "total_samples": sum(s["samples"] for s in shards),
             "manifest_digest": plan.digest,
             "model_digest": plan.model_digest,
+            "inputs_digest": plan.inputs_digest,
             "generator": self.m.generator.kind,
             "scale": self.m.scale,
             "inputs": plan.n_inputs,

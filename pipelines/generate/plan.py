@@ -12,6 +12,7 @@ those blocks. The plan is a pure function of the manifest and the inputs.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -199,6 +200,24 @@ def _check_source(spec, storage: dict, key: str) -> None:
         raise _no_images(spec, key)
 
 
+def _check_start_bank(m: GenerateManifest) -> None:
+    """A realdgen job's start bank (given or from the calibration) is applied once to a small grey tile
+    here, so an empty, wrong-scale or malformed bank fails before the job, not in every sample."""
+    g = m.generator
+    if g.kind != "realdgen" or g.start_kind != "domain" or g.start_bank is None:
+        return
+    import torch
+
+    from realdgen_core import calibrate, degrade
+
+    try:
+        calibrate.check_bank(g.start_bank, m.scale)
+        side = 16 * m.scale
+        degrade.apply(torch.full((len(g.start_bank), 3, side, side), 0.5), list(g.start_bank))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ManifestError(f"generator.start_bank: {type(exc).__name__}: {exc}"[:600]) from None
+
+
 def preflight(m: GenerateManifest) -> tuple[GenerateManifest, str, str | None, str | None]:
     """Check a manifest before any work: ``(manifest with resolved generator, digest, local
     checkpoint, model digest)``; raises :class:`ManifestError` naming what is wrong."""
@@ -214,6 +233,7 @@ def preflight(m: GenerateManifest) -> tuple[GenerateManifest, str, str | None, s
         m = m.model_copy(update={"generator": m.generator.resolved(calibration)})
     except (ValueError, KeyError, TypeError) as exc:
         raise ManifestError(f"generator: {exc}") from None
+    _check_start_bank(m)
     _check_source(m.hr, storage, "hr")
     for si, rs in enumerate(m.refs):
         _check_source(rs.source, storage, f"refs[{si}].source")
@@ -236,6 +256,7 @@ class PlanSummary:
     sets: list[dict]  # {name, domain, weight, start, count}
     error: str | None = None  # a ManifestError message (no images, key collision, …)
     probe: list[dict] = field(default_factory=list)  # HR input rows the domain start profile reads
+    inputs_digest: str | None = None  # listing_digest of the sorted inputs
 
 
 def ray_tar_indexer(tars: list[tuple[str, str]], extensions: tuple[str, ...], storage: Mapping | None):
@@ -313,6 +334,14 @@ def list_plan(
     blocks = []
     store = DatasetStore(store_uri, storage) if store_uri else None
     prefix = work_prefix(manifest_digest(m))
+    inputs_digest = listing_digest(rows)
+    if store is not None:
+        # Parts an interrupted run left are keyed by input position: from another listing they would
+        # hold other inputs under the same positions, so they go.
+        marker = f"{prefix}/inputs_digest"
+        if store.exists(marker) and store.read_bytes(marker).decode() != inputs_digest:
+            store.delete_prefix(f"{prefix}/parts")
+        store.write_bytes(marker, inputs_digest.encode())
     for b, start in enumerate(range(0, n, size)):
         part = rows[start : start + size]
         name = f"{prefix}/plan/inputs-{b:06d}.parquet"
@@ -328,7 +357,19 @@ def list_plan(
                 "rows": len(part),
             }
         )
-    return PlanSummary(n, shard_sizes, blocks, refs, sets, probe=probe_rows(m, rows))
+    return PlanSummary(
+        n, shard_sizes, blocks, refs, sets, probe=probe_rows(m, rows), inputs_digest=inputs_digest
+    )
+
+
+def listing_digest(rows: list[dict]) -> str:
+    """Digest of the sorted input listing (each input's key and URI, in order). Shards are cut from
+    this order, so a dataset is resumed only into the listing it was written from: an input added,
+    removed or renamed under ``hr.uri`` changes which inputs every later shard holds."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(f"{r['key']}\t{r['uri']}\n".encode())
+    return "sha256:" + h.hexdigest()
 
 
 def probe_rows(m: GenerateManifest, rows: list[dict]) -> list[dict]:
@@ -378,6 +419,7 @@ class Plan:
     probe: list[dict] = field(default_factory=list)
     start_profiles: dict = field(default_factory=dict)  # profile key → domain start profile (job)
     listed: bool = False
+    inputs_digest: str | None = None
 
     @property
     def stems(self) -> list[str]:
@@ -396,7 +438,7 @@ class Plan:
             raise ManifestError(s.error)
         self.n_inputs, self.shard_sizes, self.blocks = s.n_inputs, s.shard_sizes, s.blocks
         self.refs, self.sets, self.listed = s.refs, s.sets, True
-        self.probe = s.probe
+        self.probe, self.inputs_digest = s.probe, s.inputs_digest
         return self
 
 

@@ -275,6 +275,7 @@ def compact_shard(
         "shard": stem,
         "manifest_digest": config.digest,
         "model_digest": config.model_digest,
+        "inputs_digest": config.inputs_digest,
         "generator": config.generator,
         "inputs": expected_inputs,
         "inputs_failed": inputs_failed,
