@@ -56,11 +56,19 @@ def heldout_images(folder: str | None) -> dict[str, np.ndarray]:
         from pipelines.demo_data import SPLITS, load_photo
 
         return {n: load_photo(n) for n in SPLITS["heldout"]}
-    from PIL import Image
+    from pipelines.sources import ImageError, decode_image
 
     exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in exts)
-    return {p.stem: np.asarray(Image.open(p).convert("RGB")) for p in paths}
+    paths = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in exts)
+    out = {}
+    for p in paths:
+        if p.stem in out:
+            raise SystemExit(f"evaluate: two held-out images named {p.stem!r} (one name per picture)")
+        try:
+            out[p.stem] = decode_image(p.read_bytes())
+        except ImageError as exc:
+            raise SystemExit(f"evaluate: held-out image {p.name}: {exc}") from None
+    return out
 
 
 def crops_per_image(
@@ -180,6 +188,9 @@ def evaluate(
     untrained = build_model(model.config, seed=12345).eval()
     scale = model.config.scale
     images = heldout_images(heldout)
+    small = [f"{n} ({a.shape[1]}x{a.shape[0]})" for n, a in images.items() if min(a.shape[:2]) < hr_crop]
+    if small:
+        raise SystemExit(f"evaluate: held-out image(s) smaller than --hr-crop {hr_crop}: {', '.join(small)}")
     if len(images) < 2:
         raise SystemExit("evaluate: need at least two held-out images (refs come from another image)")
     g = torch.Generator().manual_seed(seed)

@@ -361,7 +361,9 @@ def read_dataset(
                 members.setdefault(key, {})[suffix] = tar.extractfile(mem).read()
         for key, files in members.items():
             hr, lr, meta = decode_pair(files, key, scale)
-            stem = Path(meta["hr_source"].rsplit("#", 1)[-1]).stem if one_per_image else key
+            src = meta["hr_source"]  # a file, or "<shard>.tar#<member>" for an input inside a shard
+            src = src.rsplit("#", 1)[-1] if re.search(r"\.tar#", src) else src
+            stem = Path(src).stem if one_per_image else key
             if stem in found:
                 raise RuntimeError(f"{out}: two samples for HR {stem!r} (expected one tile per image)")
             found[stem] = (hr, lr, meta)
@@ -786,7 +788,7 @@ def sr_proxy_domain(m, d, dom, dwork, work, sr_hr, ckpt, digest, gens_out, timin
     for kind in m.generation.generators:
         t0 = time.perf_counter()
         if kind == "realdgen":
-            target = dwork / "sr_pairs" / f"realdgen-{digest[:12]}"
+            target = dwork / "sr_pairs" / f"realdgen-{digest[:12]}-{_sr_source_key(sr_hr, work)}"
             refs = [("refs_train", str(refs_dir.resolve()))]
         else:  # random θ, no reference: the same dataset serves every domain
             target = work / "_shared" / f"sr_pairs-{_sr_source_key(sr_hr, work)}" / kind

@@ -1050,7 +1050,12 @@ class EvalGeneration(StrictModel):
     realdgen_overrides: tuple[str, ...] = Field(
         (), description="Overrides for the realdgen jobs only (e.g. generator.sampler=ddim)."
     )
-    tile: int = Field(64, ge=4, le=4096, description="Eval tile edge in LR pixels; pairs are cut to it.")
+    tile: int = Field(
+        64,
+        ge=8,
+        le=4096,
+        description="Eval tile edge in LR pixels (the job's minimum, 8); pairs are cut to it.",
+    )
     max_tiles_per_image: int = Field(
         64, ge=1, le=100_000, description="Eval tiles cut from one larger pair (grid, top-left first)."
     )
