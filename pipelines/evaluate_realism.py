@@ -59,6 +59,7 @@ from pipelines.manifest import (
     apply_overrides,
     parse_manifest,
 )
+from pipelines.sources import ImageError
 from realdgen_core import realism
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,14 +112,12 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
-def _rgb(path: Path, domain: str) -> np.ndarray:
-    """The job's own decoder (16-bit and palette PNGs scaled, EXIF orientation, the pixel limit)."""
-    from pipelines.sources import ImageError, decode_image
+def _rgb(path: Path) -> np.ndarray:
+    """The job's own decoder (16-bit and palette PNGs scaled, EXIF orientation, the pixel limit);
+    raises ``pipelines.sources.ImageError`` naming what is wrong with the file."""
+    from pipelines.sources import decode_image
 
-    try:
-        return decode_image(path.read_bytes())
-    except ImageError as exc:
-        raise ManifestError(f"domains.{domain}: {path.name}: {exc}") from None
+    return decode_image(path.read_bytes())
 
 
 def _align(hr: np.ndarray, lr: np.ndarray, s: int, what: str) -> tuple[np.ndarray, np.ndarray, str | None]:
@@ -188,9 +187,16 @@ def prepare_domain(m: EvaluateManifest, d: EvalDomain, work: Path) -> DomainTile
         if lp is None:
             unmatched.append(hp.name)
             continue
-        hr, lr, note = _align(
-            _rgb(hp, d.name), _rgb(lp, d.name), s, f"domains.{d.name}: {hp.name} / {lp.name}"
-        )
+        pair = []
+        for p in (hp, lp):  # one broken file loses its pair (noted in the report), not the run
+            try:
+                pair.append(_rgb(p))
+            except ImageError as exc:
+                notes.append(f"{p.name}: {exc}; pair skipped")
+                break
+        if len(pair) < 2:
+            continue
+        hr, lr, note = _align(*pair, s, f"domains.{d.name}: {hp.name} / {lp.name}")
         if note:
             notes.append(note)
         lh, lw = lr.shape[:2]

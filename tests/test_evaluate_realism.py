@@ -355,6 +355,12 @@ def test_eval_pairs_are_checked_before_any_work(tmp_path):
         "ceil", {"Canon_001": (img(130, 130), img(33, 33)), "Nikon_002": (img(64, 64), img(16, 16))}
     )
     assert next(t for t in dom.tiles if t.name == "Canon_001_16_16").lr.shape == (16, 16, 3)
+    # a broken file loses its pair, with a note in the report; the other pairs stay
+    (tmp_path / "ceil" / "d" / "HR" / "Sony_003_HR.png").write_bytes(b"not a png")
+    Image.fromarray(img(16, 16)).save(tmp_path / "ceil" / "d" / "LR" / "Sony_003_LR4.png")
+    again = prepare("ceil", {})
+    assert [t.name for t in again.tiles] == [t.name for t in dom.tiles]
+    assert any(n.startswith("Sony_003_HR.png: not an image") and "pair skipped" in n for n in again.notes)
     # one photo only: no honest reference exists
     with pytest.raises(ManifestError, match=r"one photo group only \('Canon'"):
         prepare("one", {"Canon_001": (img(64, 64), img(16, 16)), "Canon_002": (img(64, 64), img(16, 16))})
