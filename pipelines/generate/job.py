@@ -54,6 +54,8 @@ TRANSIENT_MARK = "TransientStorageError"
 # CPUs (torch threads) the reference task of a realdgen job may take on a CPU run (measured here from
 # 1 to 2 threads only: 1.33 -> 0.80 s per probe tile; the cap keeps a large node's other work going).
 REF_TASK_MAX_CPUS = 8
+# How long the reference task's CPU count waits for CPUs that Ray has not yet shown as free again.
+REF_TASK_SETTLE_S = 2.0
 
 
 class JobFailed(RuntimeError):
@@ -368,15 +370,23 @@ class GenerateJob:
         return uri if uri.startswith("s3://") else plan.checkpoint_local
 
     @staticmethod
-    def _ref_task_cpus() -> int:
+    def _ref_task_cpus(settle_s: float = REF_TASK_SETTLE_S) -> int:
         """CPUs (and torch threads) of the reference task on a CPU run: the largest alive node's CPU
         count, at most REF_TASK_MAX_CPUS and the CPUs free now (so it never waits on CPUs that
-        something else holds), at least 1."""
+        something else holds), at least 1. The listing task has only just returned here, and Ray
+        shows its CPU as free a moment later (measured: 1 of 2 free right after, so the demo's start
+        profile ran on one thread), so the free count is read again until it reaches that many or
+        ``settle_s`` has passed."""
         import ray
 
         node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
-        free = int(ray.available_resources().get("CPU", 0))
-        return max(1, min(REF_TASK_MAX_CPUS, max(node_cpus, default=1), free))
+        want = max(1, min(REF_TASK_MAX_CPUS, max(node_cpus, default=1)))
+        deadline = time.monotonic() + settle_s
+        while True:
+            free = int(ray.available_resources().get("CPU", 0))
+            if free >= want or time.monotonic() >= deadline:
+                return max(1, min(want, free))
+            time.sleep(0.05)
 
     def _prepare_refs(self, plan: Plan, num_gpus: float) -> tuple[list[dict], list[dict], Any]:
         import ray
