@@ -333,6 +333,13 @@ def test_changed_input_listing_is_not_resumed_into(ray_local, photos, tmp_path):
     validate(str(out), "--scale", "2")
     assert len(tar_keys(out)) == 8
     assert json.loads((out / "_index.json").read_text())["inputs_digest"] != index["inputs_digest"]
+    # a dataset from before inputs_digest existed is not resumed into either, and the error says so
+    old = json.loads((out / "pairs-000000_stats.json").read_text())
+    del old["inputs_digest"]
+    (out / "pairs-000000_stats.json").write_text(json.dumps(old))
+    data["output"]["mode"] = "resume"
+    with pytest.raises(JobFailed, match="not recorded: written before inputs_digest existed"):
+        run_dict(data)
 
 
 @pytest.mark.ray

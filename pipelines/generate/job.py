@@ -160,7 +160,11 @@ class GenerateJob:
                 raise
             except Exception:
                 meta = {}
-            differ = [k for k, v in want.items() if not isinstance(meta, dict) or meta.get(k) != v]
+            if not isinstance(meta, dict):
+                meta = {}
+            differ = [k for k, v in want.items() if meta.get(k) != v]
+            if "inputs_digest" in differ and "inputs_digest" not in meta and meta:
+                differ[differ.index("inputs_digest")] = "inputs_unrecorded"
             if differ:
                 foreign.append(n)
                 why.update(differ)
@@ -176,6 +180,7 @@ class GenerateJob:
                     "manifest_digest": "manifest",
                     "model_digest": "model (checkpoint contents)",
                     "inputs_digest": "input listing (files added, removed or renamed under hr.uri)",
+                    "inputs_unrecorded": "input listing (not recorded: written before inputs_digest existed)",
                 }
                 what_changed = ", ".join(changed[k] for k in sorted(why)) or "shard names"
                 raise JobFailed(
