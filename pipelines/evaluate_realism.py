@@ -890,11 +890,11 @@ def run_evaluation(m: EvaluateManifest, *, log: Callable[[str], None] = _default
         else:
             _load_demo_photos(m.sr_proxy.photos, work / "_shared" / "sr_hr")
             sr_hr = "_shared/sr_hr"  # relative to the work folder (see run_generate)
+    if m.checkpoint and not Path(m.checkpoint).is_file():
+        raise ManifestError(f"checkpoint: file not found (got {m.checkpoint!r})")
     # Every domain's pairs are read, checked and cut before Ray starts: bad data in the last domain
     # fails now, not after the earlier domains' adaptations and jobs.
     prepared = {d.name: prepare_domain(m, d, work / d.name) for d in m.domains}
-    if m.checkpoint and not Path(m.checkpoint).is_file():
-        raise ManifestError(f"checkpoint: file not found (got {m.checkpoint!r})")
     notices = _learned_metric_notices(m)
     for n in notices:
         log(f"notice: {n}")
