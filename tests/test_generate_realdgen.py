@@ -169,6 +169,20 @@ def test_domain_start_profile_chosen_once_per_domain_and_used_by_every_sample(
             n += 1
     assert n == 5 and distinct >= 3
 
+    # run again on the complete dataset: nothing generated, the references' start profile is not
+    # measured again (its log line is absent) and the index keeps the recorded one, byte for byte
+    from pipelines.generate_dataset import run
+    from pipelines.manifest import parse_manifest
+
+    before = (out / "_index.json").read_bytes()
+    logged: list[str] = []
+    data = manifest_dict(str(hr_dir), str(ref_dir), str(out), scale=4, generator=gen_spec)
+    again = run(parse_manifest(data), log=lambda *a: logged.append(" ".join(map(str, a))))
+    assert again["shards_written"] == 0 and again["shards_skipped"] == again["shards"] > 0
+    assert (out / "_index.json").read_bytes() == before
+    assert any("start profile not read again" in line for line in logged), logged
+    assert not any(line.startswith("start profile domain:") for line in logged), logged
+
 
 @pytest.mark.ray
 def test_domain_start_profile_reads_start_probe_tiles_from_few_large_inputs(

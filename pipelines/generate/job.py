@@ -535,10 +535,16 @@ class GenerateJob:
             f"({len(complete)} complete, {len(pending)} to write), generator {m.generator.kind}, "
             f"actors {lo}..{hi} ({'GPU' if num_gpus else 'CPU'})"
         )
-        refs, sets, bank_ref = self._prepare_refs(plan, num_gpus)
-        if refs and len(refs) != len(plan.refs):
-            plan.refs, plan.sets = refs, sets
-        decode_cfg, gen_cfg, sink_cfg = self._configs(plan, num_gpus, actor_cpus, bank_ref)
+        # Every shard complete: nothing to generate, so the references' start profile (a minute of
+        # E_deg on the CPU) is not measured again; the index keeps the one the dataset was made with.
+        kept_profile = None if pending else self._indexed_start_profile(plan)
+        if kept_profile is None:
+            refs, sets, bank_ref = self._prepare_refs(plan, num_gpus)
+            if refs and len(refs) != len(plan.refs):
+                plan.refs, plan.sets = refs, sets
+            decode_cfg, gen_cfg, sink_cfg = self._configs(plan, num_gpus, actor_cpus, bank_ref)
+        else:
+            self.log("every shard is complete: references and start profile not read again")
 
         total_inputs = plan.n_inputs
         failed_inputs = 0  # decode failed, or at least one sample failed (the failure budget)
@@ -685,7 +691,7 @@ class GenerateJob:
         n_pairs = sum(s["samples"] for s in written)
         n_samples_failed = sum(s["samples_failed"] for s in written)
 
-        index = self.write_index(plan)
+        index = self.write_index(plan, kept_profile)
         self.store.delete_prefix(plan.work)
         summary = {
             "output": self.store.uri,
@@ -719,7 +725,29 @@ class GenerateJob:
         return summary
 
     # ---------------------------------------------------------------- index and preview
-    def write_index(self, plan: Plan) -> dict:
+    def _indexed_start_profile(self, plan: Plan) -> dict | None:
+        """The ``start_profile`` of this plan's existing index (``{}`` when the job records none),
+        or None when there is no index to take it from (then the references are read as usual).
+        ``inspect_output`` has already refused or cleared an index of another manifest, model or
+        input listing, so one that is still here is this plan's."""
+        if INDEX_NAME not in self.store.names():
+            return None
+        try:
+            index = self.store.read_json(INDEX_NAME)
+        except TransientStorageError:
+            raise
+        except Exception:
+            return None
+        if not isinstance(index, dict) or index.get("manifest_digest") != plan.digest:
+            return None
+        kept = index.get("start_profile")
+        if kept is None:
+            return {} if not (plan.refs and plan.probe) else None
+        return kept if isinstance(kept, dict) else None
+
+    def write_index(self, plan: Plan, kept_start_profile: dict | None = None) -> dict:
+        """Write ``index.json`` from the shards' stats; ``kept_start_profile`` (a previous index's,
+        when nothing was generated) stands in for the plan's own start profiles."""
         shards = []
         inputs_failed = 0
         for stem in plan.stems:
@@ -737,7 +765,9 @@ class GenerateJob:
             "inputs": plan.n_inputs,
             "inputs_failed": inputs_failed,
         }
-        if plan.start_profiles:  # the start each reference domain got (generator.start_choice: domain)
+        if kept_start_profile:
+            index["start_profile"] = kept_start_profile
+        elif plan.start_profiles:  # the start each reference domain got (generator.start_choice: domain)
             index["start_profile"] = {
                 k: {
                     "start": p["label"],
