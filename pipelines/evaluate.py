@@ -56,10 +56,9 @@ def heldout_images(folder: str | None) -> dict[str, np.ndarray]:
         from pipelines.demo_data import SPLITS, load_photo
 
         return {n: load_photo(n) for n in SPLITS["heldout"]}
-    from pipelines.sources import ImageError, decode_image
+    from pipelines.sources import ImageError, decode_image, local_image_files
 
-    exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-    paths = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in exts)
+    paths = [Path(p) for p in local_image_files(folder)]
     out = {}
     for p in paths:
         if p.stem in out:

@@ -59,11 +59,10 @@ from pipelines.manifest import (
     apply_overrides,
     parse_manifest,
 )
-from pipelines.sources import ImageError
+from pipelines.sources import ImageError, local_image_files
 from realdgen_core import realism
 
 REPO = Path(__file__).resolve().parent.parent
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 _REALSR_SUFFIX = re.compile(r"_(HR|LR\d*|x\d+)$", re.IGNORECASE)
 
 __all__ = ["Tile", "DomainTiles", "prepare_domain", "run_evaluation", "group_of"]
@@ -109,7 +108,7 @@ def group_of(stem: str, pattern: str) -> str:
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    return [Path(p) for p in local_image_files(folder)]
 
 
 def _rgb(path: Path) -> np.ndarray:

@@ -344,6 +344,12 @@ class GeneratorSpec(StrictModel):
             )
         return self.model_copy(update=update)
 
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        # YAML 1.1 (yaml.safe_load, also for --set) reads a bare off / on as false / true.
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
+
     @model_validator(mode="after")
     def _check(self) -> GeneratorSpec:
         if self.tau_min is not None and self.tau_max is not None and self.tau_min > self.tau_max:

@@ -104,6 +104,15 @@ def _ext_ok(name: str, extensions: tuple[str, ...]) -> bool:
     return name.rsplit(".", 1)[-1].lower() in extensions if "." in name else False
 
 
+def local_image_files(folder: str | os.PathLike) -> list[str]:
+    """The image files directly in a local folder (the manifest's default extensions, any case),
+    sorted by path: the evaluation's paired folders and held-out photos."""
+    from pipelines.manifest import IMAGE_EXTENSIONS
+
+    with os.scandir(folder) as it:
+        return sorted(e.path for e in it if e.is_file() and _ext_ok(e.name, IMAGE_EXTENSIONS))
+
+
 def _find(fs, path: str) -> dict[str, dict]:
     """Files under ``path`` (a folder, a single file, or a glob) with their info."""
     if _GLOB_CHARS & set(path):

@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # `python pipelines/train.py`: make the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.manifest import ManifestError, TrainManifest, load_manifest, manifest_digest
-from pipelines.sources import ImageError, SourceItem, list_source, load_image
+from pipelines.sources import ImageError, SourceError, SourceItem, list_source, load_image
 from pipelines.storage import get_fs, join_uri
 from realdgen_core.train import PHASES, STAGES, Hook, Phase, run_phase
 from realdgen_core.train.data import (
@@ -169,6 +169,30 @@ def build_samplers(m: TrainManifest, scale: int, stages: Sequence[str]) -> dict[
             weights.append(c.weight)
         lr = MixtureSampler(comps, weights)
     return {"hr": hr, "lr": lr, "sources": made}
+
+
+def check_sources(m: TrainManifest, stages: Sequence[str], calibrate: bool) -> None:
+    """List every image source this run will read, before any work: a missing, unreadable or empty
+    one is a :class:`ManifestError` naming its manifest key (not a worker's traceback later)."""
+    used: list[tuple[str, Any]] = []
+    stage_c = "C" in stages
+    synthetic_on_hr = any(c.kind != "images" and c.source is None for c in m.data.lr)
+    if m.data.hr is not None and ("A" in stages or "B" in stages or (stage_c and synthetic_on_hr)):
+        used.append(("data.hr", m.data.hr))
+    for i, c in enumerate(m.data.lr):
+        if c.source is not None and (stage_c or (calibrate and c.kind == "images")):
+            used.append((f"data.lr.{i}.source", c.source))
+    if calibrate and m.calibration.hr is not None:
+        used.append(("calibration.hr", m.calibration.hr))
+    storage = m.storage.model_dump()
+    for key, spec in used:
+        try:
+            items = list_source(spec, storage)
+        except (SourceError, OSError, ValueError) as exc:
+            raise ManifestError(f"{key}: cannot list {spec.uri}: {exc}") from None
+        if not items:
+            exts = ", ".join(spec.extensions)
+            raise ManifestError(f"{key}: no image under {spec.uri} (format {spec.format}, extensions {exts})")
 
 
 def calibration_split(items: Sequence[SourceItem], fraction: float) -> tuple[list, list]:
@@ -761,6 +785,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if m.data.prepare_demo:
         prepare_demo(m.data.prepare_demo, m.scale)
+    try:
+        check_sources(m, stages, args.calibrate_only or m.calibration.enabled)
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.calibrate_only:
         m = m.model_copy(update={"calibration": m.calibration.model_copy(update={"enabled": True})})
         try:

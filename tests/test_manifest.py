@@ -55,6 +55,17 @@ def test_generator_resolves_from_a_domain_calibration():
     assert [t["ops"] for t in g.start_bank] == [t["ops"] for t in cal["bank"]] and len(g.start_bank) == 4
     off = GeneratorSpec(kind="realdgen", checkpoint="c.safetensors", calibration="off").resolved(cal)
     assert (off.tau_max, off.start_kind, off.start_bank) == (300, "realesrgan", None)
+    # the documented `calibration: off`, bare in YAML (read as false) and through --set
+    spec = {**BASE, "generator": {"kind": "realdgen", "checkpoint": "c.safetensors"}}
+    text = yaml.safe_dump(spec).replace("kind: realdgen", "kind: realdgen\n  calibration: off")
+    bare = parse_manifest(yaml.safe_load(text))
+    assert bare.generator.calibration == "off"
+    assert apply_overrides(spec, ["generator.calibration=off"])["generator"]["calibration"] is False
+    for over, want in (("off", "off"), ("on", "auto"), ("auto", "auto")):
+        m = parse_manifest(apply_overrides(spec, [f"generator.calibration={over}"]))
+        assert m.generator.calibration == want
+    with pytest.raises(ManifestError, match="generator.calibration"):
+        parse_manifest(apply_overrides(spec, ["generator.calibration=0"]))
     with pytest.raises(ValueError, match="tau_min .* must be <= tau_max"):
         GeneratorSpec(kind="realdgen", checkpoint="c.safetensors", tau_min=60).resolved(cal)
     with pytest.raises(ValueError, match="needs `start_bank`"):

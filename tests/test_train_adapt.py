@@ -52,3 +52,34 @@ progress: {{bar: false}}
     assert any(k.startswith("content.encoder.first_block.") for k in changed)
     frozen = [k for k in b if k.startswith(("content.decoder.", "content.encoder.mid.", "lr_reconstructor."))]
     assert frozen and not (changed & set(frozen))
+
+
+def test_adapt_on_a_missing_or_empty_lr_folder_fails_before_any_work(tmp_path, capsys):
+    """The README's adaptation with no usable LR folder: exit 2 and the manifest key named, before the
+    checkpoint is read or anything is written (before, a worker's SourceError traceback, exit 1)."""
+    from pipelines import train as T
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no image here")
+    run_dir, out = tmp_path / "run", tmp_path / "adapted.safetensors"
+    for uri, needle in (
+        (tmp_path / "nowhere", "data.lr.0.source: cannot list"),
+        (empty, "data.lr.0.source: no image under"),
+    ):
+        path = tmp_path / "adapt.yaml"
+        path.write_text(
+            f"""
+kind: train
+init_checkpoint: {tmp_path / "absent.safetensors"}
+stages: [C]
+data:
+  lr: [{{kind: images, source: {{uri: {uri}}}}}]
+output: {{run_dir: {run_dir}, checkpoint: {out}}}
+"""
+        )
+        for extra in ([], ["--calibrate-only"]):
+            assert T.main([str(path), *extra]) == 2
+            err = capsys.readouterr().err
+            assert needle in err and str(uri) in err, err
+    assert not run_dir.exists() and not out.exists()
