@@ -80,15 +80,23 @@ def _uri_of(prefix: str, path: str) -> str:
     return f"{prefix}{path}" if prefix else path
 
 
+def _written_root(spec_uri: str) -> str:
+    """The source's root as the manifest writes it: up to its first glob part (``*``, ``?``, ``[``),
+    unless the whole local path exists as written (a folder named "[2024] trip")."""
+    written = spec_uri[len("file://") :] if spec_uri.startswith("file://") else spec_uri
+    parts = written.rstrip("/").split("/")
+    literal = "://" not in written and os.path.exists(os.path.expanduser(written))
+    globbed = (i for i, part in enumerate(parts) if _GLOB_CHARS & set(part))
+    cut = len(parts) if literal else next(globbed, len(parts))
+    return "/".join(parts[:cut])
+
+
 def _recorded_uri(spec_uri: str, path: str) -> str:
     """The URI a local image is recorded (and keyed, and seeded) by: the source URI *as written in
     the manifest* joined with the image's path below it, so the same manifest run from another
     working directory or checkout gives the same keys, seeds and bytes. s3 URIs are already
     location-independent and pass through unchanged; a path outside the root stays absolute."""
-    written = spec_uri[len("file://") :] if spec_uri.startswith("file://") else spec_uri
-    parts = written.rstrip("/").split("/")
-    cut = next((i for i, part in enumerate(parts) if _GLOB_CHARS & set(part)), len(parts))
-    user_root = "/".join(parts[:cut])
+    user_root = _written_root(spec_uri)
     abs_root = os.path.abspath(os.path.expanduser(user_root or "."))
     if path == abs_root:
         return user_root or path
@@ -98,6 +106,19 @@ def _recorded_uri(spec_uri: str, path: str) -> str:
         rel = path[len(abs_root.rstrip("/")) + 1 :]
         return f"{user_root.rstrip('/')}/{rel}" if user_root else rel
     return path
+
+
+def name_below_root(spec_uri: str, uri: str) -> str:
+    """``uri`` (an item's recorded URI) relative to the source root as written in ``spec_uri``
+    (up to its first glob part; a single file's folder): the same file has the same name however
+    the root is spelled (relative or absolute, with or without ``file://``) or wherever the folder
+    has moved. A URI outside the root is returned unchanged."""
+    root = _written_root(spec_uri)
+    # a parquet list's relative entries are recorded below its folder
+    for r in (root, posixpath.dirname(root)) if root.endswith(".parquet") else (root,):
+        if r and uri.startswith(r.rstrip("/") + "/"):
+            return uri[len(r.rstrip("/")) + 1 :]
+    return uri
 
 
 def _ext_ok(name: str, extensions: tuple[str, ...]) -> bool:
@@ -115,7 +136,7 @@ def local_image_files(folder: str | os.PathLike) -> list[str]:
 
 def _find(fs, path: str) -> dict[str, dict]:
     """Files under ``path`` (a folder, a single file, or a glob) with their info."""
-    if _GLOB_CHARS & set(path):
+    if _GLOB_CHARS & set(path) and not fs.exists(path):  # a folder named "[2024] trip" is a folder
         found = fs.glob(path, detail=True)
         return {p: info for p, info in found.items() if info.get("type") != "directory"}
     if not fs.exists(path):

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -45,7 +46,7 @@ if __package__ in (None, ""):  # `python pipelines/train.py`: make the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.manifest import ManifestError, TrainManifest, load_manifest, manifest_digest
-from pipelines.sources import ImageError, SourceError, SourceItem, list_source, load_image
+from pipelines.sources import ImageError, SourceError, SourceItem, list_source, load_image, name_below_root
 from pipelines.storage import get_fs, join_uri
 from realdgen_core.train import PHASES, STAGES, Hook, Phase, run_phase
 from realdgen_core.train.data import (
@@ -67,7 +68,8 @@ SUMMARY = "summary.json"  # written by rank 0 of a Ray Train run
 
 
 class SourceCropSampler:
-    """Random crops of the images of a source, decoded on first use and kept in an LRU cache.
+    """Random crops of the images of a source, decoded on first use and kept in an LRU cache (as
+    uint8, a quarter of float32's bytes: a 12 MP photo holds 36 MB; crops are converted to float).
 
     Broken images are remembered, skipped and counted in ``skipped`` (reason category -> count);
     images smaller than a requested crop are skipped for that size. Every choice is drawn from the
@@ -87,17 +89,19 @@ class SourceCropSampler:
             raise ValueError(f"{name}: the source lists no images")
         self.items, self.storage, self.cache_size, self.max_pixels = list(items), storage, cache, max_pixels
         self.name, self.flip = name, flip
-        self.cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.cache: OrderedDict[int, torch.Tensor] = OrderedDict()  # uint8 [3, H, W]
         self.bad: set[int] = set()
         self.small: dict[int, set[int]] = {}
         self.skipped: Counter[str] = Counter()
 
     def _image(self, i: int) -> torch.Tensor | None:
+        """Image ``i`` as uint8 [3, H, W] (None when it does not decode)."""
         if i in self.cache:
             self.cache.move_to_end(i)
             return self.cache[i]
         try:
-            img = to_tensor(load_image(self.items[i], self.storage, max_pixels=self.max_pixels))
+            arr = load_image(self.items[i], self.storage, max_pixels=self.max_pixels)
+            img = torch.from_numpy(np.array(arr.transpose(2, 0, 1), order="C"))  # a writable copy
         except ImageError as exc:
             self.bad.add(i)
             self.skipped[exc.category] += 1
@@ -127,7 +131,7 @@ class SourceCropSampler:
                 small.add(i)
                 self.skipped[f"too small for {size}px crops"] += 1
                 continue
-            crop = random_crop(img, size, generator)
+            crop = random_crop(img, size, generator).float().div_(255.0)  # = to_tensor's values
             if self.flip and bool(torch.randint(0, 2, (), generator=generator)):
                 crop = crop.flip(-1)
             out.append(crop)
@@ -154,7 +158,8 @@ def build_samplers(m: TrainManifest, scale: int, stages: Sequence[str]) -> dict[
             if c.kind == "images":
                 comps.append(source(c.source, f"data.lr[{i}]"))
                 if m.calibration.enabled:  # the validation split is the calibration's alone
-                    comps[-1].items = calibration_split(comps[-1].items, m.calibration.val_fraction)[0]
+                    split = calibration_split(comps[-1].items, m.calibration.val_fraction, c.source.uri)
+                    comps[-1].items = split[0]
                     if not comps[-1].items:
                         raise ValueError(
                             f"data.lr[{i}]: no image left for training after the validation split"
@@ -179,9 +184,12 @@ def check_sources(m: TrainManifest, stages: Sequence[str], calibrate: bool) -> N
     synthetic_on_hr = any(c.kind != "images" and c.source is None for c in m.data.lr)
     if m.data.hr is not None and ("A" in stages or "B" in stages or (stage_c and synthetic_on_hr)):
         used.append(("data.hr", m.data.hr))
+    split: set[str] = set()  # sources whose listing the calibration splits (train / validation)
     for i, c in enumerate(m.data.lr):
         if c.source is not None and (stage_c or (calibrate and c.kind == "images")):
             used.append((f"data.lr.{i}.source", c.source))
+            if c.kind == "images" and (calibrate or m.calibration.enabled):
+                split.add(f"data.lr.{i}.source")
     if calibrate and m.calibration.hr is not None:
         used.append(("calibration.hr", m.calibration.hr))
     storage = m.storage.model_dump()
@@ -193,13 +201,24 @@ def check_sources(m: TrainManifest, stages: Sequence[str], calibrate: bool) -> N
         if not items:
             exts = ", ".join(spec.extensions)
             raise ManifestError(f"{key}: no image under {spec.uri} (format {spec.format}, extensions {exts})")
+        if key in split:
+            train, val = calibration_split(items, m.calibration.val_fraction, spec.uri)
+            side = "validation" if not val else "training" if stage_c and not train else None
+            if side:
+                raise ManifestError(
+                    f"{key}: the calibration's {side} split of {spec.uri} is empty ({len(items)} image(s), "
+                    f"calibration.val_fraction {m.calibration.val_fraction}); add images (two or more put "
+                    "one on each side) or set calibration.enabled=false"
+                )
 
 
-def calibration_split(items: Sequence[SourceItem], fraction: float) -> tuple[list, list]:
-    """(train, validation) items of a domain's LR source, by a hash of each item's URI."""
+def calibration_split(items: Sequence[SourceItem], fraction: float, source_uri: str) -> tuple[list, list]:
+    """(train, validation) items of a domain's LR source, by a hash of each item's name below the
+    source root (``source_uri``), so a recalibration that spells or moves the folder differently
+    holds out the same files."""
     from realdgen_core.calibrate import split_validation
 
-    train, val = split_validation([it.uri for it in items], fraction)
+    train, val = split_validation([name_below_root(source_uri, it.uri) for it in items], fraction)
     return [items[i] for i in train], [items[i] for i in val]
 
 
@@ -213,14 +232,14 @@ def calibration_inputs(m: TrainManifest) -> tuple[list[Tensor], Tensor, list[Ten
     for i, c in enumerate(m.data.lr):
         if c.kind != "images":
             continue
-        items = calibration_split(list_source(c.source, storage), cal_m.val_fraction)[1]
+        items = calibration_split(list_source(c.source, storage), cal_m.val_fraction, c.source.uri)[1]
         sampler = SourceCropSampler(
             items, storage, m.data.cache_images, m.data.max_image_pixels, f"data.lr[{i}]"
         )
         for it in range(len(items)):
             img = sampler._image(it)
             if img is not None:
-                refs.append(img)
+                refs.append(img.float().div_(255.0))
     if not refs:
         raise ValueError("calibration: the validation split of data.lr holds no readable image")
     if cal_m.hr is not None:

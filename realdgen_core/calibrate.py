@@ -392,7 +392,7 @@ def split_validation(names: Sequence[str], fraction: float) -> tuple[list[int], 
 
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"validation fraction must be in (0, 1), got {fraction!r}")
-    keyed = [(int(hashlib.sha256(n.encode()).hexdigest()[:12], 16) / 16**12, i) for i, n in enumerate(names)]
+    keyed = [(int(hashlib.sha256(n.encode("utf-8", "surrogateescape")).hexdigest()[:12], 16) / 16**12, i) for i, n in enumerate(names)]
     val = sorted(i for u, i in keyed if u < fraction)
     train = sorted(i for u, i in keyed if u >= fraction)
     if len(names) >= 2 and not val:

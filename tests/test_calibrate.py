@@ -108,6 +108,10 @@ def test_split_validation_is_by_name():
     rev = list(reversed(names))
     assert {rev[i] for i in v2 if i < 200} == {names[i] for i in val}
     assert calibrate.split_validation(["a.png", "b.png"], 0.01)[1]  # both sides non-empty
+    # a file name that is not UTF-8 (listed with surrogate escapes) is split like any other
+    odd = [b"caf\xe9.png".decode("utf-8", "surrogateescape"), "b.png", "c.png"]
+    t3, v3 = calibrate.split_validation(odd, 0.5)
+    assert sorted(t3 + v3) == [0, 1, 2] and t3 and v3
 
 
 def _two_pairs(photos):

@@ -222,3 +222,26 @@ def test_recorded_uris_do_not_depend_on_the_working_directory(tmp_path, monkeypa
         listings.append(([i.uri for i in folder], [i.uri for i in glob], [i.uri for i in table]))
     assert listings[0] == listings[1]
     assert listings[0] == (["data/hr/x.png", "data/hr/y.png"], ["data/hr/y.png"], ["data/hr/x.png"])
+
+
+def test_folder_named_like_a_glob_and_names_below_the_root(tmp_path, monkeypatch):
+    """A folder called "[2024] trip" is listed as a folder (it was read as a glob: nothing found);
+    an item's name below the root is the same however the root is spelled, so the calibration's
+    train / validation split does not move when a folder is written relative, absolute or file://."""
+    from pipelines.sources import name_below_root
+
+    trip = tmp_path / "[2024] trip"
+    (trip / "sub").mkdir(parents=True)
+    for n in ("a.png", "sub/b.png"):
+        Image.new("RGB", (8, 8)).save(trip / n)
+    items = list_source(SourceSpec(uri=str(trip)))
+    assert [Path(i.uri).name for i in items] == ["a.png", "b.png"]
+    monkeypatch.chdir(tmp_path)
+    spellings = ("[2024] trip", "./[2024] trip/", str(trip), f"file://{trip}")
+    names = {s: [name_below_root(s, i.uri) for i in list_source(SourceSpec(uri=s))] for s in spellings}
+    assert all(v == ["a.png", "sub/b.png"] for v in names.values()), names
+    # a parquet list's relative entries sit below its folder; a URI outside the root is kept whole
+    assert name_below_root("data/list.parquet", "data/hr/x.png") == "hr/x.png"
+    assert name_below_root("data/hr", "data/hrx/y.png") == "data/hrx/y.png"
+    assert name_below_root("s3://b/refs", "s3://b/refs/k/x.jpg") == "k/x.jpg"
+    assert name_below_root("s3://b/refs/*.jpg", "s3://b/refs/x.jpg") == "x.jpg"

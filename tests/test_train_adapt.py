@@ -83,3 +83,27 @@ output: {{run_dir: {run_dir}, checkpoint: {out}}}
             err = capsys.readouterr().err
             assert needle in err and str(uri) in err, err
     assert not run_dir.exists() and not out.exists()
+
+    # one image, calibration on: one side of the split is empty; said before any training (it was
+    # found after stage C had run and exported, as "the source lists no images")
+    from realdgen_core.calibrate import split_validation
+
+    one = tmp_path / "one"
+    one.mkdir()
+    name = next(f"p{i}.png" for i in range(100) if split_validation([f"p{i}.png"], 0.25)[0])
+    Image.new("RGB", (96, 96)).save(one / name)
+    path.write_text(
+        f"""
+kind: train
+init_checkpoint: {tmp_path / "absent.safetensors"}
+stages: [C]
+data:
+  lr: [{{kind: images, source: {{uri: {one}}}}}]
+calibration: {{enabled: true, val_fraction: 0.25}}
+output: {{run_dir: {run_dir}, checkpoint: {out}}}
+"""
+    )
+    assert T.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "data.lr.0.source: the calibration's validation split" in err and "1 image(s)" in err, err
+    assert not run_dir.exists() and not out.exists()
