@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -565,8 +566,33 @@ def _reject_credentials(data: Any, path: tuple = ()) -> None:
             _reject_credentials(v, path + (i,))
 
 
+class _OverrideLoader(yaml.SafeLoader):
+    """YAML for one ``--set`` value: safe, and a date-like value (2024-05-01) stays text."""
+
+
+_OverrideLoader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in rs if tag != "tag:yaml.org,2002:timestamp"]
+    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def override_value(raw: str) -> Any:
+    """A ``--set`` value: YAML (numbers, lists, true / false, null), except that text YAML cannot
+    parse (``*x``) or would cut at a `` #`` comment (``/data/phone #2``) is kept as written."""
+    if not raw.strip():
+        return None
+    text = raw.strip()
+    if re.search(r"\s#", text) and not text.startswith(("'", '"', "[", "{")):
+        return text
+    try:
+        return yaml.load(text, Loader=_OverrideLoader)  # a SafeLoader subclass: safe
+    except yaml.YAMLError:
+        return text
+
+
 def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
-    """Apply ``key.path=value`` overrides (value parsed as YAML) to a raw manifest mapping."""
+    """Apply ``key.path=value`` overrides (value parsed by :func:`override_value`) to a raw
+    manifest mapping."""
     data = json.loads(json.dumps(data))  # deep copy of plain data
     for item in overrides:
         if "=" not in item:
@@ -575,7 +601,7 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
         keys = [k for k in path.strip().split(".") if k]
         if not keys:
             raise ManifestError(f"override {item!r}: empty key path")
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = override_value(raw)
         node: Any = data
         for i, k in enumerate(keys[:-1]):
             if isinstance(node, list):

@@ -136,6 +136,15 @@ def test_overrides(tmp_path):
         load_manifest(p, ["compute.batch_size=0"])
     with pytest.raises(ManifestError, match="expected key.path=value"):
         apply_overrides({}, ["nokey"])
+    # text kept as written where YAML would cut it at a comment, fail on it, or make it a date
+    m = load_manifest(p, ["hr.uri=/data/phone #2", "refs.0.source.uri=*x", "output.name=2024-05-01"])
+    assert (m.hr.uri, m.refs[0].source.uri, m.output.name) == ("/data/phone #2", "*x", "2024-05-01")
+    assert apply_overrides({}, ["a='q #1'", "b=[1, 2]", "c=", "d=0.5"]) == {
+        "a": "q #1",
+        "b": [1, 2],
+        "c": None,
+        "d": 0.5,
+    }
 
 
 def test_digest_ignores_sizing_but_not_data():
