@@ -392,7 +392,11 @@ def split_validation(names: Sequence[str], fraction: float) -> tuple[list[int], 
 
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"validation fraction must be in (0, 1), got {fraction!r}")
-    keyed = [(int(hashlib.sha256(n.encode("utf-8", "surrogateescape")).hexdigest()[:12], 16) / 16**12, i) for i, n in enumerate(names)]
+
+    def position(n: str) -> float:  # a name that is not UTF-8 is listed with surrogate escapes
+        return int(hashlib.sha256(n.encode("utf-8", "surrogateescape")).hexdigest()[:12], 16) / 16**12
+
+    keyed = [(position(n), i) for i, n in enumerate(names)]
     val = sorted(i for u, i in keyed if u < fraction)
     train = sorted(i for u, i in keyed if u >= fraction)
     if len(names) >= 2 and not val:

@@ -161,15 +161,10 @@ def save_checkpoint(path: str | os.PathLike, model: RealDGenModel, metadata: dic
     return digest
 
 
-def load_checkpoint(
-    path: str | os.PathLike, device: str | torch.device = "cpu"
-) -> tuple[RealDGenModel, dict]:
-    """(model in eval mode on ``device``, metadata) where metadata is the saved dict plus ``digest``.
-
-    Raises CheckpointError for a file that is not safetensors (nothing is unpickled), an unknown
-    format version, a config that does not parse, or tensors that do not match the config (the
-    message names the missing / unexpected / mis-shaped tensor).
-    """
+def inspect_checkpoint(path: str | os.PathLike) -> tuple[RealDGenConfig, dict, dict]:
+    """(config, metadata with ``digest``, the raw safetensors metadata) of a checkpoint, checked as
+    :func:`load_checkpoint` checks it (header, format version, config, every tensor's name, shape
+    and dtype against the config) without reading its tensors. Raises CheckpointError."""
     path = Path(path)
     header, data_start = _read_header(path)
     meta = header.get("__metadata__") or {}
@@ -189,12 +184,19 @@ def load_checkpoint(
         user_metadata = json.loads(meta.get("metadata", "{}"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: the 'metadata' entry is not valid JSON: {e}") from e
+    _check_tensors(path, config, {k: v for k, v in header.items() if k != "__metadata__"})
+    user_metadata["digest"] = digest
+    return config, user_metadata, meta
 
-    # Build on the meta device (no allocation, no init), then assign the loaded tensors.
-    with torch.device("meta"):
-        model = RealDGenModel(config)
-    expected = model.state_dict()
-    stored = {k: v for k, v in header.items() if k != "__metadata__"}
+
+def _expected_state(config: RealDGenConfig) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):  # no allocation, no init
+        return RealDGenModel(config).state_dict()
+
+
+def _check_tensors(path: Path, config: RealDGenConfig, stored: dict) -> None:
+    """CheckpointError naming the first missing / unexpected / mis-shaped / non-float tensor."""
+    expected = _expected_state(config)
     missing = sorted(set(expected) - set(stored))
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
@@ -213,9 +215,23 @@ def load_checkpoint(
                 f"{path}: tensor {name!r} has dtype {info['dtype']}, expected a float dtype"
             )
 
+
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[RealDGenModel, dict]:
+    """(model in eval mode on ``device``, metadata) where metadata is the saved dict plus ``digest``.
+
+    Raises CheckpointError for a file that is not safetensors (nothing is unpickled), an unknown
+    format version, a config that does not parse, or tensors that do not match the config (the
+    message names the missing / unexpected / mis-shaped tensor).
+    """
+    path = Path(path)
+    config, user_metadata, _ = inspect_checkpoint(path)
+    with torch.device("meta"):  # built without allocation or init; the loaded tensors are assigned
+        model = RealDGenModel(config)
+    expected = model.state_dict()
     tensors = load_file(str(path), device="cpu")
     state = {name: t.to(expected[name].dtype) for name, t in tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model = model.to(device).eval()
-    user_metadata["digest"] = digest
     return model, user_metadata

@@ -250,7 +250,32 @@ def test_bad_manifests_fail_before_any_work(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
+    # the demo checkpoint less one tensor, and a pickle: refused in preflight, not in a Ray task
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(DEMO_CKPT), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "lr_reconstructor.conv_out.weight"}
+    assert len(tensors) > 10
+    save_file(tensors, str(tmp_path / "short.safetensors"), metadata=meta)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "pickled.safetensors")
     cases = {
+        "ckpt_tensor": (
+            {
+                "scale": 4,
+                "generator": {"kind": "realdgen", "checkpoint": str(tmp_path / "short.safetensors")},
+            },
+            "missing tensor 'lr_reconstructor.conv_out.weight'",
+        ),
+        "ckpt_pickle": (
+            {
+                "scale": 4,
+                "generator": {"kind": "realdgen", "checkpoint": str(tmp_path / "pickled.safetensors")},
+            },
+            "torch.save",
+        ),
         "unknown": ({"tiling": {"tile": 16, "grid": True}}, "tiling.grid: unknown key"),
         "type": ({"output": {"uri": str(out), "inputs_per_shard": "many"}}, "output.inputs_per_shard"),
         "bounds": (

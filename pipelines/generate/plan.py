@@ -82,20 +82,17 @@ def checkpoint_info(m: GenerateManifest, storage: dict) -> tuple[str | None, str
     if not fs.exists(path):
         raise ManifestError(f"generator.checkpoint: file not found (got {uri!r})")
     local = fetch_to_local(uri, storage)
-    try:
-        from safetensors import safe_open
+    from realdgen_core.checkpoint import CheckpointError, inspect_checkpoint
 
-        from realdgen_core.checkpoint import checkpoint_digest
-
-        with safe_open(local, framework="pt") as f:
-            meta = f.metadata() or {}
-        config = json.loads(meta.get("config", "{}"))
-        digest = checkpoint_digest(local)
-    except Exception as exc:
-        raise ManifestError(f"generator.checkpoint: not a RealDGen checkpoint: {exc} (got {uri!r})") from None
-    if config.get("scale") not in (None, m.scale):
-        raise ManifestError(f"scale: the checkpoint is x{config.get('scale')} (got {m.scale})")
-    return local, digest, calibration_of(meta)
+    try:  # header, config and every tensor's name / shape / dtype: a bad file fails here, not in Ray
+        config, metadata, meta = inspect_checkpoint(local)
+    except (CheckpointError, OSError, ValueError) as exc:
+        raise ManifestError(
+            f"generator.checkpoint: not a usable RealDGen checkpoint: {exc} (got {uri!r})"
+        ) from None
+    if config.scale != m.scale:
+        raise ManifestError(f"scale: the checkpoint is x{config.scale} (got {m.scale})")
+    return local, metadata["digest"], calibration_of(meta)
 
 
 def calibration_of(meta: dict) -> dict | None:
