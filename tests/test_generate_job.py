@@ -336,7 +336,7 @@ def test_changed_input_listing_is_not_resumed_into(ray_local, photos, tmp_path):
     first = run_dict(data)
     assert first["inputs"] == 3 and first["shards"] == 2
     index = json.loads((out / "_index.json").read_text())
-    assert index["inputs_digest"].startswith("sha256:")
+    assert index["inputs_digest"].startswith("listing2:sha256:")
     stats = json.loads((out / "pairs-000000_stats.json").read_text())
     assert stats["inputs_digest"] == index["inputs_digest"]
     # an interrupted run of the old listing left a part behind in the work folder
@@ -346,12 +346,11 @@ def test_changed_input_listing_is_not_resumed_into(ray_local, photos, tmp_path):
     stale = work / "parts" / "pairs-000000" / "part-stale.parquet"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"from the old listing")
-    (work / "inputs_digest").write_text(index["inputs_digest"])
     name, img = sorted(photos.items())[3]
     Image.fromarray(np.ascontiguousarray(img[:72, :104])).save(hr / f"{name}.png")  # sorts among them
-    with pytest.raises(JobFailed, match=r"input listing \(files added, removed or renamed under hr.uri\)"):
+    with pytest.raises(JobFailed, match=r"input listing \(files added, removed or renamed under hr.uri"):
         run_dict(data)
-    assert not stale.exists()  # the listing cleared parts of another listing before anything ran
+    assert not stale.exists()  # the refusal cleared the work folder before anything ran
     data["output"]["mode"] = "overwrite"
     again = run_dict(data)
     assert again["inputs"] == 4 and again["shards_written"] == 2 and again["shards_skipped"] == 0
@@ -365,6 +364,30 @@ def test_changed_input_listing_is_not_resumed_into(ray_local, photos, tmp_path):
     data["output"]["mode"] = "resume"
     with pytest.raises(JobFailed, match="not recorded: written before inputs_digest existed"):
         run_dict(data)
+    # ... nor one whose digest covered the inputs only (before the references were in it)
+    old["inputs_digest"] = "sha256:" + "0" * 64
+    (out / "pairs-000000_stats.json").write_text(json.dumps(old))
+    with pytest.raises(JobFailed, match="recorded without the references"):
+        run_dict(data)
+    data["output"]["mode"] = "overwrite"
+    run_dict(data)
+    data["output"]["mode"] = "resume"
+    before = dataset_bytes(out)
+    # a reference added changes every later pairing: refused as another listing
+    extra = Image.open(sorted(refs.iterdir())[0])
+    extra.save(refs / "zz_added.png")
+    with pytest.raises(JobFailed, match="input listing"):
+        run_dict(data)
+    (refs / "zz_added.png").unlink()
+    # an incomplete shard with a part an interrupted run left (another model, or an image since
+    # replaced at the same URI): the part is dropped and the shard regenerated, byte for byte
+    (out / "pairs-000001_stats.json").unlink()
+    stale = work / "parts" / "pairs-000001" / "part-stale.parquet"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"not a parquet file: an earlier run's part")
+    again = run_dict(data)
+    assert again["shards_written"] == 1 and again["shards_skipped"] == 1
+    assert dataset_bytes(out) == before and not stale.exists()
 
 
 @pytest.mark.ray

@@ -119,7 +119,7 @@ class SinkConfig(_Config):
     digest: str | None = None
     model_digest: str | None = None
     generator: str | None = None
-    inputs_digest: str | None = None  # of the sorted input listing (plan.listing_digest)
+    inputs_digest: str | None = None  # of the sorted inputs and references (plan.listing_digest)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pipelines.generate.config import (
     StartsConfig,
 )
 from pipelines.generate.console import driver_native_log_path, native_stderr_to, quiet_ray_data_progress
-from pipelines.generate.plan import Plan, list_plan, make_plan, read_plan_block
+from pipelines.generate.plan import LISTING_DIGEST_PREFIX, Plan, list_plan, make_plan, read_plan_block
 from pipelines.generate.sink import ShardProgress, compact_shard, encode_write_batch
 from pipelines.generate.stages import GenerateLR, decode_tile_batch
 from pipelines.manifest import GenerateManifest, ManifestError
@@ -163,8 +163,12 @@ class GenerateJob:
             if not isinstance(meta, dict):
                 meta = {}
             differ = [k for k, v in want.items() if meta.get(k) != v]
-            if "inputs_digest" in differ and "inputs_digest" not in meta and meta:
-                differ[differ.index("inputs_digest")] = "inputs_unrecorded"
+            if "inputs_digest" in differ and meta:
+                had = meta.get("inputs_digest")
+                if had is None:
+                    differ[differ.index("inputs_digest")] = "inputs_unrecorded"
+                elif not str(had).startswith(LISTING_DIGEST_PREFIX):
+                    differ[differ.index("inputs_digest")] = "inputs_v1"
             if differ:
                 foreign.append(n)
                 why.update(differ)
@@ -179,8 +183,10 @@ class GenerateJob:
                 changed = {
                     "manifest_digest": "manifest",
                     "model_digest": "model (checkpoint contents)",
-                    "inputs_digest": "input listing (files added, removed or renamed under hr.uri)",
+                    "inputs_digest": "input listing (files added, removed or renamed under hr.uri or a "
+                    "reference source)",
                     "inputs_unrecorded": "input listing (not recorded: written before inputs_digest existed)",
+                    "inputs_v1": "input listing (recorded without the references, before 2026-12-06)",
                 }
                 what_changed = ", ".join(changed[k] for k in sorted(why)) or "shard names"
                 raise JobFailed(
@@ -356,6 +362,10 @@ class GenerateJob:
                 raise
             complete = self.inspect_output(plan)
             self._clear_other_work(plan)
+            # Parts an earlier, interrupted run left: every input of a shard that is not complete is
+            # generated again, so they are never needed, and they may hold another model's samples
+            # or another version of an image at the same URI.
+            self.store.delete_prefix(f"{plan.work}/parts")
             return self._run(plan, complete, t_start)
         except TransientStorageError as exc:
             raise JobFailed(

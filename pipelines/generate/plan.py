@@ -31,6 +31,7 @@ from pipelines.sources import SourceError, SourceItem, index_tar, list_source
 from pipelines.storage import DatasetStore, fetch_to_local, get_fs, shard_stem, with_retries
 
 __all__ = [
+    "LISTING_DIGEST_PREFIX",
     "PLAN_SCHEMA",
     "Plan",
     "PlanSummary",
@@ -253,7 +254,7 @@ class PlanSummary:
     sets: list[dict]  # {name, domain, weight, start, count}
     error: str | None = None  # a ManifestError message (no images, key collision, …)
     probe: list[dict] = field(default_factory=list)  # HR input rows the domain start profile reads
-    inputs_digest: str | None = None  # listing_digest of the sorted inputs
+    inputs_digest: str | None = None  # listing_digest of the sorted inputs and references
 
 
 def ray_tar_indexer(tars: list[tuple[str, str]], extensions: tuple[str, ...], storage: Mapping | None):
@@ -331,14 +332,7 @@ def list_plan(
     blocks = []
     store = DatasetStore(store_uri, storage) if store_uri else None
     prefix = work_prefix(manifest_digest(m))
-    inputs_digest = listing_digest(rows)
-    if store is not None:
-        # Parts an interrupted run left are keyed by input position: from another listing they would
-        # hold other inputs under the same positions, so they go.
-        marker = f"{prefix}/inputs_digest"
-        if store.exists(marker) and store.read_bytes(marker).decode() != inputs_digest:
-            store.delete_prefix(f"{prefix}/parts")
-        store.write_bytes(marker, inputs_digest.encode())
+    inputs_digest = listing_digest(rows, refs)
     for b, start in enumerate(range(0, n, size)):
         part = rows[start : start + size]
         name = f"{prefix}/plan/inputs-{b:06d}.parquet"
@@ -359,14 +353,22 @@ def list_plan(
     )
 
 
-def listing_digest(rows: list[dict]) -> str:
-    """Digest of the sorted input listing (each input's key and URI, in order). Shards are cut from
-    this order, so a dataset is resumed only into the listing it was written from: an input added,
-    removed or renamed under ``hr.uri`` changes which inputs every later shard holds."""
+LISTING_DIGEST_PREFIX = "listing2:sha256:"  # v2 covers the references too ("sha256:": inputs only)
+
+
+def listing_digest(rows: list[dict], refs: list[dict] = ()) -> str:
+    """Digest of the sorted input listing (each input's key and URI, in order) and of the
+    references (each one's set and URI, in order). Shards are cut from the input order and tiles are
+    paired by reference position, so a dataset is resumed only into the listing it was written from:
+    an input added, removed or renamed under ``hr.uri`` changes which inputs every later shard
+    holds, a reference added or removed changes every later pairing."""
     h = hashlib.sha256()
     for r in rows:
         h.update(f"{r['key']}\t{r['uri']}\n".encode())
-    return "sha256:" + h.hexdigest()
+    h.update(b"references\n")
+    for r in refs:
+        h.update(f"{r['set']}\t{r['uri']}\n".encode())
+    return LISTING_DIGEST_PREFIX + h.hexdigest()
 
 
 def probe_rows(m: GenerateManifest, rows: list[dict]) -> list[dict]:
