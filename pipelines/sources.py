@@ -156,9 +156,20 @@ def index_tar(
     with an ``error``, so it is recorded as a failure row of the job instead of stopping it:
     a member cut off inside its data fails as ``truncated``, and a shard that cannot be walked
     (or whose tail is missing) gets one ``unreadable shard`` item for the members that cannot be
-    listed. Storage errors (the shard could not be fetched at all) do propagate, so that the
-    listing is retried rather than the shard recorded as bad.
+    listed. Storage errors (the shard could not be fetched at all) are retried while they are
+    transient (:func:`~pipelines.storage.with_retries`), then propagate, so that the listing is
+    retried rather than the shard recorded as bad.
     """
+
+    def index() -> list[SourceItem]:
+        return _index_tar(tar_uri, recorded, extensions, storage)
+
+    return with_retries(index, what=f"indexing {tar_uri}")
+
+
+def _index_tar(
+    tar_uri: str, recorded: str, extensions: tuple[str, ...], storage: Mapping | None
+) -> list[SourceItem]:
     fs, p = get_fs(tar_uri, storage)
     size = fs.size(p)
     items: list[SourceItem] = []
@@ -221,26 +232,32 @@ def list_source(spec, storage: Mapping | None = None, map_tars=None) -> list[Sou
         fs.invalidate_cache()
     exts = tuple(spec.extensions)
     items: list[SourceItem] = []
+
+    def find() -> dict[str, dict]:  # transient storage errors are retried; "not found" is not
+        return with_retries(lambda: _find(fs, path), what=f"listing {spec.uri}")
+
+    def read_column(p: str) -> list:
+        def read() -> list:
+            import pyarrow.parquet as pq
+
+            with fs.open(p, "rb") as f:
+                return pq.read_table(f, columns=[spec.column]).column(spec.column).to_pylist()
+
+        return with_retries(read, what=f"reading {p}")
+
     if spec.format == "folder":
-        for p, info in _find(fs, path).items():
+        for p, info in find().items():
             if _ext_ok(p, exts):
                 items.append(SourceItem(recorded(p), _uri_of(prefix, p), None, info.get("size")))
     elif spec.format == "webdataset":
-        tars = [
-            (_uri_of(prefix, p), recorded(p))
-            for p in sorted(q for q in _find(fs, path) if q.endswith(".tar"))
-        ]
+        tars = [(_uri_of(prefix, p), recorded(p)) for p in sorted(q for q in find() if q.endswith(".tar"))]
         indexed = (map_tars or _index_tars_here)(tars, exts, storage)
         for members in indexed:
             items.extend(members)
     elif spec.format == "parquet":
-        import pyarrow.parquet as pq
-
-        for p in sorted(q for q in _find(fs, path) if q.endswith(".parquet")):
-            with fs.open(p, "rb") as f:
-                table = pq.read_table(f, columns=[spec.column])
+        for p in sorted(q for q in find() if q.endswith(".parquet")):
             base = posixpath.dirname(p)
-            for u in table.column(spec.column).to_pylist():
+            for u in read_column(p):
                 if not u:
                     continue
                 if "://" in u:

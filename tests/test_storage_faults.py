@@ -288,6 +288,60 @@ def test_read_item_bytes_outage_is_transient_missing_is_an_image_error(proxy, s3
     assert read_item_bytes(there, opts) == b"png bytes"
 
 
+def test_listing_rides_out_an_outage_then_gives_up_as_transient(proxy, s3_bucket, monkeypatch):
+    """Folder, WebDataset and parquet listings retry transient errors (a raw botocore / aiohttp error
+    used to end the job with a traceback); past the budget they raise TransientStorageError, which the
+    job's listing task retries; a missing prefix is still "not found" at once."""
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.manifest import SourceSpec
+    from pipelines.sources import SourceError, list_source
+
+    opts = {"endpoint_url": proxy.url}
+    fs, _ = get_fs(f"s3://{s3_bucket}", opts)
+    fs.pipe_file(f"{s3_bucket}/imgs/a.png", _png(np.zeros((8, 8, 3), np.uint8)))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = _png(np.ones((8, 8, 3), np.uint8))
+        info = tarfile.TarInfo("k.png")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    fs.pipe_file(f"{s3_bucket}/wds/s-000000.tar", buf.getvalue())
+    table = io.BytesIO()
+    pq.write_table(pa.table({"uri": ["../imgs/a.png"]}), table)
+    fs.pipe_file(f"{s3_bucket}/lists/l.parquet", table.getvalue())
+    specs = {
+        "folder": SourceSpec(uri=f"s3://{s3_bucket}/imgs"),
+        "webdataset": SourceSpec(uri=f"s3://{s3_bucket}/wds", format="webdataset"),
+        "parquet": SourceSpec(uri=f"s3://{s3_bucket}/lists", format="parquet"),
+    }
+    want = {k: [i.uri for i in list_source(spec, opts)] for k, spec in specs.items()}
+    assert want["webdataset"] == [f"s3://{s3_bucket}/wds/s-000000.tar#k.png"]
+
+    monkeypatch.setenv(RETRY_ENV, "60")
+    for name, spec in specs.items():
+        up = proxy.down_for(2.0)
+        t0 = time.monotonic()
+        assert [i.uri for i in list_source(spec, opts)] == want[name], name
+        up.join()
+        assert 1.5 < time.monotonic() - t0 < 30, name
+    t0 = time.monotonic()
+    with pytest.raises(SourceError, match="not found"):
+        list_source(SourceSpec(uri=f"s3://{s3_bucket}/nothing-here"), opts)
+    assert time.monotonic() - t0 < 5
+    monkeypatch.setenv(RETRY_ENV, "1")
+    proxy.down()
+    try:
+        for spec in specs.values():
+            with pytest.raises(TransientStorageError, match="storage unavailable"):
+                list_source(spec, opts)
+    finally:
+        proxy.up()
+
+
 def test_decode_tile_fails_the_task_on_an_outage_and_records_real_failures(proxy, s3_bucket, short_budget):
     opts = {"endpoint_url": proxy.url}
     fs, _ = get_fs(f"s3://{s3_bucket}", opts)

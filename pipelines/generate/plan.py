@@ -28,7 +28,14 @@ from pipelines.generate.config import PlanReadConfig
 from pipelines.generate.stages import base_key
 from pipelines.manifest import GenerateManifest, ManifestError, manifest_digest
 from pipelines.sources import SourceError, SourceItem, index_tar, list_source
-from pipelines.storage import DatasetStore, fetch_to_local, get_fs, shard_stem, with_retries
+from pipelines.storage import (
+    DatasetStore,
+    TransientStorageError,
+    fetch_to_local,
+    get_fs,
+    shard_stem,
+    with_retries,
+)
 
 __all__ = [
     "LISTING_DIGEST_PREFIX",
@@ -261,7 +268,10 @@ def ray_tar_indexer(tars: list[tuple[str, str]], extensions: tuple[str, ...], st
     """Index WebDataset shards as Ray tasks (one per tar), results in order."""
     import ray
 
-    task = ray.remote(index_tar).options(num_cpus=0.25, max_retries=5)
+    # a tar whose storage stayed unavailable for index_tar's own retry budget is tried again
+    task = ray.remote(index_tar).options(
+        num_cpus=0.25, max_retries=5, retry_exceptions=[TransientStorageError]
+    )
     pending = [task.remote(t, r, extensions, storage) for t, r in tars]
     return ray.get(pending)
 
