@@ -617,6 +617,7 @@ class RunLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.conditional: bool | None = None
+        self.lost: str | None = None  # set by the heartbeat when another job holds the lock now
         if self.stale_s is None:
             self.stale_s = max(30.0, 6 * self.heartbeat_s)
 
@@ -625,9 +626,9 @@ class RunLock:
             {"host": self.host, "pid": self.pid, "run_id": self.run_id, "heartbeat": time.time()}
         ).encode()
 
-    def _holder(self) -> dict | None:
+    def _holder(self, budget_s: float | None = None) -> dict | None:
         try:
-            return json.loads(self.store.read_bytes(LOCK_NAME))
+            return json.loads(self.store.read_bytes(LOCK_NAME, budget_s=budget_s))
         except (FileNotFoundError, json.JSONDecodeError, ValueError):
             return None
 
@@ -722,6 +723,23 @@ class RunLock:
             last_log = -float("inf")
             while not self._stop.wait(self.heartbeat_s):
                 try:
+                    # Beats missed for longer than stale_s (an outage this job survived) let another
+                    # job take the lock over: then stop beating (overwriting its lock would let both
+                    # write the same prefix) and say so; the job checks ``lost`` and stops.
+                    holder = self._holder(budget_s=self.heartbeat_s)
+                    if holder is None or holder.get("run_id") != self.run_id:
+                        self.lost = (
+                            f"{self.store.uri}: {LOCK_NAME} was taken over by another job "
+                            + (
+                                f"(host {holder.get('host')}, pid {holder.get('pid')})"
+                                if holder
+                                else "(or removed)"
+                            )
+                            + " after this job's heartbeats failed for longer than "
+                            f"{self.stale_s:.0f} s; this job stops so that only one writes the output"
+                        )
+                        log.error("%s", self.lost)
+                        return
                     # A budget of one period: an outage costs beats, never the thread.
                     self.store.write_bytes(LOCK_NAME, self._payload(), budget_s=self.heartbeat_s)
                 except Exception as exc:  # never let the heartbeat end (or crash the job)
@@ -744,6 +762,8 @@ class RunLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, self.heartbeat_s + 5.0))
+        if self.lost:
+            return  # another job's lock now: never delete it
         try:
             holder = self._holder()
             if holder is not None and holder.get("run_id") == self.run_id:

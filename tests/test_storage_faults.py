@@ -473,3 +473,33 @@ def test_run_lock_heartbeat_survives_an_outage(proxy, s3_bucket, short_budget):
     finally:
         lock.release()
     assert not store.exists(LOCK_NAME)
+
+
+def test_run_lock_taken_over_during_an_outage_is_given_up_not_overwritten(proxy, s3_server, s3_bucket):
+    """Job A's beats fail longer than stale_s; job B takes the lock over. When storage is back, A
+    finds B's lock: it stops beating (before, its next beat overwrote B's lock and both wrote the
+    output), sets ``lost`` (the job stops on it) and does not delete B's lock on release."""
+    a = RunLock(
+        DatasetStore(f"s3://{s3_bucket}/out", {"endpoint_url": proxy.url}), heartbeat_s=0.3, stale_s=1.0
+    )
+    b_store = DatasetStore(f"s3://{s3_bucket}/out", {"endpoint_url": s3_server})
+    b = RunLock(b_store, heartbeat_s=0.3, stale_s=1.0)
+    a.acquire()
+    try:
+        up = proxy.down_for(3.0)
+        time.sleep(1.8)  # A's last beat is now older than stale_s
+        b.acquire()
+        up.join()
+        deadline = time.monotonic() + 10
+        while a.lost is None:
+            assert time.monotonic() < deadline, "A never noticed that B holds the lock"
+            time.sleep(0.1)
+        assert "taken over by another job" in a.lost
+        time.sleep(1.0)  # A beats no more: the lock stays B's
+        assert json.loads(b_store.read_bytes(LOCK_NAME))["run_id"] == b.run_id
+        a.release()
+        assert json.loads(b_store.read_bytes(LOCK_NAME))["run_id"] == b.run_id
+        assert b.lost is None
+    finally:
+        b.release()
+    assert not b_store.exists(LOCK_NAME)

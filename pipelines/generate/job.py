@@ -129,6 +129,7 @@ class GenerateJob:
         # What workers open: s3 URIs as they are, local folders as absolute paths.
         self.store_uri = self.store.uri if self.store.remote else self.store.root
         self.driver_bytes = 0  # bytes of rows the driver received from the pipeline (bench)
+        self.lock: RunLock | None = None
 
     # ---------------------------------------------------------------- output inspection
     def _dataset_names(self, names: Iterable[str]) -> list[str]:
@@ -345,7 +346,7 @@ class GenerateJob:
         # The plan's manifest has the generator settings resolved (domain calibration or paper).
         self.m = plan.manifest
         started_ray = ensure_ray()
-        lock = RunLock(self.store, heartbeat_s=self.m.progress.heartbeat_s)
+        lock = self.lock = RunLock(self.store, heartbeat_s=self.m.progress.heartbeat_s)
         try:
             lock.acquire()
         except Exception as exc:
@@ -376,6 +377,11 @@ class GenerateJob:
             lock.release()
             if started_ray:
                 ray.shutdown()
+
+    def _check_lock(self) -> None:
+        """Stop when the heartbeat found the lock taken over by another job (see RunLock)."""
+        if self.lock is not None and self.lock.lost:
+            raise JobFailed(self.lock.lost)
 
     def _checkpoint_for_workers(self, plan: Plan) -> str | None:
         """Absolute local path (same machine or shared FS) or the s3 URI each worker fetches."""
@@ -690,6 +696,7 @@ class GenerateJob:
                             del states[shard]
                         if over_budget():
                             raise budget_error()
+                    self._check_lock()
                     collect(block=False)
                 collect(block=True)
             finally:
@@ -701,6 +708,7 @@ class GenerateJob:
         n_pairs = sum(s["samples"] for s in written)
         n_samples_failed = sum(s["samples_failed"] for s in written)
 
+        self._check_lock()
         index = self.write_index(plan, kept_profile)
         self.store.delete_prefix(plan.work)
         summary = {
