@@ -65,6 +65,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 )
 
 _CREDENTIAL_WORDS = ("secret", "password", "access_key", "token", "credential")
+_CREDENTIAL_NAMES = frozenset({"key", "aws_key", "passwd", "session"})  # s3fs / boto parameter names
 
 
 class ManifestError(ValueError):
@@ -97,6 +98,9 @@ class StorageOptions(StrictModel):
     def _endpoint_is_url(cls, v: str | None) -> str | None:
         if v is not None and not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        if v is not None and "@" in v.split("://", 1)[1].split("/", 1)[0]:
+            # user:secret@host would travel in task arguments and logs: credentials come from the env
+            raise ValueError("must not hold credentials (user:password@); set them in the environment")
         return v
 
 
@@ -133,7 +137,7 @@ class SourceSpec(StrictModel):
     def _uri_scheme(cls, v: str) -> str:
         if "://" in v and not v.startswith(("file://", "s3://")):
             raise ValueError("only local paths, file:// and s3:// URIs are supported")
-        if v.startswith("s3://") and len(v) <= len("s3://"):
+        if v.startswith("s3://") and not v[len("s3://") :].strip("/"):
             raise ValueError("s3 URI lacks a bucket")
         return v
 
@@ -400,6 +404,8 @@ class OutputSpec(StrictModel):
     def _uri_scheme(cls, v: str) -> str:
         if "://" in v and not v.startswith(("file://", "s3://")):
             raise ValueError("only local paths, file:// and s3:// URIs are supported")
+        if v.startswith("s3://") and not v[len("s3://") :].strip("/"):
+            raise ValueError("s3 URI lacks a bucket")
         return v
 
 
@@ -481,7 +487,7 @@ class GenerateManifest(StrictModel):
 
     kind: Literal["generate"] = Field("generate", description="Manifest kind.")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Run seed; sample seeds derive from it.")
-    scale: int = Field(4, ge=2, le=8, description="SR scale: HR size = LR size × scale.")
+    scale: Literal[2, 4] = Field(4, description="SR scale, 2 or 4: HR size = LR size × scale.")
     storage: StorageOptions = Field(default_factory=StorageOptions, description="Object-store endpoint.")
     demo_inputs: str | None = Field(
         None,
@@ -541,13 +547,15 @@ def _format_errors(exc: ValidationError, origin: str) -> str:
         # Drop pydantic's internal union/function tags from the location.
         loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
         where = _loc(loc)
+        # never echo a value under `storage` (an unknown key or a URL there may hold a credential)
+        shown = "not shown" if loc and loc[0] == "storage" else _short(err.get("input"))
         if err["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key (value {_short(err.get('input'))})")
+            lines.append(f"{where}: unknown key (value {shown})")
         elif err["type"] == "missing":
             lines.append(f"{where}: required key is missing")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{where}: {msg} (got {_short(err.get('input'))})")
+            lines.append(f"{where}: {msg} (got {shown})")
     head = f"invalid manifest {origin}" if origin else "invalid manifest"
     return head + ":\n  " + "\n  ".join(lines)
 
@@ -555,7 +563,9 @@ def _format_errors(exc: ValidationError, origin: str) -> str:
 def _reject_credentials(data: Any, path: tuple = ()) -> None:
     if isinstance(data, Mapping):
         for k, v in data.items():
-            if isinstance(k, str) and any(w in k.lower() for w in _CREDENTIAL_WORDS):
+            if isinstance(k, str) and (
+                any(w in k.lower() for w in _CREDENTIAL_WORDS) or k.lower() in _CREDENTIAL_NAMES
+            ):
                 raise ManifestError(
                     f"{_loc(path + (k,))}: credentials must not be in a manifest; "
                     "set them in the environment of the workers (AWS_ACCESS_KEY_ID, …)"
@@ -1187,7 +1197,7 @@ class EvaluateManifest(StrictModel):
 
     kind: Literal["evaluate"] = Field("evaluate", description="Manifest kind.")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of the jobs, crops, classifier and SR proxy.")
-    scale: int = Field(4, ge=2, le=8, description="SR scale: HR size = LR size × scale.")
+    scale: Literal[2, 4] = Field(4, description="SR scale, 2 or 4: HR size = LR size × scale.")
     checkpoint: str | None = Field(
         None, description="RealDGen checkpoint (local .safetensors); needed when realdgen is compared."
     )

@@ -80,7 +80,7 @@ def _uri_of(prefix: str, path: str) -> str:
     return f"{prefix}{path}" if prefix else path
 
 
-def _written_root(spec_uri: str) -> str:
+def written_root(spec_uri: str) -> str:
     """The source's root as the manifest writes it: up to its first glob part (``*``, ``?``, ``[``),
     unless the whole local path exists as written (a folder named "[2024] trip")."""
     written = spec_uri[len("file://") :] if spec_uri.startswith("file://") else spec_uri
@@ -96,7 +96,7 @@ def _recorded_uri(spec_uri: str, path: str) -> str:
     the manifest* joined with the image's path below it, so the same manifest run from another
     working directory or checkout gives the same keys, seeds and bytes. s3 URIs are already
     location-independent and pass through unchanged; a path outside the root stays absolute."""
-    user_root = _written_root(spec_uri)
+    user_root = written_root(spec_uri)
     abs_root = os.path.abspath(os.path.expanduser(user_root or "."))
     if path == abs_root:
         return user_root or path
@@ -113,7 +113,7 @@ def name_below_root(spec_uri: str, uri: str) -> str:
     (up to its first glob part; a single file's folder): the same file has the same name however
     the root is spelled (relative or absolute, with or without ``file://``) or wherever the folder
     has moved. A URI outside the root is returned unchanged."""
-    root = _written_root(spec_uri)
+    root = written_root(spec_uri)
     # a parquet list's relative entries are recorded below its folder
     for r in (root, posixpath.dirname(root)) if root.endswith(".parquet") else (root,):
         if r and uri.startswith(r.rstrip("/") + "/"):

@@ -276,6 +276,17 @@ def test_bad_manifests_fail_before_any_work(tmp_path, capsys):
             },
             "torch.save",
         ),
+        "scale": ({"scale": 3}, "scale: Input should be 2 or 4"),
+        "out_in_hr": ({"output": {"uri": str(hr / "ds")}}, "output.uri: "),
+        "out_no_bucket": ({"output": {"uri": "s3://"}}, "output.uri: s3 URI lacks a bucket"),
+        "endpoint_userinfo": (
+            {"storage": {"endpoint_url": "http://me:hunter2@127.0.0.1:9000"}},
+            "must not hold credentials",
+        ),
+        "storage_key": (
+            {"storage": {"key": "AKIAEXAMPLE"}},
+            "storage.key: credentials must not be in a manifest",
+        ),
         "unknown": ({"tiling": {"tile": 16, "grid": True}}, "tiling.grid: unknown key"),
         "type": ({"output": {"uri": str(out), "inputs_per_shard": "many"}}, "output.inputs_per_shard"),
         "bounds": (
@@ -312,6 +323,22 @@ def test_bad_manifests_fail_before_any_work(tmp_path, capsys):
         err = capsys.readouterr().err
         assert needle in err, (name, err)
         assert not out.exists(), name
+        assert "hunter2" not in err and "AKIAEXAMPLE" not in err, (name, err)
+    assert not (hr / "ds").exists()
+
+
+def test_more_shards_than_six_digit_names_allow_is_refused(tmp_path, capsys, monkeypatch, photos):
+    """Past NAME-999999 the shard names would break the output contract: refused in the listing."""
+    from pipelines.generate import plan as plan_mod
+
+    hr, refs = write_inputs(tmp_path, photos)
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump(manifest_dict(str(hr), str(refs), str(tmp_path / "out"))))
+    monkeypatch.setattr(plan_mod, "MAX_SHARDS", 2)  # 5 inputs, 1 per shard: 5 shards > 2
+    assert main([str(p), "--dry-run", "--set", "output.inputs_per_shard=1"]) == 2
+    err = capsys.readouterr().err
+    assert "5 inputs make 5 shards, more than the 2" in err and "raise it to at least 3" in err, err
+    assert main([str(p), "--dry-run", "--set", "output.inputs_per_shard=3"]) == 0
 
 
 def test_dry_run_and_schema(tmp_path, capsys, photos):

@@ -64,6 +64,9 @@ PLAN_SCHEMA = pa.schema(
 MAX_BLOCK_INPUTS = 256
 
 
+MAX_SHARDS = 1_000_000  # NAME-000000 … NAME-999999
+
+
 def work_prefix(digest: str) -> str:
     """The run's scratch folder inside the output (plan blocks, part files); removed at the end."""
     return f"_work/{digest[:16]}"
@@ -239,10 +242,35 @@ def preflight(m: GenerateManifest) -> tuple[GenerateManifest, str, str | None, s
     except (ValueError, KeyError, TypeError) as exc:
         raise ManifestError(f"generator: {exc}") from None
     _check_start_bank(m)
+    _check_output_outside_sources(m)
     _check_source(m.hr, storage, "hr")
     for si, rs in enumerate(m.refs):
         _check_source(rs.source, storage, f"refs[{si}].source")
     return m, manifest_digest(m), local, model_digest
+
+
+def _location(uri: str) -> str:
+    """A comparable form of a source root or output URI: s3://bucket/key or an absolute path."""
+    from pipelines.sources import written_root
+
+    root = written_root(uri)
+    if root.startswith("s3://"):
+        return root.rstrip("/")
+    return os.path.abspath(os.path.expanduser(root or ".")).rstrip("/") or "/"
+
+
+def _check_output_outside_sources(m: GenerateManifest) -> None:
+    """The output must not lie in (or be) a source folder: its own files would be listed by the next
+    run (the preview as an input; a changed listing then refuses the resume)."""
+    out = _location(m.output.uri)
+    sources = [("hr.uri", m.hr.uri)] + [(f"refs[{i}].source.uri", r.source.uri) for i, r in enumerate(m.refs)]
+    for key, uri in sources:
+        root = _location(uri)
+        if out == root or out.startswith(root + "/"):
+            raise ManifestError(
+                f"output.uri: {m.output.uri!r} lies inside {key} {uri!r}; the dataset's own files would be "
+                "read as inputs by the next run: write it outside the sources"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,6 +365,16 @@ def list_plan(
         return PlanSummary(0, [], [], [], [], error=str(exc))
     n = len(rows)
     n_shards = (n + per - 1) // per
+    if n_shards > MAX_SHARDS:  # NAME-NNNNNN.tar: six digits (the output contract)
+        return PlanSummary(
+            0,
+            [],
+            [],
+            [],
+            [],
+            error=f"output.inputs_per_shard: {n} inputs make {n_shards} shards, more than the {MAX_SHARDS} "
+            f"that six-digit shard names allow; raise it to at least {-(-n // MAX_SHARDS)}",
+        )
     shard_sizes = [min(per, n - s * per) for s in range(n_shards)]
     size = block_inputs_for(n, cluster_cpus, m.compute.decode_batch_size)
     blocks = []
