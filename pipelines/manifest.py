@@ -274,23 +274,25 @@ class GeneratorSpec(StrictModel):
         "sample, the calibration's start θ closest to the reference in E_deg space). Unset: "
         "calibration, else realesrgan.",
     )
-    sampler: Literal["ancestral", "ddim"] = Field(
-        _SamplerCfg.kind,
+    sampler: Literal["ancestral", "ddim"] | None = Field(
+        None,
         description="realdgen reverse process: ancestral (the paper's, τ+1 UNet calls per candidate) or "
-        "ddim (strided DDIM from each candidate's τ to 0, at most `sampler_steps` calls).",
+        "ddim (strided DDIM from each candidate's τ to 0, at most `sampler_steps` calls). Unset: the "
+        "sampler the checkpoint's calibration chose τ with, else ancestral.",
     )
-    sampler_steps: int = Field(
-        _SamplerCfg.steps,
+    sampler_steps: int | None = Field(
+        None,
         ge=1,
         le=1000,
-        description="ddim: UNet calls per candidate (grid of min(steps, τ+1) points from τ to 0).",
+        description="ddim: UNet calls per candidate (grid of min(steps, τ+1) points from τ to 0). Unset: "
+        f"the calibration's, else {_SamplerCfg.steps}.",
     )
-    sampler_eta: float = Field(
-        _SamplerCfg.eta,
+    sampler_eta: float | None = Field(
+        None,
         ge=0,
         le=1,
         description="ddim: stochasticity (1 = DDPM-like noise per step, keeps the k candidates diverse; "
-        "0 = deterministic after x_τ).",
+        f"0 = deterministic after x_τ). Unset: the calibration's, else {_SamplerCfg.eta}.",
     )
 
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -308,12 +310,18 @@ class GeneratorSpec(StrictModel):
     )
 
     def sampler_config(self) -> _SamplerCfg:
-        """The core ``SamplerConfig`` of this section."""
-        return _SamplerCfg(kind=self.sampler, steps=self.sampler_steps, eta=self.sampler_eta)
+        """The core ``SamplerConfig`` of this section (unset knobs: the core defaults)."""
+        d = _SamplerCfg()
+        return _SamplerCfg(
+            kind=self.sampler or d.kind,
+            steps=d.steps if self.sampler_steps is None else self.sampler_steps,
+            eta=d.eta if self.sampler_eta is None else self.sampler_eta,
+        )
 
     def resolved(self, calibration: dict | None) -> GeneratorSpec:
         """Every unset τ / start / filter setting filled in: from ``calibration`` (a checkpoint's
         ``DomainCalibration.to_dict()``) when given and ``calibration: auto``, else the paper's."""
+        d = _SamplerCfg()
         paper = {
             "tau_min": 0,
             "tau_max": 300,
@@ -321,8 +329,13 @@ class GeneratorSpec(StrictModel):
             "content_weight": 1.0,
             "degradation_weight": 1.0,
             "filter_norm": False,
+            "sampler": d.kind,
+            "sampler_steps": d.steps,
+            "sampler_eta": d.eta,
         }
         if calibration is not None and self.calibration == "auto" and self.kind == "realdgen":
+            # the sampler τ was chosen with (calibrations written before it was recorded: the paper's)
+            cal_sampler = calibration.get("sampler") or {}
             src = {
                 "tau_min": int(calibration["tau_min"]),
                 "tau_max": int(calibration["tau_max"]),
@@ -330,6 +343,9 @@ class GeneratorSpec(StrictModel):
                 "content_weight": float(calibration["weights"][0]),
                 "degradation_weight": float(calibration["weights"][1]),
                 "filter_norm": bool(calibration.get("filter_norm", True)),
+                "sampler": cal_sampler.get("kind", d.kind),
+                "sampler_steps": int(cal_sampler.get("steps", d.steps)),
+                "sampler_eta": float(cal_sampler.get("eta", d.eta)),
             }
         else:
             src = paper
@@ -685,7 +701,7 @@ def manifest_digest(manifest: StrictModel) -> str:
     if payload.get("kind") == "train" and isinstance(cal, dict) and not cal.get("enabled"):
         payload.pop("calibration")  # off: training is exactly as before the section existed
     gen = payload.get("generator")
-    if isinstance(gen, dict) and gen.get("sampler") == "ancestral":
+    if isinstance(gen, dict) and gen.get("sampler") in ("ancestral", None):
         # steps/eta do not act on the paper's sampler, and leaving the keys out keeps the digests
         # (so resumability) of datasets written before `generator.sampler*` existed.
         for key in ("sampler", "sampler_steps", "sampler_eta"):

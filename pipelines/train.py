@@ -281,7 +281,8 @@ def calibrate_checkpoint(m: TrainManifest) -> dict:
     refs, hr, pair_refs = calibration_inputs(m)
     local = fetch_to_local(m.output.checkpoint, storage)
     model, meta = load_checkpoint(local)
-    gen = LRGenerator(model, sampler=SamplerConfig(kind="ddim", steps=cal_m.sampler_steps, eta=1.0))
+    sampler = SamplerConfig(kind="ddim", steps=cal_m.sampler_steps, eta=1.0)
+    gen = LRGenerator(model, sampler=sampler)
     bank = calibrate.start_bank(
         model.config.scale, cal_m.blur_sigmas, cal_m.jpeg_qualities, cal_m.sharpen_amounts
     )
@@ -292,7 +293,10 @@ def calibrate_checkpoint(m: TrainManifest) -> dict:
     scores.update(
         validation_images=len(refs), seconds=round(time.time() - t0, 1), sampler_steps=cal_m.sampler_steps
     )
-    cal = calibrate.DomainCalibration(cal_m.domain, 0, tau_max, bank, weights, True, scores)
+    # the job generates with the sampler τ was chosen with, unless its manifest sets one
+    cal = calibrate.DomainCalibration(
+        cal_m.domain, 0, tau_max, bank, weights, True, scores, sampler=sampler.to_dict()
+    )
     meta = {k: v for k, v in meta.items() if k != "digest"}
     meta[calibrate.METADATA_KEY] = cal.to_dict()
     with tempfile.TemporaryDirectory() as tmp:

@@ -121,6 +121,8 @@ class DomainCalibration:
     weights: tuple[float, float] = (0.0, 1.0)
     filter_norm: bool = True
     scores: dict = field(default_factory=dict)
+    # the reverse process τ was chosen with ({"kind", "steps", "eta"}; None = the paper's ancestral)
+    sampler: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -139,7 +141,12 @@ class DomainCalibration:
                 weights=(float(d["weights"][0]), float(d["weights"][1])),
                 filter_norm=bool(d.get("filter_norm", True)),
                 scores=dict(d.get("scores", {})),
+                sampler=None if d.get("sampler") is None else dict(d["sampler"]),
             )
+            if cal.sampler is not None:
+                from realdgen_core.diffusion import SamplerConfig
+
+                SamplerConfig.from_dict(cal.sampler)  # raises ValueError for a bad one
         except (KeyError, TypeError, IndexError, ValueError) as e:
             raise ValueError(f"invalid domain calibration {d!r}: {e}") from e
         if not 0 <= cal.tau_min <= cal.tau_max:

@@ -199,6 +199,9 @@ calibration: {{enabled: true, domain: codec, pairs: 2, hr_crop: 32, tau_grid: [0
     got = _checkpoint_calibration(str(tmp_path / "adapted.safetensors"))
     g = GeneratorSpec(kind="realdgen", checkpoint="x").resolved(got)
     assert (g.start_kind, g.tau_max, g.filter_norm) == ("domain", cal.tau_max, True)
+    # ... and generates with the sampler τ was chosen with (DDIM, calibration.sampler_steps)
+    assert cal.sampler == {"kind": "ddim", "steps": 2, "eta": 1.0}
+    assert (g.sampler, g.sampler_steps, g.sampler_eta) == ("ddim", 2, 1.0)
     assert [t["ops"] for t in g.start_bank] == [t["ops"] for t in cal.bank]
     # --calibrate-only: trains nothing, re-records the calibration (here a one-point grid)
     before = {k: v.clone() for k, v in model.state_dict().items()}

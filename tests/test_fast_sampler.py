@@ -102,7 +102,10 @@ def test_manifest_sampler_keys_and_digest(tmp_path):
         return parse_manifest(data)
 
     base = parse()
-    assert base.generator.sampler == "ancestral" and base.generator.sampler_config() == SamplerConfig()
+    # unset: the calibration's sampler, else (here) the paper's
+    assert base.generator.sampler is None and base.generator.sampler_config() == SamplerConfig()
+    assert base.generator.resolved(None).sampler == "ancestral"
+    assert manifest_digest(base) == manifest_digest(parse(sampler="ancestral"))
     fast = parse(sampler="ddim", sampler_steps=8, sampler_eta=0.5)
     assert fast.generator.sampler_config() == SamplerConfig("ddim", 8, 0.5)
     # Ancestral digests do not see the ddim-only knobs (and stay those of older manifests).

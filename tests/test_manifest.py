@@ -55,6 +55,21 @@ def test_generator_resolves_from_a_domain_calibration():
     assert [t["ops"] for t in g.start_bank] == [t["ops"] for t in cal["bank"]] and len(g.start_bank) == 4
     off = GeneratorSpec(kind="realdgen", checkpoint="c.safetensors", calibration="off").resolved(cal)
     assert (off.tau_max, off.start_kind, off.start_bank) == (300, "realesrgan", None)
+    # the sampler τ was calibrated with is the job's default; none recorded (older calibrations),
+    # calibration off or set in the manifest: as set, else the paper's ancestral sampler
+    assert (g.sampler, g.sampler_steps, g.sampler_eta) == ("ancestral", 10, 1.0)
+    cal_ddim = DomainCalibration(
+        "codec", 0, 40, start_bank(4, (0.0,), (0,)), sampler={"kind": "ddim", "steps": 6, "eta": 0.5}
+    ).to_dict()
+    assert DomainCalibration.from_dict(cal_ddim).sampler == {"kind": "ddim", "steps": 6, "eta": 0.5}
+    g2 = GeneratorSpec(kind="realdgen", checkpoint="c.safetensors").resolved(cal_ddim)
+    assert (g2.sampler, g2.sampler_steps, g2.sampler_eta) == ("ddim", 6, 0.5)
+    g3 = GeneratorSpec(kind="realdgen", checkpoint="c.safetensors", sampler_steps=3).resolved(cal_ddim)
+    assert (g3.sampler, g3.sampler_steps) == ("ddim", 3)
+    g4 = GeneratorSpec(kind="realdgen", checkpoint="c.safetensors", calibration="off").resolved(cal_ddim)
+    assert g4.sampler == "ancestral"
+    with pytest.raises(ValueError, match="sampler"):
+        DomainCalibration.from_dict({**cal_ddim, "sampler": {"kind": "euler"}})
     # the documented `calibration: off`, bare in YAML (read as false) and through --set
     spec = {**BASE, "generator": {"kind": "realdgen", "checkpoint": "c.safetensors"}}
     text = yaml.safe_dump(spec).replace("kind: realdgen", "kind: realdgen\n  calibration: off")
