@@ -704,7 +704,11 @@ def run_worker(
         "completed": ctx.completed,
         "timings": timings,
         "wall_seconds": round(time.time() - t_start, 1),
-        "skipped_images": dict(skipped),
+        # DataLoader workers skip in their own copies of the samplers: their counts never reach
+        # this process (each skip is printed as a "[train] skipping" line by the worker)
+        "skipped_images": dict(skipped)
+        if not m.compute.data_workers
+        else f"not counted with compute.data_workers={m.compute.data_workers}: see the log's skip lines",
         "run_dir": m.output.run_dir,
         "checkpoint": m.output.checkpoint,
         "model_digest": digest_out,
