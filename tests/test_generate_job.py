@@ -446,3 +446,18 @@ def test_foreign_output_refused_and_lock_respected(ray_local, inputs, tmp_path):
     (out / LOCK_NAME).write_text(json.dumps(lock))
     assert run_dict(other)["shards_skipped"] == 1
     assert not (out / LOCK_NAME).exists()
+
+
+def test_driver_endpoint_travels_to_the_workers(tmp_path, monkeypatch):
+    """AWS_ENDPOINT_URL set only on the driver reaches the workers' storage options (before, a worker
+    without it went to AWS); the manifest's endpoint wins; one holding user:password@ never travels."""
+    from pipelines.generate.job import GenerateJob
+
+    data = manifest_dict(str(tmp_path), str(tmp_path), str(tmp_path / "out"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    assert GenerateJob(parse_manifest(data)).storage == {"endpoint_url": "http://127.0.0.1:9"}
+    data["storage"] = {"endpoint_url": "http://127.0.0.1:10"}
+    assert GenerateJob(parse_manifest(data)).storage == {"endpoint_url": "http://127.0.0.1:10"}
+    del data["storage"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://me:pw@127.0.0.1:9")
+    assert GenerateJob(parse_manifest(data)).storage == {}

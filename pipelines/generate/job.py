@@ -125,6 +125,11 @@ class GenerateJob:
         # pipeline runs (see native_stderr_to); library callers keep their streams as they are.
         self.native_stderr_to_log = native_stderr_to_log
         self.storage = storage_kwargs(manifest.storage)
+        env_endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
+        if "endpoint_url" not in self.storage and env_endpoint and "@" not in env_endpoint:
+            # the driver's endpoint, so that workers whose environment lacks it (or names another)
+            # reach the same store; an endpoint is not a credential (one holding user:pass@ stays)
+            self.storage["endpoint_url"] = env_endpoint
         self.store = DatasetStore(manifest.output.uri, self.storage)
         # What workers open: s3 URIs as they are, local folders as absolute paths.
         self.store_uri = self.store.uri if self.store.remote else self.store.root
