@@ -20,7 +20,7 @@ Options (the keys BasicSR's paired datasets use, plus ``dataroot``):
     use_rot: true
     mean: ~                               # optional per-channel normalisation, as in BasicSR
     std: ~
-    max_cached_shards: 64                 # header tables kept per process
+    max_cached_spans: 524288              # samples' header entries kept per process (~0.23 GB)
     max_pixels: 64000000                  # per image, from its header (decompression bombs)
     max_member_bytes: 268435456           # a larger tar member is not read
 
@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pipelines.reader import (
+    MAX_CACHED_SPANS,
     MAX_MEMBER_BYTES,
     MAX_PIXELS,
     BadSample,
@@ -85,7 +86,7 @@ class RealDGenPairedDataset(Dataset):
         self.access = ShardRandomAccess(
             resolve_shards(opt["dataroot"], endpoint),
             endpoint,
-            max_cached_shards=int(opt.get("max_cached_shards", 64)),
+            max_cached_spans=int(opt.get("max_cached_spans", MAX_CACHED_SPANS)),
             skip=self._skip_member,
             max_member_bytes=int(opt.get("max_member_bytes", MAX_MEMBER_BYTES)),
         )

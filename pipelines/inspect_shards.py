@@ -42,6 +42,12 @@ REQUIRED_JSON: dict[str, tuple[type, ...]] = {
 TAU_BINS = list(range(0, 301, 50)) + [10**9]  # [0,50) … [250,300) [300,…)
 
 
+def _number(v, integral: bool = False):
+    """``v`` when it is a (finite-or-not) number of the right kind (never a bool), else None."""
+    kinds = (int,) if integral else (int, float)
+    return v if isinstance(v, kinds) and not isinstance(v, bool) else None
+
+
 def _histogram(values: list[float], bins: int = 10) -> dict:
     """Equal-width histogram of finite values: ``{"edges", "counts", "n", "none"}``."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
@@ -185,14 +191,18 @@ def inspect_dataset(
         try:
             meta = json.loads(raw["json"])
         except Exception:
+            meta = None
+        if not isinstance(meta, dict):  # unreadable, or a list / string / number
             report.unreadable["bad_json"] += 1
             continue
         report.samples += 1
         report.generators[str(meta.get("generator"))] += 1
-        report.scales[meta.get("scale")] += 1
-        taus.append(meta.get("tau"))
-        content_errors.append(meta.get("content_error"))
-        degradation_errors.append(meta.get("degradation_error"))
+        scale = meta.get("scale")
+        report.scales[scale if isinstance(scale, int) and not isinstance(scale, bool) else str(scale)] += 1
+        # a value of the wrong type counts as "none" in its histogram, never stops the report
+        taus.append(_number(meta.get("tau"), integral=True))
+        content_errors.append(_number(meta.get("content_error")))
+        degradation_errors.append(_number(meta.get("degradation_error")))
         if contact_sheet_path and n_pairs > 0:  # reservoir sampling (Algorithm R), seeded
             if len(reservoir) < n_pairs:
                 reservoir.append(raw)
@@ -355,6 +365,9 @@ def check_contract(
                 meta = json.loads(files["json"])
             except Exception as exc:
                 problems.append(f"{key}: json does not parse: {exc}")
+                continue
+            if not isinstance(meta, dict):
+                problems.append(f"{key}: json is a {type(meta).__name__}, not an object")
                 continue
             _check_json(key, meta, problems)
             if scale is not None and meta.get("scale") != scale:

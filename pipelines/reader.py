@@ -62,6 +62,10 @@ MAX_PIXELS = 64_000_000  # per image, checked from the header (the job's limits.
 MAX_MEMBER_BYTES = 256 * 2**20  # a member larger than this is not read
 
 
+# A worker whose first samples all fail stops with an error (a wrong scale or gt_size, not bad data).
+MAX_BAD_STREAK = 64
+
+
 class BadSample(ValueError):
     """A sample that breaks the §5 contract; ``reason`` is a short counter name."""
 
@@ -556,13 +560,15 @@ class PairedShardDataset(IterableDataset):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        """Samples in one epoch over all ranks and workers (``total_samples`` of the index)."""
+        """Finite epoch: samples in one epoch over all ranks and workers (``total_samples`` of the
+        index). Resampled: the samples THIS rank yields per ``iter()``, ``samples_per_epoch //
+        world_size`` (the same on every rank), so a DataLoader's length is right under DDP."""
         if self.resampled:
             if self.samples_per_epoch is None:
                 raise TypeError(
                     "a resampled PairedShardDataset is endless; pass samples_per_epoch for a length"
                 )
-            return self.samples_per_epoch
+            return self.samples_per_epoch // self.world_size
         if any(s.samples is None for s in self.shards):
             raise TypeError("sample counts unknown (no _index.json next to these shards)")
         return sum(s.samples for s in self.shards)
@@ -605,7 +611,7 @@ class PairedShardDataset(IterableDataset):
                     return
                 continue
             try:
-                yield {"url": shard.url, "stream": stream}
+                yield {"url": shard.url, "stream": stream, "samples": shard.samples}
             finally:
                 stream.close()
 
@@ -627,13 +633,33 @@ class PairedShardDataset(IterableDataset):
         # the same shards again on purpose, so there a key only has to be unique in its shard.
         seen: set[str] = set()
         for opened in self._open(shards):
-            yield from iter_tar_samples(
+            got = skips = 0
+
+            def skip(exc: BadSample) -> None:
+                nonlocal skips
+                skips += 1
+                self._skip(exc)
+
+            for sample in iter_tar_samples(
                 opened["stream"],
                 opened["url"],
-                self._skip,
+                skip,
                 seen=None if self.resampled else seen,
                 max_member_bytes=self.max_member_bytes,
-            )
+            ):
+                got += 1
+                yield sample
+            expected = opened["samples"]
+            if expected is not None and got + skips < expected:
+                # A tar cut exactly at a header ends without an error: only the count shows it.
+                lost = expected - got - skips
+                self._skip(
+                    BadSample(
+                        "truncated_tar",
+                        f"{opened['url']}: {lost} of its {expected} samples missing (truncated tar)",
+                    )
+                )
+                self.skipped["truncated_tar"] += lost - 1
 
     def __iter__(self) -> Iterator[dict]:
         slot, n_slots, worker = self._slot()
@@ -651,8 +677,12 @@ class PairedShardDataset(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 2])
         limit = None
         if self.resampled and self.samples_per_epoch is not None:
-            limit = self.samples_per_epoch // n_slots + (slot < self.samples_per_epoch % n_slots)
-        n = 0
+            # The same count on every rank (a DDP step needs every rank), split over its workers;
+            # the remainder of samples_per_epoch % world_size is not drawn.
+            per_rank = self.samples_per_epoch // self.world_size
+            n_workers = n_slots // self.world_size
+            limit = per_rank // n_workers + (worker < per_rank % n_workers)
+        n = bad_streak = 0
         for raw in samples:
             if limit is not None and n >= limit:
                 return
@@ -664,6 +694,14 @@ class PairedShardDataset(IterableDataset):
                     raise
                 self.skipped[exc.reason] += 1
                 log.warning("skipping sample %s in %s: %s", key, url, exc)
+                bad_streak += 1
+                if n == 0 and bad_streak >= MAX_BAD_STREAK:
+                    # every sample so far refused: a setting (scale, gt_size), not a bad sample;
+                    # a resampled stream would otherwise draw forever
+                    raise ValueError(
+                        f"no usable sample in the first {bad_streak} read by this worker "
+                        f"(skipped: {dict(self.skipped)}); check scale / gt_size against the dataset"
+                    ) from exc
                 continue
             n += 1
             yield out
@@ -689,6 +727,12 @@ class MemberSpan:
     problem: tuple[str, str] | None = None
 
 
+SCAN_OPEN = {"block_size": 1 << 16, "cache_type": "readahead"}  # remote header scans: 64 KiB reads
+# Header tables kept per process, counted in samples (a span is ~0.45 kB): BasicSR's shuffled sampler
+# touches every shard every epoch, and a table evicted too early means a rescan per sample.
+MAX_CACHED_SPANS = 1 << 19
+
+
 def scan_tar(
     fs: fsspec.AbstractFileSystem,
     url: str,
@@ -702,7 +746,12 @@ def scan_tar(
     last = None
     error = None
     try:
-        with fs.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        # Headers only: small blocks, so a scan over object storage does not fetch the members'
+        # data in s3fs's default 50 MiB read-ahead (it downloaded the whole shard).
+        from fsspec.implementations.local import LocalFileSystem
+
+        opts = {} if isinstance(fs, LocalFileSystem) else SCAN_OPEN
+        with fs.open(url, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for m in tar:
                 try:
                     key, suffix = check_member(m, max_member_bytes)
@@ -731,14 +780,15 @@ class ShardRandomAccess:
     """Global sample index -> sample bytes, one ranged read per sample.
 
     Sample counts per shard come from the index, so ``len`` needs no scan; each shard's headers
-    are scanned on first use in each process (cached for ``max_cached_shards`` shards).
+    are scanned on first use in each process (tables kept up to ``max_cached_spans`` samples in
+    all, about 0.23 GB per process at the default: every shard of a dataset up to 524,288 samples).
     """
 
     def __init__(
         self,
         shards: Sequence[ShardEntry],
         endpoint_url: str | None = None,
-        max_cached_shards: int = 64,
+        max_cached_spans: int = MAX_CACHED_SPANS,
         skip: Callable[[BadSample], None] | None = None,
         max_member_bytes: int = MAX_MEMBER_BYTES,
     ):
@@ -749,8 +799,9 @@ class ShardRandomAccess:
         self.shards = list(shards)
         self.endpoint_url = endpoint_url
         self.cum = np.cumsum([0] + [s.samples for s in self.shards]).tolist()
-        self.max_cached = max_cached_shards
+        self.max_cached = int(max_cached_spans)
         self._tables: OrderedDict[int, list[MemberSpan]] = OrderedDict()
+        self._cached_spans = 0
         self._fs_pid: tuple[int, fsspec.AbstractFileSystem] | None = None
 
     def __len__(self) -> int:
@@ -773,20 +824,26 @@ class ShardRandomAccess:
         url = self.shards[si].url
         table, error = scan_tar(self._fs(), url, self.skip, self.max_member_bytes)
         expected = self.shards[si].samples
+        cut_at_header = error is None and len(table) < expected
+        if cut_at_header:
+            # cut exactly at a header: tarfile just stops, so the count is the only sign (the
+            # samples before the cut are whole)
+            msg = f"{url}: holds {len(table)} samples, the index says {expected} (truncated tar)"
+            error = BadSample("truncated_tar", msg)
         if error is not None and len(table) <= expected:
             # A truncated tar: its lost samples keep their places in the index, and each read of
             # one raises the tar's error (a skip for the caller), so the other shards stay usable.
-            if table and table[-1].problem is None:
+            problem = (error.reason, error.message)
+            if table and table[-1].problem is None and not cut_at_header:
                 last = table[-1]
-                table[-1] = MemberSpan(
-                    last.key, last.start, last.end, last.members, (error.reason, str(error))
-                )
-            table += [MemberSpan("?", 0, 0, {}, (error.reason, str(error)))] * (expected - len(table))
+                table[-1] = MemberSpan(last.key, last.start, last.end, last.members, problem)
+            table += [MemberSpan("?", 0, 0, {}, problem)] * (expected - len(table))
         if len(table) != expected:
             raise ValueError(f"{url} holds {len(table)} samples, the index says {expected}")
         self._tables[si] = table
-        while len(self._tables) > self.max_cached:
-            self._tables.popitem(last=False)
+        self._cached_spans += len(table)
+        while len(self._tables) > 1 and self._cached_spans > self.max_cached:
+            self._cached_spans -= len(self._tables.popitem(last=False)[1])
         return table
 
     def get(self, index: int) -> tuple[dict, str, str]:

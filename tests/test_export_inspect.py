@@ -193,3 +193,37 @@ def test_cli_help_inspect_validate_export(dataset, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main([])  # a subcommand is required
     assert exc.value.code == 2
+
+
+def test_inspect_and_validate_count_malformed_json_instead_of_crashing(tmp_path):
+    """A json that is a list, or holds a string where a number belongs, is counted (inspect) or named
+    (validate); before, an AttributeError / TypeError ended both with a traceback."""
+    import shutil
+
+    src = write_dataset(str(tmp_path / "src"), n_samples=3, samples_per_shard=3, failures_per_shard=0)
+    root = tmp_path / "ds"
+    shutil.copytree(src.uri, root)
+    tar_path = root / f"{src.shards[0]}.tar"
+    with tarfile.open(tar_path) as tar:
+        files = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    bad = {
+        src.keys[0]: b"[1, 2]",
+        src.keys[1]: json.dumps(
+            {**json.loads(dict((m.name, d) for m, d in files)[f"{src.keys[1]}.json"]), "tau": "120"}
+            | {"content_error": "0.1"}
+        ).encode(),
+    }
+    with tarfile.open(tar_path, "w") as tar:
+        for m, data in files:
+            key, _, suffix = m.name.partition(".")
+            if suffix == "json" and key in bad:
+                data = bad[key]
+            info = tarfile.TarInfo(m.name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    report = inspect_dataset(str(root))
+    assert report.samples == 2 and report.unreadable["bad_json"] == 1
+    assert report.tau_histogram.get("none", 0) >= 1 and report.content_error_histogram["none"] >= 1
+    problems = check_contract(str(root)).problems
+    assert any(f"{src.keys[0]}: json is a list" in p for p in problems), problems
+    assert any(p.startswith(f"{src.keys[1]}: json 'tau' is a str") for p in problems), problems

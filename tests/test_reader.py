@@ -377,3 +377,62 @@ def test_srresnet_trains_from_shards(tmp_path, photos):
     # network fed the LR of another image of the batch ends far higher (~2x here).
     assert last < 0.75 * np.mean(control[-10:]), (last, np.mean(control[-10:]))
     assert not ds.skipped
+
+
+def test_resampled_epoch_gives_every_rank_the_same_batches(odd_dataset):
+    """samples_per_epoch under DDP: every rank yields N // world_size samples, so every rank runs the
+    same number of steps (the remainder went to rank 0's workers, and an all-reduce waited forever);
+    len() is the per-rank count, so len(loader) is right."""
+    per_rank = []
+    for n in (16, 17, 18):
+        got = []
+        for rank in range(2):
+            ds = PairedShardDataset(
+                odd_dataset.uri,
+                gt_size=16,
+                scale=4,
+                resampled=True,
+                samples_per_epoch=n,
+                rank=rank,
+                world_size=2,
+            )
+            loader = DataLoader(ds, batch_size=4, num_workers=2)
+            got.append((sum(1 for _ in loader), sum(len(b["key"]) for b in loader), len(ds), len(loader)))
+        per_rank.append(got)
+        assert got[0] == got[1], (n, got)
+        assert got[0][1] == got[0][2] == n // 2
+    assert [g[0][3] for g in per_rank] == [2, 2, 3]  # ceil((n // 2) / 4)
+    assert all(g[0][0] == g[0][3] for g in per_rank)  # the batches each rank ran = len(loader)
+
+
+def test_truncation_at_a_header_and_an_unusable_setting_are_reported(odd_dataset, tmp_path):
+    """A tar cut exactly where a header starts ends without a tar error: its missing samples are
+    counted (streaming) and raise BadSample (random access), instead of a silent drop and a ValueError.
+    A setting that refuses every sample stops a resampled stream instead of drawing forever."""
+    import shutil
+
+    from pipelines.reader import MAX_BAD_STREAK, ShardRandomAccess, resolve_shards
+
+    root = tmp_path / "cut"
+    shutil.copytree(odd_dataset.uri, root)
+    first = sorted(root.glob("*.tar"))[0]
+    with tarfile.open(first) as tar:
+        members = tar.getmembers()
+    keep = members[3].offset  # the header of the second sample's first member: one sample kept
+    first.write_bytes(first.read_bytes()[:keep])
+    ds = PairedShardDataset(str(root), gt_size=16, scale=4, shuffle=False)
+    keys = [s["key"] for s in ds]
+    assert len(keys) == 18 and ds.skipped["truncated_tar"] == 2 and sum(ds.skipped.values()) == 2
+    access = ShardRandomAccess(resolve_shards(str(root)))
+    access.get(0)
+    for i in (1, 2):
+        with pytest.raises(BadSample, match="truncated_tar"):
+            access.get(i)
+    assert access.get(3)[1] == odd_dataset.keys[3]
+    basic = RealDGenPairedDataset({"dataroot": str(root), "scale": 4, "phase": "val"})
+    assert basic[1]["key"] == odd_dataset.keys[3] and basic.skipped["truncated_tar"] == 2
+
+    wrong = PairedShardDataset(odd_dataset.uri, gt_size=16, scale=2, resampled=True)
+    with pytest.raises(ValueError, match=f"no usable sample in the first {MAX_BAD_STREAK}"):
+        next(iter(wrong))
+    assert wrong.skipped["scale_mismatch"] == MAX_BAD_STREAK
