@@ -63,11 +63,9 @@ def test_adapt_on_a_missing_or_empty_lr_folder_fails_before_any_work(tmp_path, c
     empty.mkdir()
     (empty / "readme.txt").write_text("no image here")
     run_dir, out = tmp_path / "run", tmp_path / "adapted.safetensors"
-    for uri, needle in (
-        (tmp_path / "nowhere", "data.lr.0.source: cannot list"),
-        (empty, "data.lr.0.source: no image under"),
-    ):
-        path = tmp_path / "adapt.yaml"
+    path = tmp_path / "adapt.yaml"
+
+    def write(uri, extra: str = "") -> None:
         path.write_text(
             f"""
 kind: train
@@ -76,8 +74,14 @@ stages: [C]
 data:
   lr: [{{kind: images, source: {{uri: {uri}}}}}]
 output: {{run_dir: {run_dir}, checkpoint: {out}}}
-"""
+{extra}"""
         )
+
+    for uri, needle in (
+        (tmp_path / "nowhere", "data.lr.0.source: cannot list"),
+        (empty, "data.lr.0.source: no image under"),
+    ):
+        write(uri)
         for extra in ([], ["--calibrate-only"]):
             assert T.main([str(path), *extra]) == 2
             err = capsys.readouterr().err
@@ -92,17 +96,7 @@ output: {{run_dir: {run_dir}, checkpoint: {out}}}
     one.mkdir()
     name = next(f"p{i}.png" for i in range(100) if split_validation([f"p{i}.png"], 0.25)[0])
     Image.new("RGB", (96, 96)).save(one / name)
-    path.write_text(
-        f"""
-kind: train
-init_checkpoint: {tmp_path / "absent.safetensors"}
-stages: [C]
-data:
-  lr: [{{kind: images, source: {{uri: {one}}}}}]
-calibration: {{enabled: true, val_fraction: 0.25}}
-output: {{run_dir: {run_dir}, checkpoint: {out}}}
-"""
-    )
+    write(one, "calibration: {enabled: true, val_fraction: 0.25}\n")
     assert T.main([str(path)]) == 2
     err = capsys.readouterr().err
     assert "data.lr.0.source: the calibration's validation split" in err and "1 image(s)" in err, err
