@@ -296,6 +296,35 @@ def _check_json(key: str, meta: dict, problems: list[str]) -> None:
             problems.append(f"{key}: json {name!r} is a {type(meta[name]).__name__}")
 
 
+def _check_sample(
+    key: str, files: dict[str, bytes], scale: int | None, decode_images: bool, problems: list[str]
+) -> None:
+    """The per-sample checks of :func:`check_contract` (members, json, scale, PNG decode)."""
+    missing = [m for m in ("hr.png", "lr.png", "json") if m not in files]
+    if missing:
+        problems.append(f"{key}: missing {missing}")
+        return
+    try:
+        meta = json.loads(files["json"])
+    except Exception as exc:
+        problems.append(f"{key}: json does not parse: {exc}")
+        return
+    if not isinstance(meta, dict):
+        problems.append(f"{key}: json is a {type(meta).__name__}, not an object")
+        return
+    _check_json(key, meta, problems)
+    if scale is not None and meta.get("scale") != scale:
+        problems.append(f"{key}: scale {meta.get('scale')}, expected {scale}")
+    if decode_images and isinstance(meta.get("scale"), int):
+        try:
+            decode_pair(files, key)
+            for member in ("hr.png", "lr.png"):
+                if Image.open(io.BytesIO(files[member])).format != "PNG":
+                    problems.append(f"{key}: {member} is not a PNG")
+        except BadSample as exc:
+            problems.append(str(exc))
+
+
 def check_contract(
     uri: str, *, endpoint_url: str | None = None, scale: int | None = None, decode_images: bool = True
 ) -> ContractReport:
@@ -329,58 +358,44 @@ def check_contract(
         for companion, what in ((f"{stem}_stats.json", "completion marker"), (f"{stem}.parquet", "parquet")):
             if companion not in names:
                 problems.append(f"{name}: no {companion} ({what})")
-        data = fs.cat_file(f"{root}/{name}")
-        groups: dict[str, dict[str, bytes]] = {}
-        last = None
+        # Streamed, one sample's members in memory at a time (a whole tar was read into memory and
+        # copied: about twice the shard's size).
+        shard_keys: set[str] = set()
+        current: tuple[str, dict[str, bytes]] | None = None
+
+        def finish(sample: tuple[str, dict[str, bytes]] | None) -> None:
+            if sample is not None:
+                _check_sample(sample[0], sample[1], scale, decode_images, problems)
+
         try:
-            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            with fs.open(f"{root}/{name}", "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
                 for m in tar:
                     try:  # untrusted: a member that is not KEY.{hr.png,lr.png,json} is never read
                         key, suffix = check_member(m)
                     except BadSample as exc:
                         problems.append(f"{name}: {exc}")
                         continue
-                    if key in groups and key != last:
-                        problems.append(f"{name}: members of {key} are not adjacent")
-                    if suffix in groups.get(key, {}):
+                    if current is None or key != current[0]:
+                        finish(current)
+                        if key in shard_keys:
+                            problems.append(f"{name}: members of {key} are not adjacent")
+                        elif key in seen:
+                            problems.append(f"{name}: key {key} also appears earlier in the dataset")
+                        shard_keys.add(key)
+                        seen.add(key)
+                        current = (key, {})
+                    if suffix in current[1]:
                         problems.append(f"{name}: {key} holds {suffix} twice")
                     member = tar.extractfile(m).read()
                     if len(member) != m.size:
                         got = len(member)
                         problems.append(f"{name}: member {m.name!r} is truncated ({got} of {m.size} B)")
-                    groups.setdefault(key, {})[suffix] = member
-                    last = key
+                    current[1][suffix] = member
         except (tarfile.TarError, EOFError, OSError) as exc:
             problems.append(f"{name}: unreadable or truncated tar: {type(exc).__name__}: {exc}")
             continue
-        for key, files in groups.items():
-            if key in seen:
-                problems.append(f"{name}: key {key} also appears earlier in the dataset")
-            seen.add(key)
-            missing = [m for m in ("hr.png", "lr.png", "json") if m not in files]
-            if missing:
-                problems.append(f"{key}: missing {missing}")
-                continue
-            try:
-                meta = json.loads(files["json"])
-            except Exception as exc:
-                problems.append(f"{key}: json does not parse: {exc}")
-                continue
-            if not isinstance(meta, dict):
-                problems.append(f"{key}: json is a {type(meta).__name__}, not an object")
-                continue
-            _check_json(key, meta, problems)
-            if scale is not None and meta.get("scale") != scale:
-                problems.append(f"{key}: scale {meta.get('scale')}, expected {scale}")
-            if decode_images and isinstance(meta.get("scale"), int):
-                try:
-                    decode_pair(files, key)
-                    for member in ("hr.png", "lr.png"):
-                        if Image.open(io.BytesIO(files[member])).format != "PNG":
-                            problems.append(f"{key}: {member} is not a PNG")
-                except BadSample as exc:
-                    problems.append(str(exc))
-        found[stem] = (len(groups), len(data))
+        finish(current)
+        found[stem] = (len(shard_keys), fs.size(f"{root}/{name}"))
     report.shards = len(found)
     report.samples = sum(n for n, _ in found.values())
 
