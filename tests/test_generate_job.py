@@ -240,6 +240,17 @@ def test_failure_budget_fails_loudly(ray_local, tmp_path, capsys):
     p.write_text(yaml.safe_dump(data))
     assert main([str(p)]) == 1
     assert "failure budget exceeded" in capsys.readouterr().err
+    assert not (out / "_index.json").exists()
+    # complete under a looser budget, then rerun under a stricter one: nothing left to generate,
+    # the kept shards' failures pass it, and the index is not rewritten (it was, before the check)
+    data["limits"]["max_failure_fraction"] = 0.9
+    assert run_dict(data)["inputs_failed"] == 3
+    index = (out / "_index.json").read_bytes()
+    (out / "_index.json").unlink()
+    data["limits"]["max_failure_fraction"] = 0.25
+    with pytest.raises(JobFailed, match="failure budget exceeded: 3 of 4"):
+        run_dict(data)
+    assert not (out / "_index.json").exists() and index
 
 
 def test_bad_manifests_fail_before_any_work(tmp_path, capsys):

@@ -714,6 +714,8 @@ class GenerateJob:
         n_samples_failed = sum(s["samples_failed"] for s in written)
 
         self._check_lock()
+        if over_budget():  # also when only the kept shards' failures pass it: no index then
+            raise budget_error()
         index = self.write_index(plan, kept_profile)
         self.store.delete_prefix(plan.work)
         summary = {
@@ -743,8 +745,6 @@ class GenerateJob:
                     summary["preview"] = f"{self.store.uri}/{PREVIEW_NAME}"
             except Exception as exc:  # a preview is a convenience, never a failure
                 self.log(f"preview skipped: {exc}")
-        if over_budget():
-            raise budget_error()
         return summary
 
     # ---------------------------------------------------------------- index and preview
