@@ -552,9 +552,16 @@ class TrainContext:
 
     def checkpoint(self, phase: Phase, completed: bool) -> None:
         self.index += 1
+        rngs = None
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            # every rank's generator (each is seeded by its rank): a resume restores each its own
+            rngs = [None] * self.world_size
+            torch.distributed.all_gather_object(rngs, phase.generator.get_state())
         if self.rank != 0:
             return
         state = phase.state_dict()
+        if rngs is not None:
+            state["rng_by_rank"] = rngs
         state.update(
             completed=self.completed + ([phase.name] if completed else []),
             manifest_digest=self.digest,
@@ -685,6 +692,15 @@ def run_worker(
             phase = ctx.make_phase(name)
             if state is not None and state["phase"] == name:
                 phase.load_state_dict(state)
+                by_rank = state.get("rng_by_rank")
+                if by_rank is not None and len(by_rank) == world_size:
+                    phase.generator.set_state(by_rank[rank])
+                elif world_size > 1:
+                    print(
+                        f"[train] rank {rank}: the checkpoint holds no generator state for this world "
+                        f"size ({world_size}); continuing from rank 0's",
+                        file=sys.stderr,
+                    )
             hooks: list[Hook] = [
                 ProgressBar(show, m.progress.log_every),
                 Checkpointer(ctx, m.output.checkpoint_every),
@@ -726,6 +742,8 @@ def _ray_train_loop(config: dict) -> None:
     import ray.train.torch
     from torch.nn.parallel import DistributedDataParallel
 
+    if config.get("cwd") and os.path.isdir(config["cwd"]):
+        os.chdir(config["cwd"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -768,6 +786,10 @@ def run_with_ray(m: TrainManifest, stages: Sequence[str]) -> dict:
         train_loop_config={
             "manifest": m.model_dump(mode="json"),
             "stages": list(stages),
+            # Ray Train moves each worker into its trial folder: relative paths of the manifest are
+            # meant against the driver's folder (under `ray job submit`, the same unpacked working
+            # dir on every node)
+            "cwd": os.getcwd(),
         },
         scaling_config=ScalingConfig(
             num_workers=m.compute.num_workers,
@@ -806,7 +828,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ManifestError("--stages C needs `data.lr` in the manifest")
         if ("A" in stages or "B" in stages) and m.data.hr is None:
             raise ManifestError("stages A/B need `data.hr` in the manifest")
-        device = local_device(m.compute.device)
+        # the local backend's device; Ray workers take theirs from compute.use_gpu (the driver,
+        # often a head node without a GPU, never trains)
+        device = local_device(m.compute.device) if m.compute.backend != "ray" else None
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -87,6 +87,11 @@ output: {{run_dir: {run_dir}, checkpoint: {out}}}
             err = capsys.readouterr().err
             assert needle in err and str(uri) in err, err
     assert not run_dir.exists() and not out.exists()
+    # compute.device belongs to the local backend: a Ray run with `device: cuda` is not refused on a
+    # driver without a GPU (it was, with "torch sees no CUDA GPU here"); it gets to the source check
+    write(tmp_path / "nowhere", "compute: {backend: ray, device: cuda, use_gpu: true}\n")
+    assert T.main([str(path)]) == 2
+    assert "data.lr.0.source: cannot list" in capsys.readouterr().err
 
     # one image, calibration on: one side of the split is empty; said before any training (it was
     # found after stage C had run and exported, as "the source lists no images")

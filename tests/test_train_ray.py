@@ -15,6 +15,9 @@ def test_ray_train_two_gloo_workers_write_loadable_checkpoint(tmp_path, photos, 
     from pipelines.manifest import parse_manifest
     from realdgen_core.checkpoint import load_checkpoint
 
+    # relative paths, as the shipped manifests write them: Ray Train moves its workers into a trial
+    # folder, and they must still resolve against the driver's folder
+    monkeypatch.chdir(tmp_path)
     hr = tmp_path / "hr"
     hr.mkdir()
     for name, img in photos.items():
@@ -24,17 +27,13 @@ def test_ray_train_two_gloo_workers_write_loadable_checkpoint(tmp_path, photos, 
             "kind": "train",
             "preset": "tiny",
             "data": {
-                "hr": {"uri": str(hr)},
+                "hr": {"uri": "hr"},
                 "lr": [{"kind": "synthetic", "degradations": ["bicubic", "bsrgan"]}],
             },
             "stage_a": {"pretrain_steps": 2, "finetune_steps": 2, "batch_size": 2, "hr_crop": 32},
             "stage_b": {"steps": 2, "batch_size": 2, "lr_crop": 8},
             "stage_c": {"steps": 3, "batch_size": 2, "lr_crop": 16},
-            "output": {
-                "run_dir": str(tmp_path / "run"),
-                "checkpoint": str(tmp_path / "model.safetensors"),
-                "checkpoint_every": 2,
-            },
+            "output": {"run_dir": "run", "checkpoint": "model.safetensors", "checkpoint_every": 2},
             "compute": {"backend": "ray", "num_workers": 2, "cpus_per_worker": 0.5, "torch_threads": 1},
             "progress": {"bar": False},
         }
@@ -52,3 +51,8 @@ def test_ray_train_two_gloo_workers_write_loadable_checkpoint(tmp_path, photos, 
     assert summary["replica_hashes"][0] == summary["replica_hashes"][1]
     x = torch.rand(1, 3, 16, 16)
     assert model.degradation(x).shape == (1, 2048)
+    # the state holds each rank's own generator (seeded by rank), so a resume restores each its own
+    state = torch.load(tmp_path / "run" / latest["checkpoint"] / "state.pt", weights_only=True)
+    by_rank = state["rng_by_rank"]
+    assert len(by_rank) == 2 and not torch.equal(by_rank[0], by_rank[1])
+    assert torch.equal(by_rank[0], state["rng"])

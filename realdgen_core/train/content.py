@@ -57,12 +57,25 @@ class ContentPretrain(Phase):
     def batch_fn(self) -> BatchFn:
         return functools.partial(clean_batch, self.hr, self.config)
 
+    def state_dict(self) -> dict:
+        # code usage since the last restart: a resume between two restarts must not count the codes
+        # used before the kill as dead
+        return {**super().state_dict(), "vq_usage": self.loss_net.usage.detach().cpu().clone()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        super().load_state_dict(sd)
+        if "vq_usage" in sd:
+            self.loss_net.usage = sd["vq_usage"].to(self.loss_net.usage.device, torch.long).clone()
+
     @torch.no_grad()
     def after_step(self) -> None:
         every = self.config.codebook_restart_every
         first = self.step == 0  # data-dependent init: every code re-seeded from the first batch
         if not first and (not every or (self.step + 1) % every):
             return
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            # a code is dead only when no rank's batches used it (rank 0 decides and broadcasts)
+            torch.distributed.all_reduce(self.loss_net.usage)
         weight = self.model.content.quantizer.codebook.weight
         dead = torch.arange(weight.shape[0]) if first else (self.loss_net.usage == 0).nonzero().flatten()
         if dead.numel():
