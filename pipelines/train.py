@@ -584,9 +584,12 @@ class TrainContext:
         meta = {
             "manifest_digest": self.digest,
             "completed": self.completed,
-            "preset": self.m.preset,
             "trained_by": "pipelines/train.py",
         }
+        if self.m.init_checkpoint:  # the architecture is the initial checkpoint's, not `preset`'s
+            meta["init_checkpoint"] = self.m.init_checkpoint
+        else:
+            meta["preset"] = self.m.preset
         if phase is not None and phase.step < phase.total_steps:
             meta["partial"] = f"{phase.name} at step {phase.step}/{phase.total_steps}"
         with tempfile.TemporaryDirectory() as tmp:

@@ -44,6 +44,8 @@ progress: {{bar: false}}
     before, _ = load_checkpoint(base)
     after, meta = load_checkpoint(tmp_path / "adapted.safetensors")
     assert meta["completed"] == ["diffusion"]
+    # the architecture came from the base checkpoint: recorded as such, not as the manifest's preset
+    assert meta["init_checkpoint"] == str(base) and "preset" not in meta
     b, a = before.state_dict(), after.state_dict()
     changed = {k for k in b if not torch.equal(b[k], a[k])}
     assert any(k.startswith("unet.") for k in changed)
