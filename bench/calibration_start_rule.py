@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipelines.manifest import load_manifest  # noqa: E402
-from pipelines.train import calibration_inputs  # noqa: E402
+from pipelines.train import calibration_inputs, calibration_refs  # noqa: E402
 from realdgen_core import calibrate  # noqa: E402
 from realdgen_core.checkpoint import load_checkpoint  # noqa: E402
 from realdgen_core.diffusion import SamplerConfig  # noqa: E402
@@ -42,7 +42,8 @@ def both_rules(adapt_yaml: str, refs_train: str, ckpt: Path) -> dict:
         adapt_yaml, [f"data.lr.0.source.uri={refs_train}", f"output.checkpoint={ckpt}", "seed=0"]
     )
     cal = m.calibration
-    refs, hr, pair_refs = calibration_inputs(m)
+    _, hr, pair_refs = calibration_inputs(m)
+    refs = calibration_refs(m)
     model, _ = load_checkpoint(ckpt)
     gen = LRGenerator(model, sampler=SamplerConfig(kind="ddim", steps=cal.sampler_steps, eta=1.0))
     bank = calibrate.start_bank(model.config.scale, cal.blur_sigmas, cal.jpeg_qualities, cal.sharpen_amounts)

@@ -67,6 +67,9 @@ SUMMARY = "summary.json"  # written by rank 0 of a Ray Train run
 # --------------------------------------------------------------------------------------------
 
 
+CACHE_MAX_BYTES = 2 << 30  # decoded images kept per sampler (and per DataLoader worker), at most
+
+
 class SourceCropSampler:
     """Random crops of the images of a source, decoded on first use and kept in an LRU cache (as
     uint8, a quarter of float32's bytes: a 12 MP photo holds 36 MB; crops are converted to float).
@@ -90,6 +93,7 @@ class SourceCropSampler:
         self.items, self.storage, self.cache_size, self.max_pixels = list(items), storage, cache, max_pixels
         self.name, self.flip = name, flip
         self.cache: OrderedDict[int, torch.Tensor] = OrderedDict()  # uint8 [3, H, W]
+        self.cache_bytes = 0
         self.bad: set[int] = set()
         self.small: dict[int, set[int]] = {}
         self.skipped: Counter[str] = Counter()
@@ -108,8 +112,10 @@ class SourceCropSampler:
             print(f"[train] skipping {self.items[i].uri}: {exc.reason}", file=sys.stderr)
             return None
         self.cache[i] = img
-        while len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
+        self.cache_bytes += img.numel()
+        # bounded by count (data.cache_images) and by bytes: 512 phone photos would be 18 GB
+        while self.cache and (len(self.cache) > self.cache_size or self.cache_bytes > CACHE_MAX_BYTES):
+            self.cache_bytes -= self.cache.popitem(last=False)[1].numel()
         return img
 
     def __call__(self, n: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -222,26 +228,42 @@ def calibration_split(items: Sequence[SourceItem], fraction: float, source_uri: 
     return [items[i] for i in train], [items[i] for i in val]
 
 
-def calibration_inputs(m: TrainManifest) -> tuple[list[Tensor], Tensor, list[Tensor]]:
-    """What the domain calibration measures on: (the validation split's LR images, the
-    ``calibration.pairs`` HR crops, the reference drawn for each crop), seeded by ``m.seed``."""
-    cal_m = m.calibration
+def _validation_images(m: TrainManifest) -> list[tuple[SourceCropSampler, int]]:
+    """The readable images of the validation split of ``data.lr``, as (sampler, index): each is
+    decoded once to check it and not kept (cache 0), so a large folder's split is never held."""
     storage = m.storage.model_dump()
-    g = torch.Generator().manual_seed(m.seed + 7919)
-    refs: list[torch.Tensor] = []
+    readable: list[tuple[SourceCropSampler, int]] = []
     for i, c in enumerate(m.data.lr):
         if c.kind != "images":
             continue
-        items = calibration_split(list_source(c.source, storage), cal_m.val_fraction, c.source.uri)[1]
-        sampler = SourceCropSampler(
-            items, storage, m.data.cache_images, m.data.max_image_pixels, f"data.lr[{i}]"
-        )
-        for it in range(len(items)):
-            img = sampler._image(it)
-            if img is not None:
-                refs.append(img.float().div_(255.0))
-    if not refs:
+        items = calibration_split(list_source(c.source, storage), m.calibration.val_fraction, c.source.uri)[1]
+        sampler = SourceCropSampler(items, storage, 0, m.data.max_image_pixels, f"data.lr[{i}]")
+        readable += [(sampler, it) for it in range(len(items)) if sampler._image(it) is not None]
+    if not readable:
         raise ValueError("calibration: the validation split of data.lr holds no readable image")
+    return readable
+
+
+def _float_image(where: tuple[SourceCropSampler, int]) -> Tensor:
+    img = where[0]._image(where[1])
+    if img is None:  # readable a moment ago
+        raise ValueError(f"calibration: {where[0].items[where[1]].uri} no longer decodes")
+    return img.float().div_(255.0)
+
+
+def calibration_refs(m: TrainManifest) -> list[Tensor]:
+    """Every readable image of the validation split (float [3, H, W]); for analysis benches."""
+    return [_float_image(w) for w in _validation_images(m)]
+
+
+def calibration_inputs(m: TrainManifest) -> tuple[int, Tensor, list[Tensor]]:
+    """What the domain calibration measures on: (the number of readable images in the validation
+    split, the ``calibration.pairs`` HR crops, the reference drawn for each crop, decoded when
+    drawn), seeded by ``m.seed``."""
+    cal_m = m.calibration
+    storage = m.storage.model_dump()
+    g = torch.Generator().manual_seed(m.seed + 7919)
+    readable = _validation_images(m)
     if cal_m.hr is not None:
         hr_src = SourceCropSampler(
             list_source(cal_m.hr, storage),
@@ -259,8 +281,10 @@ def calibration_inputs(m: TrainManifest) -> tuple[list[Tensor], Tensor, list[Ten
         if not photos:
             raise ValueError(f"calibration: no default photo is at least {cal_m.hr_crop}px")
         hr = torch.stack([random_crop(photos[i % len(photos)], cal_m.hr_crop, g) for i in range(cal_m.pairs)])
-    pair_refs = [refs[int(j)] for j in torch.randint(0, len(refs), (cal_m.pairs,), generator=g)]
-    return refs, hr, pair_refs
+    drawn = [int(j) for j in torch.randint(0, len(readable), (cal_m.pairs,), generator=g)]
+    decoded = {j: _float_image(readable[j]) for j in sorted(set(drawn))}
+    pair_refs = [decoded[j] for j in drawn]  # a reference drawn twice is the same tensor, as before
+    return len(readable), hr, pair_refs
 
 
 def calibrate_checkpoint(m: TrainManifest) -> dict:
@@ -278,7 +302,7 @@ def calibrate_checkpoint(m: TrainManifest) -> dict:
     cal_m = m.calibration
     storage = m.storage.model_dump()
     t0 = time.time()
-    refs, hr, pair_refs = calibration_inputs(m)
+    n_refs, hr, pair_refs = calibration_inputs(m)
     local = fetch_to_local(m.output.checkpoint, storage)
     model, meta = load_checkpoint(local)
     sampler = SamplerConfig(kind="ddim", steps=cal_m.sampler_steps, eta=1.0)
@@ -291,7 +315,7 @@ def calibrate_checkpoint(m: TrainManifest) -> dict:
         gen, hr, pair_refs, bank, tau_grid=cal_m.tau_grid, k=cal_m.k, weights=weights, seed=m.seed
     )
     scores.update(
-        validation_images=len(refs), seconds=round(time.time() - t0, 1), sampler_steps=cal_m.sampler_steps
+        validation_images=n_refs, seconds=round(time.time() - t0, 1), sampler_steps=cal_m.sampler_steps
     )
     # the job generates with the sampler τ was chosen with, unless its manifest sets one
     cal = calibrate.DomainCalibration(

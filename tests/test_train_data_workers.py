@@ -84,3 +84,31 @@ def test_cuda_device_without_gpu_is_a_manifest_error(capsys):
     rc = train_main(["manifests/train_tiny.yaml", "--set", "compute.device=cuda"])
     assert rc == 2
     assert "compute.device is 'cuda' but torch sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_source_sampler_cache_is_bounded_by_bytes_and_crops_do_not_depend_on_it(
+    photos, tmp_path, monkeypatch
+):
+    """Decoded images are cached as uint8 under a count and a byte bound; what is evicted is decoded
+    again, so the crops are the same whatever the bounds (and equal to float32 decoding's values)."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines import train as T
+    from pipelines.manifest import SourceSpec
+    from pipelines.sources import list_source
+
+    for name, img in photos.items():
+        Image.fromarray(np.ascontiguousarray(img[:96, :96])).save(tmp_path / f"{name}.png")
+    items = list_source(SourceSpec(uri=str(tmp_path)))
+    big = T.SourceCropSampler(items, None, 512, 10**8, "big")
+    want = big(12, 32, torch.Generator().manual_seed(4))
+    assert len(big.cache) >= 3 and big.cache_bytes == len(big.cache) * 3 * 96 * 96
+    assert all(t.dtype == torch.uint8 for t in big.cache.values())
+    monkeypatch.setattr(T, "CACHE_MAX_BYTES", 2 * 3 * 96 * 96)  # room for two images
+    small = T.SourceCropSampler(items, None, 512, 10**8, "small")
+    got = small(12, 32, torch.Generator().manual_seed(4))
+    assert len(small.cache) == 2 and small.cache_bytes == 2 * 3 * 96 * 96
+    assert torch.equal(got, want) and got.dtype == torch.float32
+    # the values are those of the float decode: uint8 / 255
+    assert torch.equal(got * 255, (got * 255).round())
