@@ -144,14 +144,31 @@ class SourceCropSampler:
         return torch.stack(out).contiguous()
 
 
-def build_samplers(m: TrainManifest, scale: int, stages: Sequence[str]) -> dict[str, Any]:
+Listings = dict[str, list[SourceItem]]  # a SourceSpec's JSON -> its listing, within one run
+
+
+def listed(spec, storage: dict, listings: Listings | None = None) -> list[SourceItem]:
+    """``list_source(spec)``, taken from (and kept in) ``listings`` when given: the preflight's
+    listing serves the training and the calibration of the same process (a large S3 prefix is
+    listed once, not three times)."""
+    if listings is None:
+        return list_source(spec, storage)
+    key = spec.model_dump_json()
+    if key not in listings:
+        listings[key] = list_source(spec, storage)
+    return listings[key]
+
+
+def build_samplers(
+    m: TrainManifest, scale: int, stages: Sequence[str], listings: Listings | None = None
+) -> dict[str, Any]:
     """{"hr": sampler or None, "lr": sampler or None, "sources": [SourceCropSampler...]} for this worker."""
     storage = m.storage.model_dump()
     made: list[SourceCropSampler] = []
 
     def source(spec, name: str) -> SourceCropSampler:
         s = SourceCropSampler(
-            list_source(spec, storage), storage, m.data.cache_images, m.data.max_image_pixels, name
+            listed(spec, storage, listings), storage, m.data.cache_images, m.data.max_image_pixels, name
         )
         made.append(s)
         return s
@@ -182,9 +199,10 @@ def build_samplers(m: TrainManifest, scale: int, stages: Sequence[str]) -> dict[
     return {"hr": hr, "lr": lr, "sources": made}
 
 
-def check_sources(m: TrainManifest, stages: Sequence[str], calibrate: bool) -> None:
+def check_sources(m: TrainManifest, stages: Sequence[str], calibrate: bool) -> Listings:
     """List every image source this run will read, before any work: a missing, unreadable or empty
-    one is a :class:`ManifestError` naming its manifest key (not a worker's traceback later)."""
+    one is a :class:`ManifestError` naming its manifest key (not a worker's traceback later).
+    Returns the listings, for the training and calibration of this process."""
     used: list[tuple[str, Any]] = []
     stage_c = "C" in stages
     synthetic_on_hr = any(c.kind != "images" and c.source is None for c in m.data.lr)
@@ -199,9 +217,10 @@ def check_sources(m: TrainManifest, stages: Sequence[str], calibrate: bool) -> N
     if calibrate and m.calibration.hr is not None:
         used.append(("calibration.hr", m.calibration.hr))
     storage = m.storage.model_dump()
+    listings: Listings = {}
     for key, spec in used:
         try:
-            items = list_source(spec, storage)
+            items = listed(spec, storage, listings)
         except (SourceError, OSError, ValueError) as exc:
             raise ManifestError(f"{key}: cannot list {spec.uri}: {exc}") from None
         if not items:
@@ -216,6 +235,7 @@ def check_sources(m: TrainManifest, stages: Sequence[str], calibrate: bool) -> N
                     f"calibration.val_fraction {m.calibration.val_fraction}); add images (two or more put "
                     "one on each side) or set calibration.enabled=false"
                 )
+    return listings
 
 
 def calibration_split(items: Sequence[SourceItem], fraction: float, source_uri: str) -> tuple[list, list]:
@@ -228,7 +248,9 @@ def calibration_split(items: Sequence[SourceItem], fraction: float, source_uri: 
     return [items[i] for i in train], [items[i] for i in val]
 
 
-def _validation_images(m: TrainManifest) -> list[tuple[SourceCropSampler, int]]:
+def _validation_images(
+    m: TrainManifest, listings: Listings | None = None
+) -> list[tuple[SourceCropSampler, int]]:
     """The readable images of the validation split of ``data.lr``, as (sampler, index): each is
     decoded once to check it and not kept (cache 0), so a large folder's split is never held."""
     storage = m.storage.model_dump()
@@ -236,7 +258,8 @@ def _validation_images(m: TrainManifest) -> list[tuple[SourceCropSampler, int]]:
     for i, c in enumerate(m.data.lr):
         if c.kind != "images":
             continue
-        items = calibration_split(list_source(c.source, storage), m.calibration.val_fraction, c.source.uri)[1]
+        items = listed(c.source, storage, listings)
+        items = calibration_split(items, m.calibration.val_fraction, c.source.uri)[1]
         sampler = SourceCropSampler(items, storage, 0, m.data.max_image_pixels, f"data.lr[{i}]")
         readable += [(sampler, it) for it in range(len(items)) if sampler._image(it) is not None]
     if not readable:
@@ -256,17 +279,19 @@ def calibration_refs(m: TrainManifest) -> list[Tensor]:
     return [_float_image(w) for w in _validation_images(m)]
 
 
-def calibration_inputs(m: TrainManifest) -> tuple[int, Tensor, list[Tensor]]:
+def calibration_inputs(
+    m: TrainManifest, listings: Listings | None = None
+) -> tuple[int, Tensor, list[Tensor]]:
     """What the domain calibration measures on: (the number of readable images in the validation
     split, the ``calibration.pairs`` HR crops, the reference drawn for each crop, decoded when
     drawn), seeded by ``m.seed``."""
     cal_m = m.calibration
     storage = m.storage.model_dump()
     g = torch.Generator().manual_seed(m.seed + 7919)
-    readable = _validation_images(m)
+    readable = _validation_images(m, listings)
     if cal_m.hr is not None:
         hr_src = SourceCropSampler(
-            list_source(cal_m.hr, storage),
+            listed(cal_m.hr, storage, listings),
             storage,
             m.data.cache_images,
             m.data.max_image_pixels,
@@ -287,7 +312,7 @@ def calibration_inputs(m: TrainManifest) -> tuple[int, Tensor, list[Tensor]]:
     return len(readable), hr, pair_refs
 
 
-def calibrate_checkpoint(m: TrainManifest) -> dict:
+def calibrate_checkpoint(m: TrainManifest, listings: Listings | None = None) -> dict:
     """Choose τ for the domain of ``data.lr`` on its validation split and record the calibration
     (``realdgen_core.calibrate.DomainCalibration``) in ``output.checkpoint``'s metadata.
 
@@ -302,7 +327,7 @@ def calibrate_checkpoint(m: TrainManifest) -> dict:
     cal_m = m.calibration
     storage = m.storage.model_dump()
     t0 = time.time()
-    n_refs, hr, pair_refs = calibration_inputs(m)
+    n_refs, hr, pair_refs = calibration_inputs(m, listings)
     local = fetch_to_local(m.output.checkpoint, storage)
     model, meta = load_checkpoint(local)
     sampler = SamplerConfig(kind="ddim", steps=cal_m.sampler_steps, eta=1.0)
@@ -673,8 +698,10 @@ def run_worker(
     wrap=None,
     device: str | torch.device = "cpu",
     bar: bool | None = None,
+    listings: Listings | None = None,
 ):
-    """(summary, trained model) of this worker."""
+    """(summary, trained model) of this worker; ``listings``: the sources as the driver listed
+    them, when it is this process (see :func:`check_sources`)."""
     m = TrainManifest.model_validate(manifest)
     if m.compute.torch_threads:
         torch.set_num_threads(m.compute.torch_threads)
@@ -697,7 +724,7 @@ def run_worker(
             f"({state['phase']} step {state['step']}, done: {completed})",
             file=sys.stderr,
         )
-    samplers = build_samplers(m, model.config.scale, stages)
+    samplers = build_samplers(m, model.config.scale, stages, listings)
     ctx = TrainContext(
         m,
         model,
@@ -864,7 +891,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if m.data.prepare_demo:
         prepare_demo(m.data.prepare_demo, m.scale)
     try:
-        check_sources(m, stages, args.calibrate_only or m.calibration.enabled)
+        listings = check_sources(m, stages, args.calibrate_only or m.calibration.enabled)
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -875,14 +902,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             print(f"error: --calibrate-only: {exc}", file=sys.stderr)
             return 2
-        print(json.dumps({"calibration": calibrate_checkpoint(m)}, indent=1))
+        print(json.dumps({"calibration": calibrate_checkpoint(m, listings)}, indent=1))
         return 0
     if m.compute.backend == "ray":
         summary = run_with_ray(m, stages)
     else:
-        summary = train_worker(m.model_dump(mode="json"), stages, device=device)
+        summary = train_worker(m.model_dump(mode="json"), stages, device=device, listings=listings)
     if m.calibration.enabled:
-        summary["calibration"] = calibrate_checkpoint(m)
+        summary["calibration"] = calibrate_checkpoint(m, listings)
     print(json.dumps(summary, indent=1))
     return 0
 
