@@ -165,7 +165,13 @@ def inspect_checkpoint(path: str | os.PathLike) -> tuple[RealDGenConfig, dict, d
     """(config, metadata with ``digest``, the raw safetensors metadata) of a checkpoint, checked as
     :func:`load_checkpoint` checks it (header, format version, config, every tensor's name, shape
     and dtype against the config) without reading its tensors. Raises CheckpointError."""
-    path = Path(path)
+    config, user_metadata, meta, _ = _inspect(Path(path))
+    return config, user_metadata, meta
+
+
+def _inspect(path: Path) -> tuple[RealDGenConfig, dict, dict, RealDGenModel]:
+    """:func:`inspect_checkpoint` plus the model built on the meta device (no allocation, no
+    init), whose state the tensors were checked against and into which they can be assigned."""
     header, data_start = _read_header(path)
     meta = header.get("__metadata__") or {}
     if "config" not in meta:
@@ -184,19 +190,15 @@ def inspect_checkpoint(path: str | os.PathLike) -> tuple[RealDGenConfig, dict, d
         user_metadata = json.loads(meta.get("metadata", "{}"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: the 'metadata' entry is not valid JSON: {e}") from e
-    _check_tensors(path, config, {k: v for k, v in header.items() if k != "__metadata__"})
+    with torch.device("meta"):
+        model = RealDGenModel(config)
+    _check_tensors(path, model.state_dict(), {k: v for k, v in header.items() if k != "__metadata__"})
     user_metadata["digest"] = digest
-    return config, user_metadata, meta
+    return config, user_metadata, meta, model
 
 
-def _expected_state(config: RealDGenConfig) -> dict[str, torch.Tensor]:
-    with torch.device("meta"):  # no allocation, no init
-        return RealDGenModel(config).state_dict()
-
-
-def _check_tensors(path: Path, config: RealDGenConfig, stored: dict) -> None:
+def _check_tensors(path: Path, expected: dict[str, torch.Tensor], stored: dict) -> None:
     """CheckpointError naming the first missing / unexpected / mis-shaped / non-float tensor."""
-    expected = _expected_state(config)
     missing = sorted(set(expected) - set(stored))
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
@@ -226,9 +228,7 @@ def load_checkpoint(
     message names the missing / unexpected / mis-shaped tensor).
     """
     path = Path(path)
-    config, user_metadata, _ = inspect_checkpoint(path)
-    with torch.device("meta"):  # built without allocation or init; the loaded tensors are assigned
-        model = RealDGenModel(config)
+    _, user_metadata, _, model = _inspect(path)  # the loaded tensors are assigned into it
     expected = model.state_dict()
     tensors = load_file(str(path), device="cpu")
     state = {name: t.to(expected[name].dtype) for name, t in tensors.items()}
