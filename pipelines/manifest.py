@@ -104,6 +104,15 @@ class StorageOptions(StrictModel):
         return v
 
 
+def _local_or_s3(v: str) -> str:
+    """A source or output URI: a local path, ``file://`` or ``s3://bucket/…``."""
+    if "://" in v and not v.startswith(("file://", "s3://")):
+        raise ValueError("only local paths, file:// and s3:// URIs are supported")
+    if v.startswith("s3://") and not v[len("s3://") :].strip("/"):
+        raise ValueError("s3 URI lacks a bucket")
+    return v
+
+
 def _is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
@@ -135,11 +144,7 @@ class SourceSpec(StrictModel):
     @field_validator("uri")
     @classmethod
     def _uri_scheme(cls, v: str) -> str:
-        if "://" in v and not v.startswith(("file://", "s3://")):
-            raise ValueError("only local paths, file:// and s3:// URIs are supported")
-        if v.startswith("s3://") and not v[len("s3://") :].strip("/"):
-            raise ValueError("s3 URI lacks a bucket")
-        return v
+        return _local_or_s3(v)
 
     @field_validator("extensions")
     @classmethod
@@ -418,11 +423,7 @@ class OutputSpec(StrictModel):
     @field_validator("uri")
     @classmethod
     def _uri_scheme(cls, v: str) -> str:
-        if "://" in v and not v.startswith(("file://", "s3://")):
-            raise ValueError("only local paths, file:// and s3:// URIs are supported")
-        if v.startswith("s3://") and not v[len("s3://") :].strip("/"):
-            raise ValueError("s3 URI lacks a bucket")
-        return v
+        return _local_or_s3(v)
 
 
 class LimitsSpec(StrictModel):
@@ -895,9 +896,7 @@ class TrainOutput(StrictModel):
     @field_validator("run_dir", "checkpoint")
     @classmethod
     def _uri_scheme(cls, v: str | None) -> str | None:
-        if v is not None and "://" in v and not v.startswith(("file://", "s3://")):
-            raise ValueError("only local paths, file:// and s3:// URIs are supported")
-        return v
+        return None if v is None else _local_or_s3(v)
 
 
 class TrainCompute(StrictModel):
