@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 
@@ -480,6 +480,40 @@ class DatasetStore:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+    def write_stream(
+        self, name: str, produce: Callable[[BinaryIO], T], *, budget_s: float | None = None
+    ) -> T:
+        """Write an object that ``produce(f)`` streams into a file, atomically; returns its result.
+
+        For objects too large to hold in memory (a shard's tar). Locally ``produce`` writes a temp
+        file next to the target, renamed over it when complete. On s3 it writes a local temp file
+        (``TMPDIR``), uploaded whole (multipart for large files) and retried like
+        :meth:`write_bytes`; the object appears only when the upload completes."""
+        if not self.remote:
+            final = self.path(name)
+            folder, base = os.path.split(final)
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, f".{base}.{uuid.uuid4().hex}.tmp")
+            try:
+                with open(tmp, "wb") as f:
+                    out = produce(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            return out
+        with tempfile.NamedTemporaryFile(prefix="realdgen-upload-", suffix=".tmp") as f:
+            out = produce(f)
+            f.flush()
+            with_retries(
+                lambda: self.fs.put_file(f.name, self.path(name)),
+                what=self._what("write", name),
+                budget_s=budget_s,
+            )
+        return out
 
     def write_json(self, name: str, obj: Any, *, indent: int | None = 2) -> None:
         self.write_bytes(name, (json.dumps(obj, indent=indent, sort_keys=True) + "\n").encode())

@@ -155,7 +155,9 @@ class _CountingWriter:
 def write_tar(samples: Iterable[Mapping[str, Any]], fileobj: BinaryIO) -> int:
     """Write samples as one uncompressed tar (sorted by key); return the number of bytes written.
 
-    Works on non-seekable file objects (stream mode). Duplicate keys are refused.
+    Works on non-seekable file objects (stream mode). Duplicate keys are refused. A member's data
+    is bytes, or a callable returning them, called when that member is written: a caller whose
+    samples live on disk holds one member in memory at a time, not the shard.
     """
     by_key: dict[str, Mapping[str, Any]] = {}
     for s in samples:
@@ -169,6 +171,8 @@ def write_tar(samples: Iterable[Mapping[str, Any]], fileobj: BinaryIO) -> int:
             sample = by_key[key]
             for ext in sorted(k for k in sample if k != "__key__"):
                 data = sample[ext]
+                if callable(data):
+                    data = data()
                 if not isinstance(data, bytes | bytearray | memoryview):
                     raise ShardSchemaError(f"{key}.{ext}: member data must be bytes")
                 if "/" in ext or ext.startswith("."):

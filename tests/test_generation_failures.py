@@ -13,6 +13,7 @@ from PIL import Image
 from pipelines.generate.sink import ShardProgress, compact_shard, encode_write_batch
 from pipelines.generate.stages import DecodeTile, GenerateLR, base_key
 from pipelines.storage import DatasetStore
+from realdgen_core.shards import read_tar
 from tests.shard_factory import decode_config
 
 
@@ -117,3 +118,35 @@ def test_a_success_wins_over_a_stale_failed_part_of_the_same_key(tmp_path, monke
     stats = compact_shard(cfg, 0, 2, 0.0)
     assert stats["samples_failed"] == 0 and stats["samples"] == sum(r["row_type"] == "sample" for r in rows)
     assert stats["parts"] == 3
+
+
+def _part_members(store: DatasetStore, prefix: str) -> dict[str, dict[str, bytes]]:
+    """key -> tar members of every successful sample row in the part files (first one seen)."""
+    out: dict[str, dict[str, bytes]] = {}
+    for name in store.list_prefix(prefix):
+        for r in pq.read_table(io.BytesIO(store.read_bytes(name))).to_pylist():
+            if r["row_type"] == "sample" and r["status"] == "ok":
+                out.setdefault(r["key"], {"hr.png": r["hr_png"], "json": r["json"], "lr.png": r["lr_png"]})
+    return out
+
+
+def test_compaction_writes_each_samples_own_bytes_from_the_spill(tmp_path, monkeypatch):
+    """The tar is streamed from a spill file: every member must be the bytes of its own key."""
+    rows = _samples(tmp_path, n_images=3)
+    bad = next(r for r in rows if r["row_type"] == "sample")
+    cfg = {"store": str(tmp_path / "ds"), "work": "_work/x", "name": "pairs", "scale": 2}
+    encode_write_batch(_actor(monkeypatch, fail_seed=bad["seed"])(rows).slice(0, 4), cfg)  # stale failure
+    good = GenerateLR({"kind": "bicubic", "scale": 2})(_samples(tmp_path, n_images=3))
+    encode_write_batch(good.slice(0, 5), cfg)
+    encode_write_batch(good.slice(2), cfg)  # overlapping retry
+    store = DatasetStore(cfg["store"])
+    want = _part_members(store, "_work/x/parts")
+    assert len(want) == sum(r["row_type"] == "sample" for r in rows) and bad["key"] in want
+    cfg.update(digest="d", model_digest=None, generator="bicubic")
+    stats = compact_shard(cfg, 0, 3, 0.0)
+    with open(tmp_path / "ds" / "pairs-000000.tar", "rb") as f:
+        got = {s.pop("__key__"): s for s in read_tar(f)}
+    assert list(got) == sorted(want) and got == want
+    assert len({m["lr.png"] for m in got.values()}) == len(got)  # distinct samples, not one repeated
+    assert stats["bytes"] == (tmp_path / "ds" / "pairs-000000.tar").stat().st_size
+    assert not [p.name for p in (tmp_path / "ds").iterdir() if p.name.endswith(".tmp")]

@@ -218,10 +218,12 @@ def test_store_operations_ride_out_a_short_outage(proxy, s3_bucket, caplog):
         up = proxy.down_for(3.0)
         with ThreadPoolExecutor(4) as pool:
             write = pool.submit(store.write_bytes, "new.bin", payload)
+            streamed = pool.submit(store.write_stream, "streamed.bin", lambda f: f.write(payload[::-1]))
             read = pool.submit(store.read_bytes, "old.bin")
             names = pool.submit(store.names)
             fetched = pool.submit(fetch_to_local, f"{uri}/old.bin", {"endpoint_url": proxy.url})
             assert write.result(timeout=30) is None
+            assert streamed.result(timeout=30) == len(payload)  # produce's result comes back
             assert read.result(timeout=30) == b"old bytes"
             assert "old.bin" in names.result(timeout=30)
             with open(fetched.result(timeout=30), "rb") as f:
@@ -230,7 +232,8 @@ def test_store_operations_ride_out_a_short_outage(proxy, s3_bucket, caplog):
     took = time.monotonic() - t0
     assert 2.5 < took < 25, took
     assert store.read_bytes("new.bin") == payload
-    assert store.names() == ["new.bin", "old.bin"] and store.exists("new.bin")
+    assert store.read_bytes("streamed.bin") == payload[::-1]
+    assert store.names() == ["new.bin", "old.bin", "streamed.bin"] and store.exists("new.bin")
     warned = [r.getMessage() for r in caplog.records if r.name == "realdgen.storage"]
     assert any("storage unavailable" in m and f"{uri}/new.bin" in m for m in warned), warned
     assert not any("testing" in m for m in warned)  # the dummy credentials never reach the log
@@ -244,6 +247,7 @@ def test_store_operations_give_up_after_the_budget(proxy, s3_bucket, short_budge
     try:
         for op, what in (
             (lambda: store.write_bytes("b.bin", b"b"), f"write {uri}/b.bin"),
+            (lambda: store.write_stream("b.bin", lambda f: f.write(b"b")), f"write {uri}/b.bin"),
             (lambda: store.read_bytes("a.bin"), f"read {uri}/a.bin"),
             (lambda: store.names(), f"list {uri}"),
             (lambda: store.exists("a.bin"), f"check {uri}/a.bin"),
@@ -503,3 +507,24 @@ def test_run_lock_taken_over_during_an_outage_is_given_up_not_overwritten(proxy,
     finally:
         b.release()
     assert not b_store.exists(LOCK_NAME)
+
+
+def test_write_stream_is_atomic_locally_and_on_s3(tmp_path, s3_server, s3_bucket):
+    """A producer that fails half-way leaves neither a partial object nor a temp file behind."""
+
+    def half_then_fail(f):
+        f.write(b"partial bytes")
+        raise RuntimeError("producer broke")
+
+    big = bytes(range(256)) * 40_000  # 10 MB
+    for uri in (str(tmp_path / "ds"), f"s3://{s3_bucket}/atomic"):
+        store = DatasetStore(uri, {"endpoint_url": s3_server})
+        store.write_bytes("keep.bin", b"old")
+        with pytest.raises(RuntimeError, match="producer broke"):
+            store.write_stream("keep.bin", half_then_fail)
+        with pytest.raises(RuntimeError, match="producer broke"):
+            store.write_stream("new.bin", half_then_fail)
+        assert store.read_bytes("keep.bin") == b"old" and not store.exists("new.bin"), uri
+        assert store.write_stream("keep.bin", lambda f: f.write(big)) == len(big)
+        assert store.read_bytes("keep.bin") == big and store.names() == ["keep.bin"], uri
+    assert not [p.name for p in (tmp_path / "ds").iterdir() if p.name.startswith(".")]

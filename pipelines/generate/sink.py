@@ -16,12 +16,14 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import socket
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +85,37 @@ REPORT_SCHEMA = pa.schema(
         ("samples_failed", pa.int64()),
     ]
 )
+
+
+# Part-file columns that become a sample's tar members.
+_MEMBERS = {"hr_png": "hr.png", "json": "json", "lr_png": "lr.png"}
+
+
+class _Spill:
+    """An anonymous local temp file of byte strings: ``put`` appends one and returns a reader."""
+
+    def __enter__(self) -> _Spill:
+        self.file = tempfile.TemporaryFile(prefix="realdgen-compact-")
+        self.end = 0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+    def put(self, data: bytes | None) -> Callable[[], bytes] | None:
+        if data is None:  # kept as it came: the tar writer refuses a member without bytes
+            return None
+        offset, self.end = self.end, self.end + len(data)
+        self.file.seek(offset)
+        self.file.write(data)
+        return functools.partial(self._get, offset, len(data))
+
+    def _get(self, offset: int, size: int) -> bytes:
+        self.file.seek(offset)
+        out = self.file.read(size)
+        if len(out) != size:
+            raise OSError(f"compaction spill file: read {len(out)} of {size} bytes at {offset}")
+        return out
 
 
 class IncompleteShard(RuntimeError):
@@ -192,29 +225,30 @@ def compact_shard(
     names = store.list_prefix(prefix)
     inputs: dict[int, dict] = {}
     samples: dict[str, dict] = {}
-    for n in names:
-        for r in pq.read_table(io.BytesIO(store.read_bytes(n))).to_pylist():
-            # A key seen twice (a retried batch, or parts a crashed run left) has the same bytes
-            # when it succeeded both times; a success wins over a failure of an earlier attempt.
-            rows = inputs if r["row_type"] == "input" else samples
-            key = int(r["input_index"]) if r["row_type"] == "input" else r["key"]
-            if key not in rows or (rows[key]["status"] != "ok" and r["status"] == "ok"):
-                rows[key] = r
-    promised = sum(int(r.get("n_samples") or 0) for r in inputs.values())
-    if len(inputs) != expected_inputs or len(samples) != promised:
-        raise IncompleteShard(
-            f"{stem}: parts hold {len(inputs)}/{expected_inputs} inputs and {len(samples)}/{promised} samples"
-        )
-    ok = [s for s in samples.values() if s["status"] == "ok"]
-    failed = [s for s in samples.values() if s["status"] != "ok"]
-    members = [
-        {"__key__": s["key"], "hr.png": s["hr_png"], "json": s["json"], "lr.png": s["lr_png"]} for s in ok
-    ]
-    buf = io.BytesIO()
-    nbytes = write_tar(members, buf)
-    del members
-    store.write_bytes(f"{stem}.tar", buf.getvalue())
-    del buf
+    # Sample bytes go to a local spill file as each part is read, so the worker holds one part and
+    # one tar member at a time, never the whole shard (a cluster shard can be gigabytes).
+    with _Spill() as spill:
+        for n in names:
+            for r in pq.read_table(io.BytesIO(store.read_bytes(n))).to_pylist():
+                # A key seen twice (a retried batch, or parts a crashed run left) has the same bytes
+                # when it succeeded both times; a success wins over a failure of an earlier attempt.
+                rows = inputs if r["row_type"] == "input" else samples
+                key = int(r["input_index"]) if r["row_type"] == "input" else r["key"]
+                blobs = {member: r.pop(column) for column, member in _MEMBERS.items()}
+                if key not in rows or (rows[key]["status"] != "ok" and r["status"] == "ok"):
+                    if rows is samples and r["status"] == "ok":
+                        r["members"] = {member: spill.put(data) for member, data in blobs.items()}
+                    rows[key] = r
+        promised = sum(int(r.get("n_samples") or 0) for r in inputs.values())
+        if len(inputs) != expected_inputs or len(samples) != promised:
+            raise IncompleteShard(
+                f"{stem}: parts hold {len(inputs)}/{expected_inputs} inputs and "
+                f"{len(samples)}/{promised} samples"
+            )
+        ok = [s for s in samples.values() if s["status"] == "ok"]
+        failed = [s for s in samples.values() if s["status"] != "ok"]
+        members = [{"__key__": s["key"], **s["members"]} for s in ok]
+        nbytes = store.write_stream(f"{stem}.tar", functools.partial(write_tar, members))
 
     failed_by_input = Counter(s["input_index"] for s in failed)
     rows = []
