@@ -23,6 +23,9 @@ from pathlib import Path
 from PIL import Image
 
 PIPELINES = ["x264-mobile", "mpeg4-legacy", "mjpeg-cam"]
+# A second held-out set (``--pipelines more``), written 2026-12-06 to decide the start bank on more
+# pipelines than the seven above; other codecs, resamplers, sharpening, noise without compression.
+MORE = ["webp-thumb", "heic-phone", "x264-noisy", "jp2-archive", "jpeg-q25-box", "blur-noise-raw"]
 
 
 def load_benchmark(path: str):
@@ -49,8 +52,38 @@ def degrade_variant(mcp, pipeline: str, src: str, dst: str, tmp: str) -> None:
         resize = ["-filter", "Triangle", "-resize", f"{lw}x{lh}!"]
         mcp.run([mcp.im(), src, "-blur", "0x1.2", *resize, "-quality", "70", small])
         mcp.run([mcp.im(), small, dst])
+    elif pipeline in MORE:
+        degrade_more(mcp, pipeline, src, dst, tmp, lw, lh)
+        return
     else:
         raise ValueError(pipeline)
+    out = Image.open(dst).convert("RGB")
+    if out.size != (lw, lh):
+        raise RuntimeError(f"{pipeline}: got {out.size}, want {(lw, lh)}")
+    out.save(dst)
+
+
+def degrade_more(mcp, pipeline: str, src: str, dst: str, tmp: str, lw: int, lh: int) -> None:
+    """The ``MORE`` pipelines (ImageMagick and ffmpeg; deterministic: fixed seeds)."""
+    size = f"{lw}x{lh}!"
+    if pipeline == "x264-noisy":  # a dim, noisy stream: grain, lanczos, x264 CRF 26
+        args_ = ["-c:v", "libx264", "-crf", "26", "-preset", "medium", "-pix_fmt", "yuv420p"]
+        vf = f"scale={lw}:{lh}:flags=lanczos,noise=alls=10:allf=t:all_seed=3"
+        mcp.ffmpeg_frame(src, dst, tmp, vf, args_, "mp4")
+    else:
+        mid = os.path.join(tmp, {"webp-thumb": "m.webp", "heic-phone": "m.heic", "jp2-archive": "m.jp2",
+                                 "jpeg-q25-box": "m.jpg", "blur-noise-raw": "m.png"}[pipeline])  # fmt: skip
+        steps = {
+            "webp-thumb": ["-filter", "Catrom", "-resize", size, "-quality", "40"],
+            "heic-phone": ["-filter", "Lanczos", "-resize", size, "-unsharp", "0x1+0.8+0", "-quality", "35"],
+            "jp2-archive": ["-filter", "Mitchell", "-resize", size, "-quality", "30"],
+            "jpeg-q25-box": ["-filter", "Box", "-resize", size, "-quality", "25",
+                             "-sampling-factor", "4:2:0"],
+            "blur-noise-raw": ["-blur", "0x1.5", "-filter", "Catrom", "-resize", size, "-seed", "7",
+                               "-attenuate", "0.35", "+noise", "Gaussian"],
+        }[pipeline]  # fmt: skip
+        mcp.run([mcp.im(), src, *steps, mid])
+        mcp.run([mcp.im(), mid, dst])
     out = Image.open(dst).convert("RGB")
     if out.size != (lw, lh):
         raise RuntimeError(f"{pipeline}: got {out.size}, want {(lw, lh)}")
@@ -66,9 +99,9 @@ def main() -> None:
     ap.add_argument("--benchmark", default=str(DEFAULT_BENCHMARK), help="path of make_codec_pairs.py")
     ap.add_argument(
         "--pipelines",
-        choices=["variants", "benchmark", "all"],
+        choices=["variants", "benchmark", "all", "more"],
         default="variants",
-        help="the three variants (default), the benchmark's own four, or all seven",
+        help="the three variants (default), the benchmark's own four, all seven, or the six MORE ones",
     )
     ap.add_argument(
         "--photos", default=None, help="TRAIN:EVAL photo names, comma-separated (default: the benchmark's)"
@@ -86,7 +119,8 @@ def main() -> None:
             degrade_variant(mcp, pipeline, src, dst, tmp)
 
     mcp.degrade = degrade
-    mcp.PIPELINES = {"variants": PIPELINES, "benchmark": own, "all": own + PIPELINES}[args.pipelines]
+    sets = {"variants": PIPELINES, "benchmark": own, "all": own + PIPELINES, "more": MORE}
+    mcp.PIPELINES = sets[args.pipelines]
     mcp.main(args.out)
 
 

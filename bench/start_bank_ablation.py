@@ -23,6 +23,13 @@ tiles, the PSNR to the true LR of
 for the previous 20-entry bank and the default 49-entry bank (``calibrate.start_bank``), in one run.
 
     python bench/start_bank_ablation.py out/eval_codecs/work --refs-root /work/codec_bench
+    python bench/start_bank_ablation.py /work/codec_more --checkpoint \\
+        checkpoints/realdgen-small-x4.safetensors
+
+With ``--checkpoint`` the tiles come straight from a benchmark root's ``<pipeline>/hr,lr`` and every
+pipeline is scored with that one checkpoint, not adapted: no evaluation run is needed, so the start
+rules can be compared on many pipelines (the adaptation's stage C moves E_deg's last conv only at
+``finetune_lr`` 1e-6).
 """
 
 from __future__ import annotations
@@ -60,16 +67,28 @@ def embed(net: torch.nn.Module, images: list[torch.Tensor], chunk: int = 16) -> 
     return torch.cat([net(torch.cat(images[i : i + chunk])) for i in range(0, len(images), chunk)])
 
 
-@torch.no_grad()
-def pipeline(folder: Path, refs_train: Path | None) -> dict:
+def work_pipeline(folder: Path) -> tuple[Path, dict]:
+    """A ``kind: evaluate`` run's pipeline folder: its newest adapted checkpoint and its eval tiles."""
     # the newest finished adaptation (a work folder keeps older ones, e.g. of an earlier start bank)
     done = max(folder.glob("data-*/adapt-*/_done.json"), key=lambda p: p.stat().st_mtime)
-    ckpt = done.parent / "adapted.safetensors"
-    net = LRGenerator.from_checkpoint(str(ckpt)).model.degradation.eval()
     photos: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for hr in sorted(folder.glob("data-*/tiles/hr/*/*.png")):
         lr = Path(str(hr).replace("/hr/", "/lr/"))
         photos.setdefault(hr.parent.name, []).append((load(hr), load(lr)))
+    return done.parent / "adapted.safetensors", photos
+
+
+def codec_pipeline(folder: Path) -> dict:
+    """A benchmark pipeline folder (``hr/`` + ``lr/``, names ``<photo>_<y>_<x>.png``): its tiles by photo."""
+    photos: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for hr in sorted((folder / "hr").glob("*.png")):
+        photos.setdefault(hr.stem.rsplit("_", 2)[0], []).append((load(hr), load(folder / "lr" / hr.name)))
+    return photos
+
+
+@torch.no_grad()
+def pipeline(folder: Path, refs_train: Path | None, ckpt: Path, photos: dict) -> dict:
+    net = LRGenerator.from_checkpoint(str(ckpt)).model.degradation.eval()
     if len(photos) < 2:
         raise SystemExit(f"{folder}: needs tiles of two photos (references come from the other one)")
     refs = {ph: embed(net, [lr for _, lr in tiles]) for ph, tiles in photos.items()}
@@ -132,18 +151,31 @@ def pipeline(folder: Path, refs_train: Path | None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("work", help="the `work` folder of a kind: evaluate run")
+    ap.add_argument(
+        "work", help="the `work` folder of a kind: evaluate run, or with --checkpoint a benchmark root"
+    )
     ap.add_argument("--refs-root", help="the benchmark root (<pipeline>/refs_train/): adds domain_refs_train")
+    ap.add_argument(
+        "--checkpoint",
+        help="score this checkpoint (not adapted) on every <pipeline>/hr,lr of WORK, a benchmark root "
+        "(make_codec_pairs.py's layout); refs_train/ is read from there too",
+    )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.work)
     result = {}
     for p in sorted(root.iterdir()):
-        if not any(p.glob("data-*/adapt-*/_done.json")):
-            continue
-        rt = Path(args.refs_root) / p.name / "refs_train" if args.refs_root else None
-        result[p.name] = pipeline(p, rt if rt is not None and rt.is_dir() else None)
+        if args.checkpoint:
+            if not (p / "hr").is_dir():
+                continue
+            ckpt, photos, rt = Path(args.checkpoint), codec_pipeline(p), p / "refs_train"
+        else:
+            if not any(p.glob("data-*/adapt-*/_done.json")):
+                continue
+            ckpt, photos = work_pipeline(p)
+            rt = Path(args.refs_root) / p.name / "refs_train" if args.refs_root else None
+        result[p.name] = pipeline(p, rt if rt is not None and rt.is_dir() else None, ckpt, photos)
     print(json.dumps(result, indent=1))
 
 
