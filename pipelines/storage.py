@@ -467,19 +467,24 @@ class DatasetStore:
         if self.remote:
             self.fs.pipe_file(self.path(name), data)
             return
+        self._write_local(name, lambda f: f.write(data))
+
+    def _write_local(self, name: str, produce: Callable[[BinaryIO], T]) -> T:
+        """``produce(f)`` into a temp file next to the target, fsync'd and renamed over it."""
         final = self.path(name)
         folder, base = os.path.split(final)
         os.makedirs(folder, exist_ok=True)  # names may hold folders (the run's _work/ scratch)
         tmp = os.path.join(folder, f".{base}.{uuid.uuid4().hex}.tmp")
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                out = produce(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+        return out
 
     def write_stream(
         self, name: str, produce: Callable[[BinaryIO], T], *, budget_s: float | None = None
@@ -491,20 +496,7 @@ class DatasetStore:
         (``TMPDIR``), uploaded whole (multipart for large files) and retried like
         :meth:`write_bytes`; the object appears only when the upload completes."""
         if not self.remote:
-            final = self.path(name)
-            folder, base = os.path.split(final)
-            os.makedirs(folder, exist_ok=True)
-            tmp = os.path.join(folder, f".{base}.{uuid.uuid4().hex}.tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    out = produce(f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, final)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-            return out
+            return self._write_local(name, produce)
         with tempfile.NamedTemporaryFile(prefix="realdgen-upload-", suffix=".tmp") as f:
             out = produce(f)
             f.flush()
