@@ -429,6 +429,31 @@ def test_changed_input_listing_is_not_resumed_into(ray_local, photos, tmp_path):
 
 
 @pytest.mark.ray
+def test_a_reference_that_stops_decoding_is_not_resumed_into(ray_local, photos, tmp_path):
+    """Same listing, but a reference that decoded when the complete shards were written fails now: the
+    remaining tiles would be paired over another reference list, so the job refuses before generating;
+    with the reference readable again it resumes, byte for byte."""
+    hr, refs = write_inputs(tmp_path / "in", dict(sorted(photos.items())[:3]))
+    out = tmp_path / "ds"
+    data = manifest_dict(str(hr), str(refs), str(out), generator__kind="bicubic", pairing__mode="round_robin")
+    assert run_dict(data)["shards"] == 2
+    before = dataset_bytes(out)
+    stats = [json.loads((out / f"pairs-00000{i}_stats.json").read_text()) for i in (0, 1)]
+    assert stats[0]["references_digest"].startswith("refs:sha256:")
+    assert stats[0]["references_digest"] == stats[1]["references_digest"]
+    ref = sorted(refs.iterdir())[1]
+    good = ref.read_bytes()
+    ref.write_bytes(b"not an image any more")  # same name: the listing digest does not change
+    (out / "pairs-000001_stats.json").unlink()  # one shard left to write
+    with pytest.raises(JobFailed, match=r"references that decode differ .*pairs-000000\): 2 of 3 decode now"):
+        run_dict(data)
+    ref.write_bytes(good)
+    again = run_dict(data)
+    assert again["shards_written"] == 1 and again["shards_skipped"] == 1
+    assert dataset_bytes(out) == before
+
+
+@pytest.mark.ray
 def test_foreign_output_refused_and_lock_respected(ray_local, inputs, tmp_path):
     from pipelines.storage import LOCK_NAME
 

@@ -120,6 +120,7 @@ class SinkConfig(_Config):
     model_digest: str | None = None
     generator: str | None = None
     inputs_digest: str | None = None  # of the sorted inputs and references (plan.listing_digest)
+    references_digest: str | None = None  # of the references that decoded (plan.references_digest)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,14 @@ from pipelines.generate.config import (
     StartsConfig,
 )
 from pipelines.generate.console import driver_native_log_path, native_stderr_to, quiet_ray_data_progress
-from pipelines.generate.plan import LISTING_DIGEST_PREFIX, Plan, list_plan, make_plan, read_plan_block
+from pipelines.generate.plan import (
+    LISTING_DIGEST_PREFIX,
+    Plan,
+    list_plan,
+    make_plan,
+    read_plan_block,
+    references_digest,
+)
 from pipelines.generate.sink import ShardProgress, compact_shard, encode_write_batch
 from pipelines.generate.stages import GenerateLR, decode_tile_batch
 from pipelines.manifest import GenerateManifest, ManifestError
@@ -539,6 +546,7 @@ class GenerateJob:
             model_digest=plan.model_digest,
             generator=g.kind,
             inputs_digest=plan.inputs_digest,
+            references_digest=references_digest(plan.refs),
         )
         return decode, generate, sink
 
@@ -559,6 +567,7 @@ class GenerateJob:
         # Every shard complete: nothing to generate, so the references' start profile (a minute of
         # E_deg on the CPU) is not measured again; the index keeps the one the dataset was made with.
         kept_profile = None if pending else self._indexed_start_profile(plan)
+        listed_refs = len(plan.refs)
         if kept_profile is None:
             refs, sets, bank_ref = self._prepare_refs(plan, num_gpus)
             if refs and len(refs) != len(plan.refs):
@@ -569,10 +578,27 @@ class GenerateJob:
 
         total_inputs = plan.n_inputs
         failed_inputs = 0  # decode failed, or at least one sample failed (the failure budget)
-        for stem in complete:
+        paired_otherwise: list[str] = []
+        for stem in sorted(complete):
+            st = None
             with contextlib.suppress(TransientStorageError, FileNotFoundError, ValueError):
                 st = self.store.read_json(f"{stem}_stats.json")
+            if not isinstance(st, dict):
+                continue
+            with contextlib.suppress(TypeError, ValueError):
                 failed_inputs += int(st.get("inputs_with_failures", st.get("inputs_failed", 0)))
+            had = st.get("references_digest")  # absent: written before it was recorded
+            if kept_profile is None and had is not None and had != sink_cfg.references_digest:
+                paired_otherwise.append(stem)
+        if paired_otherwise:
+            raise JobFailed(
+                f"the references that decode differ from those the complete shards were paired over "
+                f"({', '.join(paired_otherwise[:3])}{', …' if len(paired_otherwise) > 3 else ''}): "
+                f"{len(plan.refs)} of {listed_refs} decode now (skipped ones are logged above). "
+                "A reference that fails now but did not then (a permission error, a file replaced), "
+                "or the reverse, pairs the remaining tiles differently. Make it readable again and "
+                "rerun, or use output.mode: overwrite to regenerate every shard"
+            )
         budget = m.limits.max_failure_fraction
 
         def over_budget() -> bool:

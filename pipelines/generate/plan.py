@@ -17,7 +17,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -417,6 +417,19 @@ def listing_digest(rows: list[dict], refs: list[dict] = ()) -> str:
     for r in refs:
         h.update(f"{r['set']}\t{r['uri']}\n".encode())
     return LISTING_DIGEST_PREFIX + h.hexdigest()
+
+
+def references_digest(refs: Sequence[Mapping]) -> str | None:
+    """Digest of the references that decoded (set and URI, in order): what the samples are paired
+    over. A reference that fails to decode is dropped at run time, so one that fails in one run and
+    not in another (a permission error, a file replaced) pairs the tiles differently; a run whose
+    digest differs from a complete shard's is refused. None when there are no references."""
+    if not refs:
+        return None
+    h = hashlib.sha256()
+    for r in refs:
+        h.update(f"{r['set']}\t{r['uri']}\n".encode())
+    return "refs:sha256:" + h.hexdigest()
 
 
 def probe_rows(m: GenerateManifest, rows: list[dict]) -> list[dict]:

@@ -310,6 +310,7 @@ def compact_shard(
         "manifest_digest": config.digest,
         "model_digest": config.model_digest,
         "inputs_digest": config.inputs_digest,
+        "references_digest": config.references_digest,
         "generator": config.generator,
         "inputs": expected_inputs,
         "inputs_failed": inputs_failed,
