@@ -69,6 +69,9 @@ DEFAULT_RETRY_S = 120.0
 log = logging.getLogger("realdgen.storage")
 T = TypeVar("T")
 
+# Part size of the multipart uploads of DatasetStore.write_stream (s3's minimum part is 5 MiB).
+UPLOAD_CHUNK = 8 * 2**20
+
 
 # s3fs/botocore fail fast; :func:`with_retries` owns the retry policy.
 def _s3_config() -> dict:
@@ -492,19 +495,20 @@ class DatasetStore:
         """Write an object that ``produce(f)`` streams into a file, atomically; returns its result.
 
         For objects too large to hold in memory (a shard's tar). Locally ``produce`` writes a temp
-        file next to the target, renamed over it when complete. On s3 it writes a local temp file
-        (``TMPDIR``), uploaded whole (multipart for large files) and retried like
-        :meth:`write_bytes`; the object appears only when the upload completes."""
+        file next to the target, renamed over it when complete, retried like :meth:`write_bytes`
+        (so ``produce`` must be safe to call again). On s3 it writes a file in a local temp folder
+        (``TMPDIR``: room for the object is needed there), uploaded under the retry budget in
+        ``UPLOAD_CHUNK`` parts (one PUT below two parts' size; s3fs holds at most its concurrency ×
+        one part in memory); the object appears only when the upload completes."""
+        what = self._what("write", name)
         if not self.remote:
-            return self._write_local(name, produce)
-        with tempfile.NamedTemporaryFile(prefix="realdgen-upload-", suffix=".tmp") as f:
-            out = produce(f)
-            f.flush()
-            with_retries(
-                lambda: self.fs.put_file(f.name, self.path(name)),
-                what=self._what("write", name),
-                budget_s=budget_s,
-            )
+            return with_retries(lambda: self._write_local(name, produce), what=what, budget_s=budget_s)
+        with tempfile.TemporaryDirectory(prefix="realdgen-upload-") as folder:
+            local = os.path.join(folder, "object")
+            with open(local, "wb") as f:
+                out = produce(f)
+            upload = functools.partial(self.fs.put_file, local, self.path(name), chunksize=UPLOAD_CHUNK)
+            with_retries(upload, what=what, budget_s=budget_s)
         return out
 
     def write_json(self, name: str, obj: Any, *, indent: int | None = 2) -> None:

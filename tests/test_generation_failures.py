@@ -130,8 +130,10 @@ def _part_members(store: DatasetStore, prefix: str) -> dict[str, dict[str, bytes
     return out
 
 
-def test_compaction_writes_each_samples_own_bytes_from_the_spill(tmp_path, monkeypatch):
-    """The tar is streamed from a spill file: every member must be the bytes of its own key."""
+@pytest.mark.parametrize("failed_part_first", [True, False])
+def test_compaction_writes_each_samples_own_bytes_from_the_spill(tmp_path, monkeypatch, failed_part_first):
+    """The tar is streamed from a spill file: every member must be the bytes of its own key, whether
+    the part with the stale failure is read before or after the parts where that sample succeeded."""
     rows = _samples(tmp_path, n_images=3)
     bad = next(r for r in rows if r["row_type"] == "sample")
     cfg = {"store": str(tmp_path / "ds"), "work": "_work/x", "name": "pairs", "scale": 2}
@@ -142,6 +144,18 @@ def test_compaction_writes_each_samples_own_bytes_from_the_spill(tmp_path, monke
     store = DatasetStore(cfg["store"])
     want = _part_members(store, "_work/x/parts")
     assert len(want) == sum(r["row_type"] == "sample" for r in rows) and bad["key"] in want
+
+    def has_failure(name: str) -> bool:
+        rows = pq.read_table(io.BytesIO(store.read_bytes(name)), columns=["status"]).to_pylist()
+        return any(r["status"] != "ok" for r in rows)
+
+    listed = DatasetStore.list_prefix
+
+    def ordered(self, prefix, **kw):  # the order parts are read in (else it follows hashed names)
+        return sorted(listed(self, prefix, **kw), key=lambda n: has_failure(n) != failed_part_first)
+
+    monkeypatch.setattr(DatasetStore, "list_prefix", ordered)
+    assert has_failure(ordered(store, "_work/x/parts")[0 if failed_part_first else -1])
     cfg.update(digest="d", model_digest=None, generator="bicubic")
     stats = compact_shard(cfg, 0, 3, 0.0)
     with open(tmp_path / "ds" / "pairs-000000.tar", "rb") as f:

@@ -516,7 +516,7 @@ def test_write_stream_is_atomic_locally_and_on_s3(tmp_path, s3_server, s3_bucket
         f.write(b"partial bytes")
         raise RuntimeError("producer broke")
 
-    big = bytes(range(256)) * 40_000  # 10 MB
+    big = bytes(range(256)) * 80_000  # 20 MB: a 3-part multipart upload on s3 (UPLOAD_CHUNK 8 MiB)
     for uri in (str(tmp_path / "ds"), f"s3://{s3_bucket}/atomic"):
         store = DatasetStore(uri, {"endpoint_url": s3_server})
         store.write_bytes("keep.bin", b"old")
