@@ -142,6 +142,7 @@ class GenerateJob:
         self.store_uri = self.store.uri if self.store.remote else self.store.root
         self.driver_bytes = 0  # bytes of rows the driver received from the pipeline (bench)
         self.lock: RunLock | None = None
+        self.complete_stats: dict[str, dict] = {}  # stem -> stats, read by inspect_output
 
     # ---------------------------------------------------------------- output inspection
     def _dataset_names(self, names: Iterable[str]) -> list[str]:
@@ -156,7 +157,10 @@ class GenerateJob:
 
         A shard is this plan's when its stats name the same manifest digest, the same model (a
         checkpoint replaced at the same path is another model) and the same input listing (an input
-        added or removed under ``hr.uri`` moves every later input to another shard)."""
+        added or removed under ``hr.uri`` moves every later input to another shard). The stats of
+        the complete shards are kept in ``complete_stats`` (the run reads their counts and
+        references digest from there, not from storage again)."""
+        self.complete_stats = {}
         names = self.store.names()
         foreign: list[str] = []
         why: set[str] = set()
@@ -187,6 +191,7 @@ class GenerateJob:
                 why.update(differ)
             elif n.endswith("_stats.json"):
                 complete.add(n.removesuffix("_stats.json"))
+                self.complete_stats[n.removesuffix("_stats.json")] = meta
         stems = set(plan.stems)
         stray = [n for n in names if n.endswith(".tar") and n.removesuffix(".tar") not in stems]
         if foreign or stray:
@@ -578,17 +583,15 @@ class GenerateJob:
 
         total_inputs = plan.n_inputs
         failed_inputs = 0  # decode failed, or at least one sample failed (the failure budget)
+        # references actually used now (None when nothing is generated: nothing to pair)
+        refs_now = sink_cfg.references_digest if kept_profile is None else None
         paired_otherwise: list[str] = []
         for stem in sorted(complete):
-            st = None
-            with contextlib.suppress(TransientStorageError, FileNotFoundError, ValueError):
-                st = self.store.read_json(f"{stem}_stats.json")
-            if not isinstance(st, dict):
-                continue
+            st = self.complete_stats.get(stem, {})  # inspect_output read them: not again
             with contextlib.suppress(TypeError, ValueError):
                 failed_inputs += int(st.get("inputs_with_failures", st.get("inputs_failed", 0)))
             had = st.get("references_digest")  # absent: written before it was recorded
-            if kept_profile is None and had is not None and had != sink_cfg.references_digest:
+            if refs_now is not None and had is not None and had != refs_now:
                 paired_otherwise.append(stem)
         if paired_otherwise:
             raise JobFailed(
