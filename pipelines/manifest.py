@@ -812,6 +812,12 @@ class TrainStageB(_StageSection):
     )
     kinds: tuple[_SYNTH, ...] = Field(_DegradationCfg.kinds, min_length=1, description="D kinds for θ draws.")
     grad_clip: float = Field(_DegradationCfg.grad_clip, ge=0, description="Max grad norm (0: off).")
+    hard_negatives: float = Field(
+        _DegradationCfg.hard_negatives,
+        ge=0,
+        le=1,
+        description="Share of negatives that are the anchor's θ with one level moved one step.",
+    )
 
 
 class TrainStageC(_StageSection):

@@ -107,6 +107,7 @@ __all__ = [
     "CodecConfig",
     "modcrop",
     "sample_theta",
+    "near_theta",
     "apply",
     "degrade",
     "isotropic_gaussian_kernel",
@@ -1042,6 +1043,57 @@ def sample_theta(
     else:
         ops = [_named("resize", {"op": "resize", "relative_to": "lr", "factor": 1.0, "mode": "bicubic_aa"})]
     return {"version": THETA_VERSION, "kind": kind, "scale": scale, "noise_seed": noise_seed, "ops": ops}
+
+
+LEVEL_STEP = (1.3, 2.0)  # near_theta: factor range of a blur width or noise level step, up or down
+JPEG_STEP = (8, 20)  # near_theta: JPEG quality step range, up or down
+_LEVEL_OPS = ("blur", "blur_subsample", "gaussian_noise", "poisson_noise", "correlated_noise", "jpeg")
+
+
+def _has_level(op: dict) -> bool:
+    if not op.get("applied", True) or op["op"] not in _LEVEL_OPS:
+        return False
+    return op["op"] not in ("blur", "blur_subsample") or op["kernel"]["type"] in KERNEL_TYPES
+
+
+def near_theta(theta: dict, generator: torch.Generator) -> dict | None:
+    """θ with the level of one of its applied ops moved one step: a *hard* negative for stage B.
+
+    One op is drawn among those with a level (a Gaussian-family blur's width, a noise level, a JPEG
+    quality) and moved up or down (p .5): widths and noise levels by a factor from ``LEVEL_STEP``,
+    JPEG quality by ``JPEG_STEP`` points within [10, 95]. Everything else — the op order, the other
+    levels, ``noise_seed`` — stays, so the two LR differ in that one level only. Returns a new dict
+    (``theta`` is not modified), or ``None`` when θ has no op with a level (bicubic).
+    """
+    ops = [dict(op) for op in theta["ops"]]
+    cands = [i for i, op in enumerate(ops) if _has_level(op)]
+    if not cands:
+        return None
+    i = cands[_randint(generator, 0, len(cands) - 1)]
+    op, up = ops[i], _bernoulli(generator, 0.5)
+    if op["op"] == "jpeg":
+        step = _randint(generator, *JPEG_STEP)
+        q = int(op["quality"])
+        moved = q + step if up else q - step
+        if not 10 <= moved <= 95:  # no room on that side: step the other way
+            moved = q - step if up else q + step
+        op["quality"] = min(95, max(10, moved))
+        return {**theta, "ops": ops}
+    f = _uniform(generator, *LEVEL_STEP)
+    f = f if up else 1.0 / f
+    if op["op"] in ("blur", "blur_subsample"):
+        k = dict(op["kernel"])
+        k["sigma_x"], k["sigma_y"] = k["sigma_x"] * f, k["sigma_y"] * f
+        if k["type"] == "iso" and "pad_to" not in k:  # the codec kind sizes its kernel to 3σ
+            k["size"] = max(int(k["size"]), 2 * math.ceil(3 * k["sigma_x"]) + 1)
+        op["kernel"] = k
+    elif op["op"] == "gaussian_noise":
+        op["sigma"] = float(op["sigma"]) * f
+    elif op["op"] == "poisson_noise":
+        op["scale"] = float(op["scale"]) * f
+    else:  # correlated noise: the covariance scales with the level squared
+        op["cov"] = [[float(c) * f * f for c in row] for row in op["cov"]]
+    return {**theta, "ops": ops}
 
 
 # --------------------------------------------------------------------------------------------

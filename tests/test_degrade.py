@@ -544,3 +544,70 @@ def test_codec_kind_is_blur_resize_noise_jpeg_as_drawn():
         D.CodecConfig(jpeg_range=(0, 50))
     with pytest.raises(ValueError, match="config for kind 'codec'"):
         D.sample_theta("codec", 4, g, D.BSRGANConfig())
+
+
+def _level(op: dict) -> float | None:
+    """The one level ``near_theta`` may move in ``op`` (None for ops without one)."""
+    if not op.get("applied", True):
+        return None
+    return {
+        "jpeg": lambda: float(op["quality"]),
+        "gaussian_noise": lambda: float(op["sigma"]),
+        "poisson_noise": lambda: float(op["scale"]),
+        "correlated_noise": lambda: float(op["cov"][0][0]),
+        "blur": lambda: float(op["kernel"]["sigma_x"]),
+        "blur_subsample": lambda: float(op["kernel"]["sigma_x"]),
+    }.get(op["op"], lambda: None)()
+
+
+@pytest.mark.parametrize("kind", ["codec", "realesrgan", "bsrgan"])
+def test_near_theta_moves_exactly_one_level_one_step(kind: str) -> None:
+    """A hard negative: one applied op's level moved by a bounded step, every other field kept."""
+    directions, moved_ops, visible, drawn = set(), set(), 0, 0
+    for seed in range(40):
+        theta = D.sample_theta(kind, 4, gen(seed))
+        before = json.dumps(theta, sort_keys=True)
+        near = D.near_theta(theta, gen(1000 + seed))
+        assert json.dumps(theta, sort_keys=True) == before, "near_theta modified its input"
+        if near is None:  # e.g. a codec draw with no blur, noise or JPEG: only the resize
+            assert all(_level(o) is None for o in theta["ops"]), theta
+            continue
+        assert {k: v for k, v in near.items() if k != "ops"} == {k: v for k, v in theta.items() if k != "ops"}
+        changed = [i for i, (a, b) in enumerate(zip(theta["ops"], near["ops"], strict=True)) if a != b]
+        assert len(changed) == 1, (seed, changed)
+        a, b = theta["ops"][changed[0]], near["ops"][changed[0]]
+        la, lb = _level(a), _level(b)
+        assert la is not None and lb is not None and la != lb
+        if a["op"] == "jpeg":
+            assert 8 <= abs(lb - la) <= 20 and 10 <= lb <= 95
+        elif a["op"] == "correlated_noise":
+            ratio = math.sqrt(lb / la)
+            assert 1.3 - 1e-9 <= max(ratio, 1 / ratio) <= 2.0 + 1e-9
+        else:
+            ratio = lb / la
+            assert 1.3 - 1e-9 <= max(ratio, 1 / ratio) <= 2.0 + 1e-9, (a, b)
+        directions.add(lb > la)
+        moved_ops.add(a["op"])
+        # the moved level shows in the pixels of the same HR (unless a later blur + JPEG hides it)
+        hr = photo(1, 64, 64, seed)
+        visible += not torch.equal(D.apply(hr, [theta]), D.apply(hr, [near]))
+        drawn += 1
+    assert visible >= 0.9 * drawn, (visible, drawn)
+    assert directions == {True, False}
+    assert "jpeg" in moved_ops and len(moved_ops) >= 2
+
+
+def test_near_theta_codec_blur_widens_its_kernel_and_bicubic_has_no_level() -> None:
+    cfg = D.CodecConfig(blur_prob=1.0, noise_prob=0.0, jpeg_prob=0.0, second_jpeg_prob=0.0)
+    theta = D.sample_theta("codec", 4, gen(5), cfg)
+    sigma = op(theta, "blur")["kernel"]["sigma_x"]
+    wider = [
+        t
+        for s in range(30)
+        if (t := D.near_theta(theta, gen(s))) and op(t, "blur")["kernel"]["sigma_x"] > sigma
+    ]
+    assert wider
+    for t in wider:  # sized to 3σ like the codec kind's own draws, never narrower than before
+        k = op(t, "blur")["kernel"]
+        assert k["size"] >= max(op(theta, "blur")["kernel"]["size"], 2 * math.ceil(3 * k["sigma_x"]) + 1)
+    assert D.near_theta(D.sample_theta("bicubic", 4, gen(0)), gen(0)) is None

@@ -134,3 +134,32 @@ def test_stage_c_diffusion_loss_falls_with_partial_finetuning(model, hr):
     assert (model.degradation.last_conv.weight - last_conv).abs().max() < 1e-3  # tiny lr, tiny change
     lrs = sorted(g["lr"] for g in phase.optimizer.param_groups)
     assert lrs == [1e-6, 2e-3]
+
+
+def test_stage_b_hard_negatives_are_the_anchors_theta_with_one_level_moved(hr):
+    """``hard_negatives``: a negative is D(X, near_theta(θ)) of its own anchor's θ, not a fresh θ."""
+    from realdgen_core import degrade as D
+    from realdgen_core.train.data import draw_kinds
+
+    b, n, s = 4, 3, 4
+    easy = DegradationStageConfig(batch_size=b, lr_crop=8, kinds=("codec",))
+    hard = DegradationStageConfig(batch_size=b, lr_crop=8, kinds=("codec",), hard_negatives=1.0)
+    lr_a, lr_p, lr_n, hr_a, hr_p = triplet_batch(hr, hard, s, _gen(7))
+    e_a, e_p, e_n, e_ha, e_hp = triplet_batch(hr, easy, s, _gen(7))
+    # everything drawn before the negatives is the same with or without hard negatives
+    for x, y in ((lr_a, e_a), (lr_p, e_p), (hr_a, e_ha), (hr_p, e_hp)):
+        assert torch.equal(x, y)
+    # rebuild the draws by hand: each negative is its anchor's θ with one level moved, on its content
+    g = _gen(7)
+    hr_a2, _ = hr(b, 8 * s, g), hr(b * n, 8 * s, g)
+    _, th_a = degrade_mixed(hr_a2, draw_kinds(("codec",), b, g), s, child_generators(g, b))
+    draw_kinds(("codec",), b * n, g), child_generators(g, b * n)
+    assert bool((torch.rand(b * n, generator=g) < 1.0).all())
+    near = [D.near_theta(th_a[j // n], g) for j in range(b * n)]
+    assert all(t is not None for t in near)  # these codec draws all have a level to move
+    expected = D.apply(hr_a.repeat_interleave(n, 0), near)
+    assert torch.equal(lr_n, expected)
+    # and they are closer to their anchors than fresh-θ negatives of the same content
+    gap = lambda neg: float((neg - lr_a.repeat_interleave(n, 0)).abs().mean())  # noqa: E731
+    assert gap(lr_n) < gap(e_n), (gap(lr_n), gap(e_n))
+    assert not torch.equal(lr_n, lr_a.repeat_interleave(n, 0))

@@ -84,11 +84,15 @@ class DegradationStageConfig:
     rec_weight: float = 1.0  # weight of L_rl against L_cl
     kinds: tuple[str, ...] = ("realesrgan", "bsrgan")
     grad_clip: float = 1.0
+    # share of negatives that are *hard*: the anchor's own θ with one level moved one step
+    # (``degrade.near_theta``) instead of a fresh θ, so E_deg must tell levels apart, not only kinds
+    hard_negatives: float = 0.0
 
     def __post_init__(self) -> None:
         n = type(self).__name__
         _check(n, self.steps >= 0, "steps", self.steps)
         _check(n, self.batch_size >= 1, "batch_size", self.batch_size)
+        _check(n, 0.0 <= self.hard_negatives <= 1.0, "hard_negatives", self.hard_negatives)
         _check(n, self.lr_crop >= 4, "lr_crop", self.lr_crop)
         _check(n, self.lr > 0, "lr", self.lr)
         _check(n, self.n >= 1, "n", self.n)

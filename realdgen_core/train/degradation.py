@@ -1,7 +1,8 @@
 """Stage B: the degradation extractor E_deg (paper §2.1, Eq. 3-6, A.1).
 
 For an anchor D(X, θ) the positives are D(X'_i, θ) — the *same* θ re-applied to other HR crops with
-``degrade.apply`` — and the negatives D(X, θ_i) with fresh θ_i; the triplet loss (Eq. 4) with L2
+``degrade.apply`` — and the negatives D(X, θ_i) with fresh θ_i (or, for a ``hard_negatives`` share of
+them, θ itself with one level moved one step, ``degrade.near_theta``); the triplet loss (Eq. 4) with L2
 distances pulls same-θ embeddings together across contents and pushes different-θ embeddings of the
 same content apart. LR reconstruction (Eq. 5-6) makes the embedding complete: Rec_lr(E_cont(HR),
 E_deg(LR)) must rebuild the LR. E_cont stays frozen.
@@ -85,9 +86,25 @@ def triplet_batch(hr: CropSampler, config: DegradationStageConfig, scale: int, g
     hr_p = hr(b * n, size, g)
     lr_a, th_a = degrade_mixed(hr_a, draw_kinds(config.kinds, b, g), scale, child_generators(g, b))
     lr_p = D.apply(hr_p, [th_a[i] for i in range(b) for _ in range(n)])  # same θ, other content
-    lr_n, _ = degrade_mixed(  # same content, other θ
-        hr_a.repeat_interleave(n, 0), draw_kinds(config.kinds, b * n, g), scale, child_generators(g, b * n)
+    hr_n, kinds_n, gens_n = (
+        hr_a.repeat_interleave(n, 0),
+        draw_kinds(config.kinds, b * n, g),
+        child_generators(g, b * n),
     )
+    if config.hard_negatives <= 0:
+        lr_n, _ = degrade_mixed(hr_n, kinds_n, scale, gens_n)  # same content, other θ
+        return lr_a, lr_p, lr_n, hr_a, hr_p
+    hard = (torch.rand(b * n, generator=g) < config.hard_negatives).tolist()
+    near = [D.near_theta(th_a[j // n], g) if hard[j] else None for j in range(b * n)]
+    lr_n = torch.empty(b * n, *lr_a.shape[1:])
+    fresh = [j for j in range(b * n) if near[j] is None]  # not drawn hard, or the anchor has no level
+    if fresh:
+        lr_n[fresh] = degrade_mixed(
+            hr_n[fresh], [kinds_n[j] for j in fresh], scale, [gens_n[j] for j in fresh]
+        )[0]
+    moved = [j for j in range(b * n) if near[j] is not None]
+    if moved:
+        lr_n[moved] = D.apply(hr_n[moved], [near[j] for j in moved])
     return lr_a, lr_p, lr_n, hr_a, hr_p
 
 
