@@ -97,6 +97,32 @@ def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.Abstra
     return fs, path
 
 
+class ProcessFilesystems:
+    """One fsspec filesystem per URL protocol, made in (and kept for) the process that uses it.
+
+    A shard list may mix local paths and ``s3://`` URLs: each URL is opened with the filesystem of
+    its own protocol. Pickling (to DataLoader workers) drops the filesystems: sockets and event
+    loops never cross a process boundary; each process makes its own on first use.
+    """
+
+    def __init__(self, endpoint_url: str | None = None) -> None:
+        self.endpoint_url = endpoint_url
+        self._pid: int | None = None
+        self._by_protocol: dict[str, fsspec.AbstractFileSystem] = {}
+
+    def __getstate__(self) -> dict:
+        return {"endpoint_url": self.endpoint_url, "_pid": None, "_by_protocol": {}}
+
+    def __call__(self, url: str) -> fsspec.AbstractFileSystem:
+        if self._pid != os.getpid():
+            self._pid, self._by_protocol = os.getpid(), {}
+        protocol = url.split("://", 1)[0] if "://" in url else "file"
+        fs = self._by_protocol.get(protocol)
+        if fs is None:
+            fs = self._by_protocol[protocol] = filesystem(url, self.endpoint_url)[0]
+        return fs
+
+
 @dataclass(frozen=True)
 class ShardEntry:
     """One shard: its full URL and, when known, its sample count and size in bytes."""
@@ -551,7 +577,7 @@ class PairedShardDataset(IterableDataset):
         self.strict = strict
         self.epoch = 0
         self.skipped: Counter = Counter()
-        self._fs_pid: tuple[int, fsspec.AbstractFileSystem] | None = None
+        self._fs = ProcessFilesystems(endpoint_url)
 
     # -- public knobs -------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -574,16 +600,6 @@ class PairedShardDataset(IterableDataset):
         return sum(s.samples for s in self.shards)
 
     # -- internals ----------------------------------------------------------------------------
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_fs_pid"] = None  # a filesystem (sockets, event loop) never crosses a process boundary
-        return state
-
-    def _fs(self) -> fsspec.AbstractFileSystem:
-        if self._fs_pid is None or self._fs_pid[0] != os.getpid():
-            self._fs_pid = (os.getpid(), filesystem(self.shards[0].url, self.endpoint_url)[0])
-        return self._fs_pid[1]
-
     def _slot(self) -> tuple[int, int, int]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -602,10 +618,9 @@ class PairedShardDataset(IterableDataset):
             yield self.shards[int(rng.choice(len(self.shards), p=p))]
 
     def _open(self, shards: Iterator[ShardEntry]) -> Iterator[dict]:
-        fs = self._fs()
         for shard in shards:
             try:
-                stream = fs.open(shard.url, "rb")
+                stream = self._fs(shard.url).open(shard.url, "rb")
             except Exception as exc:
                 if not self._shard_error(exc, shard.url):
                     return
@@ -802,27 +817,17 @@ class ShardRandomAccess:
         self.max_cached = int(max_cached_spans)
         self._tables: OrderedDict[int, list[MemberSpan]] = OrderedDict()
         self._cached_spans = 0
-        self._fs_pid: tuple[int, fsspec.AbstractFileSystem] | None = None
+        self._fs = ProcessFilesystems(endpoint_url)
 
     def __len__(self) -> int:
         return self.cum[-1]
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_fs_pid"] = None
-        return state
-
-    def _fs(self) -> fsspec.AbstractFileSystem:
-        if self._fs_pid is None or self._fs_pid[0] != os.getpid():
-            self._fs_pid = (os.getpid(), filesystem(self.shards[0].url, self.endpoint_url)[0])
-        return self._fs_pid[1]
 
     def _table(self, si: int) -> list[MemberSpan]:
         if si in self._tables:
             self._tables.move_to_end(si)
             return self._tables[si]
         url = self.shards[si].url
-        table, error = scan_tar(self._fs(), url, self.skip, self.max_member_bytes)
+        table, error = scan_tar(self._fs(url), url, self.skip, self.max_member_bytes)
         expected = self.shards[si].samples
         cut_at_header = error is None and len(table) < expected
         if cut_at_header:
@@ -855,7 +860,7 @@ class ShardRandomAccess:
         url = self.shards[si].url
         if span.problem is not None:
             raise BadSample(*span.problem)
-        blob = self._fs().cat_file(url, start=span.start, end=span.end)
+        blob = self._fs(url).cat_file(url, start=span.start, end=span.end)
         if len(blob) != span.end - span.start:
             raise BadSample("truncated_tar", f"{url}: sample {span.key} ends early (truncated tar)")
         files = {s: blob[o : o + n] for s, (o, n) in span.members.items()}

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from pipelines.basicsr_dataset import REGISTERED_WITH_BASICSR, RealDGenPairedDataset
 from pipelines.inspect_shards import check_contract
-from pipelines.reader import BadSample, PairedShardDataset, epoch_order, slot_shards
+from pipelines.reader import BadSample, PairedShardDataset, ShardRandomAccess, epoch_order, slot_shards
 
 
 def _u8(t: torch.Tensor) -> np.ndarray:
@@ -262,6 +262,23 @@ def test_reads_from_s3_over_http_like_local(s3_server, s3_bucket, tmp_path):
         assert torch.equal(s["gt"], got_local[s["key"]][0]) and torch.equal(s["lq"], got_local[s["key"]][1])
     report = check_contract(uri, scale=4)
     assert report.ok and report.samples == 10, report.problems
+
+
+def test_a_shard_list_mixing_local_and_s3_reads_each_from_its_own_store(s3_server, s3_bucket, tmp_path):
+    """Each URL is opened with its own protocol's filesystem: nothing is skipped as unreadable."""
+    uri = f"s3://{s3_bucket}/mixed/ds"
+    remote = write_dataset(uri, n_samples=6, samples_per_shard=3, hr_size=48, seed=3)
+    local = write_dataset(str(tmp_path / "ds"), n_samples=6, samples_per_shard=3, hr_size=48, seed=4)
+    urls = [f"{local.uri}/{local.shards[0]}.tar", f"{uri}/{remote.shards[1]}.tar"]
+    want = local.keys_by_shard[local.shards[0]] + remote.keys_by_shard[remote.shards[1]]
+    ds = PairedShardDataset(urls, shuffle=False)
+    assert len(ds) == 6  # both _index.json files were read, each from its own store
+    for workers in (0, 2):  # the filesystems are made again in each worker process
+        got = [s["key"] for s in DataLoader(ds, batch_size=None, num_workers=workers)]
+        assert sorted(got) == sorted(want), workers
+    assert ds.skipped == {}
+    mapped = ShardRandomAccess(ds.shards)
+    assert [mapped.get(i)[1] for i in range(6)] == want
 
 
 # -- BasicSR-style map dataset -------------------------------------------------------------------
