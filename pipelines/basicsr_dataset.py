@@ -49,7 +49,9 @@ from pipelines.reader import (
 
 log = logging.getLogger(__name__)
 
-# How many following samples to try when one breaks the contract, before giving up loudly.
+# How many samples to try when one breaks the contract, before giving up loudly: the index itself,
+# then substitutes drawn at random from the whole dataset (the next indices would all lie in the
+# same lost stretch of a truncated shard).
 MAX_SUBSTITUTES = 16
 
 
@@ -58,8 +60,9 @@ class RealDGenPairedDataset(Dataset):
 
     Returns ``{'lq', 'gt', 'lq_path', 'gt_path', 'key'}`` with float32 RGB CHW tensors in
     ``[0, 1]`` (normalised when ``mean``/``std`` are set). A sample that breaks the contract is
-    counted in :attr:`skipped`, logged, and replaced by the next good one, so one bad sample does
-    not kill a multi-day run; a run of ``MAX_SUBSTITUTES`` bad samples raises.
+    counted in :attr:`skipped`, logged, and replaced by a good one drawn at random, so one bad
+    sample (or a truncated shard) does not kill a multi-day run; ``MAX_SUBSTITUTES`` bad draws in a
+    row raise.
     """
 
     def __init__(self, opt: dict):
@@ -110,14 +113,15 @@ class RealDGenPairedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         n = len(self)
-        for attempt in range(MAX_SUBSTITUTES):
-            i = (index + attempt) % n
+        i = index
+        for _ in range(MAX_SUBSTITUTES):
             try:
                 files, key, url = self.access.get(i)  # a sample marked bad by the scan raises here
                 out = self.transform(files, key, url, self._generator())
             except BadSample as exc:
                 self.skipped[exc.reason] += 1
                 log.warning("RealDGenPairedDataset: sample %d skipped: %s", i, exc)
+                i = int(self._generator().integers(n))
                 continue
             if self.mean is not None or self.std is not None:
                 mean = torch.tensor(self.mean if self.mean is not None else [0.0] * 3).view(3, 1, 1)
@@ -126,8 +130,8 @@ class RealDGenPairedDataset(Dataset):
                 out["gt"] = (out["gt"] - mean) / std
             return out
         raise RuntimeError(
-            f"RealDGenPairedDataset: {MAX_SUBSTITUTES} bad samples in a row from index {index}; "
-            f"skipped so far: {dict(self.skipped)}"
+            f"RealDGenPairedDataset: sample {index} and {MAX_SUBSTITUTES - 1} random substitutes are "
+            f"all bad; skipped so far: {dict(self.skipped)}"
         )
 
 

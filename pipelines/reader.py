@@ -311,6 +311,10 @@ def check_member(m: tarfile.TarInfo, max_member_bytes: int = MAX_MEMBER_BYTES) -
     return key, suffix
 
 
+# Reasons check_member gives for one refused member (the sample may still be whole without it)
+MEMBER_REASONS = frozenset({"not_a_file", "unsafe_name", "bad_key", "unexpected_member", "member_too_large"})
+
+
 def _tar_error(url: str, exc: BaseException) -> BadSample:
     text = str(exc) or type(exc).__name__
     truncated = isinstance(exc, EOFError) or "unexpected end" in text or "truncated" in text.lower()
@@ -652,7 +656,7 @@ class PairedShardDataset(IterableDataset):
 
             def skip(exc: BadSample) -> None:
                 nonlocal skips
-                skips += 1
+                skips += exc.reason not in MEMBER_REASONS  # a refused member is not a lost sample
                 self._skip(exc)
 
             for sample in iter_tar_samples(
@@ -740,9 +744,13 @@ class MemberSpan:
     end: int
     members: dict[str, tuple[int, int]]  # suffix -> (offset from start, size)
     problem: tuple[str, str] | None = None
+    # the span holds more than its members and their headers (a refused member lies between them):
+    # each member is read on its own, so a refused member's bytes are never fetched
+    gapped: bool = False
 
 
 SCAN_OPEN = {"block_size": 1 << 16, "cache_type": "readahead"}  # remote header scans: 64 KiB reads
+SPAN_SLACK = 4096  # bytes per member a contiguous span may hold besides member data (header, padding)
 # Header tables kept per process, counted in samples (a span is ~0.45 kB): BasicSR's shuffled sampler
 # touches every shard every epoch, and a table evicted too early means a rescan per sample.
 MAX_CACHED_SPANS = 1 << 19
@@ -780,14 +788,19 @@ def scan_tar(
                     problems[key] = ("duplicate_member", f"{url}: {key} holds {suffix} twice; skipped")
                 grouped.setdefault(key, {})[suffix] = (m.offset_data, m.size)
                 last = key
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (tarfile.TarError, EOFError) as exc:
         error = _tar_error(url, exc)
+    except OSError as exc:  # storage, not the tar: a table cut here must not be kept for good
+        raise BadSample(
+            "shard_error", f"{url}: {type(exc).__name__}: {exc}; scanned again at its next read"
+        ) from None
     spans = []
     for key, members in grouped.items():
         start = min(o for o, _ in members.values())
         end = max(o + n for o, n in members.values())
         rel = {s: (o - start, n) for s, (o, n) in members.items()}
-        spans.append(MemberSpan(key, start, end, rel, problems.get(key)))
+        gapped = end - start > sum(n for _, n in members.values()) + SPAN_SLACK * len(members)
+        spans.append(MemberSpan(key, start, end, rel, problems.get(key), gapped))
     return spans, error
 
 
@@ -841,7 +854,7 @@ class ShardRandomAccess:
             problem = (error.reason, error.message)
             if table and table[-1].problem is None and not cut_at_header:
                 last = table[-1]
-                table[-1] = MemberSpan(last.key, last.start, last.end, last.members, problem)
+                table[-1] = MemberSpan(last.key, last.start, last.end, last.members, problem, last.gapped)
             table += [MemberSpan("?", 0, 0, {}, problem)] * (expected - len(table))
         if len(table) != expected:
             raise ValueError(f"{url} holds {len(table)} samples, the index says {expected}")
@@ -860,8 +873,13 @@ class ShardRandomAccess:
         url = self.shards[si].url
         if span.problem is not None:
             raise BadSample(*span.problem)
-        blob = self._fs(url).cat_file(url, start=span.start, end=span.end)
-        if len(blob) != span.end - span.start:
+        fs = self._fs(url)
+        if span.gapped:
+            a = span.start
+            files = {s: fs.cat_file(url, start=a + o, end=a + o + n) for s, (o, n) in span.members.items()}
+        else:
+            blob = fs.cat_file(url, start=span.start, end=span.end)
+            files = {s: blob[o : o + n] for s, (o, n) in span.members.items()}
+        if any(len(files[s]) != n for s, (_, n) in span.members.items()):
             raise BadSample("truncated_tar", f"{url}: sample {span.key} ends early (truncated tar)")
-        files = {s: blob[o : o + n] for s, (o, n) in span.members.items()}
         return files, span.key, url
