@@ -451,6 +451,37 @@ def test_a_reference_that_stops_decoding_is_not_resumed_into(ray_local, photos, 
     again = run_dict(data)
     assert again["shards_written"] == 1 and again["shards_skipped"] == 1
     assert dataset_bytes(out) == before
+    # overwrite, as the refusal suggests, regenerates every shard over the references that decode now
+    # (before, it kept the complete shards and refused again, whatever the mode)
+    ref.write_bytes(b"not an image any more")
+    (out / "pairs-000001_stats.json").unlink()
+    over = {**data, "output": {**data["output"], "mode": "overwrite"}}
+    assert run_dict(over)["shards_written"] == 2
+    validate(str(out))
+    now = {json.loads((out / f"pairs-00000{i}_stats.json").read_text())["references_digest"] for i in (0, 1)}
+    assert len(now) == 1 and now != {stats[0]["references_digest"]}
+    ref.write_bytes(good)
+    (out / "pairs-000001_stats.json").unlink()  # (a complete dataset is not read again at all)
+    assert run_dict(over)["shards_written"] == 2 and dataset_bytes(out) == before
+
+
+@pytest.mark.ray
+def test_a_temp_file_a_killed_writer_left_is_gone_when_the_job_ends(ray_local, photos, tmp_path, monkeypatch):
+    """A compaction killed mid-write leaves its temp tar (its retry wrote under another temp name);
+    the job removes it once no writer runs, not only at the next run's start."""
+    from pipelines.generate.job import GenerateJob
+
+    hr, refs = write_inputs(tmp_path / "in", dict(sorted(photos.items())[:2]))
+    out = tmp_path / "ds"
+    write_index = GenerateJob.write_index
+
+    def after_a_killed_writer(self, *args, **kw):
+        (out / ".pairs-000000.tar.0123abcd.tmp").write_bytes(b"part of a tar")
+        return write_index(self, *args, **kw)
+
+    monkeypatch.setattr(GenerateJob, "write_index", after_a_killed_writer)
+    run_dict(manifest_dict(str(hr), str(refs), str(out), generator__kind="bicubic"))
+    assert (out / "_index.json").exists() and not list(out.glob(".*.tmp"))
 
 
 @pytest.mark.ray

@@ -164,3 +164,40 @@ def test_compaction_writes_each_samples_own_bytes_from_the_spill(tmp_path, monke
     assert len({m["lr.png"] for m in got.values()}) == len(got)  # distinct samples, not one repeated
     assert stats["bytes"] == (tmp_path / "ds" / "pairs-000000.tar").stat().st_size
     assert not [p.name for p in (tmp_path / "ds").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_compaction_retried_after_its_stats_were_written_finishes_the_clean_up(tmp_path, monkeypatch):
+    """A part's delete fails (or the worker dies) after _stats.json was written: Ray runs the task
+    again, and the retry must return the complete shard's stats, not fail on the parts now missing."""
+    from pipelines.storage import TransientStorageError
+
+    rows = _samples(tmp_path)
+    cfg = {"store": str(tmp_path / "ds"), "work": "_work/x", "name": "pairs", "scale": 2}
+    generated = GenerateLR({"kind": "bicubic", "scale": 2})(rows)
+    encode_write_batch(generated.slice(0, 3), cfg)
+    encode_write_batch(generated.slice(3), cfg)
+    cfg.update(digest="d", model_digest=None, generator="bicubic", references_digest="refs:a")
+    store = DatasetStore(cfg["store"])
+    delete, calls = DatasetStore.delete, []
+
+    def flaky(self, name, **kw):
+        calls.append(name)
+        if len(calls) == 2:
+            raise TransientStorageError(f"delete {name}: storage unavailable")
+        return delete(self, name, **kw)
+
+    monkeypatch.setattr(DatasetStore, "delete", flaky)
+    with pytest.raises(TransientStorageError):
+        compact_shard(cfg, 0, 2, 0.0)
+    monkeypatch.setattr(DatasetStore, "delete", delete)
+    first = store.read_json("pairs-000000_stats.json")
+    tar = (tmp_path / "ds" / "pairs-000000.tar").read_bytes()
+    assert len(store.list_prefix("_work/x/parts")) == 1  # one part deleted, one left
+    assert compact_shard(cfg, 0, 2, 0.0) == first  # the retry (it raised IncompleteShard before)
+    assert store.list_prefix("_work/x/parts") == []
+    assert (tmp_path / "ds" / "pairs-000000.tar").read_bytes() == tar
+    # stats of another run (other references) are not taken for this run's: the shard is compacted
+    encode_write_batch(generated, cfg)
+    other = {**cfg, "references_digest": "refs:b"}
+    assert compact_shard(other, 0, 2, 0.0)["references_digest"] == "refs:b"
+    assert store.list_prefix("_work/x/parts") == []

@@ -152,6 +152,15 @@ class GenerateJob:
             if n.endswith((".tar", ".parquet", "_stats.json")) or n in (INDEX_NAME, PREVIEW_NAME)
         ]
 
+    def _remove_dataset(self, names: Iterable[str]) -> int:
+        """Delete the dataset files among ``names``: the index and the completion markers
+        (``_stats.json``) first, so a crash part-way never leaves a marker without its tar."""
+        files = self._dataset_names(names)
+        markers = [n for n in files if n.endswith("_stats.json") or n == INDEX_NAME]
+        for n in markers + [n for n in files if n not in set(markers)]:
+            self.store.delete(n)
+        return len(files)
+
     def inspect_output(self, plan: Plan) -> set[str]:
         """Stems already complete for this plan; refuses (or clears, with overwrite) foreign output.
 
@@ -212,9 +221,8 @@ class GenerateJob:
                     f"input listing (here: {what_changed}; e.g. {what}); use output.mode: overwrite "
                     "(or --set output.mode=overwrite) to replace it, or choose another output.uri"
                 )
-            for n in self._dataset_names(names):
-                self.store.delete(n)
-            self.log(f"overwrite: removed {len(self._dataset_names(names))} files of a previous dataset")
+            removed = self._remove_dataset(names)
+            self.log(f"overwrite: removed {removed} files of a previous dataset")
             return set()
         return complete & stems
 
@@ -582,18 +590,25 @@ class GenerateJob:
             self.log("every shard is complete: references and start profile not read again")
 
         total_inputs = plan.n_inputs
-        failed_inputs = 0  # decode failed, or at least one sample failed (the failure budget)
         # references actually used now (None when nothing is generated: nothing to pair)
         refs_now = sink_cfg.references_digest if kept_profile is None else None
-        paired_otherwise: list[str] = []
-        for stem in sorted(complete):
-            st = self.complete_stats.get(stem, {})  # inspect_output read them: not again
-            with contextlib.suppress(TypeError, ValueError):
-                failed_inputs += int(st.get("inputs_with_failures", st.get("inputs_failed", 0)))
-            had = st.get("references_digest")  # absent: written before it was recorded
-            if refs_now is not None and had is not None and had != refs_now:
-                paired_otherwise.append(stem)
-        if paired_otherwise:
+        paired_otherwise = [
+            stem
+            for stem in sorted(complete)
+            if refs_now is not None
+            # absent: written before it was recorded
+            and self.complete_stats.get(stem, {}).get("references_digest") not in (None, refs_now)
+        ]
+        if paired_otherwise and m.output.mode == "overwrite":
+            removed = self._remove_dataset(self.store.names())
+            self.log(
+                f"overwrite: {len(paired_otherwise)} complete shards were paired over other references "
+                f"than decode now; removed the {removed} files of the previous dataset"
+            )
+            complete, self.complete_stats = set(), {}
+            pending = list(range(len(plan.stems)))
+            pending_set, n_pending_inputs = set(pending), plan.n_inputs
+        elif paired_otherwise:
             raise JobFailed(
                 f"the references that decode differ from those the complete shards were paired over "
                 f"({', '.join(paired_otherwise[:3])}{', …' if len(paired_otherwise) > 3 else ''}): "
@@ -602,6 +617,11 @@ class GenerateJob:
                 "or the reverse, pairs the remaining tiles differently. Make it readable again and "
                 "rerun, or use output.mode: overwrite to regenerate every shard"
             )
+        failed_inputs = 0  # decode failed, or at least one sample failed (the failure budget)
+        for stem in sorted(complete):
+            st = self.complete_stats.get(stem, {})  # inspect_output read them: not again
+            with contextlib.suppress(TypeError, ValueError):
+                failed_inputs += int(st.get("inputs_with_failures", st.get("inputs_failed", 0)))
         budget = m.limits.max_failure_fraction
 
         def over_budget() -> bool:
@@ -747,6 +767,9 @@ class GenerateJob:
             raise budget_error()
         index = self.write_index(plan, kept_profile)
         self.store.delete_prefix(plan.work)
+        # A compaction killed mid-write (a lost node) leaves its temp file; its retry wrote the
+        # shard under another temp name. No writer runs now.
+        self.store.clean_temporaries()
         summary = {
             "output": self.store.uri,
             "generator": m.generator.kind,

@@ -211,6 +211,29 @@ def _node() -> dict:
     return info
 
 
+def _written_by_this_run(
+    store: DatasetStore, stem: str, config: SinkConfig, expected_inputs: int
+) -> dict | None:
+    """The shard's stats when they exist and name this run's manifest, model, inputs and references.
+
+    The job regenerates only shards that are not complete (no such stats at its start), so stats like
+    these were written by an earlier attempt of this very compaction."""
+    try:
+        stats = store.read_json(f"{stem}_stats.json")
+    except (FileNotFoundError, ValueError):  # none, or not whole: this attempt writes them
+        return None
+    want = {
+        "manifest_digest": config.digest,
+        "model_digest": config.model_digest,
+        "inputs_digest": config.inputs_digest,
+        "references_digest": config.references_digest,
+        "inputs": expected_inputs,
+    }
+    if not isinstance(stats, dict) or any(stats.get(k) != v for k, v in want.items()):
+        return None
+    return stats
+
+
 def compact_shard(
     config: SinkConfig | Mapping[str, Any], index: int, expected_inputs: int, started: float
 ) -> dict:
@@ -223,6 +246,13 @@ def compact_shard(
     stem = shard_stem(config.name, index)
     prefix = f"{config.work}/parts/{stem}"
     names = store.list_prefix(prefix)
+    done = _written_by_this_run(store, stem, config, expected_inputs)
+    if done is not None:
+        # A retry of this compaction after its _stats.json was written (a part's delete failed, or the
+        # worker was lost then): the shard is complete and some parts are gone; finish the clean-up.
+        for n in names:
+            store.delete(n)
+        return done
     inputs: dict[int, dict] = {}
     samples: dict[str, dict] = {}
     # Sample bytes go to a local spill file as each part is read, so the worker holds one part and
