@@ -183,6 +183,26 @@ def test_domain_start_profile_chosen_once_per_domain_and_used_by_every_sample(
     assert any("start profile not read again" in line for line in logged), logged
     assert not any(line.startswith("start profile domain:") for line in logged), logged
 
+    # a complete shard that started from another entry (its probe inputs decoded otherwise then) is
+    # not resumed into; overwrite regenerates every shard, from the start chosen now
+    from test_generate_job import dataset_bytes
+
+    from pipelines.generate_dataset import JobFailed
+
+    kept = dataset_bytes(out)
+    stats = sorted(out.glob("*_stats.json"))
+    assert len(stats) >= 2
+    st = json.loads(stats[0].read_text())
+    assert st["start_digest"].startswith("start:sha256:")
+    stats[0].write_text(json.dumps({**st, "start_digest": "start:sha256:another"}))
+    stats[-1].unlink()  # one shard left to write: the profile is measured again
+    with pytest.raises(JobFailed, match="start chosen for a reference domain differs"):
+        run(parse_manifest(data), log=lambda *_: None)
+    data["output"]["mode"] = "overwrite"
+    assert run(parse_manifest(data), log=lambda *_: None)["shards_written"] == len(stats)
+    assert dataset_bytes(out) == kept
+    assert json.loads(stats[0].read_text())["start_digest"] == st["start_digest"]
+
 
 @pytest.mark.ray
 def test_domain_start_profile_reads_start_probe_tiles_from_few_large_inputs(

@@ -121,6 +121,7 @@ class SinkConfig(_Config):
     generator: str | None = None
     inputs_digest: str | None = None  # of the sorted inputs and references (plan.listing_digest)
     references_digest: str | None = None  # of the references that decoded (plan.references_digest)
+    start_digest: str | None = None  # of the domain starts chosen from them (plan.start_digest)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from pipelines.generate.plan import (
     make_plan,
     read_plan_block,
     references_digest,
+    start_digest,
 )
 from pipelines.generate.sink import ShardProgress, compact_shard, encode_write_batch
 from pipelines.generate.stages import GenerateLR, decode_tile_batch
@@ -560,6 +561,7 @@ class GenerateJob:
             generator=g.kind,
             inputs_digest=plan.inputs_digest,
             references_digest=references_digest(plan.refs),
+            start_digest=start_digest(plan.start_profiles),
         )
         return decode, generate, sink
 
@@ -590,32 +592,52 @@ class GenerateJob:
             self.log("every shard is complete: references and start profile not read again")
 
         total_inputs = plan.n_inputs
-        # references actually used now (None when nothing is generated: nothing to pair)
-        refs_now = sink_cfg.references_digest if kept_profile is None else None
-        paired_otherwise = [
-            stem
-            for stem in sorted(complete)
-            if refs_now is not None
-            # absent: written before it was recorded
-            and self.complete_stats.get(stem, {}).get("references_digest") not in (None, refs_now)
-        ]
-        if paired_otherwise and m.output.mode == "overwrite":
+        # references actually used now, and the domain starts chosen from them (None when nothing
+        # is generated: nothing to pair); a complete shard made otherwise cannot be resumed into
+        now = (
+            {}
+            if kept_profile is not None
+            else {
+                "references_digest": sink_cfg.references_digest,
+                "start_digest": sink_cfg.start_digest,
+            }
+        )
+        made_otherwise: dict[str, list[str]] = {}
+        for stem in sorted(complete):
+            st = self.complete_stats.get(stem, {})
+            for k, v in now.items():
+                if v is not None and st.get(k) not in (None, v):  # absent: written before it was recorded
+                    made_otherwise.setdefault(k, []).append(stem)
+        if made_otherwise and m.output.mode == "overwrite":
             removed = self._remove_dataset(self.store.names())
+            n = len({s for stems in made_otherwise.values() for s in stems})
             self.log(
-                f"overwrite: {len(paired_otherwise)} complete shards were paired over other references "
-                f"than decode now; removed the {removed} files of the previous dataset"
+                f"overwrite: {n} complete shards were made over other references or starts than "
+                f"now; removed the {removed} files of the previous dataset"
             )
             complete, self.complete_stats = set(), {}
             pending = list(range(len(plan.stems)))
             pending_set, n_pending_inputs = set(pending), plan.n_inputs
-        elif paired_otherwise:
+        elif made_otherwise:
+
+            def named(stems: list[str]) -> str:
+                return f"({', '.join(stems[:3])}{', …' if len(stems) > 3 else ''})"
+
+            if "references_digest" in made_otherwise:
+                raise JobFailed(
+                    f"the references that decode differ from those the complete shards were paired over "
+                    f"{named(made_otherwise['references_digest'])}: {len(plan.refs)} of {listed_refs} "
+                    "decode now (skipped ones are logged above). A reference that fails now but did not "
+                    "then (a permission error, a file replaced), or the reverse, pairs the remaining tiles "
+                    "differently. Make it readable again and rerun, or use output.mode: overwrite to "
+                    "regenerate every shard"
+                )
             raise JobFailed(
-                f"the references that decode differ from those the complete shards were paired over "
-                f"({', '.join(paired_otherwise[:3])}{', …' if len(paired_otherwise) > 3 else ''}): "
-                f"{len(plan.refs)} of {listed_refs} decode now (skipped ones are logged above). "
-                "A reference that fails now but did not then (a permission error, a file replaced), "
-                "or the reverse, pairs the remaining tiles differently. Make it readable again and "
-                "rerun, or use output.mode: overwrite to regenerate every shard"
+                f"the start chosen for a reference domain differs from the one the complete shards "
+                f"started from {named(made_otherwise['start_digest'])} (the chosen starts are logged "
+                "above): it is measured on the probe HR inputs, and one that decodes now but did not "
+                "then (or the reverse) can change it. Make the inputs readable as they were and rerun, "
+                "or use output.mode: overwrite to regenerate every shard"
             )
         failed_inputs = 0  # decode failed, or at least one sample failed (the failure budget)
         for stem in sorted(complete):

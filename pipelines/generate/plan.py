@@ -432,6 +432,19 @@ def references_digest(refs: Sequence[Mapping]) -> str | None:
     return "refs:sha256:" + h.hexdigest()
 
 
+def start_digest(profiles: Mapping[str, Mapping]) -> str | None:
+    """Digest of the start each reference domain chose (``generator.start_choice: domain``): the bank
+    entry every sample of the domain starts from. It is measured again on each run from the probe HR
+    inputs, so a probe that decoded in one run and fails in another can change it; a run whose digest
+    differs from a complete shard's is refused. None when no domain start is chosen."""
+    if not profiles:
+        return None
+    h = hashlib.sha256()
+    for key in sorted(profiles):
+        h.update(f"{key}\t{int(profiles[key]['chosen'])}\n".encode())
+    return "start:sha256:" + h.hexdigest()
+
+
 def probe_rows(m: GenerateManifest, rows: list[dict]) -> list[dict]:
     """The HR inputs a domain start profile is measured on (``generator.start_choice: domain``):
     ``start_probe_tiles`` rows evenly spaced over the sorted inputs (the same ones on every run of the

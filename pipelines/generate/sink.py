@@ -227,6 +227,7 @@ def _written_by_this_run(
         "model_digest": config.model_digest,
         "inputs_digest": config.inputs_digest,
         "references_digest": config.references_digest,
+        "start_digest": config.start_digest,
         "inputs": expected_inputs,
     }
     if not isinstance(stats, dict) or any(stats.get(k) != v for k, v in want.items()):
@@ -341,6 +342,7 @@ def compact_shard(
         "model_digest": config.model_digest,
         "inputs_digest": config.inputs_digest,
         "references_digest": config.references_digest,
+        "start_digest": config.start_digest,
         "generator": config.generator,
         "inputs": expected_inputs,
         "inputs_failed": inputs_failed,
