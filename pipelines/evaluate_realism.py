@@ -838,21 +838,30 @@ def sr_proxy_domain(m, d, dom, dwork, work, sr_hr, ckpt, digest, gens_out, timin
 
 
 def pool_classifier_runs(runs: list[dict]) -> dict:
-    """One classifier result from seeded repeats: accuracy = mean, CI over the pooled test crops."""
+    """One classifier result from seeded repeats: accuracy = mean over the repeats' test crops.
+
+    A repeat changes only the classifier's seed: every repeat scores the same held-out crops. So the
+    Wilson interval is that of ONE repeat's crops at the pooled accuracy (pooling the repeats as
+    independent crops made it √repeats too narrow); crops of one tile overlap and are correlated,
+    so even this interval is a lower bound on the uncertainty."""
     from realdgen_core.probes import fold_distance, wilson_interval
 
     if len(runs) == 1:
         return runs[0]
+    if len({(r["test_crops"], r["test_pairs"]) for r in runs}) != 1:
+        raise ValueError("classifier repeats scored different numbers of test crops")
     correct = sum(round(r["accuracy"] * r["test_crops"]) for r in runs)
     total = sum(r["test_crops"] for r in runs)
     accs = [r["accuracy"] for r in runs]
     wins = sum(r["paired_wins"] for r in runs)
     pairs = sum(r["test_pairs"] for r in runs)
+    crops1, pairs1 = runs[0]["test_crops"], runs[0]["test_pairs"]
     return {
         "accuracy": round(correct / total, 4),
-        "accuracy_ci95": [round(v, 4) for v in wilson_interval(correct, total)],
+        "accuracy_ci95": [round(v, 4) for v in wilson_interval(round(correct / total * crops1), crops1)],
         "paired_accuracy": round(wins / pairs, 4),
-        "paired_ci95": [round(v, 4) for v in wilson_interval(round(wins), pairs)],
+        "paired_ci95": [round(v, 4) for v in wilson_interval(round(wins / pairs * pairs1), pairs1)],
+        "distinct_test_crops": crops1,
         "paired_wins": wins,
         "test_pairs": pairs,
         "paired_repeats": [r["paired_accuracy"] for r in runs],

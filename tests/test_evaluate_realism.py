@@ -237,6 +237,17 @@ def test_tiny_evaluation_report_matches_independent_numbers(ray_local, bench, ti
     assert clf["paired_accuracy"] == pytest.approx(np.mean(clf["paired_repeats"]), abs=1e-3)
     assert dom["generators"]["realdgen"]["metrics"]["classifier_paired_accuracy"] == clf["paired_accuracy"]
     assert 0.0 <= clf["paired_ci95"][0] <= clf["paired_accuracy"] <= clf["paired_ci95"][1] <= 1.0
+
+    # Both repeats score the same held-out crops: the interval is one repeat's (32 crops, 16 pairs)
+    # at the pooled accuracy, not 64 independent crops. Wilson's formula, written out here:
+    def wilson(p: float, n: int) -> list[float]:
+        k = round(p * n) / n
+        mid, half = k + 1.96**2 / (2 * n), 1.96 * np.sqrt(k * (1 - k) / n + 1.96**2 / (4 * n * n))
+        return [max(0.0, (mid - half) / (1 + 1.96**2 / n)), min(1.0, (mid + half) / (1 + 1.96**2 / n))]
+
+    assert clf["distinct_test_crops"] == 32
+    assert clf["accuracy_ci95"] == pytest.approx(wilson(clf["accuracy"], 32), abs=1e-3)
+    assert clf["paired_ci95"] == pytest.approx(wilson(clf["paired_accuracy"], 16), abs=1e-3)
     dist = np.mean([abs(f["paired_accuracy"] - 0.5) for f in clf["folds"]])  # 4 folds, sign-free
     fd = rep["summary"]["classifier_paired_fold_distance"]["jpeg-standin"]  # lower is better
     assert fd["realdgen_margin"] == pytest.approx(
