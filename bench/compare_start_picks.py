@@ -31,9 +31,7 @@ def compare(baseline: dict, candidate: dict) -> dict:
     common = sorted(set(baseline) & set(candidate))
     if not common:
         raise SystemExit("the baseline and the candidate share no pipeline")
-    rows = {
-        p: {r: {"baseline": baseline[p][r], "candidate": candidate[p][r]} for r in RULES} for p in common
-    }
+    rows = {p: {r: {"baseline": baseline[p][r], "candidate": candidate[p][r]} for r in RULES} for p in common}
     means = {}
     for group, members in (
         ("benchmark", [p for p in common if p in BENCHMARK]),
