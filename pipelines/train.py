@@ -601,6 +601,9 @@ class TrainContext:
 
     def checkpoint(self, phase: Phase, completed: bool) -> None:
         self.index += 1
+        gather = getattr(phase, "gather_for_checkpoint", None)
+        if gather is not None:  # a collective: every rank, before rank 0 writes
+            gather()
         rngs = None
         if self.world_size > 1 and torch.distributed.is_initialized():
             # every rank's generator (each is seeded by its rank): a resume restores each its own
@@ -766,7 +769,19 @@ def run_worker(
             timings[name] = {"steps": phase.step - s0, "seconds": round(time.time() - t0, 2)}
             ctx.checkpoint(phase, completed=True)
             ctx.completed.append(name)
-    digest_out = ctx.export() if ctx.completed else None
+    digest_out = None
+    if ctx.completed and rank == 0 and m.output.checkpoint:
+        storage = m.storage.model_dump()
+        fs, path = get_fs(m.output.checkpoint, storage)
+        if timings or not fs.exists(path):
+            digest_out = ctx.export()
+        else:
+            # Nothing trained now: the model was exported when its last phase finished, and writing
+            # it again would drop what `--calibrate-only` has recorded in it since.
+            from pipelines.storage import fetch_to_local
+            from realdgen_core.checkpoint import checkpoint_digest
+
+            digest_out = checkpoint_digest(fetch_to_local(m.output.checkpoint, storage))
     skipped = Counter()
     for s in samplers["sources"]:
         skipped.update({f"{s.name}: {k}": v for k, v in s.skipped.items()})

@@ -206,3 +206,39 @@ def test_train_cli_rejects_bad_manifest(tmp_path, capsys):
     path.write_text("kind: train\ndata: {hr: {uri: x}}\noutput: {run_dir: r}\nstage_b: {margin: -1}\n")
     assert T.main([str(path), "--stages", "B"]) == 2
     assert "stage_b.margin" in capsys.readouterr().err
+
+
+def test_running_a_finished_training_again_keeps_what_calibrate_only_recorded(tmp_path):
+    """All phases done: the command trains nothing and must not rewrite output.checkpoint (that
+    dropped the calibration a later `--calibrate-only` had recorded in it); a missing one is
+    exported again from the run folder."""
+    import numpy as np
+
+    from pipelines import train as T
+    from realdgen_core.checkpoint import checkpoint_digest, load_checkpoint, save_checkpoint
+
+    (tmp_path / "hr").mkdir()
+    rs = np.random.RandomState(0)
+    for i in range(2):
+        Image.fromarray(rs.randint(0, 256, (80, 80, 3), dtype=np.uint8)).save(tmp_path / "hr" / f"{i}.png")
+    out = tmp_path / "out.safetensors"
+    m = {
+        "kind": "train",
+        "preset": "tiny",
+        "stages": ["C"],
+        "data": {"hr": {"uri": str(tmp_path / "hr")}, "lr": [{"kind": "synthetic"}]},
+        "stage_c": {"steps": 1, "batch_size": 1, "lr_crop": 16},
+        "output": {"run_dir": str(tmp_path / "run"), "checkpoint": str(out)},
+        "compute": {"torch_threads": 1},
+        "progress": {"bar": False},
+    }
+    first = T.train_worker(m, ("C",))
+    model, meta = load_checkpoint(out)
+    meta = {k: v for k, v in meta.items() if k != "digest"} | {"calibration": {"tau_max": 0}}
+    save_checkpoint(out, model, meta)  # what --calibrate-only does
+    again = T.train_worker(m, ("C",))
+    assert again["timings"] == {} and again["completed"] == ["diffusion"]
+    assert load_checkpoint(out)[1]["calibration"] == {"tau_max": 0}
+    assert again["model_digest"] == first["model_digest"] == checkpoint_digest(out)
+    out.unlink()
+    assert T.train_worker(m, ("C",))["model_digest"] == first["model_digest"] and out.exists()

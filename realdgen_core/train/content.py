@@ -57,15 +57,29 @@ class ContentPretrain(Phase):
     def batch_fn(self) -> BatchFn:
         return functools.partial(clean_batch, self.hr, self.config)
 
+    def gather_for_checkpoint(self) -> None:
+        """Collective: called on every rank before a checkpoint. Each rank counts code usage for its
+        own batches only (summed at the next restart), and rank 0 writes the checkpoint: it saves
+        the sum over the ranks, and a resume gives that sum to rank 0 and zeros to the others, so
+        the next restart's sum is the uninterrupted run's."""
+        usage = self.loss_net.usage.detach().clone()
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(usage)
+        self._usage_to_save = usage
+
     def state_dict(self) -> dict:
         # code usage since the last restart: a resume between two restarts must not count the codes
         # used before the kill as dead
-        return {**super().state_dict(), "vq_usage": self.loss_net.usage.detach().cpu().clone()}
+        usage = getattr(self, "_usage_to_save", None)
+        usage = self.loss_net.usage if usage is None else usage
+        self._usage_to_save = None
+        return {**super().state_dict(), "vq_usage": usage.detach().cpu().clone()}
 
     def load_state_dict(self, sd: dict) -> None:
         super().load_state_dict(sd)
         if "vq_usage" in sd:
-            self.loss_net.usage = sd["vq_usage"].to(self.loss_net.usage.device, torch.long).clone()
+            usage = sd["vq_usage"].to(self.loss_net.usage.device, torch.long).clone()
+            self.loss_net.usage = usage if self.rank == 0 else torch.zeros_like(usage)
 
     @torch.no_grad()
     def after_step(self) -> None:
