@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.reader import BadSample, check_member, decode_pair, filesystem, list_shards, read_index
+from realdgen_core.shards import open_tar
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +369,7 @@ def check_contract(
                 _check_sample(sample[0], sample[1], scale, decode_images, problems)
 
         try:
-            with fs.open(f"{root}/{name}", "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            with fs.open(f"{root}/{name}", "rb") as f, open_tar(f, "r|") as tar:
                 for m in tar:
                     try:  # untrusted: a member that is not KEY.{hr.png,lr.png,json} is never read
                         key, suffix = check_member(m)

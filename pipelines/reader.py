@@ -53,6 +53,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from realdgen_core.shards import open_tar
+
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "_index.json"
@@ -351,7 +353,7 @@ def iter_tar_samples(
         return current
 
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|")
+        tar = open_tar(stream, "r|")
         for m in tar:
             try:
                 key, suffix = check_member(m, max_member_bytes)
@@ -774,7 +776,7 @@ def scan_tar(
         from fsspec.implementations.local import LocalFileSystem
 
         opts = {} if isinstance(fs, LocalFileSystem) else SCAN_OPEN
-        with fs.open(url, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        with fs.open(url, "rb", **opts) as f, open_tar(f, "r:") as tar:
             for m in tar:
                 try:
                     key, suffix = check_member(m, max_member_bytes)

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipelines.storage import TransientStorageError, get_fs, with_retries
+from realdgen_core.shards import open_tar
 
 __all__ = [
     "SourceItem",
@@ -177,7 +178,7 @@ def _index_tar(
     end = 0  # where the last member's data (padded to 512-byte blocks) ends
     problem: str | None = None
     try:
-        with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        with fs.open(p, "rb") as f, open_tar(f, "r:") as tar:
             for m in tar:
                 end = m.offset_data + -(-m.size // 512) * 512
                 if not (m.isfile() and _ext_ok(m.name, extensions)):

@@ -36,6 +36,8 @@ __all__ = [
     "decode_sample",
     "write_tar",
     "read_tar",
+    "open_tar",
+    "MAX_EXTENDED_HEADER_BYTES",
 ]
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -188,10 +190,40 @@ def write_tar(samples: Iterable[Mapping[str, Any]], fileobj: BinaryIO) -> int:
     return out.count
 
 
+# Most bytes of one extended header (PAX, GNU long name/link) a reader loads: tarfile reads such a
+# header whole, before any check of the member it describes can run. A long member name needs
+# well under 1 KiB.
+MAX_EXTENDED_HEADER_BYTES = 1 << 20
+_EXTENDED = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    def _proc_member(self, tarfile_):
+        if self.type in _EXTENDED and self.size > MAX_EXTENDED_HEADER_BYTES:
+            raise tarfile.HeaderError(
+                f"extended header of {self.size} bytes (limit {MAX_EXTENDED_HEADER_BYTES}) "
+                f"at offset {self.offset}"
+            )
+        return super()._proc_member(tarfile_)
+
+
+def open_tar(fileobj: BinaryIO, mode: str) -> tarfile.TarFile:
+    """``tarfile.open`` for tars from anywhere (read modes ``r|`` / ``r:``): an extended header larger
+    than ``MAX_EXTENDED_HEADER_BYTES`` raises ``tarfile.HeaderError`` (a ``TarError``) instead of
+    being read into memory."""
+    return tarfile.open(fileobj=fileobj, mode=mode, tarinfo=_BoundedTarInfo)
+
+
 def read_tar(fileobj: BinaryIO) -> Iterator[dict[str, Any]]:
     """Yield ``{"__key__": key, ext: bytes, ...}`` per sample, in tar order."""
     current: dict[str, Any] | None = None
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+    with open_tar(fileobj, "r|") as tar:
         for member in tar:
             if not member.isfile():
                 continue

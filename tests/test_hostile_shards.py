@@ -250,3 +250,31 @@ def test_source_tar_duplicate_member_becomes_a_failure_row(tmp_path, photos, ray
     with tarfile.open(out / "pairs-000000.tar") as tar:
         assert all("/" not in n and ".." not in n for n in tar.getnames())
     assert os.listdir(out)
+
+
+def test_an_oversized_extended_header_is_refused_before_it_is_read(tmp_path):
+    """tarfile reads a PAX header whole before any member check runs: one of 3 MB (any size, in a
+    hostile tar) is refused as a bad tar instead of being loaded, by every reader."""
+    from pipelines.reader import iter_tar_samples, scan_tar
+    from realdgen_core.shards import MAX_EXTENDED_HEADER_BYTES, read_tar
+
+    hr = np.zeros((16, 16, 3), np.uint8)
+    members = [("a.hr.png", _png(hr)), ("a.lr.png", _png(hr[::4, ::4])), ("a.json", b"{}")]
+    path = tmp_path / "pax.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i, (name, data) in enumerate(members):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            if i == 1:  # a PAX record larger than the limit on the second member
+                info.pax_headers = {"comment": "x" * (3 * MAX_EXTENDED_HEADER_BYTES)}
+            tar.addfile(info, io.BytesIO(data))
+    skips: list[BadSample] = []
+    with open(path, "rb") as f:
+        assert list(iter_tar_samples(f, str(path), skips.append)) == []  # a, cut mid-sample, is dropped
+    assert [s.reason for s in skips] == ["bad_tar"] and "extended header of" in skips[0].message
+    import fsspec
+
+    spans, error = scan_tar(fsspec.filesystem("file"), str(path))
+    assert error is not None and error.reason == "bad_tar" and "extended header" in error.message
+    with open(path, "rb") as f, pytest.raises(tarfile.HeaderError, match="extended header"):
+        list(read_tar(f))
