@@ -601,9 +601,7 @@ class TrainContext:
 
     def checkpoint(self, phase: Phase, completed: bool) -> None:
         self.index += 1
-        gather = getattr(phase, "gather_for_checkpoint", None)
-        if gather is not None:  # a collective: every rank, before rank 0 writes
-            gather()
+        phase.gather_for_checkpoint()  # a collective: every rank, before rank 0 writes
         rngs = None
         if self.world_size > 1 and torch.distributed.is_initialized():
             # every rank's generator (each is seeded by its rank): a resume restores each its own

@@ -157,8 +157,7 @@ class GenerateJob:
         """Delete the dataset files among ``names``: the index and the completion markers
         (``_stats.json``) first, so a crash part-way never leaves a marker without its tar."""
         files = self._dataset_names(names)
-        markers = [n for n in files if n.endswith("_stats.json") or n == INDEX_NAME]
-        for n in markers + [n for n in files if n not in set(markers)]:
+        for n in sorted(files, key=lambda n: not (n.endswith("_stats.json") or n == INDEX_NAME)):
             self.store.delete(n)
         return len(files)
 

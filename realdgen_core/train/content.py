@@ -52,16 +52,16 @@ class ContentPretrain(Phase):
         content = model.content
         set_trainable(model, [content])
         self.loss_net = _VQReconstruction(content)
+        self._usage_to_save: Tensor | None = None
         self._finish_init(self.loss_net, [{"params": list(content.parameters()), "lr": config.lr}])
 
     def batch_fn(self) -> BatchFn:
         return functools.partial(clean_batch, self.hr, self.config)
 
     def gather_for_checkpoint(self) -> None:
-        """Collective: called on every rank before a checkpoint. Each rank counts code usage for its
-        own batches only (summed at the next restart), and rank 0 writes the checkpoint: it saves
-        the sum over the ranks, and a resume gives that sum to rank 0 and zeros to the others, so
-        the next restart's sum is the uninterrupted run's."""
+        """Each rank counts code usage for its own batches only (summed at the next restart), and
+        rank 0 writes the checkpoint: it saves the sum over the ranks, and a resume gives that sum
+        to rank 0 and zeros to the others, so the next restart's sum is the uninterrupted run's."""
         usage = self.loss_net.usage.detach().clone()
         if self.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(usage)
@@ -70,8 +70,7 @@ class ContentPretrain(Phase):
     def state_dict(self) -> dict:
         # code usage since the last restart: a resume between two restarts must not count the codes
         # used before the kill as dead
-        usage = getattr(self, "_usage_to_save", None)
-        usage = self.loss_net.usage if usage is None else usage
+        usage = self.loss_net.usage if self._usage_to_save is None else self._usage_to_save
         self._usage_to_save = None
         return {**super().state_dict(), "vq_usage": usage.detach().cpu().clone()}
 

@@ -240,6 +240,10 @@ class Phase(ABC):
     def after_step(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Called after each optimiser step (EMA updates, codebook restarts)."""
 
+    def gather_for_checkpoint(self) -> None:  # noqa: B027 (optional hook, not abstract)
+        """Collective, called on every rank before rank 0 writes a checkpoint: gather what each
+        rank holds alone into what ``state_dict`` saves (e.g. stage A's code usage)."""
+
     def finalize(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Called once the phase is done, before the model is exported (e.g. copy the EMA in)."""
 
