@@ -96,7 +96,7 @@ def triplet_batch(hr: CropSampler, config: DegradationStageConfig, scale: int, g
         return lr_a, lr_p, lr_n, hr_a, hr_p
     hard = (torch.rand(b * n, generator=g) < config.hard_negatives).tolist()
     near = [D.near_theta(th_a[j // n], g) if hard[j] else None for j in range(b * n)]
-    lr_n = torch.empty(b * n, *lr_a.shape[1:])
+    lr_n = lr_a.new_empty((b * n, *lr_a.shape[1:]))
     fresh = [j for j in range(b * n) if near[j] is None]  # not drawn hard, or the anchor has no level
     if fresh:
         lr_n[fresh] = degrade_mixed(
