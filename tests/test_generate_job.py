@@ -528,3 +528,27 @@ def test_driver_endpoint_travels_to_the_workers(tmp_path, monkeypatch):
     del data["storage"]
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://me:pw@127.0.0.1:9")
     assert GenerateJob(parse_manifest(data)).storage == {}
+
+
+def test_colliding_40_bit_keys_get_64_bits(tmp_path, monkeypatch):
+    """Two inputs named alike whose 40-bit keys collide (found by search: sha256 of these two URIs
+    shares its first 10 hex chars) are both planned; the later one in URI order gets 16 hex chars."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from pipelines.generate.plan import list_plan
+
+    uris = ["hr/1205117/image.png", "hr/2493894/image.png"]
+    digests = [hashlib.sha256(u.encode()).hexdigest() for u in uris]
+    assert digests[0][:10] == digests[1][:10] and digests[0][:16] != digests[1][:16]
+    monkeypatch.chdir(tmp_path)
+    for u in [*uris, "refs/r.png"]:
+        Path(u).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(u)
+    m = parse_manifest(manifest_dict("hr", "refs", "out", generator__kind="bicubic"))
+    summary = list_plan(m, store_uri="out", storage={}, use_ray=False)
+    assert summary.error is None and summary.n_inputs == 2
+    rows = [r for b in summary.blocks for r in pq.read_table(Path("out") / b["name"]).to_pylist()]
+    keys = {r["uri"]: r["key"] for r in rows}
+    assert keys == {uris[0]: f"image_{digests[0][:10]}", uris[1]: f"image_{digests[1][:16]}"}

@@ -347,7 +347,9 @@ def list_plan(
         seen: dict[str, str] = {}
         for i, it in enumerate(hr_items):
             key = base_key(it.uri)
-            if key in seen:  # 40 bits of sha256 collided: refuse rather than write duplicate keys
+            if key in seen:  # 40 bits of sha256 collided (one file name in ~1M inputs): 64 bits for this one
+                key = base_key(it.uri, digits=16)
+            if key in seen:  # and 64 bits too: refuse rather than write duplicate keys
                 raise ManifestError(f"hr.uri: inputs {seen[key]!r} and {it.uri!r} map to the same key {key}")
             seen[key] = it.uri
             rows.append({"shard": i // per, "input_index": i, "key": key, **it.to_row()})

@@ -97,12 +97,17 @@ def derive_seed(run_seed: int, *parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") & _SEED_MASK
 
 
-def base_key(uri: str) -> str:
-    """Sanitised image stem + 10 hex chars of sha256(uri): ``[A-Za-z0-9_-]+``, unique per URI."""
+def base_key(uri: str, digits: int = 10) -> str:
+    """Sanitised image stem + ``digits`` hex chars of sha256(uri): ``[A-Za-z0-9_-]+``.
+
+    10 hex chars (40 bits) name every input; the planner gives the rare input whose key another
+    already holds 16 (``plan.list_plan``): inputs that share a file name (``image.jpg`` in a million
+    folders, ``000001.jpg`` in every tar) reach an even chance of one 40-bit collision at about a
+    million. A 10- and a 16-char key never coincide: the hash after the last ``_`` differs in length."""
     name = uri.rsplit("#", 1)[-1].rstrip("/").rsplit("/", 1)[-1]
     stem = name.rsplit(".", 1)[0] if "." in name else name
     stem = _STEM_RE.sub("_", stem).strip("_-")[:40] or "img"
-    return f"{stem}_{hashlib.sha256(uri.encode()).hexdigest()[:10]}"
+    return f"{stem}_{hashlib.sha256(uri.encode()).hexdigest()[:digits]}"
 
 
 def sample_key(base: str, tile_index: int, ref_slot: int, refs_per_tile: int) -> str:
