@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable here 
 from pipelines.generate.job import GenerateJob, JobFailed, ensure_ray, run  # noqa: E402
 from pipelines.generate.plan import Plan, checkpoint_calibration, make_plan  # noqa: E402
 from pipelines.manifest import ManifestError, load_manifest, manifest_json_schema  # noqa: E402
+from pipelines.storage import TransientStorageError, missing_credentials  # noqa: E402
 
 __all__ = ["Plan", "GenerateJob", "JobFailed", "ensure_ray", "make_plan", "run", "main"]
 
@@ -70,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         plan = make_plan(m, list_now=args.dry_run)
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TransientStorageError as exc:
+        print(f"error: {exc}; nothing was written, run the command again", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        why = missing_credentials(exc)
+        if why is None:
+            raise
+        print(f"error: {why}", file=sys.stderr)
         return 2
     job = GenerateJob(m, log=lambda s: print(s, file=sys.stderr, flush=True), native_stderr_to_log=True)
     if args.dry_run:

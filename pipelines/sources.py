@@ -14,6 +14,7 @@ Transparent pixels are composited over white.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import posixpath
 import tarfile
@@ -27,6 +28,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipelines.storage import TransientStorageError, get_fs, with_retries
 from realdgen_core.shards import open_tar
+
+log = logging.getLogger("realdgen.sources")
 
 __all__ = [
     "SourceItem",
@@ -272,8 +275,28 @@ def list_source(spec, storage: Mapping | None = None, map_tars=None) -> list[Sou
     else:  # pragma: no cover - the manifest forbids it
         raise SourceError(f"unknown source format {spec.format!r}")
     uniq = {it.uri: it for it in items}
+    unnamed = [u for u in uniq if not _is_utf8(u)]
+    if unnamed:
+        # A name that is not UTF-8 (listed with surrogate escapes) cannot be keyed, recorded in a
+        # parquet or shown: the file is left out, and said so, rather than stopping the listing.
+        log.warning(
+            "%s: %d file(s) left out, their names are not valid UTF-8 (e.g. %s); rename them to include them",
+            spec.uri,
+            len(unnamed),
+            ascii(unnamed[0]),
+        )
+        for u in unnamed:
+            del uniq[u]
     out = [uniq[u] for u in sorted(uniq)]
     return out[: spec.limit] if spec.limit else out
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_item_bytes(item: SourceItem, storage: Mapping | None = None, max_bytes: int | None = None) -> bytes:

@@ -69,8 +69,17 @@ DEFAULT_RETRY_S = 120.0
 log = logging.getLogger("realdgen.storage")
 T = TypeVar("T")
 
-# Part size of the multipart uploads of DatasetStore.write_stream (s3's minimum part is 5 MiB).
+# Part size of the multipart uploads of DatasetStore.write_stream (s3's minimum part is 5 MiB),
+# raised for objects that would need more than S3_MAX_PARTS of them (s3's limit; 78 GiB at 8 MiB).
 UPLOAD_CHUNK = 8 * 2**20
+S3_MAX_PARTS = 10_000
+
+
+def upload_chunk(size: int) -> int:
+    """The multipart part size for an object of ``size`` bytes: ``UPLOAD_CHUNK``, or the smallest
+    whole MiB that keeps the upload within ``S3_MAX_PARTS`` parts."""
+    need = -(-size // S3_MAX_PARTS)
+    return max(UPLOAD_CHUNK, -(-need // 2**20) * 2**20)
 
 
 # s3fs/botocore fail fast; :func:`with_retries` owns the retry policy.
@@ -244,6 +253,26 @@ def is_transient(exc: BaseException) -> bool:
             return verdict
         todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
     return False
+
+
+def missing_credentials(exc: BaseException) -> str | None:
+    """A user-facing message when ``exc`` (or an error it was raised from) says that no S3
+    credentials were found; None otherwise."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen or len(seen) > 32:
+            continue
+        seen.add(id(e))
+        if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+            return (
+                f"no S3 credentials ({e}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                "AWS_PROFILE, or give the machine a role) in the environment of this command; "
+                "manifests never hold them"
+            )
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    return None
 
 
 def retry_budget_s() -> float:
@@ -456,6 +485,14 @@ class DatasetStore:
 
         return with_retries(read, what=self._what("read", name), budget_s=budget_s)
 
+    def open_read(self, name: str) -> BinaryIO:
+        """A file object reading ``name`` from the start (buffered ranged reads on s3): for reading
+        the beginning of a large object without fetching it whole. Not retried: callers use it where
+        a failure is acceptable (the preview)."""
+        if self.remote:
+            return self.fs.open(self.path(name), "rb")
+        return open(self.path(name), "rb")
+
     def read_json(self, name: str) -> Any:
         return json.loads(self.read_bytes(name))
 
@@ -498,8 +535,8 @@ class DatasetStore:
         file next to the target, renamed over it when complete, retried like :meth:`write_bytes`
         (so ``produce`` must be safe to call again). On s3 it writes a file in a local temp folder
         (``TMPDIR``: room for the object is needed there), uploaded under the retry budget in
-        ``UPLOAD_CHUNK`` parts (one PUT below two parts' size; s3fs holds at most its concurrency ×
-        one part in memory); the object appears only when the upload completes."""
+        ``upload_chunk`` parts (8 MiB up to 78 GiB; one PUT below two parts' size; s3fs holds at
+        most its concurrency × one part in memory); the object appears only when the upload completes."""
         what = self._what("write", name)
         if not self.remote:
             return with_retries(lambda: self._write_local(name, produce), what=what, budget_s=budget_s)
@@ -507,7 +544,8 @@ class DatasetStore:
             local = os.path.join(folder, "object")
             with open(local, "wb") as f:
                 out = produce(f)
-            upload = functools.partial(self.fs.put_file, local, self.path(name), chunksize=UPLOAD_CHUNK)
+            chunk = upload_chunk(os.path.getsize(local))
+            upload = functools.partial(self.fs.put_file, local, self.path(name), chunksize=chunk)
             with_retries(upload, what=what, budget_s=budget_s)
         return out
 
@@ -546,7 +584,11 @@ class DatasetStore:
         return with_retries(ls, what=self._what("list", prefix), budget_s=None)
 
     def delete_prefix(self, prefix: str) -> None:
-        """Remove everything below ``prefix`` (a scratch folder); nothing there is fine."""
+        """Remove everything below ``prefix`` (a scratch folder); nothing there is fine.
+
+        What could not be removed is logged as a warning, not raised: s3fs drops the per-object
+        errors of a bulk delete, and a local ``rmtree`` may meet a file it may not remove. Callers
+        delete scratch whose leftovers are never read again (parts live under a run id)."""
 
         def rm() -> None:
             base = self.path(prefix.rstrip("/"))
@@ -555,8 +597,19 @@ class DatasetStore:
                 paths = self.fs.find(base)
                 if paths:
                     self.fs.rm(paths)
+                    self.fs.invalidate_cache(base)
+                    left = len(self.fs.find(base))
+                    if left:
+                        log.warning(
+                            "%s: %d of %d objects were not deleted",
+                            self._what("delete", prefix),
+                            left,
+                            len(paths),
+                        )
             elif os.path.isdir(base):
                 shutil.rmtree(base, ignore_errors=True)
+                if os.path.exists(base):
+                    log.warning("%s: some files could not be removed", self._what("delete", prefix))
                 parent = os.path.dirname(base)
                 while parent.startswith(self.root.rstrip("/") + "/"):  # drop emptied _work/ folders
                     with contextlib.suppress(OSError):
@@ -704,6 +757,36 @@ class RunLock:
 
         return with_retries(put, what=store._what("create", LOCK_NAME))
 
+    def _create_local(self) -> bool:
+        """Create the lock file with its contents in one step: written to a temp file, then hard-linked
+        to ``LOCK_NAME``, which fails if it exists. (An empty file created first and written after
+        would let a second job read no holder in between and take the lock over.) Where the file
+        system has no hard links, an exclusive create is the fallback. True: created."""
+        path = self.store.path(LOCK_NAME)
+        tmp = self.store.path(f".{LOCK_NAME}.{self.run_id}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(self._payload())
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links here
+                pass
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(self._payload())
+        return True
+
     def _write_and_verify(self) -> None:
         self.store.write_bytes(LOCK_NAME, self._payload())
         self._verify()
@@ -718,15 +801,9 @@ class RunLock:
         self.store.ensure()
         self.conditional = None
         if not self.store.remote:
-            path = self.store.path(LOCK_NAME)
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(self._payload())
+            if self._create_local():
                 self._start_heartbeat()
                 return
-            except FileExistsError:
-                pass
             holder = self._holder()
             self._refuse_if_live(holder)
             self._write_and_verify()

@@ -22,3 +22,25 @@ def test_generate_passthrough_rejects_bad_manifest(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "no_such_key: unknown key" in captured.err + captured.out
     assert not (tmp_path / "out").exists()
+
+
+def test_missing_s3_credentials_is_a_clear_error_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """An operator's --dry-run on a machine without S3 credentials: one line saying what to set."""
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    for k in ("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata request leaves the host
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    m = tmp_path / "m.yaml"
+    m.write_text(
+        "kind: generate\nseed: 1\nscale: 2\nhr: {uri: 's3://b/hr'}\n"
+        "refs: [{name: c, source: {uri: 's3://b/refs'}}]\n"
+        "generator: {kind: realdgen, checkpoint: 's3://b/m.safetensors'}\n"
+        f"output: {{uri: '{tmp_path / 'out'}', name: p}}\n"
+    )
+    assert main(["generate", str(m), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "error: no S3 credentials" in err and "AWS_ACCESS_KEY_ID" in err and "Traceback" not in err

@@ -141,3 +141,23 @@ def test_cluster_manifest_loads_for_64_gpus() -> None:
     assert m.compute.device == "cuda"
     assert m.compute.actors.max == MAX_GPUS
     assert 1 <= m.compute.actors.min <= 8
+
+
+def test_docker_context_holds_what_the_dockerfile_copies_and_no_venv():
+    """.dockerignore excludes everything (the 2 GB .venv, out/, data/) but what the image COPYs."""
+    allowed = {
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    copies = [
+        src
+        for line in (ROOT / "cluster" / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY")
+        for src in line.split()[1:-1]
+        if not src.startswith("--")
+    ]
+    assert copies and set(copies) <= allowed, set(copies) - allowed
+    assert "*" in (ROOT / ".dockerignore").read_text().splitlines() and ".venv" not in allowed
+    for src in copies:
+        assert (ROOT / src).exists(), src

@@ -120,6 +120,27 @@ def test_a_success_wins_over_a_stale_failed_part_of_the_same_key(tmp_path, monke
     assert stats["parts"] == 3
 
 
+def test_parts_of_another_run_are_never_read(tmp_path, monkeypatch):
+    """An interrupted run (another model: here every sample failed) left parts its successor could not
+    delete; this run's compaction reads its own run's parts only, so none of those rows reach the shard."""
+    rows = _samples(tmp_path)
+    cfg = {"store": str(tmp_path / "ds"), "work": "_work/x", "name": "pairs", "scale": 2}
+    old_run = _actor(monkeypatch, broken=True, restarted=True)(rows)
+    assert all(r["status"] == "failed" for r in old_run.to_pylist() if r["row_type"] == "sample")
+    encode_write_batch(old_run, {**cfg, "run_id": "old"})
+    encode_write_batch(
+        GenerateLR({"kind": "bicubic", "scale": 2})(_samples(tmp_path)), {**cfg, "run_id": "new"}
+    )
+    store = DatasetStore(cfg["store"])
+    assert (
+        len(store.list_prefix("_work/x/parts/old")) == 1 and len(store.list_prefix("_work/x/parts/new")) == 1
+    )
+    stats = compact_shard({**cfg, "run_id": "new", "digest": "d", "model_digest": None}, 0, 2, 0.0)
+    assert stats["parts"] == 1 and stats["samples_failed"] == 0
+    assert stats["samples"] == sum(r["row_type"] == "sample" for r in rows)
+    assert store.list_prefix("_work/x/parts/new") == [] and len(store.list_prefix("_work/x/parts/old")) == 1
+
+
 def _part_members(store: DatasetStore, prefix: str) -> dict[str, dict[str, bytes]]:
     """key -> tar members of every successful sample row in the part files (first one seen)."""
     out: dict[str, dict[str, bytes]] = {}

@@ -245,3 +245,21 @@ def test_folder_named_like_a_glob_and_names_below_the_root(tmp_path, monkeypatch
     assert name_below_root("data/hr", "data/hrx/y.png") == "data/hrx/y.png"
     assert name_below_root("s3://b/refs", "s3://b/refs/k/x.jpg") == "k/x.jpg"
     assert name_below_root("s3://b/refs/*.jpg", "s3://b/refs/x.jpg") == "x.jpg"
+
+
+def test_a_name_that_is_not_utf8_is_left_out_with_a_warning(tmp_path, caplog):
+    """One Latin-1 file name (a Windows copy, an old camera) must not stop the listing of the rest."""
+    import logging
+    import os
+
+    folder = tmp_path / "hr"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "ok.png")
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "wb") as f:
+        f.write((folder / "ok.png").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="realdgen.sources"):
+        items = list_source(SourceSpec(uri=str(folder)))
+    assert [Path(it.uri).name for it in items] == ["ok.png"]
+    assert (
+        "1 file(s) left out, their names are not valid UTF-8" in caplog.text and "caf\\udce9" in caplog.text
+    )

@@ -384,6 +384,45 @@ def test_decode_tile_fails_the_task_on_an_outage_and_records_real_failures(proxy
 # ------------------------------------------------------------------------------------------------
 
 
+def test_upload_part_size_keeps_any_object_within_the_s3_part_limit():
+    from pipelines.storage import S3_MAX_PARTS, UPLOAD_CHUNK, upload_chunk
+
+    assert upload_chunk(0) == upload_chunk(2**30) == UPLOAD_CHUNK == 8 * 2**20
+    assert upload_chunk(S3_MAX_PARTS * UPLOAD_CHUNK) == UPLOAD_CHUNK  # 78.1 GiB: exactly 10 000 parts
+    assert upload_chunk(S3_MAX_PARTS * UPLOAD_CHUNK + 1) == 9 * 2**20
+    for size in (100 * 2**30, 5 * 2**40):  # 100 GiB, and s3's largest object
+        chunk = upload_chunk(size)
+        assert (
+            chunk % 2**20 == 0 and -(-size // chunk) <= S3_MAX_PARTS and chunk - 2**20 < size / S3_MAX_PARTS
+        )
+
+
+def test_local_run_lock_one_winner_and_never_an_empty_lock_file(tmp_path):
+    """Jobs starting at once on one local output: exactly one holds the lock, and the lock file is
+    never seen without its holder (it is linked into place whole)."""
+    store = DatasetStore(str(tmp_path / "out"))
+    for _ in range(5):
+        locks = [RunLock(store, heartbeat_s=0.5) for _ in range(4)]
+        barrier = threading.Barrier(len(locks))
+
+        def take(lock, barrier=barrier):
+            barrier.wait()
+            try:
+                lock.acquire()
+                return True
+            except LockError:
+                return False
+
+        with ThreadPoolExecutor(len(locks)) as pool:
+            won = list(pool.map(take, locks))
+        assert sum(won) == 1, won
+        holder = json.loads(store.read_bytes(LOCK_NAME))
+        assert holder["run_id"] == locks[won.index(True)].run_id
+        assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+        locks[won.index(True)].release()
+        assert not store.exists(LOCK_NAME)
+
+
 def test_moto_honours_if_none_match_on_put_object(s3_server, s3_bucket):
     fs, _ = get_fs(f"s3://{s3_bucket}", {"endpoint_url": s3_server})
     fs.pipe_file(f"{s3_bucket}/x", b"1", mode="create")

@@ -116,6 +116,7 @@ class SinkConfig(_Config):
     name: str  # shard name prefix
     scale: int
     storage: Mapping[str, Any] = field(default_factory=dict)
+    run_id: str = "run"  # parts live under <work>/parts/<run_id>/: another run's leftovers are never read
     digest: str | None = None
     model_digest: str | None = None
     generator: str | None = None

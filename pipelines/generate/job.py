@@ -224,6 +224,16 @@ class GenerateJob:
             removed = self._remove_dataset(names)
             self.log(f"overwrite: removed {removed} files of a previous dataset")
             return set()
+        present = set(names)
+        for stem in sorted(complete & stems):
+            lost = [f"{stem}{ext}" for ext in (".tar", ".parquet") if f"{stem}{ext}" not in present]
+            if lost:
+                # stats whose shard files are gone (deleted by hand, a lost object): not complete;
+                # the stats go first, or this run's compaction would take them for its own
+                self.store.delete(f"{stem}_stats.json")
+                self.complete_stats.pop(stem, None)
+                complete.discard(stem)
+                self.log(f"{stem}: {', '.join(lost)} missing though its stats exist; generating it again")
         return complete & stems
 
     def _clear_other_work(self, plan: Plan) -> None:
@@ -553,6 +563,7 @@ class GenerateJob:
             store=self.store_uri,
             storage=self.storage,
             work=plan.work,
+            run_id=self.lock.run_id if self.lock is not None else "run",
             name=m.output.name,
             scale=m.scale,
             digest=plan.digest,
@@ -881,24 +892,38 @@ class GenerateJob:
         return index
 
     def preview_rows(self, plan: Plan, n: int) -> list[dict]:
-        """The first ``n`` samples of the dataset, read back from its first shards."""
+        """The first ``n`` samples of the dataset, read back from the start of its first shards.
+
+        A shard's tar is sorted by key (``write_tar``), so the first samples are its first members:
+        the tar is streamed and left once ``n`` samples are whole, never read in full (a cluster
+        shard can be gigabytes, and this runs in the driver)."""
         rows: list[dict] = []
+
+        def take(sample: dict[str, bytes]) -> None:
+            meta = json.loads(sample["json"])
+            rows.append(
+                {"hr_png": sample["hr.png"], "lr_png": sample["lr.png"], "ref_source": meta.get("ref_source")}
+            )
+
         for stem in plan.stems:
             if len(rows) >= n:
                 break
-            with tarfile.open(fileobj=io.BytesIO(self.store.read_bytes(f"{stem}.tar")), mode="r:") as tar:
-                cur: dict[str, dict] = {}
+            with self.store.open_read(f"{stem}.tar") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+                key, cur = None, {}
                 for member in tar:
-                    key, ext = member.name.split(".", 1)
-                    f = tar.extractfile(member)
-                    cur.setdefault(key, {})[ext] = f.read() if f else b""
-            for key in sorted(cur)[: n - len(rows)]:
-                s = cur[key]
-                meta = json.loads(s["json"])
-                rows.append(
-                    {"hr_png": s["hr.png"], "lr_png": s["lr.png"], "ref_source": meta.get("ref_source")}
-                )
-        return rows
+                    k, ext = member.name.split(".", 1)
+                    if k != key:
+                        if cur:
+                            take(cur)
+                        if len(rows) >= n:
+                            break
+                        key, cur = k, {}
+                    data = tar.extractfile(member)
+                    cur[ext] = data.read() if data else b""
+                else:
+                    if cur:
+                        take(cur)
+        return rows[:n]
 
     def write_preview(self, rows: list[dict]) -> None:
         from PIL import Image

@@ -90,7 +90,7 @@ def checkpoint_info(m: GenerateManifest, storage: dict) -> tuple[str | None, str
     uri = m.generator.checkpoint
     assert uri is not None
     fs, path = get_fs(uri, storage)
-    if not fs.exists(path):
+    if not with_retries(lambda: fs.exists(path), what=f"checking {uri}"):
         raise ManifestError(f"generator.checkpoint: file not found (got {uri!r})")
     local = fetch_to_local(uri, storage)
     from realdgen_core.checkpoint import CheckpointError, inspect_checkpoint

@@ -2,7 +2,7 @@
 
 1. **Parts** (:func:`encode_write_batch`, a Ray Data task stage after generation): encodes a
    batch's samples (PNG + JSON) and writes, per shard the batch touches, one part file
-   ``<work>/parts/<stem>/part-<hash of its keys>.parquet`` holding the batch's input reports and
+   ``<work>/parts/<run id>/<stem>/part-<hash of its keys>.parquet`` holding the batch's input reports and
    samples (bytes included). The name is a pure function of the rows, so a retried task
    rewrites the same file; rows are never lost to a crash because a part is one atomic write.
    The stage returns one small row per (input, batch): key counts, never bytes.
@@ -122,9 +122,16 @@ class IncompleteShard(RuntimeError):
     """Compaction found fewer rows in the parts than the shard's reports promise."""
 
 
-def part_name(work: str, stem: str, rows: list[dict]) -> str:
+def parts_prefix(config: SinkConfig, stem: str) -> str:
+    """Where this run's parts of one shard live. The run id keeps parts an earlier, interrupted run
+    left (whose delete at this run's start failed) out of this run's shards: they may hold another
+    model's samples or another version of an image at the same URI."""
+    return f"{config.work}/parts/{config.run_id}/{stem}"
+
+
+def part_name(config: SinkConfig, stem: str, rows: list[dict]) -> str:
     h = hashlib.sha256("\n".join(sorted(f"{r['row_type']}:{r['key']}" for r in rows)).encode()).hexdigest()
-    return f"{work}/parts/{stem}/part-{h[:24]}.parquet"
+    return f"{parts_prefix(config, stem)}/part-{h[:24]}.parquet"
 
 
 def encode_write_batch(batch: pa.Table, config: SinkConfig | Mapping[str, Any]) -> pa.Table:
@@ -140,7 +147,7 @@ def encode_write_batch(batch: pa.Table, config: SinkConfig | Mapping[str, Any]) 
         part = [{k: r.get(k) for k in PART_SCHEMA.names} for r in srows]
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(part, schema=PART_SCHEMA), buf, compression="none")
-        store.write_bytes(part_name(config.work, shard_stem(config.name, shard), part), buf.getvalue())
+        store.write_bytes(part_name(config, shard_stem(config.name, shard), part), buf.getvalue())
         per_input: dict[int, dict] = {}
         for r in srows:
             rep = per_input.setdefault(
@@ -245,7 +252,7 @@ def compact_shard(
     t0 = time.perf_counter()
     store = DatasetStore(config.store, config.storage)
     stem = shard_stem(config.name, index)
-    prefix = f"{config.work}/parts/{stem}"
+    prefix = parts_prefix(config, stem)
     names = store.list_prefix(prefix)
     done = _written_by_this_run(store, stem, config, expected_inputs)
     if done is not None:
