@@ -400,6 +400,22 @@ def shard_stem(name: str, index: int) -> str:
     return f"{name}-{index:06d}"
 
 
+def download_cache() -> str:
+    """This user's download folder, ``$TMPDIR/realdgen-cache-<uid>`` (mode 0700). One shared by every
+    user would fail for the second one (permissions) or hand them a file another user placed there,
+    so a folder that is not ours, or that others may write to, is refused."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    cache = os.path.join(tempfile.gettempdir(), f"realdgen-cache-{uid}")
+    os.makedirs(cache, mode=0o700, exist_ok=True)
+    st = os.stat(cache)
+    if hasattr(os, "getuid") and (st.st_uid != uid or st.st_mode & 0o022):
+        raise PermissionError(
+            f"download cache {cache} is not owned by this user (uid {uid}) or others may write to it; "
+            "remove it, or set TMPDIR to a folder of your own"
+        )
+    return cache
+
+
 def fetch_to_local(uri: str, options: Mapping | None = None) -> str:
     """Local path of ``uri``: itself when local, else a cached download (keyed by URI).
 
@@ -407,8 +423,7 @@ def fetch_to_local(uri: str, options: Mapping | None = None) -> str:
     if not uri.startswith("s3://"):
         return get_fs(uri)[1]
     fs, path = get_fs(uri, options)
-    cache = os.path.join(tempfile.gettempdir(), "realdgen-cache")
-    os.makedirs(cache, exist_ok=True)
+    cache = download_cache()
 
     def fetch() -> str:
         info = fs.info(path)

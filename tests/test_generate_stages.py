@@ -103,3 +103,18 @@ def test_stages_chain_without_ray(tmp_path, kind):
     assert s["hr"] is None and s["lr"] is None
     assert decode_png(s["hr_png"]).shape == (32, 32, 3) and decode_png(s["lr_png"]).shape == (16, 16, 3)
     assert b'"generator":"' + kind.encode() + b'"' in s["json"] and b'"ref_source":"r0"' in s["json"]
+
+
+def test_worker_refuses_a_checkpoint_replaced_since_the_job_planned():
+    """The stats record the planned model's digest; a worker that loads another file at the same URI
+    (replaced mid-run) must not write samples under that record."""
+    from pathlib import Path
+
+    from realdgen_core.checkpoint import inspect_checkpoint
+
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "realdgen-small-x4.safetensors"
+    digest = inspect_checkpoint(str(ckpt))[1]["digest"]
+    ok = GenerateLR({"kind": "realdgen", "scale": 4, "checkpoint": str(ckpt), "model_digest": digest})
+    assert ok.model_digest == digest
+    with pytest.raises(RuntimeError, match="changed while the job ran"):
+        GenerateLR({"kind": "realdgen", "scale": 4, "checkpoint": str(ckpt), "model_digest": "0" * 64})

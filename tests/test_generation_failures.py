@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.generate.sink import ShardProgress, compact_shard, encode_write_batch
+from pipelines.generate.sink import ShardBook, ShardProgress, compact_shard, encode_write_batch
 from pipelines.generate.stages import DecodeTile, GenerateLR, base_key
 from pipelines.storage import DatasetStore
 from realdgen_core.shards import read_tar
@@ -222,3 +222,28 @@ def test_a_compaction_retried_after_its_stats_were_written_finishes_the_clean_up
     other = {**cfg, "references_digest": "refs:b"}
     assert compact_shard(other, 0, 2, 0.0)["references_digest"] == "refs:b"
     assert store.list_prefix("_work/x/parts") == []
+
+
+def test_a_report_delivered_again_after_its_shard_completed_opens_no_tracker():
+    """A retried task's rows for a shard already sent to compaction are ignored: otherwise the job
+    would end with "shard(s) never completed" for a shard it wrote."""
+
+    def rep(shard, i, keys, reported=True):
+        return {
+            "shard": shard,
+            "input_index": i,
+            "reported": reported,
+            "n_samples": 2,
+            "input_failed": False,
+            "sample_keys": keys,
+            "samples_failed": 0,
+        }
+
+    book = ShardBook([1, 1])
+    assert book.add(rep(0, 0, ["a_t000"])) == (None, 1, 0, 0)
+    st, ok, failed, newly_failed = book.add(rep(0, 0, ["a_t001"], reported=False))
+    assert st is not None and st.index == 0 and (ok, failed, newly_failed) == (1, 0, 0)
+    assert book.open == {} and book.done == {0}
+    assert book.add(rep(0, 0, ["a_t000"])) is None  # the same report again, later
+    assert book.open == {}
+    assert book.add(rep(1, 1, ["b_t000"]))[0] is None and list(book.open) == [1]

@@ -567,3 +567,19 @@ def test_write_stream_is_atomic_locally_and_on_s3(tmp_path, s3_server, s3_bucket
         assert store.write_stream("keep.bin", lambda f: f.write(big)) == len(big)
         assert store.read_bytes("keep.bin") == big and store.names() == ["keep.bin"], uri
     assert not [p.name for p in (tmp_path / "ds").iterdir() if p.name.startswith(".")]
+
+
+def test_download_cache_is_per_user_and_refused_when_others_may_write(tmp_path, monkeypatch):
+    import os
+    import stat
+    import tempfile
+
+    from pipelines.storage import download_cache
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    cache = download_cache()
+    assert cache == str(tmp_path / f"realdgen-cache-{os.getuid()}")
+    assert stat.S_IMODE(os.stat(cache).st_mode) & 0o077 == 0
+    os.chmod(cache, 0o777)  # a folder others can plant files in
+    with pytest.raises(PermissionError, match="others may write to it"):
+        download_cache()

@@ -87,6 +87,8 @@ class GenerateConfig(_Config):
     kind: str
     scale: int
     checkpoint: str | None = None
+    # the digest the job planned with (and records in the stats): a worker that loads another refuses
+    model_digest: str | None = None
     storage: Mapping[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     k: int = 1

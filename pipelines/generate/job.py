@@ -38,7 +38,7 @@ from pipelines.generate.plan import (
     references_digest,
     start_digest,
 )
-from pipelines.generate.sink import ShardProgress, compact_shard, encode_write_batch
+from pipelines.generate.sink import ShardBook, compact_shard, encode_write_batch
 from pipelines.generate.stages import GenerateLR, decode_tile_batch
 from pipelines.manifest import GenerateManifest, ManifestError
 from pipelines.progress import JobProgress
@@ -539,6 +539,7 @@ class GenerateJob:
             kind=g.kind,
             scale=m.scale,
             checkpoint=self._checkpoint_for_workers(plan),
+            model_digest=plan.model_digest,
             storage=self.storage,
             device="cuda" if num_gpus else "cpu",
             k=g.k,
@@ -758,28 +759,25 @@ class GenerateJob:
                 enabled=m.progress.bar,
                 interval_s=m.progress.interval_s,
             )
-            states: dict[int, ShardProgress] = {}
+            book = ShardBook(plan.shard_sizes)
             try:
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     self.driver_bytes += batch.nbytes
                     for rep in batch.to_pylist():
-                        shard = int(rep["shard"])
-                        st = states.get(shard)
-                        if st is None:
-                            st = states[shard] = ShardProgress(shard, plan.shard_sizes[shard])
-                        before = len(st.failed_inputs)
-                        ok_new, failed_new = st.add(rep)
-                        failed_inputs += len(st.failed_inputs) - before
+                        folded = book.add(rep)
+                        if folded is None:  # a shard already sent to compaction
+                            continue
+                        st, ok_new, failed_new, newly_failed = folded
+                        failed_inputs += newly_failed
                         if rep["reported"]:
                             bar.input_reported(rep["n_samples"], not rep["input_failed"])
                         for _ in range(ok_new):
                             bar.sample_done(True)
                         for _ in range(failed_new):
                             bar.sample_done(False)
-                        if st.complete():
-                            ref = compact.remote(sink_cfg, shard, st.expected_inputs, st.started)
-                            in_flight[ref] = shard
-                            del states[shard]
+                        if st is not None:
+                            ref = compact.remote(sink_cfg, st.index, st.expected_inputs, st.started)
+                            in_flight[ref] = st.index
                         if over_budget():
                             raise budget_error()
                     self._check_lock()
@@ -788,8 +786,8 @@ class GenerateJob:
             finally:
                 bar.close()
                 console.close()
-            if states:
-                raise JobFailed(f"{len(states)} shard(s) never completed: {sorted(states)[:5]}")
+            if book.open:
+                raise JobFailed(f"{len(book.open)} shard(s) never completed: {sorted(book.open)[:5]}")
         gen_wall = time.perf_counter() - t_gen
         n_pairs = sum(s["samples"] for s in written)
         n_samples_failed = sum(s["samples_failed"] for s in written)

@@ -23,7 +23,7 @@ import socket
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,6 +202,36 @@ class ShardProgress:
         return len(self.expected) == self.expected_inputs and all(
             len(self.keys.get(i, ())) == n for i, n in self.expected.items()
         )
+
+
+@dataclass
+class ShardBook:
+    """The driver's shards in flight, by index (``sizes``: inputs per shard). A shard leaves the book
+    when complete, to be compacted; a report of it delivered again later (a retried task) adds
+    nothing, since every key it promised had landed, and must not open a tracker that never completes."""
+
+    sizes: Sequence[int]
+    open: dict[int, ShardProgress] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)
+
+    def add(self, rep: Mapping[str, Any]) -> tuple[ShardProgress | None, int, int, int] | None:
+        """Fold one report row in: (the shard's progress if this row completed it, else None; new
+        samples ok; new samples failed; inputs newly failed), or None for a row of a shard that has
+        already left the book."""
+        shard = int(rep["shard"])
+        if shard in self.done:
+            return None
+        st = self.open.get(shard)
+        if st is None:
+            st = self.open[shard] = ShardProgress(shard, self.sizes[shard])
+        before = len(st.failed_inputs)
+        ok_new, failed_new = st.add(rep)
+        newly_failed = len(st.failed_inputs) - before
+        if not st.complete():
+            return None, ok_new, failed_new, newly_failed
+        del self.open[shard]
+        self.done.add(shard)
+        return st, ok_new, failed_new, newly_failed
 
 
 def _node() -> dict:

@@ -396,6 +396,13 @@ class GenerateLR:
                 compile=bool(self.cfg.compile),
             )
             self.model_digest = self.generator.digest
+            if self.cfg.model_digest is not None and self.model_digest != self.cfg.model_digest:
+                # replaced at the same URI after the job planned: its samples would carry another
+                # model than the stats and index record
+                raise RuntimeError(
+                    f"generator.checkpoint {self.cfg.checkpoint} changed while the job ran (digest "
+                    f"{self.model_digest}, planned with {self.cfg.model_digest}); run the job again"
+                )
             bank = _resolve(self.cfg.ref_bank)
             self.bank = torch.as_tensor(np.asarray(bank, dtype=np.float32)) if bank is not None else None
         # start_choice domain: each profile as the per-sample start errors it stands for, built once
