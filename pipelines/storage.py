@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
@@ -241,6 +241,16 @@ def is_transient(exc: BaseException) -> bool:
     ``RequestTimeout``, …) with the original as ``__cause__`` (or ``__context__``), so the chain is
     walked: the first link that says anything decides.
     """
+    for e in _chain(exc):
+        verdict = _classify(e)
+        if verdict is not None:
+            return verdict
+    return False
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the errors it was raised from (``__cause__``, ``__context__``), breadth first,
+    each once, at most 33."""
     seen: set[int] = set()
     todo: list[BaseException] = [exc]
     while todo:
@@ -248,30 +258,20 @@ def is_transient(exc: BaseException) -> bool:
         if id(e) in seen or len(seen) > 32:
             continue
         seen.add(id(e))
-        verdict = _classify(e)
-        if verdict is not None:
-            return verdict
+        yield e
         todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
-    return False
 
 
 def missing_credentials(exc: BaseException) -> str | None:
     """A user-facing message when ``exc`` (or an error it was raised from) says that no S3
     credentials were found; None otherwise."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        e = todo.pop(0)
-        if id(e) in seen or len(seen) > 32:
-            continue
-        seen.add(id(e))
+    for e in _chain(exc):
         if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
             return (
                 f"no S3 credentials ({e}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
                 "AWS_PROFILE, or give the machine a role) in the environment of this command; "
                 "manifests never hold them"
             )
-        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
     return None
 
 
