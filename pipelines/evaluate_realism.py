@@ -44,7 +44,8 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,7 +64,8 @@ from pipelines.sources import ImageError, local_image_files
 from realdgen_core import realism
 
 REPO = Path(__file__).resolve().parent.parent
-_REALSR_SUFFIX = re.compile(r"_(HR|LR\d*|x\d+)$", re.IGNORECASE)
+# RealSR / DRealSR (`Canon_001_HR`, `_LR4`, `_x4`) and DIV2K (`0801x4`) name suffixes
+_REALSR_SUFFIX = re.compile(r"(?:_(?:HR|LR(\d*)|x(\d+))|(?<=\d)x(\d+))$", re.IGNORECASE)
 
 __all__ = ["Tile", "DomainTiles", "prepare_domain", "run_evaluation", "group_of"]
 
@@ -137,8 +139,42 @@ def _align(hr: np.ndarray, lr: np.ndarray, s: int, what: str) -> tuple[np.ndarra
     lh, lw = min(lh, h // s), min(lw, w // s)
     note = None
     if (lh * s, lw * s) != (h, w) or lr.shape[:2] != (lh, lw):
+        _refuse_whole_resize(hr, lr, s, what)
         note = f"{what}: cropped bottom/right to HR {lw * s}x{lh * s} / LR {lw}x{lh}"
     return hr[: lh * s, : lw * s], lr[:lh, :lw], note
+
+
+RESIZE_MARGIN_DB = 1.0
+
+
+def _luma_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    ya, yb = realism.luma(a), realism.luma(b)
+    mse = float(np.mean((ya - yb) ** 2))
+    return 99.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def _refuse_whole_resize(hr: np.ndarray, lr: np.ndarray, s: int, what: str) -> None:
+    """An LR whose size is not exactly HR / ``s`` is taken as cut from a top-left-aligned x``s`` grid
+    (a registration or modcrop crop). An LR resized from the *whole* HR to a size near HR / ``s`` fits
+    the same size test, but its pixels drift from that grid across the picture, so every metric would
+    compare misaligned tiles. Both readings are scored (the HR resized to the LR's size either way, one
+    kernel, luma PSNR to the LR); when the whole-picture resize fits the LR better by more than
+    ``RESIZE_MARGIN_DB``, the pair is refused with a clear error."""
+    lh, lw = lr.shape[:2]
+    ch, cw = min(lh, hr.shape[0] // s), min(lw, hr.shape[1] // s)
+
+    def down(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC))
+
+    crop = _luma_psnr(down(hr[: ch * s, : cw * s], (cw, ch)), lr[:ch, :cw])
+    whole = _luma_psnr(down(hr, (lw, lh)), lr)
+    if whole > crop + RESIZE_MARGIN_DB:
+        h, w = hr.shape[:2]
+        raise ManifestError(
+            f"{what}: the LR {lw}x{lh} looks resized from the whole HR {w}x{h} (x{w / lw:.3f} by "
+            f"{h / lh:.3f}: {whole:.1f} dB luma PSNR against {crop:.1f} dB for an x{s} crop), not cut on an "
+            f"x{s} grid; crop the HR to a multiple of {s} before making its LR, or fix `scale`"
+        )
 
 
 def _resolve_dirs(m: EvaluateManifest, d: EvalDomain) -> tuple[str, Path, Path, Path | None]:
@@ -172,26 +208,67 @@ def _match_key(stem: str, layout: str) -> str:
     return _REALSR_SUFFIX.sub("", stem) if layout == "realsr" else stem
 
 
+def _lr_by_key(lr_files: list[Path], layout: str, scale: int, what: str) -> dict[str, Path]:
+    """True LR files by match key. Two files with one key (`_LR2` and `_LR4` of one photo) keep the
+    one whose suffix names this scale; otherwise which one is meant cannot be told: an error."""
+    by_key: dict[str, list[Path]] = {}
+    for p in lr_files:
+        by_key.setdefault(_match_key(p.stem, layout), []).append(p)
+    out = {}
+    for key, files in by_key.items():
+        if len(files) > 1:
+            named = [p for p in files if _suffix_scale(p.stem) == scale]
+            if len(named) != 1:
+                raise ManifestError(
+                    f"{what}: true LR files {sorted(p.name for p in files)} pair with the same HR; keep one "
+                    f"per photo and scale (a suffix such as _LR{scale} or _x{scale} picks the x{scale} one)"
+                )
+            files = named
+        out[key] = files[0]
+    return out
+
+
+def _is_lr_name(stem: str) -> bool:
+    """A RealSR/DIV2K suffix naming an LR file: ``_LR``, ``_LR4``, ``_x2`` (not ``_x1``), ``x4``."""
+    mt = _REALSR_SUFFIX.search(stem)
+    return bool(mt) and not stem.upper().endswith("_HR") and _suffix_scale(stem) != 1
+
+
+def _suffix_scale(stem: str) -> int | None:
+    mt = _REALSR_SUFFIX.search(stem)
+    digits = next((g for g in mt.groups() if g), None) if mt else None
+    return int(digits) if digits else None
+
+
 def prepare_domain(m: EvaluateManifest, d: EvalDomain, work: Path) -> DomainTiles:
     """Pair HR with true LR by name, cut both into eval tiles, write them per group under ``work``."""
     layout, hr_dir, lr_dir, refs = _resolve_dirs(m, d)
     s, t = m.scale, m.generation.tile
-    lr_by_key = {_match_key(p.stem, layout): p for p in _images(lr_dir)}
-    tiles: list[Tile] = []
+    hr_files, lr_files = _images(hr_dir), _images(lr_dir)
     notes: list[str] = []
+    if hr_dir.resolve() == lr_dir.resolve():  # RealSR V3: Canon_001_HR.png and Canon_001_LR4.png side by side
+        layout = "realsr"
+        lr_files = [p for p in hr_files if _is_lr_name(p.stem)]
+        hr_files = [p for p in hr_files if not _is_lr_name(p.stem)]
+    if layout == "explicit" and not {p.stem for p in hr_files} & {p.stem for p in lr_files}:
+        # `hr`/`lr` named folders whose files carry RealSR/DIV2K suffixes (DRealSR's test_HR/test_LR)
+        layout = "realsr"
+        notes.append("no HR and LR file share a name: paired by RealSR/DIV2K suffixes (_HR, _LR4, _x4, x4)")
+    lr_by_key = _lr_by_key(lr_files, layout, s, f"domains.{d.name}")
+    tiles: list[Tile] = []
     unmatched = []
-    for hp in _images(hr_dir):
+    for hp in hr_files:
         key = _match_key(hp.stem, layout)
         lp = lr_by_key.get(key)
         if lp is None:
             unmatched.append(hp.name)
             continue
         pair = []
-        for p in (hp, lp):  # one broken file loses its pair (noted in the report), not the run
+        for side, p in (("HR", hp), ("LR", lp)):  # one broken file loses its pair (noted), not the run
             try:
                 pair.append(_rgb(p))
             except ImageError as exc:
-                notes.append(f"{p.name}: {exc}; pair skipped")
+                notes.append(f"{side} {p.name}: {exc}; pair skipped")
                 break
         if len(pair) < 2:
             continue
@@ -237,8 +314,23 @@ def prepare_domain(m: EvaluateManifest, d: EvalDomain, work: Path) -> DomainTile
             f"every tile is its own photo group ({len(tiles)}): if some are cut from the same photo, their "
             "references leak; set generation.group_pattern to name the photo"
         )
-    if refs is not None and not _images(refs):
-        raise ManifestError(f"domains.{d.name}.refs_train: no image files in {str(refs)!r}")
+    if refs is not None:
+        ref_files = _images(refs)
+        if not ref_files:
+            raise ManifestError(f"domains.{d.name}.refs_train: no image files in {str(refs)!r}")
+        bad = []
+        for p in ref_files:  # decoded now, so a folder of broken files fails before any job
+            try:
+                _rgb(p)
+            except ImageError as exc:
+                bad.append(f"{p.name}: {exc}")
+        if len(bad) == len(ref_files):
+            raise ManifestError(
+                f"domains.{d.name}.refs_train: none of its {len(bad)} image files decodes (e.g. {bad[0]})"
+            )
+        if bad:
+            n_bad = f"{len(bad)} of {len(ref_files)}"
+            notes.append(f"refs_train: {n_bad} files do not decode, left out (e.g. {bad[0]})")
     names = [x.name for x in tiles]
     if len(set(names)) != len(names):
         raise ManifestError(f"domains.{d.name}: tile names collide (HR names must be unique)")
@@ -692,7 +784,11 @@ def evaluate_domain(
                 raise RuntimeError(f"[{d.name}] a tile was its own reference: {own[:3]}")
 
     # Classifier two-sample test.
-    if m.classifier.enabled:
+    too_few = classifier_too_few(m, dom, names) if m.classifier.enabled else None
+    if too_few:
+        section["notes"].append(too_few)
+        log(f"[{d.name}] {too_few}")
+    if m.classifier.enabled and not too_few:
         import torch
 
         from realdgen_core.probes import two_sample_test
@@ -837,6 +933,29 @@ def sr_proxy_domain(m, d, dom, dwork, work, sr_hr, ckpt, digest, gens_out, timin
     return out
 
 
+MIN_CLASSIFIER_TEST_CROPS = 8  # per class and held-out photo
+
+
+def classifier_too_few(m: EvaluateManifest, dom: DomainTiles, names: Sequence[str]) -> str | None:
+    """Why the classifier test is skipped on this domain, or None. Each held-out photo is scored on
+    its tiles' non-overlapping ``classifier.crop`` positions; with a handful of them the accuracy
+    can only be 0, 0.5 or 1 and its interval still claims a result, so below
+    ``MIN_CLASSIFIER_TEST_CROPS`` per photo the test is left out, with this note."""
+    t = m.generation.tile
+    crop = min(m.classifier.crop, t)
+    per_tile = (t // crop) ** 2
+    by_group = Counter(next(x.group for x in dom.tiles if x.name == n) for n in names)
+    fewest = min(by_group.values()) * per_tile if by_group else 0
+    if fewest >= MIN_CLASSIFIER_TEST_CROPS:
+        return None
+    shrunk = f" (classifier.crop {m.classifier.crop} > tile {t}: {t})" if m.classifier.crop > t else ""
+    return (
+        f"classifier skipped: a held-out photo has only {fewest} test crop(s) of {crop} px{shrunk}, "
+        f"fewer than {MIN_CLASSIFIER_TEST_CROPS}; its accuracy could only be 0, 0.5 or 1. Use more "
+        "tiles per photo (generation.max_tiles_per_image) or a smaller classifier.crop"
+    )
+
+
 def pool_classifier_runs(runs: list[dict]) -> dict:
     """One classifier result from seeded repeats: accuracy = mean over the repeats' test crops.
 
@@ -900,6 +1019,15 @@ def run_evaluation(m: EvaluateManifest, *, log: Callable[[str], None] = _default
             sr_hr = "_shared/sr_hr"  # relative to the work folder (see run_generate)
     if m.checkpoint and not Path(m.checkpoint).is_file():
         raise ManifestError(f"checkpoint: file not found (got {m.checkpoint!r})")
+    if m.checkpoint:
+        from realdgen_core.checkpoint import CheckpointError, inspect_checkpoint
+
+        try:
+            config = inspect_checkpoint(m.checkpoint)[0]
+        except (CheckpointError, OSError, ValueError) as exc:
+            raise ManifestError(f"checkpoint: not a usable RealDGen checkpoint: {exc}") from None
+        if config.scale != m.scale:  # found now, not after the first domain's adaptation and jobs
+            raise ManifestError(f"scale: the checkpoint is x{config.scale} (got {m.scale})")
     # Every domain's pairs are read, checked and cut before Ray starts: bad data in the last domain
     # fails now, not after the earlier domains' adaptations and jobs.
     prepared = {d.name: prepare_domain(m, d, work / d.name) for d in m.domains}

@@ -371,7 +371,7 @@ def test_eval_pairs_are_checked_before_any_work(tmp_path):
     Image.fromarray(img(16, 16)).save(tmp_path / "ceil" / "d" / "LR" / "Sony_003_LR4.png")
     again = prepare("ceil", {})
     assert [t.name for t in again.tiles] == [t.name for t in dom.tiles]
-    assert any(n.startswith("Sony_003_HR.png: not an image") and "pair skipped" in n for n in again.notes)
+    assert any(n.startswith("HR Sony_003_HR.png: not an image") and "pair skipped" in n for n in again.notes)
     # one photo only: no honest reference exists
     with pytest.raises(ManifestError, match=r"one photo group only \('Canon'"):
         prepare("one", {"Canon_001": (img(64, 64), img(16, 16)), "Canon_002": (img(64, 64), img(16, 16))})
@@ -501,3 +501,117 @@ def test_three_photos_make_one_reference_domain_per_job(ray_local, tiny_ckpt, tm
         ref = Path(meta["ref_source"]).parent.name
         assert ref in others and meta["ref_set"] == f"truelr-{ref}"
         assert meta["domain"] == "truelr-" + "+".join(others)
+
+
+def _photo_pair(name: str, size: tuple[int, int]) -> np.ndarray:
+    """A real photo (scikit-image's bundled ones) at ``size`` (w, h): misalignment shows on it."""
+    from skimage import data
+
+    img = getattr(data, name)()
+    img = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3]
+    return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC))
+
+
+def test_an_lr_resized_from_the_whole_hr_is_refused_a_registration_crop_is_kept(tmp_path):
+    """Both fit the size test (HR up to 5 % wider than 4 x LR); only the crop is on the x4 grid."""
+    from pipelines.evaluate_realism import prepare_domain
+
+    hr = _photo_pair("astronaut", (512, 384))
+    other = _photo_pair("coffee", (128, 128))
+    other_lr = np.asarray(Image.fromarray(other).resize((32, 32), Image.Resampling.BICUBIC))
+    down = lambda im, w, h: np.asarray(Image.fromarray(im).resize((w, h), Image.Resampling.BICUBIC))  # noqa: E731
+
+    resized = down(hr, 123, 92)  # the whole photo, x4.16 / x4.17
+    m = _realsr_domain(tmp_path / "a", {"Canon_001": (hr, resized), "Nikon_002": (other, other_lr)})
+    with pytest.raises(
+        ManifestError, match=r"Canon_001_HR.png / Canon_001_LR4.png: the LR 123x92 looks resized"
+    ):
+        prepare_domain(m, m.domains[0], tmp_path / "a" / "w")
+
+    cropped = down(hr[:368, :492], 123, 92)  # registered: cut on the x4 grid, then x4
+    m = _realsr_domain(tmp_path / "b", {"Canon_001": (hr, cropped), "Nikon_002": (other, other_lr)})
+    dom = prepare_domain(m, m.domains[0], tmp_path / "b" / "w")
+    t = next(t for t in dom.tiles if t.name == "Canon_001_16_16")
+    assert np.array_equal(t.lr, cropped[16:32, 16:32]) and np.array_equal(t.hr, hr[64:128, 64:128])
+    assert any("cropped bottom/right to HR 492x368" in n for n in dom.notes)
+
+
+def test_lr_files_of_two_scales_and_other_naming_conventions(tmp_path):
+    from pipelines.evaluate_realism import prepare_domain
+
+    rng = np.random.default_rng(3)
+    img = lambda h, w: rng.integers(0, 255, (h, w, 3), dtype=np.uint8)  # noqa: E731
+    lr4 = img(16, 16)
+    m = _realsr_domain(
+        tmp_path / "two", {"Canon_001": (img(64, 64), lr4), "Nikon_002": (img(64, 64), img(16, 16))}
+    )
+    Image.fromarray(img(32, 32)).save(tmp_path / "two" / "d" / "LR" / "Canon_001_LR2.png")
+    dom = prepare_domain(m, m.domains[0], tmp_path / "two" / "w")  # x4: the _LR4 file, not the last sorted
+    assert np.array_equal(next(t for t in dom.tiles if t.group == "Canon").lr, lr4)
+    Image.fromarray(img(16, 16)).save(tmp_path / "two" / "d" / "LR" / "Canon_001_LR.png")
+    Image.fromarray(img(16, 16)).save(tmp_path / "two" / "d" / "LR" / "Canon_001_x4.png")
+    with pytest.raises(ManifestError, match=r"true LR files .*Canon_001_LR4.png.* pair with the same HR"):
+        prepare_domain(m, m.domains[0], tmp_path / "two" / "w")
+
+    # DIV2K names in explicitly named folders (0801.png / 0801x4.png): paired by suffix, with a note
+    for sub in ("DIV2K_HR", "DIV2K_LR_x4"):
+        (tmp_path / "div" / sub).mkdir(parents=True)
+    for stem in ("0801", "0802"):
+        Image.fromarray(img(64, 64)).save(tmp_path / "div" / "DIV2K_HR" / f"{stem}.png")
+        Image.fromarray(img(16, 16)).save(tmp_path / "div" / "DIV2K_LR_x4" / f"{stem}x4.png")
+    m = parse_manifest(
+        {
+            "kind": "evaluate",
+            "domains": [
+                {
+                    "name": "d",
+                    "hr": str(tmp_path / "div" / "DIV2K_HR"),
+                    "lr": str(tmp_path / "div" / "DIV2K_LR_x4"),
+                }
+            ],
+            "generation": {"tile": 16, "generators": ["bicubic"], "group_pattern": "^(\\d+)"},
+            "report": {"dir": str(tmp_path / "r")},
+        }
+    )
+    dom = prepare_domain(m, m.domains[0], tmp_path / "div" / "w")
+    assert len(dom.tiles) == 2 and dom.layout == "realsr" and any("suffixes" in n for n in dom.notes)
+
+    # RealSR V3: HR and LR side by side in one folder
+    one = tmp_path / "v3"
+    one.mkdir()
+    for stem in ("Canon_001", "Nikon_002"):
+        Image.fromarray(img(64, 64)).save(one / f"{stem}_HR.png")
+        Image.fromarray(img(16, 16)).save(one / f"{stem}_LR4.png")
+    m = parse_manifest(
+        {
+            "kind": "evaluate",
+            "domains": [{"name": "d", "hr": str(one), "lr": str(one)}],
+            "generation": {"tile": 16, "generators": ["bicubic"]},
+            "report": {"dir": str(tmp_path / "r")},
+        }
+    )
+    dom = prepare_domain(m, m.domains[0], tmp_path / "v3w")
+    assert sorted({t.group for t in dom.tiles}) == ["Canon", "Nikon"] and len(dom.tiles) == 2
+
+
+def test_classifier_is_left_out_with_a_note_when_a_photo_has_too_few_test_crops(tmp_path):
+    from pipelines.evaluate_realism import MIN_CLASSIFIER_TEST_CROPS, classifier_too_few, prepare_domain
+
+    rng = np.random.default_rng(4)
+    img = lambda h, w: rng.integers(0, 255, (h, w, 3), dtype=np.uint8)  # noqa: E731
+    m = _realsr_domain(
+        tmp_path, {"Canon_001": (img(64, 64), img(16, 16)), "Nikon_002": (img(128, 128), img(32, 32))}
+    )
+    dom = prepare_domain(m, m.domains[0], tmp_path / "w")
+    names = [t.name for t in dom.tiles]  # Canon: 1 tile, Nikon: 4 tiles of 16 px
+    for crop, expect in ((16, 1), (8, 4), (4, 16)):
+        mm = m.model_copy(update={"classifier": m.classifier.model_copy(update={"crop": crop})})
+        why = classifier_too_few(mm, dom, names)
+        if expect >= MIN_CLASSIFIER_TEST_CROPS:
+            assert why is None
+        else:
+            assert why.startswith(
+                f"classifier skipped: a held-out photo has only {expect} test crop(s) of {crop} px"
+            )
+    big = m.model_copy(update={"classifier": m.classifier.model_copy(update={"crop": 32})})
+    assert "(classifier.crop 32 > tile 16: 16)" in classifier_too_few(big, dom, names)
