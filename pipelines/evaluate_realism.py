@@ -44,7 +44,6 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,8 +63,9 @@ from pipelines.sources import ImageError, local_image_files
 from realdgen_core import realism
 
 REPO = Path(__file__).resolve().parent.parent
-# RealSR / DRealSR (`Canon_001_HR`, `_LR4`, `_x4`) and DIV2K (`0801x4`) name suffixes
-_REALSR_SUFFIX = re.compile(r"(?:_(?:HR|LR(\d*)|x(\d+))|(?<=\d)x(\d+))$", re.IGNORECASE)
+# RealSR / DRealSR name suffixes (`Canon_001_HR`, `_LR4`, `_x4`), and DIV2K's all-digit LR names (`0801x4`)
+_REALSR_SUFFIX = re.compile(r"_(?:HR|LR(\d*)|x(\d+))$", re.IGNORECASE)
+_DIV2K_LR = re.compile(r"^(\d+)x(\d+)$", re.IGNORECASE)
 
 __all__ = ["Tile", "DomainTiles", "prepare_domain", "run_evaluation", "group_of"]
 
@@ -139,7 +139,8 @@ def _align(hr: np.ndarray, lr: np.ndarray, s: int, what: str) -> tuple[np.ndarra
     lh, lw = min(lh, h // s), min(lw, w // s)
     note = None
     if (lh * s, lw * s) != (h, w) or lr.shape[:2] != (lh, lw):
-        _refuse_whole_resize(hr, lr, s, what)
+        if h - s * lh >= s or w - s * lw >= s:  # a registration crop, not HR // s or ⌈HR / s⌉
+            _refuse_whole_resize(hr, lr, s, what)
         note = f"{what}: cropped bottom/right to HR {lw * s}x{lh * s} / LR {lw}x{lh}"
     return hr[: lh * s, : lw * s], lr[:lh, :lw], note
 
@@ -154,10 +155,11 @@ def _luma_psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _refuse_whole_resize(hr: np.ndarray, lr: np.ndarray, s: int, what: str) -> None:
-    """An LR whose size is not exactly HR / ``s`` is taken as cut from a top-left-aligned x``s`` grid
-    (a registration or modcrop crop). An LR resized from the *whole* HR to a size near HR / ``s`` fits
-    the same size test, but its pixels drift from that grid across the picture, so every metric would
-    compare misaligned tiles. Both readings are scored (the HR resized to the LR's size either way, one
+    """An HR at least ``s`` px wider (or taller) than ``s`` × LR is taken as a registration crop: the LR
+    cut from a top-left-aligned x``s`` grid. An LR resized from the *whole* HR to a size near HR / ``s``
+    fits the same size test, but its pixels drift from that grid across the picture (by up to 5 %),
+    so every metric would compare misaligned tiles. (``HR // s`` and ``⌈HR / s⌉`` drift by less than
+    one LR px and are kept.) Both readings are scored (the HR resized to the LR's size either way, one
     kernel, luma PSNR to the LR); when the whole-picture resize fits the LR better by more than
     ``RESIZE_MARGIN_DB``, the pair is refused with a clear error."""
     lh, lw = lr.shape[:2]
@@ -171,9 +173,10 @@ def _refuse_whole_resize(hr: np.ndarray, lr: np.ndarray, s: int, what: str) -> N
     if whole > crop + RESIZE_MARGIN_DB:
         h, w = hr.shape[:2]
         raise ManifestError(
-            f"{what}: the LR {lw}x{lh} looks resized from the whole HR {w}x{h} (x{w / lw:.3f} by "
-            f"{h / lh:.3f}: {whole:.1f} dB luma PSNR against {crop:.1f} dB for an x{s} crop), not cut on an "
-            f"x{s} grid; crop the HR to a multiple of {s} before making its LR, or fix `scale`"
+            f"{what}: the LR {lw}x{lh} does not line up with the HR {w}x{h} on an x{s} grid from the "
+            f"top-left (a resize of the whole HR, x{w / lw:.3f} by {h / lh:.3f}, fits it better: {whole:.1f} "
+            f"dB luma PSNR against {crop:.1f} dB); crop the HR to a multiple of {s} before making its LR, "
+            "or fix `scale`"
         )
 
 
@@ -205,7 +208,10 @@ def _resolve_dirs(m: EvaluateManifest, d: EvalDomain) -> tuple[str, Path, Path, 
 
 
 def _match_key(stem: str, layout: str) -> str:
-    return _REALSR_SUFFIX.sub("", stem) if layout == "realsr" else stem
+    if layout != "realsr":
+        return stem
+    div2k = _DIV2K_LR.match(stem)
+    return div2k.group(1) if div2k else _REALSR_SUFFIX.sub("", stem)
 
 
 def _lr_by_key(lr_files: list[Path], layout: str, scale: int, what: str) -> dict[str, Path]:
@@ -229,12 +235,17 @@ def _lr_by_key(lr_files: list[Path], layout: str, scale: int, what: str) -> dict
 
 
 def _is_lr_name(stem: str) -> bool:
-    """A RealSR/DIV2K suffix naming an LR file: ``_LR``, ``_LR4``, ``_x2`` (not ``_x1``), ``x4``."""
+    """A RealSR/DIV2K name of an LR file: ``_LR``, ``_LR4``, ``_x2`` (not ``_x1``), ``0801x4``."""
+    if _DIV2K_LR.match(stem):
+        return True
     mt = _REALSR_SUFFIX.search(stem)
     return bool(mt) and not stem.upper().endswith("_HR") and _suffix_scale(stem) != 1
 
 
 def _suffix_scale(stem: str) -> int | None:
+    div2k = _DIV2K_LR.match(stem)
+    if div2k:
+        return int(div2k.group(2))
     mt = _REALSR_SUFFIX.search(stem)
     digits = next((g for g in mt.groups() if g), None) if mt else None
     return int(digits) if digits else None
@@ -784,7 +795,7 @@ def evaluate_domain(
                 raise RuntimeError(f"[{d.name}] a tile was its own reference: {own[:3]}")
 
     # Classifier two-sample test.
-    too_few = classifier_too_few(m, dom, names) if m.classifier.enabled else None
+    too_few = classifier_too_few(m, names) if m.classifier.enabled else None
     if too_few:
         section["notes"].append(too_few)
         log(f"[{d.name}] {too_few}")
@@ -933,26 +944,25 @@ def sr_proxy_domain(m, d, dom, dwork, work, sr_hr, ckpt, digest, gens_out, timin
     return out
 
 
-MIN_CLASSIFIER_TEST_CROPS = 8  # per class and held-out photo
+MIN_CLASSIFIER_TEST_CROPS = 16  # per class, over every held-out fold
 
 
-def classifier_too_few(m: EvaluateManifest, dom: DomainTiles, names: Sequence[str]) -> str | None:
-    """Why the classifier test is skipped on this domain, or None. Each held-out photo is scored on
-    its tiles' non-overlapping ``classifier.crop`` positions; with a handful of them the accuracy
-    can only be 0, 0.5 or 1 and its interval still claims a result, so below
-    ``MIN_CLASSIFIER_TEST_CROPS`` per photo the test is left out, with this note."""
+def classifier_too_few(m: EvaluateManifest, names: Sequence[str]) -> str | None:
+    """Why the classifier test is skipped on this domain, or None. Every tile is held out once (its
+    photo's fold) and scored on its non-overlapping ``classifier.crop`` positions, and the accuracy
+    pools those crops; with a handful of them it takes a few coarse values and its interval still
+    reads as a result, so below ``MIN_CLASSIFIER_TEST_CROPS`` true-LR crops in all the test is left
+    out, with this note."""
     t = m.generation.tile
     crop = min(m.classifier.crop, t)
-    per_tile = (t // crop) ** 2
-    by_group = Counter(next(x.group for x in dom.tiles if x.name == n) for n in names)
-    fewest = min(by_group.values()) * per_tile if by_group else 0
-    if fewest >= MIN_CLASSIFIER_TEST_CROPS:
+    crops = len(names) * (t // crop) ** 2
+    if crops >= MIN_CLASSIFIER_TEST_CROPS:
         return None
     shrunk = f" (classifier.crop {m.classifier.crop} > tile {t}: {t})" if m.classifier.crop > t else ""
     return (
-        f"classifier skipped: a held-out photo has only {fewest} test crop(s) of {crop} px{shrunk}, "
-        f"fewer than {MIN_CLASSIFIER_TEST_CROPS}; its accuracy could only be 0, 0.5 or 1. Use more "
-        "tiles per photo (generation.max_tiles_per_image) or a smaller classifier.crop"
+        f"classifier skipped: {crops} held-out test crop(s) of {crop} px{shrunk} per class, fewer than "
+        f"{MIN_CLASSIFIER_TEST_CROPS}: too few for an accuracy with a meaningful interval. Use more "
+        "tiles (generation.max_tiles_per_image, more pairs) or a smaller classifier.crop"
     )
 
 
@@ -1019,7 +1029,7 @@ def run_evaluation(m: EvaluateManifest, *, log: Callable[[str], None] = _default
             sr_hr = "_shared/sr_hr"  # relative to the work folder (see run_generate)
     if m.checkpoint and not Path(m.checkpoint).is_file():
         raise ManifestError(f"checkpoint: file not found (got {m.checkpoint!r})")
-    if m.checkpoint:
+    if m.checkpoint and "realdgen" in m.generation.generators:
         from realdgen_core.checkpoint import CheckpointError, inspect_checkpoint
 
         try:

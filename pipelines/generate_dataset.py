@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         complete: set[str] = set()
         try:
             names = set(job.store.names())
-            complete = {s for s in plan.stems if f"{s}_stats.json" in names}
+            # as the run counts them: stats with their tar and parquet (the digests are not compared here)
+            complete = {s for s in plan.stems if {f"{s}_stats.json", f"{s}.tar", f"{s}.parquet"} <= names}
         except Exception:
             pass
         c = m.compute

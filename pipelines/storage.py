@@ -778,7 +778,8 @@ class RunLock:
         would let a second job read no holder in between and take the lock over.) Where the file
         system has no hard links, an exclusive create is the fallback. True: created."""
         path = self.store.path(LOCK_NAME)
-        tmp = self.store.path(f".{LOCK_NAME}.{self.run_id}.tmp")
+        # not ".*.tmp": another job's clean_temporaries must not delete it between write and link
+        tmp = self.store.path(f".{LOCK_NAME}.{self.run_id}.linking")
         try:
             with open(tmp, "wb") as f:
                 f.write(self._payload())

@@ -524,7 +524,8 @@ def test_an_lr_resized_from_the_whole_hr_is_refused_a_registration_crop_is_kept(
     resized = down(hr, 123, 92)  # the whole photo, x4.16 / x4.17
     m = _realsr_domain(tmp_path / "a", {"Canon_001": (hr, resized), "Nikon_002": (other, other_lr)})
     with pytest.raises(
-        ManifestError, match=r"Canon_001_HR.png / Canon_001_LR4.png: the LR 123x92 looks resized"
+        ManifestError,
+        match=r"Canon_001_HR.png / Canon_001_LR4.png: the LR 123x92 does not line up with the HR 512x384",
     ):
         prepare_domain(m, m.domains[0], tmp_path / "a" / "w")
 
@@ -594,24 +595,51 @@ def test_lr_files_of_two_scales_and_other_naming_conventions(tmp_path):
     assert sorted({t.group for t in dom.tiles}) == ["Canon", "Nikon"] and len(dom.tiles) == 2
 
 
-def test_classifier_is_left_out_with_a_note_when_a_photo_has_too_few_test_crops(tmp_path):
+def test_classifier_is_left_out_with_a_note_when_there_are_too_few_test_crops(tmp_path):
     from pipelines.evaluate_realism import MIN_CLASSIFIER_TEST_CROPS, classifier_too_few, prepare_domain
 
     rng = np.random.default_rng(4)
     img = lambda h, w: rng.integers(0, 255, (h, w, 3), dtype=np.uint8)  # noqa: E731
     m = _realsr_domain(
-        tmp_path, {"Canon_001": (img(64, 64), img(16, 16)), "Nikon_002": (img(128, 128), img(32, 32))}
+        tmp_path, {"Canon_001": (img(64, 64), img(16, 16)), "Nikon_002": (img(64, 128), img(16, 32))}
     )
     dom = prepare_domain(m, m.domains[0], tmp_path / "w")
-    names = [t.name for t in dom.tiles]  # Canon: 1 tile, Nikon: 4 tiles of 16 px
-    for crop, expect in ((16, 1), (8, 4), (4, 16)):
+    names = [t.name for t in dom.tiles]  # 3 tiles of 16 px: Canon 1, Nikon 2
+    assert len(names) == 3
+    for crop, crops in ((16, 3), (8, 12), (4, 48)):
         mm = m.model_copy(update={"classifier": m.classifier.model_copy(update={"crop": crop})})
-        why = classifier_too_few(mm, dom, names)
-        if expect >= MIN_CLASSIFIER_TEST_CROPS:
+        why = classifier_too_few(mm, names)
+        if crops >= MIN_CLASSIFIER_TEST_CROPS:
             assert why is None
         else:
-            assert why.startswith(
-                f"classifier skipped: a held-out photo has only {expect} test crop(s) of {crop} px"
-            )
+            assert why.startswith(f"classifier skipped: {crops} held-out test crop(s) of {crop} px per class")
     big = m.model_copy(update={"classifier": m.classifier.model_copy(update={"crop": 32})})
-    assert "(classifier.crop 32 > tile 16: 16)" in classifier_too_few(big, dom, names)
+    assert "(classifier.crop 32 > tile 16: 16)" in classifier_too_few(big, names)
+
+
+def test_realsr_suffixes_leave_other_names_alone():
+    from pipelines.evaluate_realism import _is_lr_name, _match_key, _suffix_scale
+
+    keys = {
+        "Canon_001_HR": "Canon_001",
+        "Canon_001_LR4": "Canon_001",
+        "Canon_001_x4": "Canon_001",
+        "Canon_001_LR": "Canon_001",
+        "0801x4": "0801",
+        "0801": "0801",
+        "scanA_640x480": "scanA_640x480",
+        "scanA_640x480_LR4": "scanA_640x480",
+        "box4": "box4",
+        "2x4": "2",
+    }
+    assert {k: _match_key(k, "realsr") for k in keys} == keys
+    assert _match_key("Canon_001_HR", "explicit") == "Canon_001_HR"
+    lr = {"Canon_001_LR4", "Canon_001_x4", "Canon_001_LR", "0801x4", "photo_lr", "scanA_640x480_LR2"}
+    not_lr = {"Canon_001_HR", "Canon_001_x1", "0801", "scanB_1024x768", "box4", "IMG_1234", "a_HR"}
+    assert all(_is_lr_name(n) for n in lr) and not any(_is_lr_name(n) for n in not_lr)
+    assert [_suffix_scale(n) for n in ("Canon_001_LR2", "0801x3", "Canon_001_LR", "IMG_1234")] == [
+        2,
+        3,
+        None,
+        None,
+    ]

@@ -557,3 +557,34 @@ def test_colliding_40_bit_keys_get_64_bits(tmp_path, monkeypatch):
     rows = [r for b in summary.blocks for r in pq.read_table(Path("out") / b["name"]).to_pylist()]
     keys = {r["uri"]: r["key"] for r in rows}
     assert keys == {uris[0]: f"image_{digests[0][:10]}", uris[1]: f"image_{digests[1][:16]}"}
+
+
+def test_preview_reads_the_first_whole_samples_even_when_members_are_not_adjacent(tmp_path):
+    """The preview streams a shard: it takes samples as they become whole and stops after n."""
+    from types import SimpleNamespace
+
+    from pipelines.generate.job import GenerateJob
+    from pipelines.storage import DatasetStore
+
+    def member(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key in ("a", "b"):
+            member(tar, f"{key}.hr.png", f"{key}-hr".encode())
+        for key in ("a", "b", "c"):
+            member(tar, f"{key}.lr.png", f"{key}-lr".encode())
+            member(tar, f"{key}.json", json.dumps({"ref_source": f"ref-{key}"}).encode())
+        member(tar, "c.hr.png", b"c-hr")
+    store = DatasetStore(str(tmp_path))
+    store.write_bytes("p-000000.tar", buf.getvalue())
+    job = SimpleNamespace(store=store)
+    rows = GenerateJob.preview_rows(job, SimpleNamespace(stems=["p-000000"]), 2)
+    assert [(r["hr_png"], r["lr_png"], r["ref_source"]) for r in rows] == [
+        (b"a-hr", b"a-lr", "ref-a"),
+        (b"b-hr", b"b-lr", "ref-b"),
+    ]
+    assert len(GenerateJob.preview_rows(job, SimpleNamespace(stems=["p-000000"]), 5)) == 3

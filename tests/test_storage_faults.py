@@ -418,7 +418,7 @@ def test_local_run_lock_one_winner_and_never_an_empty_lock_file(tmp_path):
         assert sum(won) == 1, won
         holder = json.loads(store.read_bytes(LOCK_NAME))
         assert holder["run_id"] == locks[won.index(True)].run_id
-        assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+        assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith((".tmp", ".linking"))]
         locks[won.index(True)].release()
         assert not store.exists(LOCK_NAME)
 

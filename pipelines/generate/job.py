@@ -896,31 +896,29 @@ class GenerateJob:
         the tar is streamed and left once ``n`` samples are whole, never read in full (a cluster
         shard can be gigabytes, and this runs in the driver)."""
         rows: list[dict] = []
-
-        def take(sample: dict[str, bytes]) -> None:
-            meta = json.loads(sample["json"])
-            rows.append(
-                {"hr_png": sample["hr.png"], "lr_png": sample["lr.png"], "ref_source": meta.get("ref_source")}
-            )
-
         for stem in plan.stems:
             if len(rows) >= n:
                 break
             with self.store.open_read(f"{stem}.tar") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-                key, cur = None, {}
+                partial: dict[str, dict[str, bytes]] = {}
                 for member in tar:
-                    k, ext = member.name.split(".", 1)
-                    if k != key:
-                        if cur:
-                            take(cur)
+                    key, ext = member.name.split(".", 1)
+                    if ext not in ("hr.png", "lr.png", "json"):
+                        continue
+                    data = tar.extractfile(member)
+                    sample = partial.setdefault(key, {})
+                    sample[ext] = data.read() if data else b""
+                    if len(sample) == 3:  # whole: its members need not be adjacent
+                        meta = json.loads(partial.pop(key)["json"])
+                        rows.append(
+                            {
+                                "hr_png": sample["hr.png"],
+                                "lr_png": sample["lr.png"],
+                                "ref_source": meta.get("ref_source"),
+                            }
+                        )
                         if len(rows) >= n:
                             break
-                        key, cur = k, {}
-                    data = tar.extractfile(member)
-                    cur[ext] = data.read() if data else b""
-                else:
-                    if cur:
-                        take(cur)
         return rows[:n]
 
     def write_preview(self, rows: list[dict]) -> None:
