@@ -148,34 +148,30 @@ def _align(hr: np.ndarray, lr: np.ndarray, s: int, what: str) -> tuple[np.ndarra
 RESIZE_MARGIN_DB = 1.0
 
 
-def _luma_psnr(a: np.ndarray, b: np.ndarray) -> float:
-    ya, yb = realism.luma(a), realism.luma(b)
-    mse = float(np.mean((ya - yb) ** 2))
-    return 99.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
 def _refuse_whole_resize(hr: np.ndarray, lr: np.ndarray, s: int, what: str) -> None:
     """An HR at least ``s`` px wider (or taller) than ``s`` × LR is taken as a registration crop: the LR
     cut from a top-left-aligned x``s`` grid. An LR resized from the *whole* HR to a size near HR / ``s``
     fits the same size test, but its pixels drift from that grid across the picture (by up to 5 %),
     so every metric would compare misaligned tiles. (``HR // s`` and ``⌈HR / s⌉`` drift by less than
     one LR px and are kept.) Both readings are scored (the HR resized to the LR's size either way, one
-    kernel, luma PSNR to the LR); when the whole-picture resize fits the LR better by more than
+    kernel, PSNR on Y to the LR); when the whole-picture resize fits the LR better by more than
     ``RESIZE_MARGIN_DB``, the pair is refused with a clear error."""
+    from realdgen_core.metrics import psnr
+
     lh, lw = lr.shape[:2]
     ch, cw = min(lh, hr.shape[0] // s), min(lw, hr.shape[1] // s)
 
     def down(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC))
 
-    crop = _luma_psnr(down(hr[: ch * s, : cw * s], (cw, ch)), lr[:ch, :cw])
-    whole = _luma_psnr(down(hr, (lw, lh)), lr)
+    crop = psnr(down(hr[: ch * s, : cw * s], (cw, ch)), lr[:ch, :cw], y_channel=True)
+    whole = psnr(down(hr, (lw, lh)), lr, y_channel=True)
     if whole > crop + RESIZE_MARGIN_DB:
         h, w = hr.shape[:2]
         raise ManifestError(
             f"{what}: the LR {lw}x{lh} does not line up with the HR {w}x{h} on an x{s} grid from the "
             f"top-left (a resize of the whole HR, x{w / lw:.3f} by {h / lh:.3f}, fits it better: {whole:.1f} "
-            f"dB luma PSNR against {crop:.1f} dB); crop the HR to a multiple of {s} before making its LR, "
+            f"dB PSNR on Y against {crop:.1f} dB); crop the HR to a multiple of {s} before making its LR, "
             "or fix `scale`"
         )
 
