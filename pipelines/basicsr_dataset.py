@@ -100,7 +100,7 @@ class RealDGenPairedDataset(Dataset):
 
     def _skip_member(self, exc: BadSample) -> None:
         """A tar member the scan left unread (unsafe name, unexpected extension, too large, …)."""
-        self.skipped[exc.reason] += 1
+        self.skipped[exc.reason] += exc.count
         log.warning("RealDGenPairedDataset: %s", exc)
 
     def _generator(self) -> np.random.Generator:
@@ -119,7 +119,7 @@ class RealDGenPairedDataset(Dataset):
                 files, key, url = self.access.get(i)  # a sample marked bad by the scan raises here
                 out = self.transform(files, key, url, self._generator())
             except BadSample as exc:
-                self.skipped[exc.reason] += 1
+                self.skipped[exc.reason] += exc.count
                 log.warning("RealDGenPairedDataset: sample %d skipped: %s", i, exc)
                 i = int(self._generator().integers(n))
                 continue

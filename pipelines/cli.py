@@ -39,16 +39,40 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="copy PNG bytes without decoding them to check sizes (faster)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier export in out_dir (its hr/, lr/ and meta files); refused otherwise",
+    )
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    """Exit 0: every sample exported; 1: some lost or skipped (counted in export.json), or none
+    written; 2: the dataset could not be read or out_dir holds an earlier export."""
     from pipelines.export import export_dataset
 
-    result = export_dataset(
-        args.dataset, args.out_dir, endpoint_url=args.endpoint, limit=args.limit, verify=not args.no_verify
-    )
+    try:
+        result = export_dataset(
+            args.dataset,
+            args.out_dir,
+            endpoint_url=args.endpoint,
+            limit=args.limit,
+            verify=not args.no_verify,
+            overwrite=args.overwrite,
+        )
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read {args.dataset}: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(result.to_dict(), indent=1))
-    return 0 if result.pairs > 0 else 1
+    if result.lost:
+        print(
+            f"warning: {result.lost} sample(s) not exported ({dict(result.skipped)}; export.json)",
+            file=sys.stderr,
+        )
+    return 0 if result.pairs > 0 and not result.lost else 1
 
 
 # -- inspect ------------------------------------------------------------------------------------
@@ -78,16 +102,20 @@ def _configure_inspect(p: argparse.ArgumentParser) -> None:
 def _run_inspect(args: argparse.Namespace) -> int:
     from pipelines.inspect_shards import inspect_dataset
 
-    report = inspect_dataset(
-        args.dataset,
-        endpoint_url=args.endpoint,
-        contact_sheet_path=args.contact_sheet,
-        n_pairs=args.pairs,
-        seed=args.seed,
-        tile=args.tile,
-        columns=args.columns,
-        max_shards=args.max_shards,
-    )
+    try:
+        report = inspect_dataset(
+            args.dataset,
+            endpoint_url=args.endpoint,
+            contact_sheet_path=args.contact_sheet,
+            n_pairs=args.pairs,
+            seed=args.seed,
+            tile=args.tile,
+            columns=args.columns,
+            max_shards=args.max_shards,
+        )
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read {args.dataset}: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(report.to_dict(), indent=1))
     return 0
 

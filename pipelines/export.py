@@ -12,7 +12,12 @@ Layout written under ``out_dir`` (a local folder: BasicSR's disk backend reads l
                                     dataroot_gt and dataroot_lq, both set to out_dir
     export.json                     source URI, counts, scale(s), skipped samples
 
-Lines are sorted by key, so the files are the same whatever the shard order.
+Lines are sorted by key, so the files are the same whatever the shard order. A folder that already
+holds an export is refused unless ``overwrite`` (``--overwrite``) replaces it: images of an earlier,
+larger export left in ``hr/`` would otherwise be trained on by a tool that reads folders whole.
+A shard that yields fewer samples than the index names (cut short, or unreadable) is counted as
+``truncated_tar`` / ``shard_error`` with the number of samples lost, so ``pairs`` plus the lost
+samples add up to the index's total.
 
 Shards are untrusted input (see :mod:`pipelines.reader`): only members named
 ``KEY.hr.png``/``KEY.lr.png``/``KEY.json`` with ``KEY`` matching ``[A-Za-z0-9_-]+`` are read, so a
@@ -23,15 +28,18 @@ by reason in ``export.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from pipelines.reader import (
     KEY_RE,
+    MEMBER_REASONS,
     BadSample,
     ShardEntry,
     decode_pair,
@@ -55,11 +63,19 @@ class ExportResult:
     pairs: int
     scales: dict[int, int]
     skipped: Counter = field(default_factory=Counter)
+    expected: int | None = None  # the index's total (None: counts unknown)
+
+    @property
+    def lost(self) -> int:
+        """Samples skipped whole (a member refused unread is not a lost sample)."""
+        return sum(n for reason, n in self.skipped.items() if reason not in MEMBER_REASONS)
 
     def to_dict(self) -> dict:
         return {
             "out_dir": self.out_dir,
             "pairs": self.pairs,
+            "expected": self.expected,
+            "lost": self.lost,
             "scales": self.scales,
             "skipped": dict(self.skipped),
         }
@@ -71,8 +87,9 @@ def iter_raw_samples(
     """Stream raw samples (``{'__key__', '__url__', 'hr.png', 'lr.png', 'json'}`` bytes) in shard order.
 
     Read with :func:`pipelines.reader.iter_tar_samples` (untrusted members are never read; a key
-    repeated across the shards is skipped). ``on_skip(BadSample)`` hears every skip, a shard that
-    cannot be opened included (reason ``shard_error``); without it the first one raises.
+    repeated across the shards is skipped; a shard short of its index count reports the missing
+    samples). ``on_skip(BadSample)`` hears every skip, a shard that cannot be opened included
+    (reason ``shard_error``, counting its samples); without it the first one raises.
     """
 
     def skip(exc: BadSample) -> None:
@@ -88,10 +105,11 @@ def iter_raw_samples(
         try:
             stream = fs.open(shard.url, "rb")
         except Exception as exc:
-            skip(BadSample("shard_error", f"{shard.url}: cannot be opened: {type(exc).__name__}: {exc}"))
+            message = f"{shard.url}: cannot be opened: {type(exc).__name__}: {exc}"
+            skip(BadSample("shard_error", message, shard.samples or 1))
             continue
         with stream:
-            yield from iter_tar_samples(stream, shard.url, skip, seen=seen)
+            yield from iter_tar_samples(stream, shard.url, skip, seen=seen, expected=shard.samples)
 
 
 def _write_inside(root: str, sub: str, key: str, data: bytes) -> None:
@@ -112,26 +130,62 @@ def _write_inside(root: str, sub: str, key: str, data: bytes) -> None:
         f.write(data)
 
 
+EXPORT_FILES = (BASICSR_META, REALESRGAN_META, "export.json")
+
+
+def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
+    """Make ``out_dir/hr`` and ``out_dir/lr`` empty: refuse an earlier export's files unless
+    ``overwrite``, which removes them (only the layout's own folders and files)."""
+    held = [n for n in EXPORT_FILES if os.path.lexists(os.path.join(out_dir, n))]
+    for sub in ("hr", "lr"):
+        path = os.path.join(out_dir, sub)
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+            raise FileExistsError(f"{path} is not a folder; nothing written")
+        if os.path.isdir(path) and os.listdir(path):
+            held.append(sub + "/")
+    if held and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} already holds an export ({', '.join(held)}); pass --overwrite to replace it "
+            "or choose another folder"
+        )
+    for n in EXPORT_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(out_dir, n))
+    for sub in ("hr", "lr"):
+        path = os.path.join(out_dir, sub)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.makedirs(path)
+
+
 def export_dataset(
-    uri: str, out_dir: str, *, endpoint_url: str | None = None, limit: int | None = None, verify: bool = True
+    uri: str,
+    out_dir: str,
+    *,
+    endpoint_url: str | None = None,
+    limit: int | None = None,
+    verify: bool = True,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Write ``hr/``, ``lr/`` and both meta files for the dataset at ``uri`` into ``out_dir``.
 
     ``verify`` decodes both images and checks ``lr × scale == hr`` before writing (bad samples are
     skipped and counted); the PNG bytes are written unchanged either way. ``limit`` stops after
     that many pairs. Keys are unique across a dataset (§5), so ``{key}.png`` never collides.
+    The dataset is listed before anything is written; a folder holding an earlier export is
+    refused (``FileExistsError``) unless ``overwrite``.
     """
-    os.makedirs(os.path.join(out_dir, "hr"), exist_ok=True)
-    os.makedirs(os.path.join(out_dir, "lr"), exist_ok=True)
+    shards = list_shards(uri, endpoint_url)
+    _prepare_out_dir(out_dir, overwrite)
     skipped: Counter = Counter()
 
     def on_skip(exc: BadSample) -> None:
-        skipped[exc.reason] += 1
+        skipped[exc.reason] += exc.count
         log.warning("export: skipping: %s", exc)
 
     rows: list[tuple[str, int, int]] = []
     scales: Counter = Counter()
-    for raw in iter_raw_samples(list_shards(uri, endpoint_url), endpoint_url, on_skip):
+    for raw in iter_raw_samples(shards, endpoint_url, on_skip):
         if limit is not None and len(rows) >= limit:
             break
         key = raw["__key__"]
@@ -162,7 +216,9 @@ def export_dataset(
         f.writelines(f"{k}.png ({h},{w},3)\n" for k, h, w in rows)
     with open(os.path.join(out_dir, REALESRGAN_META), "w") as f:
         f.writelines(f"hr/{k}.png, lr/{k}.png\n" for k, _, _ in rows)
-    result = ExportResult(out_dir, len(rows), dict(scales), skipped)
+    counts = [s.samples for s in shards]
+    expected = None if limit is not None or None in counts else sum(counts)
+    result = ExportResult(out_dir, len(rows), dict(scales), skipped, expected)
     with open(os.path.join(out_dir, "export.json"), "w") as f:
         json.dump({"source": uri, **result.to_dict()}, f, indent=1)
     return result

@@ -185,7 +185,7 @@ def inspect_dataset(
     reservoir: list[dict] = []
 
     def on_skip(exc: BadSample) -> None:  # untrusted members and broken tars: counted by reason
-        report.unreadable[exc.reason] += 1
+        report.unreadable[exc.reason] += exc.count
         log.warning("inspect: skipping: %s", exc)
 
     for raw in iter_raw_samples(shards, endpoint_url, on_skip):
@@ -222,7 +222,7 @@ def inspect_dataset(
             try:
                 hr, lr, _ = decode_pair(raw, raw["__key__"])
             except BadSample as exc:
-                report.unreadable[exc.reason] += 1
+                report.unreadable[exc.reason] += exc.count
                 continue
             pairs.append((hr, lr))
             report.contact_keys.append(raw["__key__"])

@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from zlib import error as zlib_error
 
+import braceexpand
 import fsspec
 import numpy as np
 import torch
@@ -66,15 +67,23 @@ MAX_MEMBER_BYTES = 256 * 2**20  # a member larger than this is not read
 
 # A worker whose first samples all fail stops with an error (a wrong scale or gt_size, not bad data).
 MAX_BAD_STREAK = 64
+# Reasons that come from the reader's settings, not from the data: a pass in which every sample
+# was refused for one of these ends with an error even when it read fewer than MAX_BAD_STREAK.
+SETTING_REASONS = frozenset({"scale_mismatch", "too_small"})
+# A resampled stream that fails to open this many shards in a row (and at least every shard of the
+# list twice) stops: the storage or the list is broken, and drawing again would never end.
+MAX_OPEN_FAILURES = 16
 
 
 class BadSample(ValueError):
-    """A sample that breaks the §5 contract; ``reason`` is a short counter name."""
+    """A sample that breaks the §5 contract; ``reason`` is a short counter name, ``count`` how many
+    samples it stands for (a tar cut short loses several at once)."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, count: int = 1):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+        self.count = count
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,27 +197,70 @@ def list_shards(uri: str, endpoint_url: str | None = None) -> list[ShardEntry]:
     return entries
 
 
+GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def expand_shard_urls(urls: Sequence[str], endpoint_url: str | None = None) -> list[str]:
+    """Shard URLs with WebDataset's brace patterns (``shard-{000000..000009}.tar``) expanded and
+    glob patterns (``*``, ``?``, ``[…]``) matched against the storage, sorted. A pattern that
+    matches nothing is an error naming it."""
+    out: list[str] = []
+    for url in urls:
+        for u in braceexpand.braceexpand(url):
+            if not GLOB_CHARS.search(u):
+                out.append(u)
+                continue
+            fs, path = filesystem(u, endpoint_url)
+            if fs.exists(path):  # a file whose name holds a glob character
+                out.append(u)
+                continue
+            hits = sorted(fs.glob(path))
+            if not hits:
+                raise FileNotFoundError(f"shard pattern {u!r} matches no file")
+            prefix = u.split("://", 1)[0] + "://" if "://" in u else ""
+            out.extend(prefix + h if prefix and not h.startswith(prefix) else h for h in hits)
+    return out
+
+
 def resolve_shards(source: str | Sequence[str], endpoint_url: str | None = None) -> list[ShardEntry]:
     """A dataset URI, or an explicit list of shard URLs, to shard entries.
 
-    For an explicit list, sample counts are looked up in the ``_index.json`` next to the shards
-    when there is one (so ``len()`` still works), else left unknown.
+    An explicit list (or one URL ending in ``.tar``) may use brace and glob patterns
+    (:func:`expand_shard_urls`). Sample counts are looked up in the ``_index.json`` next to the
+    shards when there is one (so ``len()`` still works); a listed shard that the index does not
+    name is checked to exist, so a typo is an error here rather than an empty epoch later.
     """
     if isinstance(source, (str, os.PathLike)):
         source = str(source)
         if not source.endswith(".tar"):
-            return list_shards(source, endpoint_url)
+            try:
+                return list_shards(source, endpoint_url)
+            except PermissionError as exc:
+                raise PermissionError(f"cannot read {source}: {exc}") from exc
         source = [source]
-    urls = [str(u) for u in source]
+    urls = expand_shard_urls([str(u) for u in source], endpoint_url)
     if not urls:
         raise ValueError("empty shard list")
     known: dict[str, ShardEntry] = {}
     for parent in sorted({u.rstrip("/").rsplit("/", 1)[0] for u in urls}):
         try:
             index_entries = list_shards(parent, endpoint_url) if read_index(parent, endpoint_url) else []
+        except PermissionError as exc:
+            raise PermissionError(f"cannot read {parent}: {exc}") from exc
         except (OSError, ValueError):
             index_entries = []
         known.update({e.url: e for e in index_entries})
+    unknown = [u for u in urls if u not in known]
+    missing = []
+    for u in unknown:
+        fs, path = filesystem(u, endpoint_url)
+        try:
+            if not fs.exists(path):
+                missing.append(u)
+        except PermissionError as exc:
+            raise PermissionError(f"cannot read {u}: {exc}") from exc
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} listed shard(s) do not exist: {missing[:5]}")
     return [known.get(u, ShardEntry(u)) for u in urls]
 
 
@@ -331,6 +383,7 @@ def iter_tar_samples(
     *,
     seen: set[str] | None = None,
     max_member_bytes: int = MAX_MEMBER_BYTES,
+    expected: int | None = None,
 ) -> Iterator[dict]:
     """The samples of one tar stream, in order: ``{"__key__", "__url__", suffix: bytes, …}``.
 
@@ -339,16 +392,34 @@ def iter_tar_samples(
     member twice, is skipped whole: which copy is meant is ambiguous. A truncated or corrupt tar
     ends the shard: the samples before it are kept, the one being read is dropped. Every skip
     calls ``skip(BadSample)`` (reason + message naming the shard and member); ``skip`` may raise.
+    With ``expected`` (the index's sample count), a shard read to its end that gave fewer samples
+    (yielded or skipped whole) ends with one ``truncated_tar`` skip whose ``count`` is the
+    missing number: a tar cut exactly at a header ends without an error, only the count shows it.
     """
     seen = set() if seen is None else seen
     current: dict | None = None
     problem: BadSample | None = None
+    accounted = 0  # samples yielded or skipped whole
+
+    def skip_sample(exc: BadSample) -> None:
+        nonlocal accounted
+        accounted += 0 if exc.reason in MEMBER_REASONS else exc.count  # a refused member is not a lost sample
+        skip(exc)
+
+    def check_count() -> None:
+        if expected is not None and accounted < expected:
+            lost = expected - accounted
+            skip(
+                BadSample(
+                    "truncated_tar", f"{url}: {lost} of its {expected} samples missing (truncated tar)", lost
+                )
+            )
 
     def finish():
         if current is None:
             return None
         if problem is not None:
-            skip(problem)
+            skip_sample(problem)
             return None
         return current
 
@@ -358,11 +429,12 @@ def iter_tar_samples(
             try:
                 key, suffix = check_member(m, max_member_bytes)
             except BadSample as exc:
-                skip(BadSample(exc.reason, f"{url}: {exc.message}"))
+                skip_sample(BadSample(exc.reason, f"{url}: {exc.message}"))
                 continue
             if current is None or key != current["__key__"]:
                 done = finish()
                 if done is not None:
+                    accounted += 1
                     yield done
                 current, problem = {"__key__": key, "__url__": url}, None
                 if key in seen:
@@ -379,11 +451,14 @@ def iter_tar_samples(
             current[suffix] = data
     except (tarfile.TarError, EOFError, OSError, zlib_error) as exc:
         current = None  # possibly incomplete
-        skip(_tar_error(url, exc))
+        skip_sample(_tar_error(url, exc))
+        check_count()
         return
     done = finish()
     if done is not None:
+        accounted += 1
         yield done
+    check_count()
 
 
 def paired_random_crop(
@@ -601,8 +676,12 @@ class PairedShardDataset(IterableDataset):
                     "a resampled PairedShardDataset is endless; pass samples_per_epoch for a length"
                 )
             return self.samples_per_epoch // self.world_size
-        if any(s.samples is None for s in self.shards):
-            raise TypeError("sample counts unknown (no _index.json next to these shards)")
+        uncounted = [s.url for s in self.shards if s.samples is None]
+        if uncounted:
+            raise TypeError(
+                f"sample counts unknown for {len(uncounted)} shard(s) that no _index.json next to them "
+                f"names: {uncounted[:3]}"
+            )
         return sum(s.samples for s in self.shards)
 
     # -- internals ----------------------------------------------------------------------------
@@ -624,13 +703,22 @@ class PairedShardDataset(IterableDataset):
             yield self.shards[int(rng.choice(len(self.shards), p=p))]
 
     def _open(self, shards: Iterator[ShardEntry]) -> Iterator[dict]:
+        failures = 0  # in a row
+        limit = max(MAX_OPEN_FAILURES, 2 * len(self.shards))
         for shard in shards:
             try:
                 stream = self._fs(shard.url).open(shard.url, "rb")
             except Exception as exc:
                 if not self._shard_error(exc, shard.url):
                     return
+                failures += 1
+                if self.resampled and failures >= limit:
+                    raise OSError(
+                        f"{failures} shard opens in a row failed (last: {shard.url}: "
+                        f"{type(exc).__name__}: {exc}); a resampled stream stops rather than draw forever"
+                    ) from exc
                 continue
+            failures = 0
             try:
                 yield {"url": shard.url, "stream": stream, "samples": shard.samples}
             finally:
@@ -646,7 +734,7 @@ class PairedShardDataset(IterableDataset):
     def _skip(self, exc: BadSample) -> None:
         if self.strict:
             raise exc
-        self.skipped[exc.reason] += 1
+        self.skipped[exc.reason] += exc.count
         log.warning("skipping: %s", exc)
 
     def _raw_samples(self, shards: Iterator[ShardEntry]) -> Iterator[dict]:
@@ -654,33 +742,14 @@ class PairedShardDataset(IterableDataset):
         # the same shards again on purpose, so there a key only has to be unique in its shard.
         seen: set[str] = set()
         for opened in self._open(shards):
-            got = skips = 0
-
-            def skip(exc: BadSample) -> None:
-                nonlocal skips
-                skips += exc.reason not in MEMBER_REASONS  # a refused member is not a lost sample
-                self._skip(exc)
-
-            for sample in iter_tar_samples(
+            yield from iter_tar_samples(
                 opened["stream"],
                 opened["url"],
-                skip,
+                self._skip,
                 seen=None if self.resampled else seen,
                 max_member_bytes=self.max_member_bytes,
-            ):
-                got += 1
-                yield sample
-            expected = opened["samples"]
-            if expected is not None and got + skips < expected:
-                # A tar cut exactly at a header ends without an error: only the count shows it.
-                lost = expected - got - skips
-                self._skip(
-                    BadSample(
-                        "truncated_tar",
-                        f"{opened['url']}: {lost} of its {expected} samples missing (truncated tar)",
-                    )
-                )
-                self.skipped["truncated_tar"] += lost - 1
+                expected=opened["samples"],
+            )
 
     def __iter__(self) -> Iterator[dict]:
         slot, n_slots, worker = self._slot()
@@ -704,6 +773,7 @@ class PairedShardDataset(IterableDataset):
             n_workers = n_slots // self.world_size
             limit = per_rank // n_workers + (worker < per_rank % n_workers)
         n = bad_streak = 0
+        refused: Counter = Counter()
         for raw in samples:
             if limit is not None and n >= limit:
                 return
@@ -713,7 +783,8 @@ class PairedShardDataset(IterableDataset):
             except BadSample as exc:
                 if self.strict:
                     raise
-                self.skipped[exc.reason] += 1
+                self.skipped[exc.reason] += exc.count
+                refused[exc.reason] += 1
                 log.warning("skipping sample %s in %s: %s", key, url, exc)
                 bad_streak += 1
                 if n == 0 and bad_streak >= MAX_BAD_STREAK:
@@ -726,6 +797,12 @@ class PairedShardDataset(IterableDataset):
                 continue
             n += 1
             yield out
+        if n == 0 and refused and set(refused) <= SETTING_REASONS:
+            # every sample of the pass refused by the settings: an epoch of nothing, every epoch
+            raise ValueError(
+                f"every sample this worker read was refused ({dict(refused)}); check scale / gt_size "
+                "against the dataset"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -824,8 +901,12 @@ class ShardRandomAccess:
     ):
         self.skip = skip
         self.max_member_bytes = int(max_member_bytes)
-        if any(s.samples is None for s in shards):
-            raise ValueError("random access needs per-shard sample counts (an _index.json)")
+        uncounted = [s.url for s in shards if s.samples is None]
+        if uncounted:
+            raise ValueError(
+                f"random access needs per-shard sample counts: {len(uncounted)} shard(s) are not named "
+                f"by an _index.json next to them: {uncounted[:3]}"
+            )
         self.shards = list(shards)
         self.endpoint_url = endpoint_url
         self.cum = np.cumsum([0] + [s.samples for s in self.shards]).tolist()

@@ -190,6 +190,21 @@ def test_cli_help_inspect_validate_export(dataset, tmp_path, capsys):
     assert main(["export", dataset.uri, str(tmp_path / "exp"), "--limit", "3"]) == 0
     assert json.loads(capsys.readouterr().out)["pairs"] == 3
     assert len((tmp_path / "exp" / BASICSR_META).read_text().splitlines()) == 3
+    # an earlier export is not mixed with a new one: refused, or replaced whole with --overwrite
+    assert main(["export", dataset.uri, str(tmp_path / "exp"), "--limit", "2"]) == 2
+    assert "already holds an export" in capsys.readouterr().err
+    assert main(["export", dataset.uri, str(tmp_path / "exp"), "--limit", "2", "--overwrite"]) == 0
+    capsys.readouterr()
+    assert len(os.listdir(tmp_path / "exp" / "hr")) == 2 == len(os.listdir(tmp_path / "exp" / "lr"))
+    # a dataset that cannot be read: one line naming it, nothing created
+    for command in (
+        ["export", str(tmp_path / "nope"), str(tmp_path / "exp2")],
+        ["inspect", str(tmp_path / "nope")],
+    ):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot read {tmp_path / 'nope'}") and "Traceback" not in err
+    assert not (tmp_path / "exp2").exists()
     with pytest.raises(SystemExit) as exc:
         main([])  # a subcommand is required
     assert exc.value.code == 2
@@ -227,3 +242,23 @@ def test_inspect_and_validate_count_malformed_json_instead_of_crashing(tmp_path)
     problems = check_contract(str(root)).problems
     assert any(f"{src.keys[0]}: json is a list" in p for p in problems), problems
     assert any(p.startswith(f"{src.keys[1]}: json 'tau' is a str") for p in problems), problems
+
+
+def test_export_counts_the_samples_of_a_shard_cut_short_and_exits_1(tmp_path):
+    """A tar cut exactly at a header reads as a clean end: only the index's count shows the lost
+    samples. Export counts them (pairs + lost = the index's total) and the CLI exits 1."""
+    import shutil
+
+    fac = write_dataset(str(tmp_path / "src"), n_samples=8, samples_per_shard=4, failures_per_shard=0)
+    root = tmp_path / "cut"
+    shutil.copytree(fac.uri, root)
+    first = root / f"{fac.shards[0]}.tar"
+    with tarfile.open(first) as tar:
+        members = tar.getmembers()
+    first.write_bytes(first.read_bytes()[: members[3].offset])  # one sample of four kept
+    result = export_dataset(str(root), str(tmp_path / "out"))
+    assert result.pairs == 5 and result.expected == 8 and result.lost == 3
+    assert result.skipped == {"truncated_tar": 3}
+    assert main(["export", str(root), str(tmp_path / "out2")]) == 1
+    written = json.loads((tmp_path / "out2" / "export.json").read_text())
+    assert (written["pairs"], written["expected"], written["lost"]) == (5, 8, 3)

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from pipelines.basicsr_dataset import RealDGenPairedDataset
-from pipelines.export import export_dataset
+from pipelines.export import _write_inside, export_dataset
 from pipelines.inspect_shards import check_contract, inspect_dataset
 from pipelines.reader import BadSample, PairedShardDataset
 
@@ -184,10 +184,20 @@ def test_export_never_follows_a_symlink_in_its_folder(hostile, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
     (out / "hr" / "good.png").symlink_to(victim)
-    result = export_dataset(str(root), str(out))
+    # a folder holding files is an earlier export: refused, nothing touched
+    with pytest.raises(FileExistsError, match="already holds an export"):
+        export_dataset(str(root), str(out))
+    assert (out / "hr" / "good.png").is_symlink() and victim.read_text() == "keep me"
+    # --overwrite removes the link itself (rmtree does not follow links), never the file it names
+    result = export_dataset(str(root), str(out), overwrite=True)
     assert victim.read_text() == "keep me"
-    assert result.skipped["unsafe_name"] > 6  # the six hostile names, and the planted link
-    assert result.pairs == 2  # good2 and t1
+    assert result.pairs == 3 and not (out / "hr" / "good.png").is_symlink()
+    # a link planted after the folder was prepared is refused at the write (O_NOFOLLOW)
+    (out / "lr" / "good.png").unlink()
+    (out / "lr" / "good.png").symlink_to(victim)
+    with pytest.raises(BadSample, match="unsafe_name"):
+        _write_inside(str(out), "lr", "good", b"x")
+    assert victim.read_text() == "keep me"
 
 
 def test_inspect_and_contract_check_name_what_is_wrong(hostile, tmp_path):

@@ -224,7 +224,12 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
 
 def test_wrong_scale_is_reported_not_silently_cropped(odd_dataset):
     ds = PairedShardDataset(odd_dataset.uri, gt_size=16, scale=2)
-    assert list(ds) == []
+    # 20 samples, fewer than the 64 a refusal streak needs: the pass still ends with an error
+    # rather than an empty epoch every epoch
+    with pytest.raises(
+        ValueError, match=r"every sample this worker read was refused \(\{'scale_mismatch': 20\}\)"
+    ):
+        list(ds)
     assert ds.skipped["scale_mismatch"] == 20
     with pytest.raises(ValueError, match="multiple of scale"):
         PairedShardDataset(odd_dataset.uri, gt_size=30, scale=4)
@@ -578,3 +583,54 @@ def test_truncation_at_a_header_and_an_unusable_setting_are_reported(odd_dataset
     with pytest.raises(ValueError, match=f"no usable sample in the first {MAX_BAD_STREAK}"):
         next(iter(wrong))
     assert wrong.skipped["scale_mismatch"] == MAX_BAD_STREAK
+
+
+def test_shard_lists_expand_patterns_and_refuse_what_does_not_exist(odd_dataset, tmp_path):
+    """WebDataset-style brace and glob patterns expand to the shards (counts from the index, so
+    len() works); a pattern or listed shard that names nothing is an error at construction, not
+    an epoch of nothing; a shard no index names is named by len()."""
+    import shutil
+
+    from pipelines.reader import resolve_shards
+
+    stems = sorted(p.removesuffix(".tar") for p in odd_dataset.shards)
+    braces = f"{odd_dataset.uri}/{stems[0][:-1]}{{0..2}}.tar"
+    assert [e.stem for e in resolve_shards(braces)] == stems[:3]
+    ds = PairedShardDataset(braces, gt_size=16, scale=4, shuffle=False)
+    assert len(ds) == 9 and len(list(ds)) == 9
+    globbed = PairedShardDataset([f"{odd_dataset.uri}/*.tar"], gt_size=16, scale=4)
+    assert len(globbed) == 20 and len({s["key"] for s in globbed}) == 20
+    with pytest.raises(FileNotFoundError, match=r"matches no file"):
+        PairedShardDataset(f"{odd_dataset.uri}/nope-*.tar")
+    typo = f"{odd_dataset.uri}/{stems[0]}x.tar"
+    with pytest.raises(FileNotFoundError, match=r"1 listed shard\(s\) do not exist: .*" + stems[0] + "x.tar"):
+        PairedShardDataset([f"{odd_dataset.uri}/{stems[1]}.tar", typo])
+    # a real tar beside the dataset that its index does not name: readable, but uncounted
+    extra = tmp_path / "ds"
+    shutil.copytree(odd_dataset.uri, extra)
+    shutil.copy(extra / f"{stems[0]}.tar", extra / "copy.tar")
+    mixed = PairedShardDataset([str(extra / f"{stems[0]}.tar"), str(extra / "copy.tar")], gt_size=16, scale=4)
+    with pytest.raises(TypeError, match=r"1 shard\(s\) that no _index.json .*copy.tar"):
+        len(mixed)
+    with pytest.raises(ValueError, match=r"not named by an _index.json.*copy.tar"):
+        ShardRandomAccess(mixed.shards)
+
+
+def test_a_resampled_stream_whose_shards_cannot_be_opened_stops(odd_dataset, tmp_path):
+    """Shards gone after construction (storage that refuses, a deleted prefix): a resampled stream
+    used to retry them forever (a hang and a flood of requests); it stops after a streak of
+    failed opens. A finite epoch skips them and counts them."""
+    import shutil
+
+    from pipelines.reader import MAX_OPEN_FAILURES
+
+    root = tmp_path / "gone"
+    shutil.copytree(odd_dataset.uri, root)
+    ds = PairedShardDataset(str(root), gt_size=16, scale=4, resampled=True, samples_per_epoch=8)
+    finite = PairedShardDataset(str(root), gt_size=16, scale=4)
+    for tar in root.glob("*.tar"):
+        tar.unlink()
+    with pytest.raises(OSError, match=r"shard opens in a row failed"):
+        next(iter(ds))
+    assert ds.skipped["shard_error"] == max(MAX_OPEN_FAILURES, 2 * 7)
+    assert list(finite) == [] and finite.skipped["shard_error"] == 7
