@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable here 
     if _ROOT not in sys.path:
         sys.path.insert(0, _ROOT)
 
-from pipelines.generate.job import GenerateJob, JobFailed, ensure_ray, run  # noqa: E402
+from pipelines.generate.job import FAILURES_SHOWN, GenerateJob, JobFailed, ensure_ray, run  # noqa: E402
 from pipelines.generate.plan import Plan, checkpoint_calibration, make_plan  # noqa: E402
 from pipelines.manifest import ManifestError, load_manifest, manifest_json_schema  # noqa: E402
 from pipelines.storage import TransientStorageError, missing_credentials  # noqa: E402
@@ -103,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     except JobFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the lock is released on the way out (job.run's finally)
+        print(
+            f"interrupted: complete shards in {job.store.uri} are kept; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
     print(
         f"done: {summary['pairs']} pairs in {summary['shards_written']} shards "
         f"({summary['shards_skipped']} already complete), {summary['pairs_per_s']} pairs/s, "
@@ -110,6 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         f"-> {summary['output']}",
         file=sys.stderr,
     )
+    examples = summary.get("failure_examples") or []
+    for failure in examples[:FAILURES_SHOWN]:
+        print(f"failed: {failure}", file=sys.stderr)
+    if summary["inputs_failed"] > min(len(examples), FAILURES_SHOWN):
+        print(
+            f"every failure, by reason: realdgen inspect {summary['output']}; each one with its URI: the "
+            "shards' parquet files (status != 'ok')",
+            file=sys.stderr,
+        )
     print(json.dumps(summary))
     return 0
 

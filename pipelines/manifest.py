@@ -516,7 +516,9 @@ class GenerateManifest(StrictModel):
     refs: list[ReferenceSet] = Field(
         default_factory=list, description="Real LR reference sets (required for realdgen)."
     )
-    generator: GeneratorSpec = Field(default_factory=GeneratorSpec, description="LR generator.")
+    generator: GeneratorSpec = Field(
+        description="LR generator (required: the default kind, realdgen, needs a checkpoint)."
+    )
     tiling: TilingSpec = Field(default_factory=TilingSpec, description="HR tiling.")
     pairing: PairingSpec = Field(default_factory=PairingSpec, description="HR tile ↔ reference pairing.")
     output: OutputSpec = Field(..., description="Dataset location and sharding.")

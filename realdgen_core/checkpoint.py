@@ -15,6 +15,7 @@ bytes. User metadata is not part of it, so re-saving a loaded model with other m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -76,6 +77,14 @@ def _read_header(path: Path) -> tuple[dict, int]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
     data_len = size - 8 - n
+    wanted = 0  # where the last tensor ends; a malformed entry is named below
+    with contextlib.suppress(TypeError, KeyError, ValueError, IndexError):
+        wanted = max(int(info["data_offsets"][1]) for k, info in header.items() if k != "__metadata__")
+    if wanted > data_len:  # a header that is whole but data cut short: a partial copy or download
+        raise CheckpointError(
+            f"{path}: truncated: {size} of the {8 + n + wanted} bytes its header describes "
+            "(an interrupted copy or download?)"
+        )
     for name, info in header.items():
         if name == "__metadata__":
             continue

@@ -150,6 +150,16 @@ def test_garbage_and_missing_files(tmp_path: Path) -> None:
         load_checkpoint(plain)
 
 
+def test_a_checkpoint_cut_short_says_truncated(tmp_path: Path, saved) -> None:
+    data = saved[0].read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"truncated: {len(data) // 2} of the {len(data)} bytes"):
+        checkpoint_digest(cut)
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(cut)
+
+
 def _rewrite(src: Path, dst: Path, edit) -> None:
     """Re-save src's tensors after edit(tensors) with the same metadata."""
     from safetensors import safe_open

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -234,7 +235,11 @@ def test_failure_budget_fails_loudly(ray_local, tmp_path, capsys):
         str(hr), str(hr), str(out), generator__kind="bicubic", limits__max_failure_fraction=0.25
     )
     data["refs"] = []
-    with pytest.raises(JobFailed, match=r"failure budget exceeded: [23] of 4 inputs failed"):
+    # the error names the inputs that failed and why (no shard was written to look them up in)
+    bad = r"hr/bad\d\.png: not an image"
+    with pytest.raises(
+        JobFailed, match=rf"failure budget exceeded: [23] of 4 inputs failed .*First failures: .*{bad}"
+    ):
         run_dict(data)
     p = tmp_path / "m.yaml"
     p.write_text(yaml.safe_dump(data))
@@ -244,7 +249,17 @@ def test_failure_budget_fails_loudly(ray_local, tmp_path, capsys):
     # complete under a looser budget, then rerun under a stricter one: nothing left to generate,
     # the kept shards' failures pass it, and the index is not rewritten (it was, before the check)
     data["limits"]["max_failure_fraction"] = 0.9
-    assert run_dict(data)["inputs_failed"] == 3
+    assert main([str(p), "--set", "limits.max_failure_fraction=0.9"]) == 0
+    err = capsys.readouterr().err
+    # a resume (a shard was complete before the budget stopped the first run): this run's failures
+    # are listed, and the line after them says where every failure is
+    listed = re.findall(rf"^failed: .*{bad}", err, flags=re.M)
+    assert 1 <= len(listed) < 3 and "every failure, by reason: realdgen inspect" in err, err
+    (out / "_index.json").unlink()
+    for n in out.glob("pairs-*"):
+        n.unlink()
+    summary = run_dict(data)
+    assert summary["inputs_failed"] == 3 and len(summary["failure_examples"]) == 3
     index = (out / "_index.json").read_bytes()
     (out / "_index.json").unlink()
     data["limits"]["max_failure_fraction"] = 0.25
@@ -325,7 +340,22 @@ def test_bad_manifests_fail_before_any_work(tmp_path, capsys):
             },
             "start bank entry 0 is not a 'domain' θ of scale 4",
         ),
+        "out_is_a_file": ({"output": {"uri": str(tmp_path / "a_file")}}, "a_file' is a file, not a folder"),
+        "out_under_a_file": (
+            {"output": {"uri": str(tmp_path / "a_file" / "ds")}},
+            "a_file/ds' lies under '" + str(tmp_path / "a_file") + "', which is a file",
+        ),
+        # the demo inputs are written at the manifest's scale: not before the checkpoint is checked
+        "demo_scale": (
+            {
+                "scale": 2,
+                "demo_inputs": str(tmp_path / "demo"),
+                "generator": {"kind": "realdgen", "checkpoint": str(DEMO_CKPT)},
+            },
+            "the checkpoint is x4",
+        ),
     }
+    (tmp_path / "a_file").write_text("not a folder")
     for name, (patch, needle) in cases.items():
         data = {**manifest_dict(str(hr), str(hr), str(out)), **patch}
         p = tmp_path / f"m_{name}.yaml"
@@ -335,7 +365,7 @@ def test_bad_manifests_fail_before_any_work(tmp_path, capsys):
         assert needle in err, (name, err)
         assert not out.exists(), name
         assert "hunter2" not in err and "AKIAEXAMPLE" not in err, (name, err)
-    assert not (hr / "ds").exists()
+    assert not (hr / "ds").exists() and not (tmp_path / "demo").exists()
 
 
 def test_more_shards_than_six_digit_names_allow_is_refused(tmp_path, capsys, monkeypatch, photos):
@@ -588,3 +618,20 @@ def test_preview_reads_the_first_whole_samples_even_when_members_are_not_adjacen
         (b"b-hr", b"b-lr", "ref-b"),
     ]
     assert len(GenerateJob.preview_rows(job, SimpleNamespace(stems=["p-000000"]), 5)) == 3
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch, photos):
+    """Ctrl-C during the run: one line saying the complete shards are kept, exit 130 (no traceback)."""
+    from pipelines import generate_dataset
+
+    hr, refs = write_inputs(tmp_path, photos)
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump(manifest_dict(str(hr), str(refs), str(tmp_path / "out"))))
+
+    def interrupted(self, plan=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate_dataset.GenerateJob, "run", interrupted)
+    assert main([str(p)]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: complete shards in ") and "run the same command again" in err, err

@@ -66,6 +66,10 @@ REF_TASK_MAX_CPUS = 8
 REF_TASK_SETTLE_S = 2.0
 
 
+FAILURE_EXAMPLES = 10  # failures the driver keeps, with their URI and reason, for the summary
+FAILURES_SHOWN = 5  # of those, how many an error message or the console lists
+
+
 class JobFailed(RuntimeError):
     """The job ran but must exit non-zero (failure budget exceeded, output refused, …)."""
 
@@ -660,10 +664,14 @@ class GenerateJob:
         def over_budget() -> bool:
             return failed_inputs > budget * total_inputs
 
+        failure_examples: list[str] = []  # this run's first failures, "URI: reason"
+
         def budget_error() -> JobFailed:
+            first = "; ".join(failure_examples[:FAILURES_SHOWN])
             return JobFailed(
                 f"failure budget exceeded: {failed_inputs} of {total_inputs} inputs failed (decode or "
-                f"generation; limits.max_failure_fraction = {budget}); see the shards' parquet files"
+                f"generation; limits.max_failure_fraction = {budget})"
+                + (f". First failures: {first}" if first else "; see the complete shards' parquet files")
             )
 
         written: list[dict] = []
@@ -769,6 +777,8 @@ class GenerateJob:
                             continue
                         st, ok_new, failed_new, newly_failed = folded
                         failed_inputs += newly_failed
+                        if rep.get("failure") and len(failure_examples) < FAILURE_EXAMPLES:
+                            failure_examples.append(rep["failure"])
                         if rep["reported"]:
                             bar.input_reported(rep["n_samples"], not rep["input_failed"])
                         for _ in range(ok_new):
@@ -818,6 +828,8 @@ class GenerateJob:
             "model_digest": plan.model_digest,
             "writers": sorted({s.get("writer", {}).get("node_id") or s.get("host") for s in written}),
             "driver_bytes_received": self.driver_bytes,
+            # this run's first failures (kept shards' are in their parquet files): "URI: reason"
+            "failure_examples": failure_examples,
         }
         if m.output.preview:
             try:

@@ -232,10 +232,8 @@ def preflight(m: GenerateManifest) -> tuple[GenerateManifest, str, str | None, s
     from pipelines.storage import storage_kwargs
 
     storage = storage_kwargs(m.storage)
-    if m.demo_inputs:
-        from pipelines.demo_data import prepare_demo_inputs
-
-        prepare_demo_inputs(m.demo_inputs, scale=m.scale)
+    # everything that needs no input first: a manifest refused here has written nothing (the demo
+    # inputs included, which are written at the manifest's scale)
     local, model_digest, calibration = checkpoint_info(m, storage)
     try:
         m = m.model_copy(update={"generator": m.generator.resolved(calibration)})
@@ -243,6 +241,11 @@ def preflight(m: GenerateManifest) -> tuple[GenerateManifest, str, str | None, s
         raise ManifestError(f"generator: {exc}") from None
     _check_start_bank(m)
     _check_output_outside_sources(m)
+    _check_output_is_a_folder(m)
+    if m.demo_inputs:
+        from pipelines.demo_data import prepare_demo_inputs
+
+        prepare_demo_inputs(m.demo_inputs, scale=m.scale)
     _check_source(m.hr, storage, "hr")
     for si, rs in enumerate(m.refs):
         _check_source(rs.source, storage, f"refs[{si}].source")
@@ -271,6 +274,22 @@ def _check_output_outside_sources(m: GenerateManifest) -> None:
                 f"output.uri: {m.output.uri!r} lies inside {key} {uri!r}; the dataset's own files would be "
                 "read as inputs by the next run: write it outside the sources"
             )
+
+
+def _check_output_is_a_folder(m: GenerateManifest) -> None:
+    """A local output is a folder, or will be one: neither it nor a folder above it is a file."""
+    out = _location(m.output.uri)
+    if out.startswith("s3://"):
+        return
+    path = out
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+    if not os.path.isdir(path):
+        what = "is a file" if path == out else f"lies under {path!r}, which is a file"
+        raise ManifestError(f"output.uri: {m.output.uri!r} {what}, not a folder")
 
 
 # --------------------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ REPORT_SCHEMA = pa.schema(
         ("input_failed", pa.bool_()),
         ("sample_keys", pa.list_(pa.string())),  # samples of this input written in this batch
         ("samples_failed", pa.int64()),
+        ("failure", pa.string()),  # the first failure of this input in this batch: "URI: reason"
     ]
 )
 
@@ -160,13 +161,19 @@ def encode_write_batch(batch: pa.Table, config: SinkConfig | Mapping[str, Any]) 
                     "input_failed": False,
                     "sample_keys": [],
                     "samples_failed": 0,
+                    "failure": None,
                 },
             )
+            failed = r["status"] != "ok"
             if r["row_type"] == "input":
-                rep.update(reported=True, n_samples=r.get("n_samples") or 0, input_failed=r["status"] != "ok")
+                rep.update(reported=True, n_samples=r.get("n_samples") or 0, input_failed=failed)
+                if failed and rep["failure"] is None:
+                    rep["failure"] = f"{r.get('uri')}: {r.get('error') or r['status']}"
             else:
                 rep["sample_keys"].append(r["key"])
-                rep["samples_failed"] += r["status"] != "ok"
+                rep["samples_failed"] += failed
+                if failed and rep["failure"] is None:
+                    rep["failure"] = f"{r.get('uri')} (sample {r['key']}): {r.get('error') or r['status']}"
         out.extend(per_input.values())
     return pa.Table.from_pylist(out, schema=REPORT_SCHEMA)
 
