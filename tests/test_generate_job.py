@@ -474,10 +474,19 @@ def test_a_reference_that_stops_decoding_is_not_resumed_into(ray_local, photos, 
     assert run_dict(data)["shards"] == 2
     before = dataset_bytes(out)
     stats = [json.loads((out / f"pairs-00000{i}_stats.json").read_text()) for i in (0, 1)]
-    assert stats[0]["references_digest"].startswith("refs:sha256:")
+    assert stats[0]["references_digest"].startswith("refs2:sha256:")
     assert stats[0]["references_digest"] == stats[1]["references_digest"]
     ref = sorted(refs.iterdir())[1]
     good = ref.read_bytes()
+    # replaced by another picture under the same name (it decodes): refused as well
+    other = sorted(refs.iterdir())[0].read_bytes()
+    assert len(other) != len(good)
+    ref.write_bytes(other)
+    (out / "pairs-000001_stats.json").unlink()
+    with pytest.raises(JobFailed, match=r"references that decode differ .*3 of 3 decode now.*same name"):
+        run_dict(data)
+    ref.write_bytes(good)
+    assert run_dict(data)["shards_written"] == 1 and dataset_bytes(out) == before
     ref.write_bytes(b"not an image any more")  # same name: the listing digest does not change
     (out / "pairs-000001_stats.json").unlink()  # one shard left to write
     with pytest.raises(JobFailed, match=r"references that decode differ .*pairs-000000\): 2 of 3 decode now"):

@@ -31,6 +31,7 @@ from pipelines.generate.config import (
 from pipelines.generate.console import driver_native_log_path, native_stderr_to, quiet_ray_data_progress
 from pipelines.generate.plan import (
     LISTING_DIGEST_PREFIX,
+    REFERENCES_DIGEST_PREFIX,
     Plan,
     list_plan,
     make_plan,
@@ -621,7 +622,10 @@ class GenerateJob:
         for stem in sorted(complete):
             st = self.complete_stats.get(stem, {})
             for k, v in now.items():
-                if v is not None and st.get(k) not in (None, v):  # absent: written before it was recorded
+                had = st.get(k)
+                if k == "references_digest" and not str(had).startswith(REFERENCES_DIGEST_PREFIX):
+                    had = None  # v1 (no sizes) cannot be compared: as if written before it was recorded
+                if v is not None and had not in (None, v):  # absent: written before it was recorded
                     made_otherwise.setdefault(k, []).append(stem)
         if made_otherwise and m.output.mode == "overwrite":
             removed = self._remove_dataset(self.store.names())
@@ -643,8 +647,9 @@ class GenerateJob:
                     f"the references that decode differ from those the complete shards were paired over "
                     f"{named(made_otherwise['references_digest'])}: {len(plan.refs)} of {listed_refs} "
                     "decode now (skipped ones are logged above). A reference that fails now but did not "
-                    "then (a permission error, a file replaced), or the reverse, pairs the remaining tiles "
-                    "differently. Make it readable again and rerun, or use output.mode: overwrite to "
+                    "then (a permission error, a file replaced), or the reverse, or one replaced by "
+                    "another picture under the same name (another size), pairs the remaining tiles "
+                    "differently. Restore the references and rerun, or use output.mode: overwrite to "
                     "regenerate every shard"
                 )
             raise JobFailed(

@@ -440,17 +440,21 @@ def listing_digest(rows: list[dict], refs: list[dict] = ()) -> str:
     return LISTING_DIGEST_PREFIX + h.hexdigest()
 
 
+REFERENCES_DIGEST_PREFIX = "refs2:sha256:"  # v2 covers each reference's listed size ("refs:": set + URI)
+
+
 def references_digest(refs: Sequence[Mapping]) -> str | None:
-    """Digest of the references that decoded (set and URI, in order): what the samples are paired
-    over. A reference that fails to decode is dropped at run time, so one that fails in one run and
-    not in another (a permission error, a file replaced) pairs the tiles differently; a run whose
-    digest differs from a complete shard's is refused. None when there are no references."""
+    """Digest of the references that decoded (set, URI and listed size, in order): what the samples
+    are paired over. A reference that fails to decode is dropped at run time, so one that fails in
+    one run and not in another (a permission error, a file replaced) pairs the tiles differently, and
+    one replaced by another picture under the same name (another size) pairs them with other content;
+    a run whose digest differs from a complete shard's is refused. None when there are no references."""
     if not refs:
         return None
     h = hashlib.sha256()
     for r in refs:
-        h.update(f"{r['set']}\t{r['uri']}\n".encode())
-    return "refs:sha256:" + h.hexdigest()
+        h.update(f"{r['set']}\t{r['uri']}\t{r.get('size')}\n".encode())
+    return REFERENCES_DIGEST_PREFIX + h.hexdigest()
 
 
 def start_digest(profiles: Mapping[str, Mapping]) -> str | None:
