@@ -222,6 +222,14 @@ def expand_shard_urls(urls: Sequence[str], endpoint_url: str | None = None) -> l
     return out
 
 
+def _exists(url: str, endpoint_url: str | None) -> bool:
+    fs, path = filesystem(url, endpoint_url)
+    try:
+        return fs.exists(path)
+    except PermissionError as exc:
+        raise PermissionError(f"cannot read {url}: {exc}") from exc
+
+
 def resolve_shards(source: str | Sequence[str], endpoint_url: str | None = None) -> list[ShardEntry]:
     """A dataset URI, or an explicit list of shard URLs, to shard entries.
 
@@ -250,15 +258,7 @@ def resolve_shards(source: str | Sequence[str], endpoint_url: str | None = None)
         except (OSError, ValueError):
             index_entries = []
         known.update({e.url: e for e in index_entries})
-    unknown = [u for u in urls if u not in known]
-    missing = []
-    for u in unknown:
-        fs, path = filesystem(u, endpoint_url)
-        try:
-            if not fs.exists(path):
-                missing.append(u)
-        except PermissionError as exc:
-            raise PermissionError(f"cannot read {u}: {exc}") from exc
+    missing = [u for u in urls if u not in known and not _exists(u, endpoint_url)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} listed shard(s) do not exist: {missing[:5]}")
     return [known.get(u, ShardEntry(u)) for u in urls]
