@@ -644,3 +644,39 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch, photos):
     assert main([str(p)]) == 130
     err = capsys.readouterr().err
     assert err.startswith("interrupted: complete shards in ") and "run the same command again" in err, err
+
+
+def test_the_plan_says_where_tau_and_the_start_come_from(tmp_path, capsys, photos):
+    """A checkpoint without a domain calibration (an adaptation interrupted before it calibrated)
+    silently meant the paper's τ ≤ 300 and Real-ESRGAN starts: the dry run and the job's log say so."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    hr, refs = write_inputs(tmp_path, photos)
+    with safe_open(str(DEMO_CKPT), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    inner = json.loads(meta["metadata"])
+    assert "calibration" in inner
+    bare = tmp_path / "bare.safetensors"
+    inner.pop("calibration")
+    save_file(tensors, str(bare), metadata={**meta, "metadata": json.dumps(inner)})
+    p = tmp_path / "m.yaml"
+    data = manifest_dict(str(hr), str(refs), str(tmp_path / "out"), scale=4)
+    data["generator"] = {"kind": "realdgen", "checkpoint": str(DEMO_CKPT)}
+    p.write_text(yaml.safe_dump(data))
+    notes = {}
+    for name, extra in {
+        "calibrated": [],
+        "bare": ["--set", f"generator.checkpoint={bare}"],
+        "off": ["--set", "generator.calibration=off"],
+    }.items():
+        assert main([str(p), "--dry-run", *extra]) == 0
+        notes[name] = json.loads(capsys.readouterr().out)["generator_settings"]
+    assert notes["calibrated"] == (
+        "domain calibration 'camera-standin' from the checkpoint: τ 0..0, start domain (49-entry bank)"
+    )
+    assert notes["bare"].startswith(
+        "the checkpoint carries no domain calibration, so the paper's settings: τ 0..300"
+    )
+    assert notes["off"] == "domain calibration off (generator.calibration): τ 0..300, start realesrgan"

@@ -269,6 +269,7 @@ class GenerateJob:
             "output": m.output.uri,
             "actors": {"min": actors[0], "max": actors[1]} if actors else None,
             "batch_size": m.compute.batch_size,
+            "generator_settings": plan.generator_note,
         }
 
     # ---------------------------------------------------------------- run
@@ -595,6 +596,8 @@ class GenerateJob:
             f"({len(complete)} complete, {len(pending)} to write), generator {m.generator.kind}, "
             f"actors {lo}..{hi} ({'GPU' if num_gpus else 'CPU'})"
         )
+        if plan.generator_note:
+            self.log(f"generator: {plan.generator_note}")
         # Every shard complete: nothing to generate, so the references' start profile (a minute of
         # E_deg on the CPU) is not measured again; the index keeps the one the dataset was made with.
         kept_profile = None if pending else self._indexed_start_profile(plan)

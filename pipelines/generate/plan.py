@@ -226,9 +226,28 @@ def _check_start_bank(m: GenerateManifest) -> None:
         raise ManifestError(f"generator.start_bank: {type(exc).__name__}: {exc}"[:600]) from None
 
 
-def preflight(m: GenerateManifest) -> tuple[GenerateManifest, str, str | None, str | None]:
+def generator_note(spec, calibration: dict | None) -> str | None:
+    """One line on where a realdgen job's τ and start come from (``spec``: the resolved
+    ``GeneratorSpec``; ``calibration``: the checkpoint's, or None). None for other generators."""
+    if spec.kind != "realdgen":
+        return None
+    tau = f"τ {spec.tau_min}..{spec.tau_max}"
+    if spec.calibration != "auto":
+        return f"domain calibration off (generator.calibration): {tau}, start {spec.start_kind}"
+    if calibration is None:
+        return (
+            f"the checkpoint carries no domain calibration, so the paper's settings: {tau}, start "
+            f"{spec.start_kind} (an adaptation that finished, or train.py --calibrate-only, records one)"
+        )
+    return (
+        f"domain calibration {calibration.get('domain')!r} from the checkpoint: {tau}, start "
+        f"{spec.start_kind} ({len(spec.start_bank or ())}-entry bank)"
+    )
+
+
+def preflight(m: GenerateManifest) -> tuple[GenerateManifest, str, str | None, str | None, str | None]:
     """Check a manifest before any work: ``(manifest with resolved generator, digest, local
-    checkpoint, model digest)``; raises :class:`ManifestError` naming what is wrong."""
+    checkpoint, model digest, generator note)``; raises :class:`ManifestError` naming what is wrong."""
     from pipelines.storage import storage_kwargs
 
     storage = storage_kwargs(m.storage)
@@ -249,7 +268,7 @@ def preflight(m: GenerateManifest) -> tuple[GenerateManifest, str, str | None, s
     _check_source(m.hr, storage, "hr")
     for si, rs in enumerate(m.refs):
         _check_source(rs.source, storage, f"refs[{si}].source")
-    return m, manifest_digest(m), local, model_digest
+    return m, manifest_digest(m), local, model_digest, generator_note(m.generator, calibration)
 
 
 def _location(uri: str) -> str:
@@ -518,6 +537,7 @@ class Plan:
     start_profiles: dict = field(default_factory=dict)  # profile key → domain start profile (job)
     listed: bool = False
     inputs_digest: str | None = None
+    generator_note: str | None = None  # where a realdgen job's τ and start come from (generator_note)
 
     @property
     def stems(self) -> list[str]:
@@ -544,8 +564,8 @@ def make_plan(m: GenerateManifest, *, list_now: bool = True) -> Plan:
     """Preflight, and (``list_now``) list in this process without writing anything (--dry-run)."""
     from pipelines.storage import storage_kwargs
 
-    m, digest, local, model_digest = preflight(m)
-    plan = Plan(m, digest, model_digest, local)
+    m, digest, local, model_digest, note = preflight(m)
+    plan = Plan(m, digest, model_digest, local, generator_note=note)
     if list_now:
         plan.with_listing(list_plan(m, store_uri=None, storage=storage_kwargs(m.storage), use_ray=False))
     return plan
