@@ -3,6 +3,8 @@ on a folder of LR images; everything else stays as it was in the checkpoint."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -54,6 +56,26 @@ progress: {{bar: false}}
     assert any(k.startswith("content.encoder.first_block.") for k in changed)
     frozen = [k for k in b if k.startswith(("content.decoder.", "content.encoder.mid.", "lr_reconstructor."))]
     assert frozen and not (changed & set(frozen))
+
+    # the adapt manifest's default keeps E_deg as it is (the start choice and the filter measure with it)
+    import yaml
+
+    repo_adapt = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "manifests" / "adapt.yaml").read_text()
+    )
+    assert repo_adapt["stage_c"]["degradation_trainable"] == "none"
+    path.write_text(
+        path.read_text()
+        .replace("degradation_trainable: all", "degradation_trainable: none")
+        .replace(str(tmp_path / "run"), str(tmp_path / "run_none"))
+        .replace(str(tmp_path / "adapted.safetensors"), str(tmp_path / "adapted_none.safetensors"))
+    )
+    assert T.main([str(path)]) == 0
+    kept, _ = load_checkpoint(tmp_path / "adapted_none.safetensors")
+    k = kept.state_dict()
+    moved = {n for n in b if not torch.equal(b[n], k[n])}
+    assert any(n.startswith("unet.") for n in moved)
+    assert not any(n.startswith("degradation.") for n in moved)
 
 
 def test_adapt_on_a_missing_or_empty_lr_folder_fails_before_any_work(tmp_path, capsys):
