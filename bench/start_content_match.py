@@ -26,11 +26,8 @@ tiles), with ``eval`` references (the other photo's true LR) and ``refs_train`` 
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from start_bank_ablation import codec_pipeline, embed, load, psnr  # noqa: E402
-from start_stats_rule import to_u8  # noqa: E402
+from start_stats_rule import study_main, to_u8  # noqa: E402
 
 from realdgen_core import calibrate, degrade, realism  # noqa: E402
 from realdgen_core.generator import LRGenerator  # noqa: E402
@@ -149,40 +146,7 @@ def pipeline(folder: Path, ckpt: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("roots", nargs="+", help="benchmark roots (make_codec_pairs.py's layout)")
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--jobs", type=int, default=1, help="pipelines scored at once (one thread each)")
-    args = ap.parse_args()
-    folders = [
-        p
-        for root in args.roots
-        for p in sorted(Path(root).iterdir())
-        if (p / "hr").is_dir() and (p / "refs_train").is_dir()
-    ]
-    result: dict = {"command": " ".join(sys.argv), "checkpoint": args.checkpoint, "pipelines": {}}
-    with ProcessPoolExecutor(args.jobs, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        futures = {p.name: pool.submit(pipeline, p, Path(args.checkpoint)) for p in folders}
-        for name, fut in futures.items():
-            result["pipelines"][name] = fut.result()
-            print(name, "done", file=sys.stderr, flush=True)
-    means = {}
-    for refkind in ("eval", "refs_train"):
-        per_rule = {}
-        for rule in next(iter(result["pipelines"].values()))[refkind]:
-            vals = [v[refkind][rule] for v in result["pipelines"].values()]
-            job = [v[refkind]["job"] for v in result["pipelines"].values()]
-            per_rule[rule] = {
-                "psnr": round(statistics.fmean(x["psnr"] for x in vals), 3),
-                "noise_gap": round(statistics.fmean(x["noise_gap"] for x in vals), 3),
-                "psnr_better_worse_than_job": [
-                    sum(x["psnr"] > j["psnr"] + 1e-9 for x, j in zip(vals, job, strict=True)),
-                    sum(x["psnr"] < j["psnr"] - 1e-9 for x, j in zip(vals, job, strict=True)),
-                ],
-            }
-        means[refkind] = per_rule
-    result["mean"] = means
-    print(json.dumps(result, indent=1))
+    study_main(pipeline, __doc__)
 
 
 if __name__ == "__main__":

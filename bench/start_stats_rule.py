@@ -128,8 +128,10 @@ def pipeline(folder: Path, ckpt: Path) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def study_main(pipeline_fn, doc: str) -> None:
+    """Score ``pipeline_fn(folder, checkpoint)`` on every pipeline of the roots and print the JSON,
+    with the means of every rule and how many pipelines each is better / worse on than ``job``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("roots", nargs="+", help="benchmark roots (make_codec_pairs.py's layout)")
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--jobs", type=int, default=1, help="pipelines scored at once (one thread each)")
@@ -142,7 +144,7 @@ def main() -> None:
     ]
     result: dict = {"command": " ".join(sys.argv), "checkpoint": args.checkpoint, "pipelines": {}}
     with ProcessPoolExecutor(args.jobs, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        futures = {p.name: pool.submit(pipeline, p, Path(args.checkpoint)) for p in folders}
+        futures = {p.name: pool.submit(pipeline_fn, p, Path(args.checkpoint)) for p in folders}
         for name, fut in futures.items():
             result["pipelines"][name] = fut.result()
             print(name, "done", file=sys.stderr, flush=True)
@@ -163,6 +165,10 @@ def main() -> None:
         means[refkind] = per_rule
     result["mean"] = means
     print(json.dumps(result, indent=1))
+
+
+def main() -> None:
+    study_main(pipeline, __doc__)
 
 
 if __name__ == "__main__":
