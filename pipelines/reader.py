@@ -54,6 +54,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipelines.storage import open_for_header_scan
 from realdgen_core.shards import open_tar
 
 log = logging.getLogger(__name__)
@@ -828,7 +829,6 @@ class MemberSpan:
     gapped: bool = False
 
 
-SCAN_OPEN = {"block_size": 1 << 16, "cache_type": "readahead"}  # remote header scans: 64 KiB reads
 SPAN_SLACK = 4096  # bytes per member a contiguous span may hold besides member data (header, padding)
 # Header tables kept per process, counted in samples (a span is ~0.45 kB): BasicSR's shuffled sampler
 # touches every shard every epoch, and a table evicted too early means a rescan per sample.
@@ -848,12 +848,7 @@ def scan_tar(
     last = None
     error = None
     try:
-        # Headers only: small blocks, so a scan over object storage does not fetch the members'
-        # data in s3fs's default 50 MiB read-ahead (it downloaded the whole shard).
-        from fsspec.implementations.local import LocalFileSystem
-
-        opts = {} if isinstance(fs, LocalFileSystem) else SCAN_OPEN
-        with fs.open(url, "rb", **opts) as f, open_tar(f, "r:") as tar:
+        with open_for_header_scan(fs, url) as f, open_tar(f, "r:") as tar:
             for m in tar:
                 try:
                     key, suffix = check_member(m, max_member_bytes)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from pipelines.storage import TransientStorageError, get_fs, with_retries
+from pipelines.storage import TransientStorageError, get_fs, open_for_header_scan, with_retries
 from realdgen_core.shards import open_tar
 
 log = logging.getLogger("realdgen.sources")
@@ -181,7 +181,7 @@ def _index_tar(
     end = 0  # where the last member's data (padded to 512-byte blocks) ends
     problem: str | None = None
     try:
-        with fs.open(p, "rb") as f, open_tar(f, "r:") as tar:
+        with open_for_header_scan(fs, p) as f, open_tar(f, "r:") as tar:
             for m in tar:
                 end = m.offset_data + -(-m.size // 512) * 512
                 if not (m.isfile() and _ext_ok(m.name, extensions)):

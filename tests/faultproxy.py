@@ -38,6 +38,7 @@ class FaultProxy:
         self._accepter: threading.Thread | None = None
         self._gen = 0  # bumped by down(): connections of an older generation are dropped
         self.connections = 0  # accepted so far (all generations)
+        self.bytes_down = 0  # bytes forwarded from the target to clients (all connections)
 
     @property
     def url(self) -> str:
@@ -138,16 +139,21 @@ class FaultProxy:
                     return
                 self._live.update((client, upstream))
                 self.connections += 1
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), name="faultproxy-pump", daemon=True).start()
+            for a, b, down in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(
+                    target=self._pump, args=(a, b, down), name="faultproxy-pump", daemon=True
+                ).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, down: bool) -> None:
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
                 dst.sendall(data)
+                if down:
+                    with self._lock:
+                        self.bytes_down += len(data)
         except OSError:
             pass
         finally:

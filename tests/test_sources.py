@@ -263,3 +263,41 @@ def test_a_name_that_is_not_utf8_is_left_out_with_a_warning(tmp_path, caplog):
     assert (
         "1 file(s) left out, their names are not valid UTF-8" in caplog.text and "caf\\udce9" in caplog.text
     )
+
+
+def test_tar_header_scans_on_s3_do_not_download_the_members(s3_server, s3_bucket):
+    """Indexing a WebDataset source (the job's listing, also run by ``--dry-run`` on a laptop) and the
+    reader's header scan read only the headers of a remote tar: with s3fs's default 50 MiB read-ahead
+    both fetched the whole shard. Bytes are counted on the wire (a loopback proxy before the server)."""
+    import s3fs
+    from faultproxy import FaultProxy
+
+    from pipelines.reader import scan_tar
+    from pipelines.storage import get_fs
+
+    rng = np.random.default_rng(0)
+    member = 3 << 20
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(4):
+            for suffix in ("hr.png", "lr.png"):
+                data = rng.integers(
+                    0, 256, member // (1 if suffix == "hr.png" else 16), dtype=np.uint8
+                ).tobytes()
+                info = tarfile.TarInfo(f"s{i:03d}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    s3fs.S3FileSystem().pipe(f"{s3_bucket}/wds/shard-000000.tar", buf.getvalue())
+    whole = len(buf.getvalue())
+    with FaultProxy(int(s3_server.rsplit(":", 1)[1])) as proxy:
+        storage = {"endpoint_url": proxy.url}
+        items = list_source(SourceSpec(uri=f"s3://{s3_bucket}/wds", format="webdataset"), storage)
+        listed = proxy.bytes_down
+        fs, path = get_fs(f"s3://{s3_bucket}/wds/shard-000000.tar", storage)
+        spans, error = scan_tar(fs, path)
+        scanned = proxy.bytes_down - listed
+    assert len(items) == 8 and [i.size for i in items[:2]] == [member, member // 16]
+    assert len(spans) == 4 and error is None
+    assert spans[1].members["hr.png"][1] == member
+    assert listed < whole / 20, (listed, whole)
+    assert scanned < whole / 20, (scanned, whole)
