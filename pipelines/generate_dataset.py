@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable here 
 from pipelines.generate.job import FAILURES_SHOWN, GenerateJob, JobFailed, ensure_ray, run  # noqa: E402
 from pipelines.generate.plan import Plan, checkpoint_calibration, make_plan  # noqa: E402
 from pipelines.manifest import ManifestError, load_manifest, manifest_json_schema  # noqa: E402
-from pipelines.storage import TransientStorageError, missing_credentials  # noqa: E402
+from pipelines.storage import StorageAccessError, TransientStorageError, missing_credentials  # noqa: E402
 
 __all__ = ["Plan", "GenerateJob", "JobFailed", "ensure_ray", "make_plan", "run", "main"]
 
@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except TransientStorageError as exc:
         print(f"error: {exc}; nothing was written, run the command again", file=sys.stderr)
         return 1
+    except StorageAccessError as exc:
+        print(f"error: {exc}; nothing was written", file=sys.stderr)
+        return 2
     except Exception as exc:
         why = missing_credentials(exc)
         if why is None:

@@ -26,7 +26,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from pipelines.storage import TransientStorageError, get_fs, open_for_header_scan, with_retries
+from pipelines.storage import (
+    StorageAccessError,
+    TransientStorageError,
+    get_fs,
+    open_for_header_scan,
+    with_retries,
+)
 from realdgen_core.shards import open_tar
 
 log = logging.getLogger("realdgen.sources")
@@ -305,7 +311,9 @@ def read_item_bytes(item: SourceItem, storage: Mapping | None = None, max_bytes:
     Transient storage errors (connection refused/reset, timeouts, 5xx, throttling) are retried
     (:func:`~pipelines.storage.with_retries`); if storage stays unavailable for the whole budget
     :class:`~pipelines.storage.TransientStorageError` is raised, never :class:`ImageError`: an
-    input that was only unavailable must not become a permanent failure row.
+    input that was only unavailable must not become a permanent failure row. Nor one that storage
+    would not give these credentials (expired, invalid, not allowed):
+    :class:`~pipelines.storage.StorageAccessError`.
     """
     if item.error:
         raise ImageError(item.error)
@@ -324,13 +332,13 @@ def read_item_bytes(item: SourceItem, storage: Mapping | None = None, max_bytes:
 
     try:
         data = with_retries(fetch, what=f"read {item.uri}")
-    except TransientStorageError:
-        raise  # the task fails and is retried; no failure row
+    except (TransientStorageError, StorageAccessError):
+        raise  # the task fails (and is retried while storage is only unavailable); no failure row
     except FileNotFoundError:
         raise ImageError(f"missing: {item.uri} not found") from None
     except ImageError:
         raise
-    except Exception as exc:  # permission problems and the like become a failure row, not a crash
+    except Exception as exc:  # a local file's permissions and the like become a failure row, not a crash
         raise ImageError(f"unreadable: {type(exc).__name__}: {exc}") from None
     return data
 

@@ -51,6 +51,9 @@ __all__ = [
     "LockError",
     "fetch_to_local",
     "TransientStorageError",
+    "StorageAccessError",
+    "access_refused",
+    "task_error_message",
     "is_transient",
     "with_retries",
     "retry_budget_s",
@@ -105,6 +108,30 @@ class TransientStorageError(RuntimeError):
     Not a property of the object read or written: the caller should fail the task (so it is
     retried later), never record the input as permanently failed."""
 
+
+class StorageAccessError(RuntimeError):
+    """Object storage refused this process's credentials (none, expired, invalid, or not allowed
+    here). Not a property of the object: a job stops and names what to fix instead of recording
+    inputs as failed (a failure row is kept by a resumed run, and would never be read again)."""
+
+
+# S3 error codes that refuse the caller rather than the request (s3fs turns them into PermissionError)
+_ACCESS_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AllAccessDisabled",
+        "AccountProblem",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "InvalidAccessKeyId",
+        "InvalidSecurity",
+        "InvalidToken",
+        "NotSignedUp",
+        "RequestTimeTooSkewed",
+        "SignatureDoesNotMatch",
+        "TokenRefreshRequired",
+    }
+)
 
 # S3 / AWS error codes that mean "try again later".
 _TRANSIENT_CODES = frozenset(
@@ -275,6 +302,40 @@ def missing_credentials(exc: BaseException) -> str | None:
     return None
 
 
+def access_refused(exc: BaseException) -> str | None:
+    """A user-facing reason when ``exc`` (or an error it was raised from) is object storage
+    refusing this process's credentials: none found, or an S3 answer 403 / an access code
+    (expired token, unknown key id, bad signature, access denied). None otherwise; a local
+    file's ``PermissionError`` is None too (that file is the problem, not the credentials)."""
+    why = missing_credentials(exc)
+    if why is not None:
+        return why
+    for e in _chain(exc):
+        info = _client_error_info(e)
+        if info is not None and (info[0] in _ACCESS_CODES or info[1] == 403):
+            return (
+                f"access refused by storage ({_describe(e)}): check the credentials in this "
+                "process's environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, "
+                "AWS_PROFILE or the machine's role) and that they may read and write this location"
+            )
+    return None
+
+
+def task_error_message(exc: BaseException, cls: type[BaseException]) -> str | None:
+    """The message of a ``cls`` error raised in a Ray task, from what reaches the driver: Ray Data
+    hands the driver a ``RayTaskError(UserCodeException)`` that keeps only the remote error's
+    text (``…\nStorageAccessError: message``), so the last such line is taken. None if absent."""
+    for e in _chain(exc):
+        if isinstance(e, cls):
+            return str(e)
+    mark = f"{cls.__name__}: "
+    text = str(exc)
+    at = text.rfind(mark)
+    if at < 0:
+        return None
+    return text[at + len(mark) :].split("\n", 1)[0].strip() or None
+
+
 def retry_budget_s() -> float:
     """The retry budget in seconds: ``REALDGEN_STORAGE_RETRY_S``, else 120."""
     raw = os.environ.get(RETRY_ENV)
@@ -309,7 +370,9 @@ def with_retries(
     Backoff is exponential from ``initial_s`` up to ``max_backoff_s``, each wait drawn uniformly
     from its upper half (jitter), never past the budget; the last attempt is made when the
     budget runs out. Then :class:`TransientStorageError` is raised, naming ``what`` and the last
-    error. Non-transient errors propagate unchanged at once; a :class:`TransientStorageError`
+    error. Storage refusing the credentials (:func:`access_refused`) raises
+    :class:`StorageAccessError` naming ``what``; other non-transient errors propagate unchanged
+    at once; a :class:`TransientStorageError`
     from an inner call (whose own budget is spent) too. Retries are logged to
     ``realdgen.storage`` at most once every ``log_every_s``. ``budget_s`` defaults to
     :func:`retry_budget_s`. ``fn`` must be safe to repeat (whole-object reads and PUTs are).
@@ -322,10 +385,13 @@ def with_retries(
     while True:
         try:
             out = fn()
-        except TransientStorageError:
+        except (TransientStorageError, StorageAccessError):
             raise
         except Exception as exc:
             if not is_transient(exc):
+                why = access_refused(exc)
+                if why is not None:
+                    raise StorageAccessError(f"{what}: {why}") from exc
                 raise
             attempts += 1
             now = clock()
@@ -750,13 +816,47 @@ class RunLock:
         return True
 
     def _refuse_if_live(self, holder: dict | None) -> None:
-        if holder is not None and holder.get("run_id") != self.run_id and self._is_live(holder):
-            raise LockError(
+        """Raise :class:`LockError` while ``holder`` is a live job. A holder on another host whose
+        heartbeat is still fresh may be a job whose machine is gone (a head pod lost, the job
+        resubmitted on a new cluster within ``stale_s``): it is watched until its heartbeat moves
+        (alive: refused) or goes stale (taken over by the caller), ``stale_s`` at most."""
+        if holder is None or holder.get("run_id") == self.run_id or not self._is_live(holder):
+            return
+        if holder.get("host") != self.host:
+            holder = self._watch(holder)
+            if holder is None:
+                return
+        raise LockError(
                 f"{self.store.uri} is being written by another live job "
                 f"(host {holder.get('host')}, pid {holder.get('pid')}, heartbeat "
                 f"{time.time() - float(holder.get('heartbeat', 0)):.0f}s ago); "
                 f"wait for it or remove {LOCK_NAME} if it is dead"
             )
+
+    def _watch(self, holder: dict) -> dict | None:
+        """``holder`` if it proves alive (its heartbeat moves), None once it is stale or gone."""
+        beat = holder.get("heartbeat")
+        deadline = float(beat or 0) + self.stale_s
+        log.warning(
+            "%s: %s is held by host %s (heartbeat %.0f s ago); watching it for up to %.0f s to tell a "
+            "live job from one whose machine is gone",
+            self.store.uri,
+            LOCK_NAME,
+            holder.get("host"),
+            time.time() - float(beat or 0),
+            max(0.0, deadline - time.time()),
+        )
+        poll = min(5.0, self.heartbeat_s)
+        while True:
+            left = deadline - time.time()
+            if left <= 0:
+                return None
+            time.sleep(min(poll, left + 0.05))
+            now = self._holder()
+            if now is None:
+                return None
+            if now.get("run_id") != holder.get("run_id") or now.get("heartbeat") != beat:
+                return now if self._is_live(now) else None
 
     def _create_conditional(self) -> bool | None:
         """Conditional PUT: True created, False someone holds it, None not supported here."""

@@ -67,6 +67,20 @@ def s3_bucket(s3_server, request):
     yield name
 
 
+@pytest.fixture()
+def storage_refuses(s3_server):
+    """The moto server checks credentials (its IAM knows no key: every request is answered 403,
+    InvalidAccessKeyId or Forbidden), as a store does for an expired or wrong key."""
+    import moto.settings
+
+    before = moto.settings.INITIAL_NO_AUTH_ACTION_COUNT
+    moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
+    try:
+        yield
+    finally:
+        moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = before
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the whole session, bound to loopback, no dashboard."""

@@ -87,3 +87,47 @@ def test_job_reads_and_writes_s3(s3_server, s3_bucket, photos, tmp_path):
                 break
     assert meta["hr_source"].startswith(f"s3://{s3_bucket}/hr/src-000000.tar#")
     assert meta["ref_source"].startswith(f"s3://{s3_bucket}/refs/")
+
+
+def test_refused_credentials_stop_the_job_with_the_uri_and_never_a_traceback(
+    s3_server, s3_bucket, photos, tmp_path, capsys, ray_local
+):
+    """Wrong or expired credentials: before any work (the preflight), exit 2 with one line naming the
+    source; refused once the job runs (listing, decoding, writing in Ray tasks), one line naming the
+    object, exit 1, nothing marked failed."""
+    import moto.settings
+    import s3fs
+
+    from pipelines.generate.job import GenerateJob, JobFailed
+    from pipelines.generate.plan import make_plan
+    from pipelines.generate_dataset import main
+    from pipelines.manifest import parse_manifest
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server)
+    for n in sorted(photos)[:2]:
+        fs.pipe(f"{s3_bucket}/hr/{n}.png", _png(photos[n][:40, :40]))
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    Image.fromarray(photos[sorted(photos)[0]][:12, :12]).save(refs / "r.png")
+    out = tmp_path / "out"
+    data = manifest_dict(f"s3://{s3_bucket}/hr", str(refs), str(out), generator__kind="bicubic")
+    data["storage"] = {"endpoint_url": s3_server}
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(data))
+
+    before = moto.settings.INITIAL_NO_AUTH_ACTION_COUNT
+    plan = make_plan(parse_manifest(data), list_now=False)  # the preflight passes while storage allows
+    moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # from here on every request is refused
+    try:
+        assert main([str(manifest)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err, err
+        assert f"s3://{s3_bucket}/hr" in err and "access refused by storage" in err and "testing" not in err
+
+        with pytest.raises(
+            JobFailed, match=rf"s3://{s3_bucket}/hr.*access refused by storage.*Nothing was marked failed"
+        ):
+            GenerateJob(plan.manifest, log=lambda *_: None).run(plan)
+    finally:
+        moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = before
+    assert not list(out.glob("*.tar")) and not list(out.glob("*.parquet"))

@@ -26,10 +26,12 @@ from pipelines.storage import (
     DatasetStore,
     LockError,
     RunLock,
+    StorageAccessError,
     TransientStorageError,
     fetch_to_local,
     get_fs,
     is_transient,
+    task_error_message,
     with_retries,
 )
 from tests.shard_factory import decode_config
@@ -187,6 +189,46 @@ def test_with_retries_backoff_budget_and_permanent_errors(caplog):
     with pytest.raises(TransientStorageError, match="inner"):
         with_retries(inner_spent, what="outer", budget_s=30, **kw)
     assert calls[0] == 1  # an inner budget is not multiplied by an outer one
+
+
+def test_with_retries_names_refused_credentials_and_leaves_local_permission_errors_alone():
+    from botocore.exceptions import NoCredentialsError
+
+    calls = [0]
+
+    def raising(exc):
+        def fn():
+            calls[0] += 1
+            raise exc
+
+        return fn
+
+    for err, match in [
+        (_translated(_client_error("ExpiredToken", 400)), r"ExpiredToken"),
+        (_translated(_client_error("InvalidAccessKeyId", 403)), r"InvalidAccessKeyId"),
+        (_translated(_client_error("403", 403, "HeadObject")), r"\(403\)"),
+        (
+            _raised_in_except(PermissionError("Access Denied"), _client_error("AccessDenied", 403)),
+            "AccessDenied",
+        ),
+    ]:
+        calls[0] = 0
+        with pytest.raises(
+            StorageAccessError, match=rf"^read s3://b/k: access refused by storage \(.*{match}"
+        ):
+            with_retries(raising(err), what="read s3://b/k", budget_s=30)
+        assert calls[0] == 1  # never retried
+    with pytest.raises(StorageAccessError, match=r"^list s3://b: no S3 credentials"):
+        with_retries(raising(NoCredentialsError()), what="list s3://b", budget_s=30)
+    # a local file's permissions are that file's problem: unchanged (the caller records the input)
+    with pytest.raises(PermissionError, match="denied") as info:
+        with_retries(raising(PermissionError(13, "denied")), what="read /x.png", budget_s=30)
+    assert not isinstance(info.value, StorageAccessError)
+    # an inner call's refusal is not wrapped again by an outer one
+    inner = StorageAccessError("read s3://b/k: access refused by storage (…)")
+    with pytest.raises(StorageAccessError) as info:
+        with_retries(raising(inner), what="outer", budget_s=30)
+    assert info.value is inner
 
 
 def test_get_fs_fails_fast_and_stays_credential_free(s3_server):
@@ -379,6 +421,57 @@ def test_decode_tile_fails_the_task_on_an_outage_and_records_real_failures(proxy
     assert [r["status"] for r in decode([row(0, "a.png")]).to_pylist() if r["row_type"] == "input"] == ["ok"]
 
 
+def test_refused_credentials_never_become_failure_rows(s3_server, s3_bucket, storage_refuses):
+    """Expired or wrong credentials are not a property of an input: decoding fails the task with
+    the URI and what to fix (a failure row would be kept by every resumed run), and the store's
+    own operations say the same."""
+    import moto.settings
+
+    fs, _ = get_fs(f"s3://{s3_bucket}")
+    rng = np.random.default_rng(0)
+    uri = f"s3://{s3_bucket}/hr/a.png"
+    moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = float("inf")
+    fs.pipe_file(f"{s3_bucket}/hr/a.png", _png(rng.integers(0, 256, (40, 72, 3), dtype=np.uint8)))
+    decode = DecodeTile(decode_config())
+    row = {
+        "shard": 0,
+        "input_index": 0,
+        "key": base_key(uri),
+        "uri": uri,
+        "path": uri,
+        "offset": None,
+        "size": None,
+    }
+    assert [r["status"] for r in decode([row]).to_pylist() if r["row_type"] == "input"] == ["ok"]
+
+    moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
+    with pytest.raises(
+        StorageAccessError, match=rf"^read {uri}: access refused by storage .*AWS_ACCESS_KEY_ID"
+    ):
+        decode([row])
+    with pytest.raises(StorageAccessError, match=rf"list s3://{s3_bucket}/ds.*access refused"):
+        DatasetStore(f"s3://{s3_bucket}/ds").names()
+
+
+@pytest.mark.ray
+def test_a_refusal_inside_a_ray_data_task_is_named_to_the_driver(ray_local):
+    """Ray Data hands the driver only the remote error's text: the job still finds the message."""
+    import ray.data
+
+    msg = "read s3://b/hr/a.png: access refused by storage (ClientError: Forbidden): check the credentials"
+
+    def refuse(batch):
+        raise StorageAccessError(msg)
+
+    with pytest.raises(Exception) as info:
+        for _ in ray.data.range(2).map_batches(refuse).iter_batches():
+            pass
+    assert not isinstance(info.value, StorageAccessError)  # what reaches the driver is Ray's wrapper
+    assert task_error_message(info.value, StorageAccessError) == msg
+    assert task_error_message(info.value, TransientStorageError) is None
+    assert task_error_message(StorageAccessError(msg), StorageAccessError) == msg
+
+
 # ------------------------------------------------------------------------------------------------
 # the lock
 # ------------------------------------------------------------------------------------------------
@@ -474,6 +567,46 @@ def test_run_lock_takes_over_a_stale_holder_on_s3(s3_server, s3_bucket):
             RunLock(DatasetStore(store.uri, {"endpoint_url": s3_server})).acquire()
     finally:
         lock.release()
+
+
+def test_run_lock_tells_a_lost_machine_from_a_live_job_on_another_host(s3_server, s3_bucket):
+    """A job resubmitted on a new cluster soon after its head pod was lost finds that pod's lock with
+    a fresh heartbeat from another host: it watches the heartbeat and takes the lock over once it
+    goes stale, instead of failing (and spending a RayJob retry); a holder that keeps beating is
+    refused as soon as its heartbeat moves."""
+    store = DatasetStore(f"s3://{s3_bucket}/out", {"endpoint_url": s3_server})
+
+    def holder(run_id):
+        return json.dumps({"host": "gone-pod", "pid": 1, "run_id": run_id, "heartbeat": time.time()}).encode()
+
+    store.write_bytes(LOCK_NAME, holder("lost"))
+    lock = RunLock(store, heartbeat_s=0.5, stale_s=2.0)
+    t0 = time.monotonic()
+    lock.acquire()
+    try:
+        waited = time.monotonic() - t0
+        assert 1.5 < waited < 6, waited  # watched until the heartbeat went stale, then took over
+        assert json.loads(store.read_bytes(LOCK_NAME))["run_id"] == lock.run_id
+    finally:
+        lock.release()
+
+    store.write_bytes(LOCK_NAME, holder("alive"))
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(0.3):
+            store.write_bytes(LOCK_NAME, holder("alive"))
+
+    t = threading.Thread(target=beat, daemon=True)
+    t.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(LockError, match="another live job.*host gone-pod"):
+            RunLock(store, heartbeat_s=0.5, stale_s=30.0).acquire()
+        assert time.monotonic() - t0 < 5  # refused once the heartbeat moved, not after stale_s
+    finally:
+        stop.set()
+        t.join()
 
 
 def test_run_lock_falls_back_when_the_store_rejects_conditional_writes(s3_server, s3_bucket, monkeypatch):

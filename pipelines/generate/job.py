@@ -49,8 +49,10 @@ from pipelines.storage import (
     PREVIEW_NAME,
     DatasetStore,
     RunLock,
+    StorageAccessError,
     TransientStorageError,
     storage_kwargs,
+    task_error_message,
 )
 
 __all__ = ["GenerateJob", "JobFailed", "ensure_ray", "run", "decode_task_memory", "TASK_RETRIES"]
@@ -101,7 +103,9 @@ def ensure_ray() -> bool:
         return False
     root = str(Path(__file__).resolve().parent.parent.parent)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False, configure_logging=False)
+        # Joining a cluster (ray job submit, a RayJob): the workers' warnings (storage retries, an
+        # actor restarted, a reference refused) belong in `ray job logs`, which is the driver's output.
+        ray.init(log_to_driver=True, configure_logging=False)
     else:
         # Workers of the embedded Ray inherit this environment: make the repo importable there.
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -409,10 +413,22 @@ class GenerateJob:
             # or another version of an image at the same URI.
             self.store.delete_prefix(f"{plan.work}/parts")
             return self._run(plan, complete, t_start)
-        except TransientStorageError as exc:
+        except (JobFailed, ManifestError):
+            raise
+        except Exception as exc:
+            # In the driver, or raised in a Ray task (which hands the driver only its text).
+            refused = task_error_message(exc, StorageAccessError)
+            if refused is not None:
+                raise JobFailed(
+                    f"{refused}. Nothing was marked failed; fix the access and run the same command "
+                    "again to resume (complete shards are kept)"
+                ) from None
+            unavailable = task_error_message(exc, TransientStorageError)
+            if unavailable is None:
+                raise
             raise JobFailed(
-                f"storage unavailable: {exc}. Nothing was marked failed; run the same command again "
-                "to resume (complete shards are kept)"
+                f"storage unavailable: {unavailable}. Nothing was marked failed; run the same command "
+                "again to resume (complete shards are kept)"
             ) from None
         finally:
             lock.release()
@@ -698,7 +714,7 @@ class GenerateJob:
                 shard = in_flight.pop(ref)
                 try:
                     written.append(ray.get(ref))
-                except TransientStorageError:
+                except (TransientStorageError, StorageAccessError):
                     raise
                 except Exception as exc:
                     raise JobFailed(f"writing shard {plan.stems[shard]} failed: {exc}") from None

@@ -30,6 +30,7 @@ from pipelines.manifest import GenerateManifest, ManifestError, manifest_digest
 from pipelines.sources import SourceError, SourceItem, index_tar, list_source
 from pipelines.storage import (
     DatasetStore,
+    StorageAccessError,
     TransientStorageError,
     fetch_to_local,
     get_fs,
@@ -196,6 +197,8 @@ def _unlistable(exc: Exception, spec, key: str) -> ManifestError:
         return ManifestError(f"{key}.uri: {exc} (got {spec.uri!r})")
     if isinstance(exc, FileNotFoundError):
         return ManifestError(f"{key}.uri: not found: {exc} (got {spec.uri!r})")
+    if isinstance(exc, StorageAccessError):  # names the URI and what to fix itself
+        return ManifestError(f"{key}.uri: {exc}")
     return ManifestError(f"{key}.uri: cannot be listed: {type(exc).__name__}: {exc} (got {spec.uri!r})")
 
 

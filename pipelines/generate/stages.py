@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from pipelines.generate.config import DecodeConfig, GenerateConfig
 from pipelines.sources import ImageError, SourceItem, load_image
-from pipelines.storage import TransientStorageError
+from pipelines.storage import StorageAccessError, TransientStorageError
 
 __all__ = [
     "ROW_SCHEMA",
@@ -274,8 +274,8 @@ class DecodeTile:
             )
         except ImageError as exc:
             return [{**report, "status": "failed", "error": exc.reason, "seconds": time.perf_counter() - t0}]
-        except TransientStorageError:
-            raise  # storage unavailable, not a bad input: fail the task so Ray retries it
+        except (TransientStorageError, StorageAccessError):
+            raise  # storage unavailable or refusing us, not a bad input: fail the task, no failure row
         except Exception as exc:  # never let one input sink the shard
             err = f"unexpected: {type(exc).__name__}: {exc}"
             return [{**report, "status": "failed", "error": err, "seconds": time.perf_counter() - t0}]
