@@ -26,7 +26,6 @@ tiles), with ``eval`` references (the other photo's true LR) and ``refs_train`` 
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
@@ -37,10 +36,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from start_bank_ablation import codec_pipeline, embed, load, psnr  # noqa: E402
-from start_stats_rule import study_main, to_u8  # noqa: E402
+from start_bank_ablation import codec_pipeline, embed, load  # noqa: E402
+from start_stats_rule import add_picks, bank_scores, study_main, summarise  # noqa: E402
 
-from realdgen_core import calibrate, degrade, realism  # noqa: E402
+from realdgen_core import calibrate  # noqa: E402
 from realdgen_core.generator import LRGenerator  # noqa: E402
 
 BANK = calibrate.start_bank(4)
@@ -79,17 +78,9 @@ def pipeline(folder: Path, ckpt: Path) -> dict:
     for ph, tiles in photos.items():
         ps, gaps, embs, descs = [], [], [], []
         for hr, lr in tiles:
-            starts = degrade.apply(hr.expand(len(BANK), -1, -1, -1), list(BANK))
-            true_noise = realism.noise_level(to_u8(lr[0]))
-            ps.append([psnr(starts[b : b + 1], lr) for b in range(len(BANK))])
-            gaps.append(
-                [
-                    realism.relative_gap(
-                        realism.noise_level(to_u8(s)), true_noise, realism.GAP_FLOORS["noise"]
-                    )
-                    for s in starts
-                ]
-            )
+            starts, p, g = bank_scores(hr, lr)
+            ps.append(p)
+            gaps.append(g)
             embs.append(net(starts).double())  # [B, D]
             small = F.interpolate(hr, size=lr.shape[-2:], mode="bicubic", antialias=True).clamp(0, 1)
             descs.append(scene_descriptor(small))
@@ -129,19 +120,8 @@ def pipeline(folder: Path, ckpt: Path) -> dict:
                 picks[f"near{k}"] = rank_choice(per_ref, w)
             ps, gaps = scored[ph]
             picks["best_fixed_photo"] = int(ps.mean(0).argmax())
-            for rule, b in picks.items():
-                row = rows.setdefault(rule, {"psnr": [], "noise_gap": [], "picks": []})
-                row["psnr"] += ps[:, b].tolist()
-                row["noise_gap"] += gaps[:, b].tolist()
-                row["picks"].append(f"{ph}: {calibrate.theta_label(BANK[b])}")
-        out[refkind] = {
-            rule: {
-                "psnr": round(statistics.fmean(v["psnr"]), 3),
-                "noise_gap": round(statistics.fmean(v["noise_gap"]), 3),
-                "picks": v["picks"],
-            }
-            for rule, v in rows.items()
-        }
+            add_picks(rows, picks, ps, gaps, ph)
+        out[refkind] = summarise(rows)
     return out
 
 

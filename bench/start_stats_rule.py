@@ -68,6 +68,38 @@ def log_stats(imgs: list[np.ndarray]) -> np.ndarray:
     return np.array(rows)
 
 
+def bank_scores(hr: torch.Tensor, lr: torch.Tensor) -> tuple[torch.Tensor, list[float], list[float]]:
+    """One tile: every bank entry's start of ``hr``, its PSNR to the true ``lr`` and its noise-level gap."""
+    starts = degrade.apply(hr.expand(len(BANK), -1, -1, -1), list(BANK))
+    true_noise = realism.noise_level(to_u8(lr[0]))
+    ps = [psnr(starts[b : b + 1], lr) for b in range(len(BANK))]
+    gaps = [
+        realism.relative_gap(realism.noise_level(to_u8(s)), true_noise, realism.GAP_FLOORS["noise"])
+        for s in starts
+    ]
+    return starts, ps, gaps
+
+
+def add_picks(rows: dict, picks: dict[str, int], ps: np.ndarray, gaps: np.ndarray, photo: str) -> None:
+    """Record each rule's pick for one photo: its tiles' PSNR and noise gaps ([tiles, bank] arrays)."""
+    for rule, b in picks.items():
+        row = rows.setdefault(rule, {"psnr": [], "noise_gap": [], "picks": []})
+        row["psnr"] += ps[:, b].tolist()
+        row["noise_gap"] += gaps[:, b].tolist()
+        row["picks"].append(f"{photo}: {calibrate.theta_label(BANK[b])}")
+
+
+def summarise(rows: dict) -> dict:
+    return {
+        rule: {
+            "psnr": round(statistics.fmean(r["psnr"]), 3),
+            "noise_gap": round(statistics.fmean(r["noise_gap"]), 3),
+            "picks": r["picks"],
+        }
+        for rule, r in rows.items()
+    }
+
+
 @torch.no_grad()
 def pipeline(folder: Path, ckpt: Path) -> dict:
     net = LRGenerator.from_checkpoint(str(ckpt)).model.degradation.eval()
@@ -79,18 +111,10 @@ def pipeline(folder: Path, ckpt: Path) -> dict:
     for ph, tiles in photos.items():
         ps, gaps, stats = [], [], []
         for hr, lr in tiles:
-            starts = degrade.apply(hr.expand(len(BANK), -1, -1, -1), list(BANK))
-            lr_u8 = to_u8(lr[0])
-            true_noise = realism.noise_level(lr_u8)
-            start_u8 = [to_u8(s) for s in starts]
-            ps.append([psnr(starts[b : b + 1], lr) for b in range(len(BANK))])
-            gaps.append(
-                [
-                    realism.relative_gap(realism.noise_level(s), true_noise, realism.GAP_FLOORS["noise"])
-                    for s in start_u8
-                ]
-            )
-            stats.append(log_stats(start_u8))
+            starts, p, g = bank_scores(hr, lr)
+            ps.append(p)
+            gaps.append(g)
+            stats.append(log_stats([to_u8(s) for s in starts]))
         scored[ph] = (np.array(ps), np.array(gaps), np.median(np.stack(stats), 0))
     out: dict = {"tiles": sum(len(t) for t in photos.values())}
     for refkind in ("eval", "refs_train"):
@@ -112,19 +136,8 @@ def pipeline(folder: Path, ckpt: Path) -> dict:
                     top = by_rank[:m]
                     picks[f"h{m}_s_{name}"] = int(top[np.argmin(cost[top])])
             picks["best_fixed_photo"] = int(ps.mean(0).argmax())
-            for rule, b in picks.items():
-                r = rows.setdefault(rule, {"psnr": [], "noise_gap": [], "picks": []})
-                r["psnr"] += ps[:, b].tolist()
-                r["noise_gap"] += gaps[:, b].tolist()
-                r["picks"].append(f"{ph}: {calibrate.theta_label(BANK[b])}")
-        out[refkind] = {
-            rule: {
-                "psnr": round(statistics.fmean(r["psnr"]), 3),
-                "noise_gap": round(statistics.fmean(r["noise_gap"]), 3),
-                "picks": r["picks"],
-            }
-            for rule, r in rows.items()
-        }
+            add_picks(rows, picks, ps, gaps, ph)
+        out[refkind] = summarise(rows)
     return out
 
 
