@@ -591,13 +591,27 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def _load_demo_photos(names, folder: Path) -> Path:
+    """Make ``folder`` hold exactly the bundled photos ``names`` (``<name>.png``): a photo dropped from
+    ``sr_proxy.photos`` since the last run into this report folder is deleted, so it leaves the SR-proxy
+    training and the folder's listing (``_sr_source_key``) names new datasets. The folder keeps its name,
+    so a photo keeps its URI (its job keys and per-sample seeds) whichever photos are beside it."""
     from pipelines.demo_data import load_photo
 
     folder.mkdir(parents=True, exist_ok=True)
+    wanted = {f"{n}.png" for n in names}
+    for p in folder.iterdir():
+        if p.name in wanted:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
     for n in names:
         p = folder / f"{n}.png"
-        if not p.exists():
-            Image.fromarray(load_photo(n)).save(p)
+        if not p.exists():  # written whole, then renamed: an interrupted run leaves no partial photo
+            tmp = folder / f".{n}.png.tmp"
+            Image.fromarray(load_photo(n)).save(tmp, format="PNG")
+            tmp.replace(p)
     return folder
 
 

@@ -643,3 +643,22 @@ def test_realsr_suffixes_leave_other_names_alone():
         None,
         None,
     ]
+
+
+def test_sr_proxy_demo_folder_follows_the_photo_list(tmp_path):
+    """A photo dropped from `sr_proxy.photos` leaves the SR-proxy training on a re-run into the same
+    report folder, and the training datasets are named anew (the folder's listing changed)."""
+    from pipelines.evaluate_realism import _load_demo_photos, _sr_source_key
+
+    work = tmp_path / "work"
+    folder = work / "_shared" / "sr_hr"
+    _load_demo_photos(["camera", "coins"], folder)
+    both = _sr_source_key("_shared/sr_hr", work)
+    camera = (folder / "camera.png").read_bytes()
+    (folder / ".coins.png.tmp").write_bytes(b"left by an interrupted run")
+    _load_demo_photos(["camera"], folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["camera.png"]
+    assert (folder / "camera.png").read_bytes() == camera  # kept, not rewritten
+    assert _sr_source_key("_shared/sr_hr", work) != both
+    _load_demo_photos(["coins", "camera"], folder)
+    assert _sr_source_key("_shared/sr_hr", work) == both
