@@ -113,6 +113,18 @@ def _images(folder: Path) -> list[Path]:
     return [Path(p) for p in local_image_files(folder)]
 
 
+def _source_images(folder: Path) -> list[Path]:
+    """The image files of ``folder`` as a job lists a ``format: folder`` source (and train.py the
+    adaptation's ``data.lr``): recursively, the default extensions, sorted by path. ``refs_train`` is
+    checked and digested by this listing, so files in its sub-folders count as they do for the jobs."""
+    from pipelines.manifest import IMAGE_EXTENSIONS
+    from pipelines.sources import _ext_ok, _find
+    from pipelines.storage import get_fs
+
+    fs, path = get_fs(str(folder))
+    return [Path(p) for p in sorted(_find(fs, path)) if _ext_ok(p, IMAGE_EXTENSIONS)]
+
+
 def _rgb(path: Path) -> np.ndarray:
     """The job's own decoder (16-bit and palette PNGs scaled, EXIF orientation, the pixel limit);
     raises ``pipelines.sources.ImageError`` naming what is wrong with the file."""
@@ -321,16 +333,18 @@ def prepare_domain(m: EvaluateManifest, d: EvalDomain, work: Path) -> DomainTile
             f"every tile is its own photo group ({len(tiles)}): if some are cut from the same photo, their "
             "references leak; set generation.group_pattern to name the photo"
         )
+    ref_files = _source_images(refs) if refs is not None else []
+    ref_names = [p.relative_to(os.path.abspath(refs)).as_posix() for p in ref_files]  # below refs_train
     if refs is not None:
-        ref_files = _images(refs)
         if not ref_files:
             raise ManifestError(f"domains.{d.name}.refs_train: no image files in {str(refs)!r}")
         bad = []
-        for p in ref_files:  # decoded now, so a folder of broken files fails before any job
+        # decoded now, so a folder of broken files fails before any job
+        for p, name in zip(ref_files, ref_names, strict=True):
             try:
                 _rgb(p)
             except ImageError as exc:
-                bad.append(f"{p.name}: {exc}")
+                bad.append(f"{name}: {exc}")
         if len(bad) == len(ref_files):
             raise ManifestError(
                 f"domains.{d.name}.refs_train: none of its {len(bad)} image files decodes (e.g. {bad[0]})"
@@ -348,8 +362,8 @@ def prepare_domain(m: EvaluateManifest, d: EvalDomain, work: Path) -> DomainTile
         h.update(f"{tl.name}|{tl.group}|".encode())
         h.update(tl.hr.tobytes())
         h.update(tl.lr.tobytes())
-    for p in _images(refs) if refs is not None else []:
-        h.update(p.name.encode())
+    for p, name in zip(ref_files, ref_names, strict=True):  # a file at the top: its name, as before
+        h.update(name.encode())
         h.update(p.read_bytes())
     work = work / f"data-{h.hexdigest()[:12]}"
     root = work / "tiles"

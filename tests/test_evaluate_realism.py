@@ -662,3 +662,34 @@ def test_sr_proxy_demo_folder_follows_the_photo_list(tmp_path):
     assert _sr_source_key("_shared/sr_hr", work) != both
     _load_demo_photos(["coins", "camera"], folder)
     assert _sr_source_key("_shared/sr_hr", work) == both
+
+
+def test_refs_train_is_listed_recursively_as_the_jobs_list_it(tmp_path):
+    """The adaptation and the jobs read refs_train's sub-folders too: so do the check before any work
+    and the work folder's digest (a changed reference in a sub-folder never reuses old datasets)."""
+    from pipelines.evaluate_realism import prepare_domain
+    from pipelines.manifest import SourceSpec
+    from pipelines.sources import list_source
+
+    rng = np.random.default_rng(5)
+    img = lambda h, w: rng.integers(0, 255, (h, w, 3), dtype=np.uint8)  # noqa: E731
+    pairs = {"Canon_001": (img(64, 64), img(16, 16)), "Nikon_002": (img(64, 64), img(16, 16))}
+    m = _realsr_domain(tmp_path, pairs)
+    refs = tmp_path / "d" / "refs_train"
+    (refs / "phoneA").mkdir(parents=True)
+    Image.fromarray(img(16, 16)).save(refs / "phoneA" / "a.png")
+    Image.fromarray(img(16, 16)).save(refs / "phoneA" / "b.JPG", format="JPEG")
+    (refs / "phoneA" / "notes.txt").write_text("not an image")
+    dom = prepare_domain(m, m.domains[0], tmp_path / "w")  # all images in a sub-folder: accepted
+    assert dom.refs_dir == refs
+    # a reference at the top too; then one in the sub-folder changes: a new work folder
+    Image.fromarray(img(16, 16)).save(refs / "top.png")
+    dom = prepare_domain(m, m.domains[0], tmp_path / "w")
+    assert prepare_domain(m, m.domains[0], tmp_path / "w").work == dom.work  # same data, same folder
+    Image.fromarray(img(16, 16)).save(refs / "phoneA" / "a.png")
+    assert prepare_domain(m, m.domains[0], tmp_path / "w").work != dom.work
+    # the listing is the job's
+    from pipelines.evaluate_realism import _source_images
+
+    job = [Path(it.path) for it in list_source(SourceSpec(uri=str(refs)))]
+    assert _source_images(refs) == job and [p.name for p in job] == ["a.png", "b.JPG", "top.png"]
