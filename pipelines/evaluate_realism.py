@@ -101,12 +101,17 @@ class DomainTiles:
 
 
 def group_of(stem: str, pattern: str) -> str:
-    """Photo group of a file stem: regex group 1 (else the whole match, else the stem)."""
+    """Photo group of a file stem: regex group 1 (else the whole match, else the stem).
+
+    The group names a folder and a reference set (``A-Za-z0-9_-``): other characters become ``_``, and
+    a group so changed gets a short hash of its own spelling (``café`` → ``caf_-<8 hex>``), so photos
+    whose names differ only there (``猫``, ``咖啡``; ``café``, ``cafè``) stay distinct groups."""
     mt = re.search(pattern, stem)
-    if not mt:
-        return stem
-    g = mt.group(1) if mt.groups() else mt.group(0)
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", g) or stem
+    g = ((mt.group(1) if mt.groups() else mt.group(0)) if mt else None) or stem
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", g)
+    if safe != g:
+        safe += "-" + hashlib.sha256(g.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return safe
 
 
 def _images(folder: Path) -> list[Path]:

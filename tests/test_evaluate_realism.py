@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import tarfile
 from pathlib import Path
 
@@ -693,3 +694,20 @@ def test_refs_train_is_listed_recursively_as_the_jobs_list_it(tmp_path):
 
     job = [Path(it.path) for it in list_source(SourceSpec(uri=str(refs)))]
     assert _source_images(refs) == job and [p.name for p in job] == ["a.png", "b.JPG", "top.png"]
+
+
+def test_photo_groups_of_non_ascii_names_stay_distinct():
+    """A group names a folder and a reference set (A-Za-z0-9_-): names spelled otherwise are made safe
+    without merging different photos into one group."""
+    from pipelines.evaluate_realism import group_of
+
+    pattern = "^([^_]+)"
+    assert group_of("Canon_001", pattern) == "Canon" and group_of("a-b_c", pattern) == "a-b"  # unchanged
+    cjk = [group_of(s, pattern) for s in ("猫", "咖啡", "火箭", "猫_2")]
+    assert len(set(cjk[:3])) == 3 and cjk[3] == cjk[0]  # three photos; 猫_2 is 猫's
+    latin = [group_of(s, pattern) for s in ("café_001", "cafè_002", "caf__003", "caf _004")]
+    assert len(set(latin)) == 4, latin
+    for g in cjk + latin:
+        assert re.fullmatch(r"[A-Za-z0-9_-]+", g), g
+    assert group_of("caf_", "^(x*)") == "caf_"  # an empty group: the stem
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", group_of("été 1", "^(x?)"))  # the stem, made safe too
