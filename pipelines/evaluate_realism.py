@@ -130,6 +130,26 @@ def _source_images(folder: Path) -> list[Path]:
     return [Path(p) for p in sorted(_find(fs, path)) if _ext_ok(p, IMAGE_EXTENSIONS)]
 
 
+def _below(path: Path, root: Path) -> str:
+    """``path``'s name below the folder ``root`` (``a.png``, ``phoneA/a.png``)."""
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def _utf8_named(files: list[Path], root: Path, what: str, notes: list[str]) -> list[Path]:
+    """``files`` less those whose names below ``root`` are not valid UTF-8, with a note. The job's
+    lister leaves such files out (``pipelines.sources``): they cannot be keyed, recorded or shown, and
+    the tile name or digest of one stopped the evaluation."""
+    from pipelines.sources import _is_utf8
+
+    bad = [n for n in (_below(p, root) for p in files) if not _is_utf8(n)]
+    if bad:
+        notes.append(
+            f"{what}: {len(bad)} file(s) left out, their names are not valid UTF-8 (e.g. {ascii(bad[0])}); "
+            "rename them to include them"
+        )
+    return [p for p in files if _is_utf8(_below(p, root))]
+
+
 def _rgb(path: Path) -> np.ndarray:
     """The job's own decoder (16-bit and palette PNGs scaled, EXIF orientation, the pixel limit);
     raises ``pipelines.sources.ImageError`` naming what is wrong with the file."""
@@ -274,6 +294,8 @@ def prepare_domain(m: EvaluateManifest, d: EvalDomain, work: Path) -> DomainTile
         layout = "realsr"
         lr_files = [p for p in hr_files if _is_lr_name(p.stem)]
         hr_files = [p for p in hr_files if not _is_lr_name(p.stem)]
+    hr_files = _utf8_named(hr_files, hr_dir, "HR", notes)
+    lr_files = _utf8_named(lr_files, lr_dir, "LR", notes)
     if layout == "explicit" and not {p.stem for p in hr_files} & {p.stem for p in lr_files}:
         # `hr`/`lr` named folders whose files carry RealSR/DIV2K suffixes (DRealSR's test_HR/test_LR)
         layout = "realsr"
@@ -338,11 +360,12 @@ def prepare_domain(m: EvaluateManifest, d: EvalDomain, work: Path) -> DomainTile
             f"every tile is its own photo group ({len(tiles)}): if some are cut from the same photo, their "
             "references leak; set generation.group_pattern to name the photo"
         )
-    ref_files = _source_images(refs) if refs is not None else []
-    ref_names = [p.relative_to(os.path.abspath(refs)).as_posix() for p in ref_files]  # below refs_train
+    ref_files = _utf8_named(_source_images(refs), refs, "refs_train", notes) if refs is not None else []
+    ref_names = [_below(p, refs) for p in ref_files]  # the digest's names: below refs_train
     if refs is not None:
         if not ref_files:
-            raise ManifestError(f"domains.{d.name}.refs_train: no image files in {str(refs)!r}")
+            why = f" ({notes[-1]})" if notes and notes[-1].startswith("refs_train:") else ""
+            raise ManifestError(f"domains.{d.name}.refs_train: no image files in {str(refs)!r}{why}")
         bad = []
         # decoded now, so a folder of broken files fails before any job
         for p, name in zip(ref_files, ref_names, strict=True):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import tarfile
 from pathlib import Path
@@ -711,3 +712,35 @@ def test_photo_groups_of_non_ascii_names_stay_distinct():
         assert re.fullmatch(r"[A-Za-z0-9_-]+", g), g
     assert group_of("caf_", "^(x*)") == "caf_"  # an empty group: the stem
     assert re.fullmatch(r"[A-Za-z0-9_-]+", group_of("été 1", "^(x?)"))  # the stem, made safe too
+
+
+def test_files_whose_names_are_not_utf8_are_left_out_with_a_note(tmp_path):
+    """As the job's lister does (pipelines.sources): such a name cannot be keyed, recorded or shown.
+    It stopped the evaluation with a UnicodeEncodeError (tile name / refs_train digest)."""
+    from pipelines.evaluate_realism import prepare_domain
+    from pipelines.manifest import SourceSpec
+    from pipelines.sources import list_source
+
+    rng = np.random.default_rng(6)
+    img = lambda h, w: rng.integers(0, 255, (h, w, 3), dtype=np.uint8)  # noqa: E731
+    pairs = {"Canon_001": (img(64, 64), img(16, 16)), "Nikon_002": (img(64, 64), img(16, 16))}
+    m = _realsr_domain(tmp_path, pairs)
+    d = tmp_path / "d"
+    latin1 = os.fsdecode(b"caf\xe9_003")  # a Latin-1 name: surrogate escapes once decoded
+    Image.fromarray(img(64, 64)).save(d / "HR" / f"{latin1}_HR.png")
+    Image.fromarray(img(16, 16)).save(d / "LR" / f"{latin1}_LR4.png")
+    (d / "refs_train" / "phoneA").mkdir(parents=True)
+    Image.fromarray(img(16, 16)).save(d / "refs_train" / "ok.png")
+    Image.fromarray(img(16, 16)).save(d / "refs_train" / "phoneA" / f"{latin1}.png")
+    dom = prepare_domain(m, m.domains[0], tmp_path / "w")
+    assert sorted(t.group for t in dom.tiles) == ["Canon", "Nikon"]
+    for what, name in (("HR", "caf\\udce9_003_HR.png"), ("LR", "caf\\udce9_003_LR4.png")):
+        note = f"{what}: 1 file(s) left out, their names are not valid UTF-8 (e.g. '{name}'); rename them"
+        assert any(n.startswith(note) for n in dom.notes), dom.notes
+    assert any(n.startswith("refs_train: 1 file(s) left out") and "phoneA/caf" in n for n in dom.notes)
+    json.dumps(dom.notes).encode("utf-8")  # the notes go into report.json / report.md
+    # the job reads the same references
+    assert [Path(it.path).name for it in list_source(SourceSpec(uri=str(d / "refs_train")))] == ["ok.png"]
+    (d / "refs_train" / "ok.png").unlink()
+    with pytest.raises(ManifestError, match="refs_train: no image files in .* not valid UTF-8"):
+        prepare_domain(m, m.domains[0], tmp_path / "w")
