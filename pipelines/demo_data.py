@@ -44,13 +44,45 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "calibration": ("motorcycle_right", "gravel", "moon", "camera", "brick", "grass", "coins", "clock"),
 }
 
+# Every photo `load_photo` gives: scikit-image's bundled pictures (no download; 2-D, 8-bit or binary).
+# `sr_proxy.photos` of an evaluate manifest is checked against these names.
+PHOTOS: tuple[str, ...] = (
+    "astronaut",
+    "brick",
+    "camera",
+    "cat",
+    "cell",
+    "checkerboard",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "colorwheel",
+    "grass",
+    "gravel",
+    "horse",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "logo",
+    "microaneurysms",
+    "moon",
+    "motorcycle_left",
+    "motorcycle_right",
+    "page",
+    "retina",
+    "rocket",
+    "text",
+)
+
 _LAYOUT_VERSION = 2
 
 
 def load_photo(name: str) -> np.ndarray:
-    """One bundled photo as uint8 RGB [H, W, 3]."""
+    """One bundled photo (a name in ``PHOTOS``) as uint8 RGB [H, W, 3]."""
     from skimage import data
 
+    if name not in PHOTOS:  # not any attribute of skimage.data: some download, some are not images
+        raise ValueError(f"unknown demo photo {name!r} (known: {', '.join(PHOTOS)})")
     if name in ("motorcycle_left", "motorcycle_right"):
         left, right, _ = data.stereo_motorcycle()
         img = left if name == "motorcycle_left" else right

@@ -1176,7 +1176,7 @@ class EvalSRProxy(StrictModel):
     photos: tuple[str, ...] = Field(
         ("motorcycle_left", "motorcycle_right", "camera", "brick", "grass", "gravel", "moon", "clock"),
         min_length=1,
-        description="Bundled scikit-image photos (pipelines/demo_data.load_photo) used when `hr` is None.",
+        description="Bundled scikit-image photos (pipelines/demo_data.PHOTOS) used when `hr` is None.",
     )
     tiles_per_image: int = Field(2, ge=1, le=10_000, description="Training tiles per HR image.")
     steps: int = Field(300, ge=1, le=10**6, description="Adam steps per generator.")
@@ -1188,6 +1188,16 @@ class EvalSRProxy(StrictModel):
     repeats: int = Field(
         1, ge=1, le=100, description="Seeded repeats per generator, averaged (report gives the spread)."
     )
+
+    @field_validator("photos")
+    @classmethod
+    def _known_photos(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from pipelines.demo_data import PHOTOS
+
+        unknown = [n for n in v if n not in PHOTOS]
+        if unknown:
+            raise ValueError(f"unknown photo(s) {unknown}; the bundled photos are {', '.join(PHOTOS)}")
+        return v
 
 
 class EvalLearnedMetrics(StrictModel):

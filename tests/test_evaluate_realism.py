@@ -312,6 +312,11 @@ def test_cli_dispatches_manifest_and_reports_bad_paths(tmp_path, bench, tiny_ckp
     assert "no hr/+lr/ or HR/+LR/" in capsys.readouterr().err
     assert main([str(p), "--set", "checkpoint=/nope.safetensors"]) == 2
     assert "checkpoint: file not found" in capsys.readouterr().err
+    assert main([str(p), "--set", "sr_proxy.photos=[camra]"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: invalid manifest") and "\n  sr_proxy.photos: unknown photo(s) ['camra']" in err
+    )
 
 
 def _realsr_domain(tmp_path, pairs: dict[str, tuple[np.ndarray, np.ndarray]], **generation):

@@ -243,3 +243,27 @@ def test_digest_marks_the_tau_zero_rule():
     assert digest((0, 5)) != "40e8154ae710d1ffe0dc71334cdafcc7d3fa5afb194100038a1bc066ccb11cf1"  # before
     assert digest((1, 5)) == "ab1290f99d7b83e225fa9f262f9e278e0ad54aa0531ea16daa74972e6f0f196b"  # unchanged
     assert digest((0, 5)) != digest((1, 5))
+
+
+def test_evaluate_sr_proxy_photos_are_known_demo_photos():
+    """A typo in sr_proxy.photos is a manifest error naming the key, not a traceback from
+    pipelines/demo_data.py once the evaluation has started."""
+    data = {
+        "kind": "evaluate",
+        "root": "bench",
+        "domains": [{"name": "d"}],
+        "generation": {"generators": ["bicubic"]},
+        "report": {"dir": "out"},
+    }
+    assert parse_manifest({**data, "sr_proxy": {"photos": ["camera", "motorcycle_left"]}})
+    with pytest.raises(ManifestError, match=r"sr_proxy.photos: unknown photo\(s\) \['camra'\]; the bundled"):
+        parse_manifest({**data, "sr_proxy": {"photos": ["camera", "camra"]}})
+    with pytest.raises(ManifestError, match=r"sr_proxy.photos: unknown photo\(s\) \['download_all'\]"):
+        parse_manifest(apply_overrides(data, ["sr_proxy.photos=[download_all]"]))  # skimage.data, not a photo
+    # the default list and the demo splits are all known; load_photo refuses the others
+    from pipelines.demo_data import PHOTOS, SPLITS, load_photo
+    from pipelines.manifest import EvalSRProxy
+
+    assert set(EvalSRProxy().photos) <= set(PHOTOS) and {n for s in SPLITS.values() for n in s} <= set(PHOTOS)
+    with pytest.raises(ValueError, match="unknown demo photo 'download_all'"):
+        load_photo("download_all")
