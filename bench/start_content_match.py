@@ -69,24 +69,30 @@ def rank_choice(per_ref: torch.Tensor, w: torch.Tensor) -> int:
     return min(range(per_ref.shape[0]), key=lambda b: (round(float(mean_rank[b]), 9), float(errors[b]), b))
 
 
+def job_errors(e: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Tiles' embeddings [T, B, D] against references [M, D] → the job's mean squared error [T, B, M]."""
+    return (e.pow(2).sum(-1)[..., None] - 2 * e @ r.T + r.pow(2).sum(1)) / r.shape[1]
+
+
 @torch.no_grad()
-def pipeline(folder: Path, ckpt: Path) -> dict:
+def embedding_study(folder: Path, ckpt: Path, rules) -> dict:
+    """Score start rules on one pipeline: ``rules(tiles, e, r, w, refs)`` → ``{rule: bank index}``,
+    from the photo's tiles' embeddings ``e`` [T, B, D] of every start, the references' ``r`` [M, D]
+    and their weights ``w``; ``job`` (checked equal to ``domain_start_profile``'s choice) and
+    ``best_fixed_photo`` are added."""
     net = LRGenerator.from_checkpoint(str(ckpt)).model.degradation.eval()
     photos = codec_pipeline(folder)
     train = [load(p) for p in sorted((folder / "refs_train").glob("*.png"))]
-    scored, tile_emb, tile_desc = {}, {}, {}
+    scored, tile_emb = {}, {}
     for ph, tiles in photos.items():
-        ps, gaps, embs, descs = [], [], [], []
+        ps, gaps, embs = [], [], []
         for hr, lr in tiles:
             starts, p, g = bank_scores(hr, lr)
             ps.append(p)
             gaps.append(g)
             embs.append(net(starts).double())  # [B, D]
-            small = F.interpolate(hr, size=lr.shape[-2:], mode="bicubic", antialias=True).clamp(0, 1)
-            descs.append(scene_descriptor(small))
         scored[ph] = (np.array(ps), np.array(gaps))
         tile_emb[ph] = torch.stack(embs)  # [T, B, D]
-        tile_desc[ph] = np.stack(descs)
     out: dict = {"tiles": sum(len(t) for t in photos.values())}
     for refkind in ("eval", "refs_train"):
         rows: dict[str, dict[str, list]] = {}
@@ -95,34 +101,50 @@ def pipeline(folder: Path, ckpt: Path) -> dict:
             r = embed(net, refs).double()
             w = calibrate.reference_weights(r, embed(net, [calibrate.weight_probe(x) for x in refs]))
             w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1 / len(w))
-            e = tile_emb[ph]  # [T, B, D]
-            err = (e.pow(2).sum(-1)[..., None] - 2 * e @ r.T + r.pow(2).sum(1)) / r.shape[1]  # [T, B, M]
+            e = tile_emb[ph]
             job = calibrate.domain_start_profile(
                 net, [hr[0] for hr, _ in tiles], r.float(), BANK, ref_weights=w
             )["chosen"]
-            picks = {"job": rank_choice(err.mean(0), w)}
+            picks = {"job": rank_choice(job_errors(e, r).mean(0), w)}
             if picks["job"] != job:
                 raise AssertionError(
                     f"{folder.name}/{ph}: re-computed rule picked {picks['job']}, the job {job}"
                 )
-            d_tiles = tile_desc[ph]
-            d_refs = np.stack([scene_descriptor(x) for x in refs])
-            both = np.concatenate([d_tiles, d_refs])
-            scale = both.std(0) + 1e-9
-            dist = np.linalg.norm((d_tiles[:, None] - d_refs[None]) / scale, axis=-1)  # [T, M]
-            order = np.argsort(dist, axis=0, kind="stable")  # tiles nearest each reference first
-            for k in NEAR:
-                kk = min(k, len(tiles))
-                mask = torch.zeros(len(tiles), r.shape[0], dtype=torch.float64)
-                for m in range(r.shape[0]):
-                    mask[order[:kk, m], m] = 1.0 / kk
-                per_ref = (err * mask[:, None, :]).sum(0)  # [B, M]
-                picks[f"near{k}"] = rank_choice(per_ref, w)
+            picks.update(rules(tiles, e, r, w, refs))
             ps, gaps = scored[ph]
             picks["best_fixed_photo"] = int(ps.mean(0).argmax())
             add_picks(rows, picks, ps, gaps, ph)
         out[refkind] = summarise(rows)
     return out
+
+
+def content_rules(tiles, e, r, w, refs) -> dict[str, int]:
+    """``near<k>``: each reference ranks the bank by its mean error over its k nearest tiles only."""
+    err = job_errors(e, r)  # [T, B, M]
+    d_tiles = np.stack(
+        [
+            scene_descriptor(
+                F.interpolate(hr, size=lr.shape[-2:], mode="bicubic", antialias=True).clamp(0, 1)
+            )
+            for hr, lr in tiles
+        ]
+    )
+    d_refs = np.stack([scene_descriptor(x) for x in refs])
+    scale = np.concatenate([d_tiles, d_refs]).std(0) + 1e-9
+    dist = np.linalg.norm((d_tiles[:, None] - d_refs[None]) / scale, axis=-1)  # [T, M]
+    order = np.argsort(dist, axis=0, kind="stable")  # tiles nearest each reference first
+    picks = {}
+    for k in NEAR:
+        kk = min(k, len(tiles))
+        mask = torch.zeros(len(tiles), r.shape[0], dtype=torch.float64)
+        for m in range(r.shape[0]):
+            mask[order[:kk, m], m] = 1.0 / kk
+        picks[f"near{k}"] = rank_choice((err * mask[:, None, :]).sum(0), w)
+    return picks
+
+
+def pipeline(folder: Path, ckpt: Path) -> dict:
+    return embedding_study(folder, ckpt, content_rules)
 
 
 def main() -> None:

@@ -26,27 +26,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from start_bank_ablation import codec_pipeline, embed, load  # noqa: E402
-from start_content_match import rank_choice  # noqa: E402
-from start_stats_rule import add_picks, bank_scores, study_main, summarise  # noqa: E402
+from start_content_match import embedding_study, job_errors, rank_choice  # noqa: E402
+from start_stats_rule import study_main  # noqa: E402
 
 from realdgen_core import calibrate  # noqa: E402
-from realdgen_core.generator import LRGenerator  # noqa: E402
 
 BANK = calibrate.start_bank(4)
 KS = (1, 2, 4, 8, 16, 32)
 ALPHAS = (0.05, 0.2, 0.5)
-
-
-def errors(e: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Tiles' embeddings [T, B, D] against references [M, D] → the job's mean squared error [T, B, M]."""
-    return (e.pow(2).sum(-1)[..., None] - 2 * e @ r.T + r.pow(2).sum(1)) / r.shape[1]
 
 
 def scene_basis(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,52 +59,20 @@ def whiten(x: torch.Tensor, u: torch.Tensor, var: torch.Tensor, shrink: float) -
     return (x - c @ u.T) / (shrink * iso) ** 0.5 + (c / ((1 - shrink) * var + shrink * iso).sqrt()) @ u.T
 
 
-@torch.no_grad()
+def projection_rules(tiles, e, r, w, refs) -> dict[str, int]:
+    u, var = scene_basis(e)
+    picks = {}
+    for k in KS:
+        picks[f"proj{k}"] = rank_choice(
+            job_errors(project_out(e, u[:, :k]), project_out(r, u[:, :k])).mean(0), w
+        )
+    for a in ALPHAS:
+        picks[f"whiten{a}"] = rank_choice(job_errors(whiten(e, u, var, a), whiten(r, u, var, a)).mean(0), w)
+    return picks
+
+
 def pipeline(folder: Path, ckpt: Path) -> dict:
-    net = LRGenerator.from_checkpoint(str(ckpt)).model.degradation.eval()
-    photos = codec_pipeline(folder)
-    train = [load(p) for p in sorted((folder / "refs_train").glob("*.png"))]
-    scored, tile_emb = {}, {}
-    for ph, tiles in photos.items():
-        ps, gaps, embs = [], [], []
-        for hr, lr in tiles:
-            starts, p, g = bank_scores(hr, lr)
-            ps.append(p)
-            gaps.append(g)
-            embs.append(net(starts).double())
-        scored[ph] = (np.array(ps), np.array(gaps))
-        tile_emb[ph] = torch.stack(embs)  # [T, B, D]
-    out: dict = {"tiles": sum(len(t) for t in photos.values())}
-    for refkind in ("eval", "refs_train"):
-        rows: dict[str, dict[str, list]] = {}
-        for ph, tiles in photos.items():
-            refs = [lr for q in photos if q != ph for _, lr in photos[q]] if refkind == "eval" else train
-            r = embed(net, refs).double()
-            w = calibrate.reference_weights(r, embed(net, [calibrate.weight_probe(x) for x in refs]))
-            w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1 / len(w))
-            e = tile_emb[ph]
-            job = calibrate.domain_start_profile(
-                net, [hr[0] for hr, _ in tiles], r.float(), BANK, ref_weights=w
-            )["chosen"]
-            picks = {"job": rank_choice(errors(e, r).mean(0), w)}
-            if picks["job"] != job:
-                raise AssertionError(
-                    f"{folder.name}/{ph}: re-computed rule picked {picks['job']}, the job {job}"
-                )
-            u, var = scene_basis(e)
-            for k in KS:
-                picks[f"proj{k}"] = rank_choice(
-                    errors(project_out(e, u[:, :k]), project_out(r, u[:, :k])).mean(0), w
-                )
-            for a in ALPHAS:
-                picks[f"whiten{a}"] = rank_choice(
-                    errors(whiten(e, u, var, a), whiten(r, u, var, a)).mean(0), w
-                )
-            ps, gaps = scored[ph]
-            picks["best_fixed_photo"] = int(ps.mean(0).argmax())
-            add_picks(rows, picks, ps, gaps, ph)
-        out[refkind] = summarise(rows)
-    return out
+    return embedding_study(folder, ckpt, projection_rules)
 
 
 def main() -> None:

@@ -827,11 +827,11 @@ class RunLock:
             if holder is None:
                 return
         raise LockError(
-                f"{self.store.uri} is being written by another live job "
-                f"(host {holder.get('host')}, pid {holder.get('pid')}, heartbeat "
-                f"{time.time() - float(holder.get('heartbeat', 0)):.0f}s ago); "
-                f"wait for it or remove {LOCK_NAME} if it is dead"
-            )
+            f"{self.store.uri} is being written by another live job "
+            f"(host {holder.get('host')}, pid {holder.get('pid')}, heartbeat "
+            f"{time.time() - float(holder.get('heartbeat', 0)):.0f}s ago); "
+            f"wait for it or remove {LOCK_NAME} if it is dead"
+        )
 
     def _watch(self, holder: dict) -> dict | None:
         """``holder`` if it proves alive (its heartbeat moves), None once it is stale or gone."""
