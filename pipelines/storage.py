@@ -325,15 +325,15 @@ def task_error_message(exc: BaseException, cls: type[BaseException]) -> str | No
     """The message of a ``cls`` error raised in a Ray task, from what reaches the driver: Ray Data
     hands the driver a ``RayTaskError(UserCodeException)`` that keeps only the remote error's
     text (``…\nStorageAccessError: message``), so the last such line is taken. None if absent."""
-    for e in _chain(exc):
-        if isinstance(e, cls):
-            return str(e)
     mark = f"{cls.__name__}: "
-    text = str(exc)
-    at = text.rfind(mark)
-    if at < 0:
-        return None
-    return text[at + len(mark) :].split("\n", 1)[0].strip() or None
+    for e in _chain(exc):
+        text = str(e)
+        at = text.rfind(mark)
+        if at >= 0:  # a Ray wrapper's text (ray.get's is also an instance of cls): its last line
+            return text[at + len(mark) :].split("\n", 1)[0].strip() or None
+        if isinstance(e, cls):
+            return text
+    return None
 
 
 def retry_budget_s() -> float:

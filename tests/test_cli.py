@@ -43,4 +43,7 @@ def test_missing_s3_credentials_is_a_clear_error_not_a_traceback(tmp_path, capsy
     )
     assert main(["generate", str(m), "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert "error: no S3 credentials" in err and "AWS_ACCESS_KEY_ID" in err and "Traceback" not in err
+    assert err.startswith("error: checking s3://b/m.safetensors: no S3 credentials"), (
+        err
+    )  # names what it read
+    assert "AWS_ACCESS_KEY_ID" in err and "Traceback" not in err and len(err.splitlines()) == 1
