@@ -836,7 +836,8 @@ class RunLock:
     def _watch(self, holder: dict) -> dict | None:
         """``holder`` if it proves alive (its heartbeat moves), None once it is stale or gone."""
         beat = holder.get("heartbeat")
-        deadline = float(beat or 0) + self.stale_s
+        # at most stale_s from now, also for a heartbeat stamped ahead of this clock (skew)
+        deadline = min(float(beat or 0), time.time()) + self.stale_s
         log.warning(
             "%s: %s is held by host %s (heartbeat %.0f s ago); watching it for up to %.0f s to tell a "
             "live job from one whose machine is gone",
