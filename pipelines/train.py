@@ -658,6 +658,28 @@ class TrainContext:
         return digest
 
 
+def _exported_state(uri: str, storage: dict, digest: str, completed: list[str]) -> str | None:
+    """The digest of the model at ``output.checkpoint`` when it is this run's finished export, else
+    None (it must be exported again). A run stopped between its last state checkpoint and the final
+    export leaves a mid-phase export there (``partial``), or one of an earlier manifest; a run that
+    then finds nothing left to train used to keep it as the result."""
+    from pipelines.storage import fetch_to_local
+    from realdgen_core.checkpoint import CheckpointError, inspect_checkpoint
+
+    try:
+        _, meta, _ = inspect_checkpoint(fetch_to_local(uri, storage))
+    except (CheckpointError, OSError, ValueError):
+        return None
+    if meta.get("partial") or meta.get("manifest_digest") != digest or meta.get("completed") != completed:
+        print(
+            f"[train] {uri} is not this run's finished model "
+            f"({meta.get('partial') or 'another manifest or phase list'}): exported again",
+            file=sys.stderr,
+        )
+        return None
+    return meta.get("digest")
+
+
 # --------------------------------------------------------------------------------------------
 # One worker's training (local: the only worker; Ray: each TorchTrainer worker)
 # --------------------------------------------------------------------------------------------
@@ -771,15 +793,15 @@ def run_worker(
     if ctx.completed and rank == 0 and m.output.checkpoint:
         storage = m.storage.model_dump()
         fs, path = get_fs(m.output.checkpoint, storage)
-        if timings or not fs.exists(path):
+        current = None
+        if not timings and fs.exists(path):
+            current = _exported_state(m.output.checkpoint, storage, digest, ctx.completed)
+        if current is None:
             digest_out = ctx.export()
         else:
             # Nothing trained now: the model was exported when its last phase finished, and writing
             # it again would drop what `--calibrate-only` has recorded in it since.
-            from pipelines.storage import fetch_to_local
-            from realdgen_core.checkpoint import checkpoint_digest
-
-            digest_out = checkpoint_digest(fetch_to_local(m.output.checkpoint, storage))
+            digest_out = current
     skipped = Counter()
     for s in samplers["sources"]:
         skipped.update({f"{s.name}: {k}": v for k, v in s.skipped.items()})

@@ -242,3 +242,11 @@ def test_running_a_finished_training_again_keeps_what_calibrate_only_recorded(tm
     assert again["model_digest"] == first["model_digest"] == checkpoint_digest(out)
     out.unlink()
     assert T.train_worker(m, ("C",))["model_digest"] == first["model_digest"] and out.exists()
+    # a run stopped between its last state checkpoint and the final export leaves a mid-phase export
+    # (or a stale one) there: the finished model is exported again, byte for byte the first one
+    for stale in ({"partial": "diffusion at step 0/1"}, {"manifest_digest": "0" * 64}):
+        meta = {k: v for k, v in load_checkpoint(out)[1].items() if k != "digest"} | stale
+        save_checkpoint(out, model, meta)
+        again = T.train_worker(m, ("C",))
+        assert again["model_digest"] == first["model_digest"] == checkpoint_digest(out), stale
+        assert "partial" not in load_checkpoint(out)[1]
