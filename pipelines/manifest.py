@@ -842,7 +842,7 @@ class TrainStageC(_StageSection):
     )
     degradation_trainable: Literal["last_conv", "all", "none"] = Field(
         _DiffusionCfg.degradation_trainable,
-        description="Part of E_deg fine-tuned (paper: its last conv; `all` for domain adaptation).",
+        description="Part of E_deg fine-tuned (paper: its last conv; manifests/adapt.yaml: `none`).",
     )
     grad_clip: float = Field(_DiffusionCfg.grad_clip, ge=0, description="Max grad norm (0: off).")
 

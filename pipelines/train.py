@@ -47,7 +47,8 @@ if __package__ in (None, ""):  # `python pipelines/train.py`: make the repo root
 
 from pipelines.manifest import ManifestError, TrainManifest, load_manifest, manifest_digest
 from pipelines.sources import ImageError, SourceError, SourceItem, list_source, load_image, name_below_root
-from pipelines.storage import get_fs, join_uri
+from pipelines.storage import StorageAccessError, get_fs, join_uri
+from realdgen_core.checkpoint import CheckpointError
 from realdgen_core.train import PHASES, STAGES, Hook, Phase, run_phase
 from realdgen_core.train.data import (
     CameraLRSampler,
@@ -68,6 +69,11 @@ SUMMARY = "summary.json"  # written by rank 0 of a Ray Train run
 
 
 CACHE_MAX_BYTES = 2 << 30  # decoded images kept per sampler (and per DataLoader worker), at most
+
+
+class DataError(ValueError):
+    """A source has no image the run can use (all broken or smaller than the crop): the user's data,
+    reported as one ``error:`` line."""
 
 
 class SourceCropSampler:
@@ -123,7 +129,7 @@ class SourceCropSampler:
         small = self.small.setdefault(size, set())
         while len(out) < n:
             if len(self.bad | small) >= len(self.items):
-                raise ValueError(
+                raise DataError(
                     f"{self.name}: no usable image of at least {size}x{size} "
                     f"({len(self.bad)} broken, {len(small)} too small)"
                 )
@@ -199,7 +205,32 @@ def build_samplers(
     return {"hr": hr, "lr": lr, "sources": made}
 
 
-def check_sources(m: TrainManifest, stages: Sequence[str], calibrate: bool) -> Listings:
+def check_outputs(m: TrainManifest) -> None:
+    """``output.checkpoint`` and ``output.run_dir`` on a local disk must be writable where they are
+    named: neither may be (or lie under) a file, nor the checkpoint a folder. Checked before any
+    training (found at the first export, the training done was lost to a run folder the corrected
+    manifest could not resume)."""
+    for key, uri, folder in (
+        ("output.checkpoint", m.output.checkpoint, False),
+        ("output.run_dir", m.output.run_dir, True),
+    ):
+        if not uri or "://" in uri and not uri.startswith("file://"):
+            continue
+        path = Path(os.path.expanduser(uri.removeprefix("file://"))).absolute()
+        if path.is_dir() and not folder:
+            raise ManifestError(f"{key}: {uri!r} is a folder; name the .safetensors file to write")
+        if path.exists() and not path.is_dir() and folder:
+            raise ManifestError(f"{key}: {uri!r} is a file, not a folder")
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ManifestError(f"{key}: {uri!r} lies under {str(parent)!r}, which is a file")
+                break
+
+
+def check_sources(
+    m: TrainManifest, stages: Sequence[str], calibrate: bool, calibrate_only: bool = False
+) -> Listings:
     """List every image source this run will read, before any work: a missing, unreadable or empty
     one is a :class:`ManifestError` naming its manifest key (not a worker's traceback later).
     Returns the listings, for the training and calibration of this process."""
@@ -221,7 +252,7 @@ def check_sources(m: TrainManifest, stages: Sequence[str], calibrate: bool) -> L
     for key, spec in used:
         try:
             items = listed(spec, storage, listings)
-        except (SourceError, OSError, ValueError) as exc:
+        except (SourceError, OSError, ValueError, StorageAccessError) as exc:
             raise ManifestError(f"{key}: cannot list {spec.uri}: {exc}") from None
         if not items:
             exts = ", ".join(spec.extensions)
@@ -229,11 +260,24 @@ def check_sources(m: TrainManifest, stages: Sequence[str], calibrate: bool) -> L
         if key in split:
             train, val = calibration_split(items, m.calibration.val_fraction, spec.uri)
             side = "validation" if not val else "training" if stage_c and not train else None
+            off = "" if calibrate_only else " or set calibration.enabled=false"
             if side:
                 raise ManifestError(
                     f"{key}: the calibration's {side} split of {spec.uri} is empty ({len(items)} image(s), "
                     f"calibration.val_fraction {m.calibration.val_fraction}); add images (two or more put "
-                    "one on each side) or set calibration.enabled=false"
+                    f"one on each side){off}"
+                )
+            reasons = []
+            for item in val:  # the first that decodes is enough: the calibration skips the others
+                try:
+                    load_image(item, storage, max_pixels=m.data.max_image_pixels)
+                    break
+                except ImageError as exc:
+                    reasons.append(f"{item.uri}: {exc.reason}")
+            else:
+                raise ManifestError(
+                    f"{key}: none of the {len(val)} image(s) of the calibration's validation split of "
+                    f"{spec.uri} decodes (e.g. {reasons[0]}); replace them{off}"
                 )
     return listings
 
@@ -263,7 +307,7 @@ def _validation_images(
         sampler = SourceCropSampler(items, storage, 0, m.data.max_image_pixels, f"data.lr[{i}]")
         readable += [(sampler, it) for it in range(len(items)) if sampler._image(it) is not None]
     if not readable:
-        raise ValueError("calibration: the validation split of data.lr holds no readable image")
+        raise DataError("calibration: the validation split of data.lr holds no readable image")
     return readable
 
 
@@ -738,7 +782,9 @@ def run_worker(
         if latest["manifest_digest"] != digest:
             raise ManifestError(
                 f"output.run_dir {m.output.run_dir!r} holds a run of another manifest "
-                f"(digest {latest['manifest_digest'][:12]}…); use a new run_dir"
+                f"(digest {latest['manifest_digest'][:12]}…; every setting but compute, progress and "
+                "storage counts, output paths and source spellings too); resume with that manifest "
+                "as it was, or use a new run_dir"
             )
         state = store.load(latest["checkpoint"], model)
         completed, index = list(state["completed"]), int(state["index"])
@@ -926,11 +972,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if m.data.prepare_demo:
         prepare_demo(m.data.prepare_demo, m.scale)
     try:
-        listings = check_sources(m, stages, args.calibrate_only or m.calibration.enabled)
+        check_outputs(m)
+        listings = check_sources(
+            m, stages, args.calibrate_only or m.calibration.enabled, calibrate_only=args.calibrate_only
+        )
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.calibrate_only:
+    try:
+        return _run(m, stages, args.calibrate_only, device, listings)
+    except (ManifestError, CheckpointError, StorageAccessError, DataError) as exc:
+        # found once the run reads them: a run folder of another manifest, a bad init_checkpoint,
+        # storage refusing the credentials, a source with no usable image
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(m: TrainManifest, stages, calibrate_only: bool, device, listings: Listings) -> int:
+    if calibrate_only:
         m = m.model_copy(update={"calibration": m.calibration.model_copy(update={"enabled": True})})
         try:
             TrainManifest.model_validate(m.model_dump())

@@ -130,3 +130,66 @@ output: {{run_dir: {run_dir}, checkpoint: {out}}}
     err = capsys.readouterr().err
     assert "data.lr.0.source: the calibration's validation split" in err and "1 image(s)" in err, err
     assert not run_dir.exists() and not out.exists()
+
+
+def test_adapt_errors_found_before_or_during_the_run_are_one_line_and_nothing_is_trained(tmp_path, capsys):
+    """A user's mistakes, each one `error:` line with exit 2 (they were tracebacks, exit 1, some after
+    training had run): an output checkpoint that is a folder or lies under a file (found at the first
+    export, the training lost), a validation split whose every file is broken (found after stage C),
+    a truncated init_checkpoint, and a source whose every image is smaller than the crop."""
+    from pipelines import train as T
+    from realdgen_core.calibrate import split_validation
+
+    lr = tmp_path / "lr"
+    lr.mkdir()
+    names = [f"p{i}.png" for i in range(6)]
+    val = set(split_validation(names, 0.25)[1])
+    assert val and len(val) < len(names)
+    for i, n in enumerate(names):
+        if i in val:
+            (lr / n).write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+        else:
+            Image.new("RGB", (96, 96), (i * 30, 90, 120)).save(lr / n)
+    run_dir = tmp_path / "run"
+    path = tmp_path / "adapt.yaml"
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "realdgen-small-x4.safetensors"
+
+    def run(out, *extra, init=ckpt, source=lr, calibration="{enabled: false}"):
+        path.write_text(
+            f"kind: train\ninit_checkpoint: {init}\nstages: [C]\n"
+            f"data:\n  lr: [{{kind: images, source: {{uri: {source}}}}}]\n"
+            f"stage_c: {{steps: 1, batch_size: 1, lr_crop: 32}}\n"
+            f"calibration: {calibration}\n"
+            f"output: {{run_dir: {run_dir}, checkpoint: {out}}}\n"
+        )
+        rc = T.main([str(path), *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and "Traceback" not in err, (rc, err[-2000:])
+        return err
+
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    err = run(folder)
+    assert "output.checkpoint: " in err and "is a folder" in err, err
+    assert "lies under" in run(lr / names[0] / "out.safetensors")
+    assert not run_dir.exists()
+
+    out = tmp_path / "adapted.safetensors"
+    err = run(out, calibration="{enabled: true, val_fraction: 0.25}")
+    assert f"none of the {len(val)} image(s) of the calibration's validation split" in err, err
+    assert "calibration.enabled=false" in err
+    err = run(out, "--calibrate-only", calibration="{enabled: true, val_fraction: 0.25}")
+    assert "validation split" in err and "calibration.enabled=false" not in err  # no effect there
+    assert not run_dir.exists()
+
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(ckpt.read_bytes()[:200_000])  # past the header, inside the tensors
+    assert "truncated" in run(out, init=cut)
+
+    small = tmp_path / "small"
+    small.mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 20)).save(small / f"s{i}.png")
+    err = run(out, source=small)
+    assert "no usable image of at least" in err and "3 too small" in err, err
+    assert not out.exists()
