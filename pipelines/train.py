@@ -228,6 +228,35 @@ def check_outputs(m: TrainManifest) -> None:
                 break
 
 
+def check_init_checkpoint(m: TrainManifest) -> None:
+    """``init_checkpoint``'s header read before any training: a missing, truncated or foreign file is
+    a :class:`ManifestError`, and the manifest's crop sizes are checked against the checkpoint's
+    scale, which wins over the manifest's ``scale`` (they were checked against the ignored one)."""
+    if not m.init_checkpoint:
+        return
+    from pydantic import ValidationError
+
+    from pipelines.storage import fetch_to_local
+    from realdgen_core.checkpoint import inspect_checkpoint
+
+    storage = m.storage.model_dump()
+    fs, path = get_fs(m.init_checkpoint, storage)
+    try:
+        if not fs.exists(path):
+            raise ManifestError(f"init_checkpoint: file not found (got {m.init_checkpoint!r})")
+        config, _, _ = inspect_checkpoint(fetch_to_local(m.init_checkpoint, storage))
+    except (CheckpointError, StorageAccessError, OSError) as exc:
+        raise ManifestError(f"init_checkpoint: {exc}") from None
+    if config.scale != m.scale:
+        try:
+            TrainManifest.model_validate({**m.model_dump(), "scale": config.scale})
+        except ValidationError as exc:
+            why = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ManifestError(
+                f"init_checkpoint is a x{config.scale} model (it wins over scale {m.scale}): {why}"
+            ) from None
+
+
 def check_sources(
     m: TrainManifest, stages: Sequence[str], calibrate: bool, calibrate_only: bool = False
 ) -> Listings:
@@ -976,6 +1005,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         listings = check_sources(
             m, stages, args.calibrate_only or m.calibration.enabled, calibrate_only=args.calibrate_only
         )
+        if not args.calibrate_only:
+            check_init_checkpoint(m)
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

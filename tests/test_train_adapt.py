@@ -184,7 +184,13 @@ def test_adapt_errors_found_before_or_during_the_run_are_one_line_and_nothing_is
 
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(ckpt.read_bytes()[:200_000])  # past the header, inside the tensors
-    assert "truncated" in run(out, init=cut)
+    err = run(out, init=cut)
+    assert err.startswith("error: init_checkpoint: ") and "truncated" in err, err
+    # the checkpoint's scale wins over the manifest's: crops are checked against it (x4 here)
+    err = run(out, "--set", "scale=2", "--set", "stage_a.hr_crop=34")
+    assert (
+        "init_checkpoint is a x4 model (it wins over scale 2): stage_a.hr_crop 34 is not a multiple" in err
+    ), err
 
     small = tmp_path / "small"
     small.mkdir()
