@@ -141,13 +141,14 @@ def _utf8_named(files: list[Path], root: Path, what: str, notes: list[str]) -> l
     the tile name or digest of one stopped the evaluation."""
     from pipelines.sources import _is_utf8
 
-    bad = [n for n in (_below(p, root) for p in files) if not _is_utf8(n)]
+    ok = [_is_utf8(_below(p, root)) for p in files]
+    bad = [_below(p, root) for p, good in zip(files, ok, strict=True) if not good]
     if bad:
         notes.append(
             f"{what}: {len(bad)} file(s) left out, their names are not valid UTF-8 (e.g. {ascii(bad[0])}); "
             "rename them to include them"
         )
-    return [p for p in files if _is_utf8(_below(p, root))]
+    return [p for p, good in zip(files, ok, strict=True) if good]
 
 
 def _rgb(path: Path) -> np.ndarray:

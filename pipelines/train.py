@@ -45,9 +45,11 @@ from torch import Tensor
 if __package__ in (None, ""):  # `python pipelines/train.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fsspec.implementations.local import LocalFileSystem
+
 from pipelines.manifest import ManifestError, TrainManifest, load_manifest, manifest_digest
 from pipelines.sources import ImageError, SourceError, SourceItem, list_source, load_image, name_below_root
-from pipelines.storage import StorageAccessError, get_fs, join_uri
+from pipelines.storage import StorageAccessError, get_fs, join_uri, with_retries
 from realdgen_core.checkpoint import CheckpointError
 from realdgen_core.train import PHASES, STAGES, Hook, Phase, run_phase
 from realdgen_core.train.data import (
@@ -214,9 +216,12 @@ def check_outputs(m: TrainManifest) -> None:
         ("output.checkpoint", m.output.checkpoint, False),
         ("output.run_dir", m.output.run_dir, True),
     ):
-        if not uri or "://" in uri and not uri.startswith("file://"):
+        if not uri:
             continue
-        path = Path(os.path.expanduser(uri.removeprefix("file://"))).absolute()
+        fs, local = get_fs(uri, m.storage.model_dump())  # the path the run will write, resolved alike
+        if not isinstance(fs, LocalFileSystem):
+            continue
+        path = Path(local)
         if path.is_dir() and not folder:
             raise ManifestError(f"{key}: {uri!r} is a folder; name the .safetensors file to write")
         if path.exists() and not path.is_dir() and folder:
@@ -242,7 +247,7 @@ def check_init_checkpoint(m: TrainManifest) -> None:
     storage = m.storage.model_dump()
     fs, path = get_fs(m.init_checkpoint, storage)
     try:
-        if not fs.exists(path):
+        if not with_retries(lambda: fs.exists(path), what=f"checking {m.init_checkpoint}"):
             raise ManifestError(f"init_checkpoint: file not found (got {m.init_checkpoint!r})")
         config, _, _ = inspect_checkpoint(fetch_to_local(m.init_checkpoint, storage))
     except (CheckpointError, StorageAccessError, OSError) as exc:
@@ -737,7 +742,7 @@ def _exported_state(uri: str, storage: dict, digest: str, completed: list[str]) 
     export leaves a mid-phase export there (``partial``), or one of an earlier manifest; a run that
     then finds nothing left to train used to keep it as the result."""
     from pipelines.storage import fetch_to_local
-    from realdgen_core.checkpoint import CheckpointError, inspect_checkpoint
+    from realdgen_core.checkpoint import inspect_checkpoint
 
     try:
         _, meta, _ = inspect_checkpoint(fetch_to_local(uri, storage))
