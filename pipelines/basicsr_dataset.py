@@ -62,7 +62,8 @@ class RealDGenPairedDataset(Dataset):
     ``[0, 1]`` (normalised when ``mean``/``std`` are set). A sample that breaks the contract is
     counted in :attr:`skipped`, logged, and replaced by a good one drawn at random, so one bad
     sample (or a truncated shard) does not kill a multi-day run; ``MAX_SUBSTITUTES`` bad draws in a
-    row raise.
+    row raise. Outside ``phase: train`` a bad sample raises (``ValueError`` naming it): a
+    substitute would put another sample's score under its key.
     """
 
     def __init__(self, opt: dict):
@@ -120,6 +121,13 @@ class RealDGenPairedDataset(Dataset):
                 out = self.transform(files, key, url, self._generator())
             except BadSample as exc:
                 self.skipped[exc.reason] += exc.count
+                if self.phase != "train":
+                    # a substitute would be scored (and saved) under another key, by the draw
+                    raise ValueError(
+                        f"RealDGenPairedDataset ({self.phase}): sample {i} is unusable: {exc}; "
+                        "validation does not substitute samples "
+                        "(`realdgen validate DATASET` names the bad ones)"
+                    ) from exc
                 log.warning("RealDGenPairedDataset: sample %d skipped: %s", i, exc)
                 i = int(self._generator().integers(n))
                 continue

@@ -64,6 +64,7 @@ MEMBERS = ("hr.png", "lr.png", "json")
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # ARCHITECTURE §5
 MAX_PIXELS = 64_000_000  # per image, checked from the header (the job's limits.max_image_pixels default)
 MAX_MEMBER_BYTES = 256 * 2**20  # a member larger than this is not read
+MAX_JSON_BYTES = 64 * 2**20  # _index.json / _stats.json: a dataset's own small files
 
 
 # A worker whose first samples all fail stops with an error (a wrong scale or gt_size, not bad data).
@@ -160,7 +161,31 @@ def read_index(uri: str, endpoint_url: str | None = None) -> dict | None:
     if not fs.exists(ipath):
         return None
     with fs.open(ipath, "rb") as f:
-        return json.loads(f.read())
+        return _small_json(f, _join(uri, INDEX_NAME))
+
+
+def _small_json(f, what: str) -> dict:
+    """A dataset's own json file, read with a size cap; anything odd is a ValueError naming it."""
+    raw = f.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise ValueError(f"{what} is over {MAX_JSON_BYTES} bytes; not a dataset's index")
+    try:
+        out = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{what} is not valid json: {type(exc).__name__}") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{what} holds a {type(out).__name__}, not an object")
+    return out
+
+
+SHARD_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _shard_name(name: object, where: str) -> str:
+    """A shard name from an index: a plain file name (no folder, no ``..``), ``.tar`` added."""
+    if not isinstance(name, str) or not SHARD_NAME_RE.fullmatch(name) or ".." in name:
+        raise ValueError(f"{where} names shard {name!r}: not a plain file name inside the dataset")
+    return name if name.endswith(".tar") else name + ".tar"
 
 
 def list_shards(uri: str, endpoint_url: str | None = None) -> list[ShardEntry]:
@@ -175,22 +200,27 @@ def list_shards(uri: str, endpoint_url: str | None = None) -> list[ShardEntry]:
         try:
             return [
                 ShardEntry(
-                    _join(uri, s["name"] if s["name"].endswith(".tar") else s["name"] + ".tar"),
+                    _join(uri, _shard_name(s["name"], _join(uri, INDEX_NAME))),
                     int(s["samples"]),
                     s.get("bytes"),
                 )
                 for s in index["shards"]
             ]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{_join(uri, INDEX_NAME)} is malformed: {exc!r}") from exc
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{_join(uri, INDEX_NAME)} is malformed: {exc}") from None
     fs, path = filesystem(uri, endpoint_url)
-    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    try:
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{uri}: no such dataset (no {INDEX_NAME}, and the folder does not exist)"
+        ) from None
     entries = []
     for n in names:
         stats_name = n.removesuffix(".tar") + "_stats.json"
         if n.endswith(".tar") and stats_name in names:
             with fs.open(_join(path, stats_name), "rb") as f:
-                stats = json.loads(f.read())
+                stats = _small_json(f, _join(uri, stats_name))
             entries.append(ShardEntry(_join(uri, n), stats.get("samples")))
     if not entries:
         raise FileNotFoundError(f"{uri}: no {INDEX_NAME} and no completed shards (*.tar with _stats.json)")
@@ -224,9 +254,28 @@ def expand_shard_urls(urls: Sequence[str], endpoint_url: str | None = None) -> l
 
 
 def _exists(url: str, endpoint_url: str | None) -> bool:
+    """Whether ``url`` is a file. A folder is not a shard: that is an error naming it."""
     fs, path = filesystem(url, endpoint_url)
     try:
-        return fs.exists(path)
+        if fs.isfile(path):
+            return True
+        if fs.isdir(path):
+            raise IsADirectoryError(
+                f"{url} is a folder, not a shard: name it as a dataset (its _index.json lists its "
+                "shards) or list its .tar files"
+            )
+        return False
+    except PermissionError as exc:
+        raise PermissionError(f"cannot read {url}: {exc}") from exc
+
+
+def _is_dataset_folder(url: str, endpoint_url: str | None) -> bool:
+    """An item of a source list that names a whole dataset: no pattern, no ``.tar``, a folder."""
+    if url.endswith(".tar") or GLOB_CHARS.search(url) or "{" in url:
+        return False
+    fs, path = filesystem(url, endpoint_url)
+    try:
+        return fs.isdir(path)
     except PermissionError as exc:
         raise PermissionError(f"cannot read {url}: {exc}") from exc
 
@@ -235,21 +284,42 @@ def resolve_shards(source: str | Sequence[str], endpoint_url: str | None = None)
     """A dataset URI, or an explicit list of shard URLs, to shard entries.
 
     An explicit list (or one URL ending in ``.tar``) may use brace and glob patterns
-    (:func:`expand_shard_urls`). Sample counts are looked up in the ``_index.json`` next to the
-    shards when there is one (so ``len()`` still works); a listed shard that the index does not
-    name is checked to exist, so a typo is an error here rather than an empty epoch later.
+    (:func:`expand_shard_urls`), and may name whole datasets (folders) among its shards, each
+    standing for its shards in index order. Sample counts are looked up in the ``_index.json`` next
+    to the shards when there is one (so ``len()`` still works); a listed shard that the index does
+    not name is checked to exist, so a typo is an error here rather than an empty epoch later.
     """
     if isinstance(source, (str, os.PathLike)):
         source = str(source)
         if not source.endswith(".tar"):
-            try:
-                return list_shards(source, endpoint_url)
-            except PermissionError as exc:
-                raise PermissionError(f"cannot read {source}: {exc}") from exc
+            return _dataset_shards(source, endpoint_url)
         source = [source]
-    urls = expand_shard_urls([str(u) for u in source], endpoint_url)
-    if not urls:
+    if not source:
         raise ValueError("empty shard list")
+    out: list[ShardEntry] = []
+    tars: list[str] = []  # consecutive shard URLs, resolved together (one index read per folder)
+    for item in [str(u) for u in source]:
+        if _is_dataset_folder(item, endpoint_url):
+            out.extend(_listed_shards(tars, endpoint_url))
+            tars = []
+            out.extend(_dataset_shards(item, endpoint_url))
+        else:
+            tars.append(item)
+    out.extend(_listed_shards(tars, endpoint_url))
+    return out
+
+
+def _dataset_shards(uri: str, endpoint_url: str | None) -> list[ShardEntry]:
+    try:
+        return list_shards(uri, endpoint_url)
+    except PermissionError as exc:
+        raise PermissionError(f"cannot read {uri}: {exc}") from exc
+
+
+def _listed_shards(patterns: list[str], endpoint_url: str | None) -> list[ShardEntry]:
+    if not patterns:
+        return []
+    urls = expand_shard_urls(patterns, endpoint_url)
     known: dict[str, ShardEntry] = {}
     for parent in sorted({u.rstrip("/").rsplit("/", 1)[0] for u in urls}):
         try:
@@ -658,6 +728,7 @@ class PairedShardDataset(IterableDataset):
         self.rank, self.world_size = dist_rank_world(rank, world_size)
         self.strict = strict
         self.epoch = 0
+        self._last_epoch: int | None = None  # the epoch of this object's last pass in this process
         self.skipped: Counter = Counter()
         self._fs = ProcessFilesystems(endpoint_url)
 
@@ -739,21 +810,57 @@ class PairedShardDataset(IterableDataset):
         log.warning("skipping: %s", exc)
 
     def _raw_samples(self, shards: Iterator[ShardEntry]) -> Iterator[dict]:
-        # Keys of this pass (this rank and worker): a repeat is skipped. A resampled stream draws
-        # the same shards again on purpose, so there a key only has to be unique in its shard.
-        seen: set[str] = set()
+        # Keys of this pass (this rank and worker) per dataset: a repeat within one dataset is
+        # skipped. Two datasets made from the same inputs (two domains, two scales) share keys,
+        # and a mix of them serves both. A resampled stream draws the same shards again on
+        # purpose, so there a key only has to be unique in its shard.
+        seen: dict[str, set[str]] = {}
         for opened in self._open(shards):
+            dataset = opened["url"].rstrip("/").rsplit("/", 1)[0]
             yield from iter_tar_samples(
                 opened["stream"],
                 opened["url"],
                 self._skip,
-                seen=None if self.resampled else seen,
+                seen=None if self.resampled else seen.setdefault(dataset, set()),
                 max_member_bytes=self.max_member_bytes,
                 expected=opened["samples"],
             )
 
+    def _check_pass(self, slot: int, n_slots: int) -> None:
+        """Warn about set-ups that give wrong data without failing: a pass that repeats the last
+        one, a DDP split frozen before ``init_process_group``, a slot without a shard."""
+        if self._last_epoch == self.epoch and (self.resampled or self.transform.gt_size is not None):
+            log.warning(
+                "PairedShardDataset iterated again at epoch %d in this process: the same shards, "
+                "order and crops as the last pass; call set_epoch() with a new value for every pass "
+                "(and, on resume, the pass or step count reached)",
+                self.epoch,
+            )
+        self._last_epoch = self.epoch
+        if (
+            self.world_size == 1
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
+            log.warning(
+                "PairedShardDataset was built before init_process_group: this rank reads every "
+                "shard (world_size 1); build it after, or pass rank and world_size"
+            )
+        if not self.resampled and slot >= len(self.shards):
+            log.warning(
+                "rank %d, slot %d of %d gets no shard (%d shards): its epoch is empty and ranks "
+                "run unequal numbers of steps; write at least world_size x num_workers shards, "
+                "or use resampled=True with samples_per_epoch",
+                self.rank,
+                slot,
+                n_slots,
+                len(self.shards),
+            )
+
     def __iter__(self) -> Iterator[dict]:
         slot, n_slots, worker = self._slot()
+        self._check_pass(slot, n_slots)
         shards = self._shard_stream(slot, n_slots, worker)
         samples: Iterator[dict] = self._raw_samples(shards)
         if self.shuffle_buffer > 1:

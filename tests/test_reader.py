@@ -295,7 +295,7 @@ def test_a_shard_that_lost_most_of_its_samples_does_not_stop_the_map_style_datas
     with tarfile.open(first) as tar:
         members = tar.getmembers()
     first.write_bytes(first.read_bytes()[: members[3 * 3].offset])  # 3 whole samples of 30 kept
-    ds = RealDGenPairedDataset({"dataroot": str(root), "scale": 4, "phase": "val"})
+    ds = RealDGenPairedDataset({"dataroot": str(root), "scale": 4, "phase": "train", "gt_size": 16})
     assert len(ds) == 60
     kept = set(fac.keys_by_shard[fac.shards[0]][:3] + fac.keys_by_shard[fac.shards[1]])
     served = [ds[i]["key"] for i in range(len(ds))]  # the old rule (next index) raised on 12 of them
@@ -573,7 +573,7 @@ def test_truncation_at_a_header_and_an_unusable_setting_are_reported(odd_dataset
         with pytest.raises(BadSample, match="truncated_tar"):
             access.get(i)
     assert access.get(3)[1] == odd_dataset.keys[3]
-    basic = RealDGenPairedDataset({"dataroot": str(root), "scale": 4, "phase": "val"})
+    basic = RealDGenPairedDataset({"dataroot": str(root), "scale": 4, "phase": "train", "gt_size": 16})
     got = basic[1]["key"]  # a lost sample: a random good substitute serves
     assert (
         got in odd_dataset.keys and got not in odd_dataset.keys[1:3] and basic.skipped["truncated_tar"] >= 1
@@ -634,3 +634,90 @@ def test_a_resampled_stream_whose_shards_cannot_be_opened_stops(odd_dataset, tmp
         next(iter(ds))
     assert ds.skipped["shard_error"] == max(MAX_OPEN_FAILURES, 2 * 7)
     assert list(finite) == [] and finite.skipped["shard_error"] == 7
+
+
+def test_two_datasets_from_the_same_inputs_mix_in_full(odd_dataset, tmp_path, caplog):
+    """Two runs over one HR corpus (two domains, two scales) write the same keys. A list naming
+    both, as folders or as shards, yields both in full (each key once per dataset) with any worker
+    count; a key repeated within one dataset is still a duplicate. A folder that does not exist is
+    an error naming it."""
+    import logging
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(odd_dataset.uri, twin)
+    for source in ([odd_dataset.uri, str(twin)], [f"{odd_dataset.uri}/*.tar", f"{twin}/*.tar"]):
+        for workers in (0, 2):
+            ds = PairedShardDataset(source, gt_size=16, scale=4, seed=3)
+            assert len(ds) == 40
+            keys = [k for b in DataLoader(ds, batch_size=4, num_workers=workers) for k in b["key"]]
+            assert len(keys) == 40 and set(np.unique(keys, return_counts=True)[1]) == {2}
+            if workers == 0:
+                assert ds.skipped["duplicate_key"] == 0
+    # within one dataset a repeat stays a repeat: a shard listed twice serves its keys once
+    first = sorted(odd_dataset.shards)[0].removesuffix(".tar")
+    again = PairedShardDataset([f"{odd_dataset.uri}/{first}.tar"] * 2, gt_size=16, scale=4)
+    assert len(list(again)) == 3 and again.skipped["duplicate_key"] == 3
+    with pytest.raises(FileNotFoundError, match=r"1 listed shard\(s\) do not exist: .*nowhere"):
+        PairedShardDataset([odd_dataset.uri, str(tmp_path / "nowhere")])
+    # a second pass at the same epoch repeats the first one's crops: said, not silent
+    ds = PairedShardDataset(odd_dataset.uri, gt_size=16, scale=4, world_size=3, rank=2)
+    with caplog.at_level(logging.WARNING, logger="pipelines.reader"):
+        first_pass = [s["lq"] for s in ds]
+        second_pass = [s["lq"] for s in ds]
+    assert all(torch.equal(a, b) for a, b in zip(first_pass, second_pass, strict=True))
+    assert "iterated again at epoch 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipelines.reader"):
+        assert list(PairedShardDataset(odd_dataset.uri, gt_size=16, scale=4, world_size=8, rank=7)) == []
+    assert "slot 7 of 8 gets no shard (7 shards)" in caplog.text
+
+
+def test_basicsr_validation_raises_on_a_bad_sample_instead_of_substituting(tmp_path):
+    """In training a bad sample is replaced by a random good one; in validation that would score
+    another sample under its key, so it raises naming the sample."""
+    ds_info = write_dataset(
+        str(tmp_path / "v"), n_samples=4, samples_per_shard=4, hr_size=64, failures_per_shard=0
+    )
+    tar = tmp_path / "v" / (sorted(ds_info.shards)[0].removesuffix(".tar") + ".tar")
+    with tarfile.open(tar) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    with tarfile.open(tar, "w") as t:
+        for m, data in members:
+            if m.name.endswith(".lr.png") and m.name.startswith(members[0][0].name.split(".")[0]):
+                data = b"not a png"
+                m.size = len(data)
+            t.addfile(m, io.BytesIO(data))
+    opt = {"dataroot": ds_info.uri, "scale": 4}
+    val = RealDGenPairedDataset({**opt, "phase": "val"})
+    with pytest.raises(ValueError, match=r"\(val\): sample 0 is unusable: .*not a PNG.*does not substitute"):
+        val[0]
+    assert val[1]["lq"].shape == (3, 16, 16)
+    train = RealDGenPairedDataset({**opt, "phase": "train", "gt_size": 32})
+    assert train[0]["lq"].shape == (3, 8, 8) and train.skipped["decode_error"] >= 1  # a draw may hit 0 again
+
+
+def test_an_index_is_untrusted_too(odd_dataset, tmp_path):
+    """_index.json names shards; a name outside the dataset folder, deep or huge json are refused
+    with an error naming the file, not followed (export would write another folder's pairs)."""
+    import shutil
+
+    from pipelines.export import export_dataset
+
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(odd_dataset.uri, outside)
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    for bad in ("../elsewhere/pairs-000000", "/abs/pairs-000000", "sub/pairs-000000", ".."):
+        (ds / "_index.json").write_text(json.dumps({"shards": [{"name": bad, "samples": 3}]}))
+        with pytest.raises(ValueError, match=r"_index.json is malformed: .* names shard .*not a plain file"):
+            PairedShardDataset(str(ds))
+        with pytest.raises(ValueError, match=r"not a plain file name"):
+            export_dataset(str(ds), str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "hr").exists() or not any((tmp_path / "out" / "hr").iterdir())
+    (ds / "_index.json").write_text("[" * 100_000)
+    with pytest.raises(ValueError, match=r"_index.json is not valid json: RecursionError"):
+        PairedShardDataset(str(ds))
+    (ds / "_index.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"_index.json holds a list, not an object"):
+        PairedShardDataset(str(ds))
