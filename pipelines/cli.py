@@ -46,6 +46,19 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _storage_failure(exc: BaseException) -> str | None:
+    """One line for a storage failure that is not an ``OSError`` (botocore's endpoint and HTTP
+    client errors, refused credentials); None for anything else, which stays a traceback (a bug)."""
+    from pipelines.storage import access_refused, is_transient
+
+    why = access_refused(exc)
+    if why is not None:
+        return why
+    if is_transient(exc) or type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp"):
+        return f"storage unavailable: {type(exc).__name__}: {exc} (check --endpoint / AWS_ENDPOINT_URL)"
+    return None
+
+
 def _run_export(args: argparse.Namespace) -> int:
     """Exit 0: every sample exported; 1: some lost or skipped (counted in export.json), or none
     written; 2: the dataset could not be read or out_dir holds an earlier export."""
@@ -65,6 +78,12 @@ def _run_export(args: argparse.Namespace) -> int:
         return 2
     except (OSError, ValueError) as exc:
         print(f"error: cannot read {args.dataset}: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        why = _storage_failure(exc)
+        if why is None:
+            raise
+        print(f"error: cannot read {args.dataset}: {why}", file=sys.stderr)
         return 2
     print(json.dumps(result.to_dict(), indent=1))
     if result.lost:
@@ -116,6 +135,12 @@ def _run_inspect(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: cannot read {args.dataset}: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        why = _storage_failure(exc)
+        if why is None:
+            raise
+        print(f"error: cannot read {args.dataset}: {why}", file=sys.stderr)
+        return 2
     print(json.dumps(report.to_dict(), indent=1))
     return 0
 
@@ -145,6 +170,12 @@ def _run_validate(args: argparse.Namespace) -> int:
         )
     except (OSError, ValueError) as exc:
         print(f"cannot read {args.dataset}: {exc}")
+        return 2
+    except Exception as exc:
+        why = _storage_failure(exc)
+        if why is None:
+            raise
+        print(f"cannot read {args.dataset}: {why}")
         return 2
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))

@@ -100,8 +100,11 @@ class StorageOptions(StrictModel):
             raise ValueError("must start with http:// or https://")
         if v is not None and "@" in v.split("://", 1)[1].split("/", 1)[0]:
             # user:secret@host would travel in task arguments and logs: credentials come from the env
-            raise ValueError("must not hold credentials (user:password@); set them in the environment")
+            raise ValueError(f"{_HOLDS_CREDENTIALS} (user:password@); set them in the environment")
         return v
+
+
+_HOLDS_CREDENTIALS = "must not hold credentials"
 
 
 def _local_or_s3(v: str) -> str:
@@ -110,6 +113,9 @@ def _local_or_s3(v: str) -> str:
         raise ValueError("only local paths, file:// and s3:// URIs are supported")
     if v.startswith("s3://") and not v[len("s3://") :].strip("/"):
         raise ValueError("s3 URI lacks a bucket")
+    if v.startswith("s3://") and "@" in v[len("s3://") :].split("/", 1)[0]:
+        # key:secret@bucket would travel in task arguments, records and logs
+        raise ValueError(f"{_HOLDS_CREDENTIALS} (key:secret@bucket); set them in the environment")
     return v
 
 
@@ -566,8 +572,10 @@ def _format_errors(exc: ValidationError, origin: str) -> str:
         # Drop pydantic's internal union/function tags from the location.
         loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
         where = _loc(loc)
-        # never echo a value under `storage` (an unknown key or a URL there may hold a credential)
-        shown = "not shown" if loc and loc[0] == "storage" else _short(err.get("input"))
+        # never echo a value under `storage` (an unknown key or a URL there may hold a credential),
+        # nor one refused for holding credentials
+        secret = (loc and loc[0] == "storage") or _HOLDS_CREDENTIALS in err["msg"]
+        shown = "not shown" if secret else _short(err.get("input"))
         if err["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown key (value {shown})")
         elif err["type"] == "missing":

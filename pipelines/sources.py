@@ -367,6 +367,13 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
     return np.asarray(im)
 
 
+# What an input may be, by content (the extension filter only looks at names). Pillow identifies
+# files by their bytes: without this list a ".png" holding PostScript would be handed to
+# Ghostscript (EPS), and other rarely used plugins would parse untrusted bytes. (A camera's
+# multi-picture JPEG, MPO, is opened by the JPEG plugin.)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
+
+
 def decode_image(
     data: bytes,
     *,
@@ -388,13 +395,15 @@ def decode_image(
             saved = Image.MAX_IMAGE_PIXELS
             Image.MAX_IMAGE_PIXELS = None
             try:
-                im = Image.open(io.BytesIO(data))
+                im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
     except Image.DecompressionBombError as exc:
         raise ImageError(f"too large: {exc}") from None
     except UnidentifiedImageError:
-        raise ImageError(f"not an image: unrecognised format ({len(data)} bytes)") from None
+        raise ImageError(
+            f"not an image: unrecognised format ({len(data)} bytes; read: {', '.join(IMAGE_FORMATS)})"
+        ) from None
     except Exception as exc:
         raise ImageError(f"corrupt: {type(exc).__name__}: {exc}") from None
     with im:
@@ -429,14 +438,18 @@ def decode_image(
     return np.ascontiguousarray(rgb)
 
 
+MAX_FILE_BYTES = 256 * 2**20  # the default for every image read (the job's limits.max_file_bytes)
+
+
 def load_image(
     item: SourceItem,
     storage: Mapping | None = None,
     *,
     max_pixels: int = 64_000_000,
-    max_bytes: int | None = None,
+    max_bytes: int | None = MAX_FILE_BYTES,
     min_size: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Read and decode one :class:`SourceItem` (see :func:`decode_image`)."""
+    """Read and decode one :class:`SourceItem` (see :func:`decode_image`); a file (or tar member)
+    over ``max_bytes`` fails before it is read (None: no limit)."""
     data = read_item_bytes(item, storage, max_bytes)
     return decode_image(data, max_pixels=max_pixels, min_size=min_size)

@@ -74,8 +74,13 @@ def _read_header(path: Path) -> tuple[dict, int]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not a safetensors file (header is not valid JSON: {e})") from e
+    except RecursionError:
+        raise CheckpointError(f"{path}: not a safetensors file (header JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map names to strings")
     data_len = size - 8 - n
     wanted = 0  # where the last tensor ends; a malformed entry is named below
     with contextlib.suppress(TypeError, KeyError, ValueError, IndexError):
@@ -91,9 +96,11 @@ def _read_header(path: Path) -> tuple[dict, int]:
         try:
             begin, end = info["data_offsets"]
             ok = (
-                0 <= begin <= end <= data_len
+                all(type(x) is int for x in (begin, end))
+                and 0 <= begin <= end <= data_len
                 and isinstance(info["dtype"], str)
                 and isinstance(info["shape"], list)
+                and all(type(x) is int and x >= 0 for x in info["shape"])
             )
         except (TypeError, KeyError, ValueError):
             ok = False
@@ -108,8 +115,8 @@ def _digest(path: Path, header: dict, data_start: int) -> str:
         raise CheckpointError(f"{path}: no 'config' in the safetensors metadata (not a RealDGen checkpoint)")
     try:
         config_json = _canonical_json(json.loads(meta["config"]))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: the 'config' metadata is not valid JSON: {e}") from e
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise CheckpointError(f"{path}: the 'config' metadata is not valid JSON: {e!r}") from None
     h = hashlib.sha256()
     h.update(b"realdgen-checkpoint\nconfig\n")
     h.update(config_json.encode())
@@ -197,8 +204,10 @@ def _inspect(path: Path) -> tuple[RealDGenConfig, dict, dict, RealDGenModel]:
         raise CheckpointError(f"{path}: invalid model config: {e}") from e
     try:
         user_metadata = json.loads(meta.get("metadata", "{}"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: the 'metadata' entry is not valid JSON: {e}") from e
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: the 'metadata' entry is not valid JSON: {e!r}") from None
+    if not isinstance(user_metadata, dict):
+        raise CheckpointError(f"{path}: the 'metadata' entry is not a JSON object")
     with torch.device("meta"):
         model = RealDGenModel(config)
     _check_tensors(path, model.state_dict(), {k: v for k, v in header.items() if k != "__metadata__"})

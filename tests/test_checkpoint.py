@@ -225,3 +225,50 @@ def test_metadata_validation(tmp_path: Path, model) -> None:
     with pytest.raises(CheckpointError, match="JSON"):
         save_checkpoint(tmp_path / "b.safetensors", model, {"obj": object()})
     assert not list(tmp_path.iterdir())  # nothing half-written left behind
+
+
+def _with_header(src: Path, dst: Path, edit) -> Path:
+    """src with its JSON header replaced by edit(header) (same data section)."""
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    new = edit(header)
+    blob = new if isinstance(new, bytes) else json.dumps(new).encode()
+    dst.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
+    return dst
+
+
+@pytest.mark.parametrize(
+    "case,edit,message",
+    [
+        ("metadata a string", lambda h: {**h, "__metadata__": "config"}, "__metadata__ must map names"),
+        (
+            "config an object",
+            lambda h: {**h, "__metadata__": {**h["__metadata__"], "config": {}}},
+            "map names",
+        ),
+        (
+            "user metadata a list",
+            lambda h: {**h, "__metadata__": {**h["__metadata__"], "metadata": "[1, 2]"}},
+            "'metadata' entry is not a JSON object",
+        ),
+        (
+            "float offsets",
+            lambda h: {
+                **h,
+                **{k: {**v, "data_offsets": [0.0, 4.5]} for k, v in h.items() if k != "__metadata__"},
+            },
+            "corrupt safetensors header entry",
+        ),
+        ("deep json", lambda h: b"{" + b'"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}", "nested too deeply"),
+    ],
+)
+def test_a_malformed_header_is_a_checkpoint_error(tmp_path: Path, saved, case, edit, message) -> None:
+    """Any header a hostile or broken file can hold ends in a CheckpointError naming the file (the
+    callers turn it into one line), never in an AttributeError/TypeError/RecursionError traceback."""
+    from realdgen_core.checkpoint import inspect_checkpoint
+
+    bad = _with_header(saved[0], tmp_path / "bad.safetensors", edit)
+    with pytest.raises(CheckpointError, match=message) as info:
+        inspect_checkpoint(bad)
+    assert str(bad) in str(info.value)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from pipelines.cli import main
 
 
@@ -47,3 +49,20 @@ def test_missing_s3_credentials_is_a_clear_error_not_a_traceback(tmp_path, capsy
         err
     )  # names what it read
     assert "AWS_ACCESS_KEY_ID" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["inspect", "export", "validate"])
+def test_an_unreachable_endpoint_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, command):
+    """botocore's connection errors are not OSErrors: they used to print a 141-line traceback."""
+    from ports import free_ports
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # no backoff between refused connections
+    endpoint = f"http://127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
+    extra = [str(tmp_path / "out")] if command == "export" else []
+    assert main([command, "s3://bucket/ds", *extra, "--endpoint", endpoint]) == 2
+    out = capsys.readouterr()
+    text = (out.err + out.out).strip()
+    assert "cannot read s3://bucket/ds: storage unavailable: EndpointConnectionError" in text
+    assert "Traceback" not in text and len(text.splitlines()) == 1

@@ -630,6 +630,55 @@ def test_preview_reads_the_first_whole_samples_even_when_members_are_not_adjacen
     assert len(GenerateJob.preview_rows(job, SimpleNamespace(stems=["p-000000"]), 5)) == 3
 
 
+def test_preview_and_references_read_with_the_jobs_limits(tmp_path):
+    """A kept shard is as trusted as the output prefix, a reference as its folder: the preview skips
+    unsafe members and refuses a PNG over limits.max_image_pixels from its header (a 17 KB bomb
+    took 6 GB in the driver); references and probe inputs obey limits.max_file_bytes."""
+    from types import SimpleNamespace
+
+    from test_sources import bomb_png
+
+    from pipelines.generate.job import GenerateJob
+    from pipelines.generate.references import prepare_references
+    from pipelines.storage import DatasetStore
+    from realdgen_core.shards import encode_png
+
+    def member(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    hr, lr = np.full((32, 32, 3), 200, np.uint8), np.full((8, 8, 3), 50, np.uint8)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        member(tar, "../x.hr.png", encode_png(hr))  # never read
+        for key, hr_png in (("a", bomb_png(12000, 12000)), ("b", encode_png(hr))):
+            member(tar, f"{key}.hr.png", hr_png)
+            member(tar, f"{key}.json", b"{}")
+            member(tar, f"{key}.lr.png", encode_png(lr))
+    store = DatasetStore(str(tmp_path / "ds"))
+    store.write_bytes("p-000000.tar", buf.getvalue())
+    logged: list[str] = []
+    limits = SimpleNamespace(max_image_pixels=10**6, max_file_bytes=10**6)
+    job = SimpleNamespace(store=store, m=SimpleNamespace(limits=limits), log=logged.append, storage={})
+    rows = GenerateJob.preview_rows(job, SimpleNamespace(stems=["p-000000"]), 4)
+    assert len(rows) == 2
+    assert GenerateJob.write_preview(job, rows) is True
+    assert len(logged) == 1 and "12000x12000 = 144000000 pixels > limit 1000000" in logged[0]
+    grid = np.asarray(Image.open(tmp_path / "ds" / "_preview.png"))
+    assert grid.shape == (32, 32 * 3 + 8, 3)  # one row: HR | reference | LR
+    assert GenerateJob.write_preview(job, rows[:1]) is False
+
+    refs_dir = tmp_path / "refs"
+    refs_dir.mkdir()
+    Image.fromarray(lr).save(refs_dir / "small.png")
+    (refs_dir / "padded.png").write_bytes((refs_dir / "small.png").read_bytes() + bytes(5000))
+    refs = [{"uri": str(p), "path": str(p), "set": "r", "domain": None} for p in sorted(refs_dir.iterdir())]
+    ok, errors, _, _ = prepare_references(refs, "bicubic", None, {}, 10**7, "cpu", max_bytes=4000)
+    assert [refs[i]["uri"] for i in ok] == [str(refs_dir / "small.png")]
+    assert len(errors) == 1 and re.search(r"padded.png: file too large: \d+ bytes > limit 4000", errors[0])
+
+
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch, photos):
     """Ctrl-C during the run: one line saying the complete shards are kept, exit 130 (no traceback)."""
     from pipelines import generate_dataset

@@ -62,6 +62,12 @@ def write_bad_inputs(folder: Path, size: int = 64) -> dict[str, str]:
     put("palette.png", _save(Image.fromarray(good).convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), "ok")
     put("cmyk.jpg", _save(Image.fromarray(good).convert("CMYK"), "JPEG", quality=95), "ok")
     put("exif_rot.jpg", exif_rotated_jpeg(good, 6), "ok")
+    for ext, fmt in (("webp", "WEBP"), ("tif", "TIFF"), ("gif", "GIF"), ("bmp", "BMP"), ("ppm", "PPM")):
+        put(f"other.{ext}", _save(Image.fromarray(good), fmt), "ok")
+    # PostScript named .png: Pillow would hand it to Ghostscript (which runs it) if asked to
+    # open any format; only the formats of IMAGE_FORMATS are read
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nnewpath 0 0 moveto 64 0 lineto fill\n"
+    put("postscript.png", eps, "not an image")
     full = png_bytes(gradient(size, size, 3))
     put("truncated.png", full[: len(full) // 2], "truncated")
     put("zero.png", b"", "empty file")
@@ -118,6 +124,7 @@ def test_transparent_pixels_composite_over_white():
         ("truncated.png", "truncated"),
         ("zero.png", "empty file"),
         ("text.png", "not an image"),
+        ("postscript.png", "not an image"),
         ("corrupt.png", "corrupt"),
         ("bomb.png", "too large"),
     ],

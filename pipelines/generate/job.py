@@ -12,7 +12,6 @@ import contextlib
 import io
 import json
 import os
-import tarfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -43,6 +42,7 @@ from pipelines.generate.sink import ShardBook, compact_shard, encode_write_batch
 from pipelines.generate.stages import GenerateLR, decode_tile_batch
 from pipelines.manifest import GenerateManifest, ManifestError
 from pipelines.progress import JobProgress
+from pipelines.reader import BadSample, check_member
 from pipelines.sources import ImageError, SourceItem, load_image
 from pipelines.storage import (
     INDEX_NAME,
@@ -54,6 +54,7 @@ from pipelines.storage import (
     storage_kwargs,
     task_error_message,
 )
+from realdgen_core.shards import open_tar
 
 __all__ = ["GenerateJob", "JobFailed", "ensure_ray", "run", "decode_task_memory", "TASK_RETRIES"]
 
@@ -502,6 +503,7 @@ class GenerateJob:
             m.compute.device,
             start,
             threads,
+            m.limits.max_file_bytes,
         )
         ok, errors, profiles = ray.get([ok_ref, err_ref, prof_ref])
         for e in errors[:10]:
@@ -858,8 +860,7 @@ class GenerateJob:
         if m.output.preview:
             try:
                 rows = self.preview_rows(plan, m.output.preview_rows)
-                if rows:
-                    self.write_preview(rows)
+                if rows and self.write_preview(rows):
                     summary["preview"] = f"{self.store.uri}/{PREVIEW_NAME}"
             except Exception as exc:  # a preview is a convenience, never a failure
                 self.log(f"preview skipped: {exc}")
@@ -935,11 +936,14 @@ class GenerateJob:
         for stem in plan.stems:
             if len(rows) >= n:
                 break
-            with self.store.open_read(f"{stem}.tar") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            # a kept shard is only as trusted as the output prefix: members are checked (plain
+            # names, a size cap) the way every reader checks them
+            with self.store.open_read(f"{stem}.tar") as f, open_tar(f, "r|") as tar:
                 partial: dict[str, dict[str, bytes]] = {}
                 for member in tar:
-                    key, ext = member.name.split(".", 1)
-                    if ext not in ("hr.png", "lr.png", "json"):
+                    try:
+                        key, ext = check_member(member)
+                    except BadSample:
                         continue
                     data = tar.extractfile(member)
                     sample = partial.setdefault(key, {})
@@ -957,22 +961,34 @@ class GenerateJob:
                             break
         return rows[:n]
 
-    def write_preview(self, rows: list[dict]) -> None:
+    def write_preview(self, rows: list[dict]) -> bool:
+        """The preview grid of ``rows`` (HR | reference | LR), written beside the shards; False
+        when no row decodes."""
         from PIL import Image
 
         from realdgen_core.shards import decode_png
 
+        limits = self.m.limits
         tiles = []
         for r in rows:
-            hr = decode_png(r["hr_png"])
-            lr = decode_png(r["lr_png"])
+            try:
+                hr = decode_png(r["hr_png"], limits.max_image_pixels)
+                lr = decode_png(r["lr_png"], limits.max_image_pixels)
+            except Exception as exc:  # a bad sample is left out of the preview, not the job
+                self.log(f"preview: a sample left out: {type(exc).__name__}: {exc}")
+                continue
             t = hr.shape[0]
             lr_up = np.asarray(Image.fromarray(lr).resize((t, t), Image.Resampling.NEAREST))
             ref_panel = np.full_like(hr, 128)
             if r.get("ref_source"):
                 try:
                     ref = next(x for x in self.plan.refs if x["uri"] == r["ref_source"])
-                    img = load_image(SourceItem.from_row(ref), self.storage)
+                    img = load_image(
+                        SourceItem.from_row(ref),
+                        self.storage,
+                        max_pixels=limits.max_image_pixels,
+                        max_bytes=limits.max_file_bytes,
+                    )
                     im = Image.fromarray(img)
                     im.thumbnail((t, t), Image.Resampling.NEAREST)
                     a = np.asarray(im)
@@ -981,11 +997,14 @@ class GenerateJob:
                     pass
             gap = np.full((t, 4, 3), 255, np.uint8)
             tiles.append(np.concatenate([hr, gap, ref_panel, gap, lr_up], axis=1))
+        if not tiles:
+            return False
         sep = np.full((4, tiles[0].shape[1], 3), 255, np.uint8)
         grid = np.concatenate([x for t in tiles for x in (t, sep)][:-1], axis=0)
         buf = io.BytesIO()
         Image.fromarray(grid).save(buf, format="PNG")
         self.store.write_bytes(PREVIEW_NAME, buf.getvalue())
+        return True
 
 
 def run(manifest: GenerateManifest, *, log=print) -> dict:

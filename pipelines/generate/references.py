@@ -26,7 +26,12 @@ def profile_key(domain: str | None, ref_set: str) -> str:
 
 
 def _probe_tiles(
-    probe: Sequence[Mapping], storage: dict, max_pixels: int, tile_hr: int, n_tiles: int | None = None
+    probe: Sequence[Mapping],
+    storage: dict,
+    max_pixels: int,
+    tile_hr: int,
+    n_tiles: int | None = None,
+    max_bytes: int | None = None,
 ) -> list:
     """``tile_hr`` squares of the probe inputs as [3,H,W] floats: with ``n_tiles`` None, the centre
     square of each input; otherwise ``n_tiles`` squares shared over the inputs in order and spread
@@ -39,7 +44,9 @@ def _probe_tiles(
     def decoded():
         for row in probe:
             try:
-                yield load_image(SourceItem.from_row(row), storage, max_pixels=max_pixels)
+                yield load_image(
+                    SourceItem.from_row(row), storage, max_pixels=max_pixels, max_bytes=max_bytes
+                )
             except ImageError:
                 yield None
 
@@ -78,6 +85,7 @@ def prepare_references(
     device: str,
     start: Mapping[str, Any] | None = None,
     threads: int | None = None,
+    max_bytes: int | None = None,
 ) -> tuple[list[int], list[str], np.ndarray | None, dict]:
     """Decode every reference once: ``(ok indices, failure reasons, E_deg bank [n_ok, D] or None,
     start profiles)``.
@@ -90,6 +98,9 @@ def prepare_references(
     the profiles are then ``{profile_key: domain_start_profile(...) + {"label": ...}}`` (empty when
     no probe tile could be read: the job then chooses per sample).
 
+    ``max_pixels`` / ``max_bytes``: the job's ``limits`` for every image read here (references
+    and probe inputs), as for the HR inputs.
+
     ``threads``: torch intra-op threads for this call on the CPU (the task runs before the pipeline
     starts, so the job gives it the CPUs the generation will use; restored afterwards).
     """
@@ -100,7 +111,7 @@ def prepare_references(
     images = []
     for i, r in enumerate(refs):
         try:
-            img = load_image(SourceItem.from_row(r), storage, max_pixels=max_pixels)
+            img = load_image(SourceItem.from_row(r), storage, max_pixels=max_pixels, max_bytes=max_bytes)
         except ImageError as exc:
             errors.append(f"{r['uri']}: {exc.reason}")
             continue
@@ -121,7 +132,14 @@ def prepare_references(
             emb = gen.degradation_embeddings(images)
             bank = emb.numpy().astype(np.float32)
             tiles = (
-                _probe_tiles(start["probe"], storage, max_pixels, int(start["tile_hr"]), start.get("n_tiles"))
+                _probe_tiles(
+                    start["probe"],
+                    storage,
+                    max_pixels,
+                    int(start["tile_hr"]),
+                    start.get("n_tiles"),
+                    max_bytes,
+                )
                 if start
                 else []
             )
