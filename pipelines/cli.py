@@ -46,17 +46,20 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _storage_failure(exc: BaseException) -> str | None:
-    """One line for a storage failure that is not an ``OSError`` (botocore's endpoint and HTTP
+def _cannot_read(dataset: str, exc: BaseException) -> str | None:
+    """One line for a dataset that could not be read: a file or format error (``OSError``,
+    ``ValueError``) or a storage failure that is not an ``OSError`` (botocore's endpoint and HTTP
     client errors, refused credentials); None for anything else, which stays a traceback (a bug)."""
     from pipelines.storage import access_refused, is_transient
 
+    if isinstance(exc, (OSError, ValueError)):
+        return f"cannot read {dataset}: {exc}"
     why = access_refused(exc)
-    if why is not None:
-        return why
-    if is_transient(exc) or type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp"):
-        return f"storage unavailable: {type(exc).__name__}: {exc} (check --endpoint / AWS_ENDPOINT_URL)"
-    return None
+    if why is None and (
+        is_transient(exc) or type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp")
+    ):
+        why = f"storage unavailable: {type(exc).__name__}: {exc} (check --endpoint / AWS_ENDPOINT_URL)"
+    return None if why is None else f"cannot read {dataset}: {why}"
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -76,14 +79,11 @@ def _run_export(args: argparse.Namespace) -> int:
     except FileExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (OSError, ValueError) as exc:
-        print(f"error: cannot read {args.dataset}: {exc}", file=sys.stderr)
-        return 2
     except Exception as exc:
-        why = _storage_failure(exc)
-        if why is None:
+        message = _cannot_read(args.dataset, exc)
+        if message is None:
             raise
-        print(f"error: cannot read {args.dataset}: {why}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     print(json.dumps(result.to_dict(), indent=1))
     if result.lost:
@@ -132,14 +132,11 @@ def _run_inspect(args: argparse.Namespace) -> int:
             columns=args.columns,
             max_shards=args.max_shards,
         )
-    except (OSError, ValueError) as exc:
-        print(f"error: cannot read {args.dataset}: {exc}", file=sys.stderr)
-        return 2
     except Exception as exc:
-        why = _storage_failure(exc)
-        if why is None:
+        message = _cannot_read(args.dataset, exc)
+        if message is None:
             raise
-        print(f"error: cannot read {args.dataset}: {why}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     print(json.dumps(report.to_dict(), indent=1))
     return 0
@@ -168,14 +165,11 @@ def _run_validate(args: argparse.Namespace) -> int:
         report = check_contract(
             args.dataset, endpoint_url=args.endpoint, scale=args.scale, decode_images=not args.no_decode
         )
-    except (OSError, ValueError) as exc:
-        print(f"cannot read {args.dataset}: {exc}")
-        return 2
     except Exception as exc:
-        why = _storage_failure(exc)
-        if why is None:
+        message = _cannot_read(args.dataset, exc)
+        if message is None:
             raise
-        print(f"cannot read {args.dataset}: {why}")
+        print(message)
         return 2
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
