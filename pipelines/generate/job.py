@@ -691,9 +691,17 @@ class GenerateJob:
             return failed_inputs > budget * total_inputs
 
         failure_examples: list[str] = []  # this run's first failures, "URI: reason"
+        kept_examples: list[str] | None = None  # read once, when needed
+
+        def examples() -> list[str]:
+            """This run's first failures, then the kept shards' (a resume names them too)."""
+            nonlocal kept_examples
+            if kept_examples is None and len(failure_examples) < FAILURE_EXAMPLES:
+                kept_examples = self._kept_failures(complete, FAILURE_EXAMPLES)
+            return (failure_examples + (kept_examples or []))[:FAILURE_EXAMPLES]
 
         def budget_error() -> JobFailed:
-            first = "; ".join(failure_examples[:FAILURES_SHOWN])
+            first = "; ".join(examples()[:FAILURES_SHOWN])
             return JobFailed(
                 f"failure budget exceeded: {failed_inputs} of {total_inputs} inputs failed (decode or "
                 f"generation; limits.max_failure_fraction = {budget})"
@@ -815,6 +823,7 @@ class GenerateJob:
                             ref = compact.remote(sink_cfg, st.index, st.expected_inputs, st.started)
                             in_flight[ref] = st.index
                         if over_budget():
+                            self._settle(collect)
                             raise budget_error()
                     self._check_lock()
                     collect(block=False)
@@ -854,8 +863,8 @@ class GenerateJob:
             "model_digest": plan.model_digest,
             "writers": sorted({s.get("writer", {}).get("node_id") or s.get("host") for s in written}),
             "driver_bytes_received": self.driver_bytes,
-            # this run's first failures (kept shards' are in their parquet files): "URI: reason"
-            "failure_examples": failure_examples,
+            # the first failures, this run's then the kept shards': "URI: reason"
+            "failure_examples": examples() if index["inputs_failed"] else [],
         }
         if m.output.preview:
             try:
@@ -865,6 +874,38 @@ class GenerateJob:
             except Exception as exc:  # a preview is a convenience, never a failure
                 self.log(f"preview skipped: {exc}")
         return summary
+
+    def _kept_failures(self, complete: Iterable[str], limit: int) -> list[str]:
+        """Up to ``limit`` failures ("URI: reason") recorded in the parquet files of kept shards
+        that have any (by their stats), in shard order; unreadable files are passed over."""
+        import pyarrow.parquet as pq
+
+        out: list[str] = []
+        for stem in sorted(complete):
+            st = self.complete_stats.get(stem, {})
+            if not (st.get("inputs_with_failures") or st.get("inputs_failed") or st.get("samples_failed")):
+                continue
+            try:
+                rows = pq.read_table(io.BytesIO(self.store.read_bytes(f"{stem}.parquet"))).to_pylist()
+            except Exception:
+                continue
+            seen: set[str] = set()
+            for r in rows:
+                if r.get("status") != "ok" and r.get("error") and r.get("uri") not in seen:
+                    seen.add(r.get("uri"))
+                    out.append(f"{r['uri']}: {r['error']}")
+                    if len(out) >= limit:
+                        return out
+        return out
+
+    def _settle(self, collect) -> None:
+        """Before the job stops early: let the shard compactions in flight finish (each leaves a
+        complete shard, kept by the next run) and remove temporary files, so the output holds only
+        complete shards and the parts a resume needs."""
+        with contextlib.suppress(Exception):  # the error that stops the job is the one to report
+            collect(block=True)
+        with contextlib.suppress(Exception):
+            self.store.clean_temporaries()
 
     # ---------------------------------------------------------------- index and preview
     def _indexed_start_profile(self, plan: Plan) -> dict | None:
