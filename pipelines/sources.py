@@ -20,6 +20,7 @@ import posixpath
 import tarfile
 import threading
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -256,9 +257,21 @@ def list_source(spec, storage: Mapping | None = None, map_tars=None) -> list[Sou
         return with_retries(read, what=f"reading {p}")
 
     if spec.format == "folder":
+        other: Counter[str] = Counter()  # extensions left out, said once (not silently dropped)
         for p, info in find().items():
             if _ext_ok(p, exts):
                 items.append(SourceItem(recorded(p), _uri_of(prefix, p), None, info.get("size")))
+            elif not posixpath.basename(p).startswith("."):
+                other[posixpath.splitext(p)[1].lower() or "(none)"] += 1
+        if other:
+            log.warning(
+                "%s: %d file(s) left out by extension (%s); the source's `extensions` keeps %s: "
+                "add an extension to include its files",
+                spec.uri,
+                sum(other.values()),
+                ", ".join(f"{e}: {n}" for e, n in sorted(other.items(), key=lambda x: (-x[1], x[0]))[:6]),
+                ", ".join(exts),
+            )
     elif spec.format == "webdataset":
         tars = [(_uri_of(prefix, p), recorded(p)) for p in sorted(q for q in find() if q.endswith(".tar"))]
         indexed = (map_tars or _index_tars_here)(tars, exts, storage)
@@ -371,7 +384,13 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
 # files by their bytes: without this list a ".png" holding PostScript would be handed to
 # Ghostscript (EPS), and other rarely used plugins would parse untrusted bytes. (A camera's
 # multi-picture JPEG, MPO, is opened by the JPEG plugin.)
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
+# AVIF where this Pillow reads it (11.2+ builds; older ones would raise on the unknown name).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM", "AVIF")
+
+
+def _readable_formats() -> tuple[str, ...]:
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 
 
 def decode_image(
@@ -395,14 +414,14 @@ def decode_image(
             saved = Image.MAX_IMAGE_PIXELS
             Image.MAX_IMAGE_PIXELS = None
             try:
-                im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+                im = Image.open(io.BytesIO(data), formats=_readable_formats())
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
     except Image.DecompressionBombError as exc:
         raise ImageError(f"too large: {exc}") from None
     except UnidentifiedImageError:
         raise ImageError(
-            f"not an image: unrecognised format ({len(data)} bytes; read: {', '.join(IMAGE_FORMATS)})"
+            f"not an image: unrecognised format ({len(data)} bytes; read: {', '.join(_readable_formats())})"
         ) from None
     except Exception as exc:
         raise ImageError(f"corrupt: {type(exc).__name__}: {exc}") from None

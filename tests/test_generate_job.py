@@ -727,9 +727,10 @@ def test_the_plan_says_where_tau_and_the_start_come_from(tmp_path, capsys, photo
     p.write_text(yaml.safe_dump(data))
     notes = {}
     for name, extra in {
-        "calibrated": [],
+        "calibrated": ["--set", "refs.0.domain=camera-standin"],
         "bare": ["--set", f"generator.checkpoint={bare}"],
         "off": ["--set", "generator.calibration=off"],
+        "other domain": [],  # manifest_dict's references are 'phone'
     }.items():
         assert main([str(p), "--dry-run", *extra]) == 0
         notes[name] = json.loads(capsys.readouterr().out)["generator_settings"]
@@ -740,3 +741,8 @@ def test_the_plan_says_where_tau_and_the_start_come_from(tmp_path, capsys, photo
         "the checkpoint carries no domain calibration, so the paper's settings: τ 0..300"
     )
     assert notes["off"] == "domain calibration off (generator.calibration): τ 0..300, start realesrgan"
+    # the calibration's τ belongs to its own domain: a job over another domain is told so
+    assert notes["other domain"].startswith(
+        notes["calibrated"] + "; it was calibrated for 'camera-standin', "
+    )
+    assert "not for this job's 'phone': adapt the checkpoint" in notes["other domain"]

@@ -308,3 +308,24 @@ def test_tar_header_scans_on_s3_do_not_download_the_members(s3_server, s3_bucket
     assert spans[1].members["hr.png"][1] == member
     assert listed < whole / 20, (listed, whole)
     assert scanned < whole / 20, (scanned, whole)
+
+
+def test_files_left_out_by_extension_are_counted_in_a_warning(tmp_path, caplog):
+    """A valid image under an extension the source does not keep (.jfif, .avif) used to vanish
+    from the listing without a word."""
+    import logging
+
+    folder = tmp_path / "hr"
+    (folder / "sub").mkdir(parents=True)
+    data = png_bytes(gradient(8, 8))
+    for name in ("a.png", "b.jfif", "c.JFIF", "sub/d.avif", "notes", ".DS_Store"):
+        (folder / name).write_bytes(data)
+    with caplog.at_level(logging.WARNING, logger="realdgen.sources"):
+        items = list_source(SourceSpec(uri=str(folder)))
+    assert [Path(it.uri).name for it in items] == ["a.png"]
+    assert "4 file(s) left out by extension (.jfif: 2, (none): 1, .avif: 1)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="realdgen.sources"):
+        items = list_source(SourceSpec(uri=str(folder), extensions=["png", "jfif", "avif"]))
+    assert len(items) == 4 and "left out by extension (" in caplog.text  # 'notes' only
+    assert "1 file(s) left out by extension ((none): 1)" in caplog.text

@@ -229,9 +229,11 @@ def _check_start_bank(m: GenerateManifest) -> None:
         raise ManifestError(f"generator.start_bank: {type(exc).__name__}: {exc}"[:600]) from None
 
 
-def generator_note(spec, calibration: dict | None) -> str | None:
+def generator_note(spec, calibration: dict | None, domains: Sequence[str] = ()) -> str | None:
     """One line on where a realdgen job's τ and start come from (``spec``: the resolved
-    ``GeneratorSpec``; ``calibration``: the checkpoint's, or None). None for other generators."""
+    ``GeneratorSpec``; ``calibration``: the checkpoint's, or None; ``domains``: the manifest's
+    reference domains, named when the calibration was made for another). None for other
+    generators."""
     if spec.kind != "realdgen":
         return None
     tau = f"τ {spec.tau_min}..{spec.tau_max}"
@@ -242,10 +244,18 @@ def generator_note(spec, calibration: dict | None) -> str | None:
             f"the checkpoint carries no domain calibration, so the paper's settings: {tau}, start "
             f"{spec.start_kind} (an adaptation that finished, or train.py --calibrate-only, records one)"
         )
-    return (
+    note = (
         f"domain calibration {calibration.get('domain')!r} from the checkpoint: {tau}, start "
         f"{spec.start_kind} ({len(spec.start_bank or ())}-entry bank)"
     )
+    others = sorted({d for d in domains if d != calibration.get("domain")})
+    if others:
+        note += (
+            f"; it was calibrated for {calibration.get('domain')!r}, not for this job's "
+            f"{', '.join(map(repr, others))}: adapt the checkpoint on those references for their own "
+            "τ (manifests/adapt.yaml, docs/training.md)"
+        )
+    return note
 
 
 def preflight(m: GenerateManifest) -> tuple[GenerateManifest, str, str | None, str | None, str | None]:
@@ -271,7 +281,9 @@ def preflight(m: GenerateManifest) -> tuple[GenerateManifest, str, str | None, s
     _check_source(m.hr, storage, "hr")
     for si, rs in enumerate(m.refs):
         _check_source(rs.source, storage, f"refs[{si}].source")
-    return m, manifest_digest(m), local, model_digest, generator_note(m.generator, calibration)
+    domains = [rs.domain for rs in m.refs if rs.domain is not None]
+    note = generator_note(m.generator, calibration, domains)
+    return m, manifest_digest(m), local, model_digest, note
 
 
 def _location(uri: str) -> str:
