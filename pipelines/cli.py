@@ -119,7 +119,7 @@ def _configure_inspect(p: argparse.ArgumentParser) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from pipelines.inspect_shards import inspect_dataset
+    from pipelines.inspect_shards import ContactSheetError, inspect_dataset
 
     try:
         report = inspect_dataset(
@@ -132,6 +132,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
             columns=args.columns,
             max_shards=args.max_shards,
         )
+    except ContactSheetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         message = _cannot_read(args.dataset, exc)
         if message is None:

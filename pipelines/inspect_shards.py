@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -228,13 +229,24 @@ def inspect_dataset(
             report.contact_keys.append(raw["__key__"])
         if pairs:
             sheet = contact_sheet(pairs, tile=tile, columns=columns)
-            fs, path = filesystem(contact_sheet_path, endpoint_url)
             buf = io.BytesIO()
             sheet.save(buf, format="PNG")
-            with fs.open(path, "wb") as f:
-                f.write(buf.getvalue())
+            try:
+                fs, path = filesystem(contact_sheet_path, endpoint_url)
+                if "://" not in contact_sheet_path:
+                    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                with fs.open(path, "wb") as f:
+                    f.write(buf.getvalue())
+            except Exception as exc:
+                raise ContactSheetError(
+                    f"cannot write the contact sheet {contact_sheet_path}: {type(exc).__name__}: {exc}"
+                ) from None
             report.contact_sheet = contact_sheet_path
     return report
+
+
+class ContactSheetError(OSError):
+    """The dataset was read; the contact sheet could not be written where asked."""
 
 
 def _read_failures(shards, endpoint_url, report: InspectReport) -> None:

@@ -183,6 +183,15 @@ def test_cli_help_inspect_validate_export(dataset, tmp_path, capsys):
         assert exc.value.code == 0 and "dataset" in capsys.readouterr().out
     assert main(["validate", dataset.uri, "--scale", "4"]) == 0
     assert capsys.readouterr().out.strip().endswith("ok")
+    # the contact sheet's folder is made; a place it cannot go is named as such, not as the dataset
+    sheet = tmp_path / "new" / "dir" / "s.png"
+    assert main(["inspect", dataset.uri, "--contact-sheet", str(sheet), "--pairs", "1"]) == 0
+    assert sheet.exists() and json.loads(capsys.readouterr().out)["contact_sheet"] == str(sheet)
+    (tmp_path / "afile").write_text("x")
+    assert main(["inspect", dataset.uri, "--contact-sheet", str(tmp_path / "afile" / "s.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write the contact sheet {tmp_path / 'afile' / 's.png'}: ")
+    assert "cannot read" not in err
     assert main(["validate", dataset.uri, "--scale", "2", "--no-decode"]) == 1
     assert "expected 2" in capsys.readouterr().out
     assert main(["validate", str(tmp_path / "nope")]) == 2
