@@ -659,24 +659,34 @@ def test_preview_and_references_read_with_the_jobs_limits(tmp_path):
         tar.addfile(info, io.BytesIO(data))
 
     hr, lr = np.full((32, 32, 3), 200, np.uint8), np.full((8, 8, 3), 50, np.uint8)
+    # the reference panel: the centre 8x8 of a 20x24 reference, magnified 4x like the LR
+    ref_img = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    ref_path = tmp_path / "ref.png"
+    Image.fromarray(ref_img).save(ref_path)
+    meta = json.dumps({"ref_source": str(ref_path)}).encode()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         member(tar, "../x.hr.png", encode_png(hr))  # never read
         for key, hr_png in (("a", bomb_png(12000, 12000)), ("b", encode_png(hr))):
             member(tar, f"{key}.hr.png", hr_png)
-            member(tar, f"{key}.json", b"{}")
+            member(tar, f"{key}.json", meta)
             member(tar, f"{key}.lr.png", encode_png(lr))
     store = DatasetStore(str(tmp_path / "ds"))
     store.write_bytes("p-000000.tar", buf.getvalue())
     logged: list[str] = []
     limits = SimpleNamespace(max_image_pixels=10**6, max_file_bytes=10**6)
-    job = SimpleNamespace(store=store, m=SimpleNamespace(limits=limits), log=logged.append, storage={})
+    plan = SimpleNamespace(refs=[{"uri": str(ref_path), "path": str(ref_path)}])
+    job = SimpleNamespace(
+        store=store, m=SimpleNamespace(limits=limits), log=logged.append, storage={}, plan=plan
+    )
     rows = GenerateJob.preview_rows(job, SimpleNamespace(stems=["p-000000"]), 4)
     assert len(rows) == 2
     assert GenerateJob.write_preview(job, rows) is True
     assert len(logged) == 1 and "12000x12000 = 144000000 pixels > limit 1000000" in logged[0]
     grid = np.asarray(Image.open(tmp_path / "ds" / "_preview.png"))
     assert grid.shape == (32, 32 * 3 + 8, 3)  # one row: HR | reference | LR
+    assert np.array_equal(grid[:, 36:68], ref_img[6:14, 8:16].repeat(4, 0).repeat(4, 1))
+    assert np.array_equal(grid[:, 72:], np.full((32, 32, 3), 50, np.uint8))
     assert GenerateJob.write_preview(job, rows[:1]) is False
 
     refs_dir = tmp_path / "refs"

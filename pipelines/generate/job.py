@@ -1030,9 +1030,12 @@ class GenerateJob:
                         max_pixels=limits.max_image_pixels,
                         max_bytes=limits.max_file_bytes,
                     )
-                    im = Image.fromarray(img)
-                    im.thumbnail((t, t), Image.Resampling.NEAREST)
-                    a = np.asarray(im)
+                    # a centre crop the size of the LR tile, magnified as the LR is: the two
+                    # panels show pixels at the same scale (a shrunk reference hides its blocks)
+                    ch, cw = min(lr.shape[0], img.shape[0]), min(lr.shape[1], img.shape[1])
+                    y, x = (img.shape[0] - ch) // 2, (img.shape[1] - cw) // 2
+                    mag = max(1, t // lr.shape[0])
+                    a = img[y : y + ch, x : x + cw].repeat(mag, 0).repeat(mag, 1)[:t, :t]
                     ref_panel[: a.shape[0], : a.shape[1]] = a
                 except (StopIteration, ImageError, TransientStorageError):
                     pass
