@@ -390,6 +390,9 @@ def calibration_inputs(
     return len(readable), hr, pair_refs
 
 
+FEW_VALIDATION_IMAGES = 8  # a calibration on fewer validation references says so
+
+
 def calibrate_checkpoint(m: TrainManifest, listings: Listings | None = None) -> dict:
     """Choose τ for the domain of ``data.lr`` on its validation split and record the calibration
     (``realdgen_core.calibrate.DomainCalibration``) in ``output.checkpoint``'s metadata.
@@ -431,6 +434,14 @@ def calibrate_checkpoint(m: TrainManifest, listings: Listings | None = None) -> 
         save_checkpoint(out, model, meta)
         put_uri(out, m.output.checkpoint, storage)
     print(f"[train] calibration of {cal_m.domain!r}: tau_max {tau_max} ({scores})", file=sys.stderr)
+    if n_refs < FEW_VALIDATION_IMAGES:
+        print(
+            f"[train] warning: τ was chosen on {n_refs} validation image(s) of {cal_m.domain!r} "
+            f"(calibration.val_fraction {cal_m.val_fraction} of the domain's LR): its "
+            f"{cal_m.pairs} pairs reuse so few references that the choice is mostly chance; give the "
+            f"domain more LR images (at least {FEW_VALIDATION_IMAGES} on the validation side)",
+            file=sys.stderr,
+        )
     return {"domain": cal_m.domain, "tau_max": tau_max, **scores}
 
 

@@ -156,7 +156,7 @@ def test_calibrate_tau_scores_the_start_rule_it_is_given(photos):
         calibrate.calibrate_tau(gen, hr, refs, bank, tau_grid=(0,), start_errors=torch.zeros(2, 3))
 
 
-def test_adaptation_records_a_calibration_the_job_uses(tmp_path, photos):
+def test_adaptation_records_a_calibration_the_job_uses(tmp_path, photos, capsys):
     from pipelines import train as T
     from pipelines.generate_dataset import _checkpoint_calibration
     from pipelines.manifest import GeneratorSpec
@@ -205,7 +205,11 @@ calibration: {{enabled: true, domain: codec, pairs: 2, hr_crop: 32, tau_grid: [0
     assert [t["ops"] for t in g.start_bank] == [t["ops"] for t in cal.bank]
     # --calibrate-only: trains nothing, re-records the calibration (here a one-point grid)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    capsys.readouterr()
     assert T.main([str(path), "--calibrate-only", "--set", "calibration.tau_grid=[7]"]) == 0
+    n_val = cal.scores["validation_images"]
+    warned = f"warning: τ was chosen on {n_val} validation image(s) of 'codec'" in capsys.readouterr().err
+    assert n_val < T.FEW_VALIDATION_IMAGES and warned  # a tiny domain: the choice is said to be weak
     again, meta2 = load_checkpoint(tmp_path / "adapted.safetensors")
     cal2 = calibrate.from_metadata(meta2)
     assert cal2.tau_max == 7 and set(cal2.scores["per_tau_max"]) == {"7"}
