@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import importlib
 
         module = importlib.import_module(PASSTHROUGH[argv[0]][0])
-        return int(module.main(argv[1:]) or 0)
+        return int(module.main(argv[1:], prog=f"realdgen {argv[0]}") or 0)
     args = build_parser().parse_args(argv)
     return int(args._run(args) or 0)
 

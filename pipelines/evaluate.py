@@ -244,14 +244,14 @@ def _is_manifest(argv: Sequence[str]) -> bool:
     return first.lower().endswith((".yaml", ".yml"))
 
 
-def main_manifest(argv: Sequence[str]) -> int:
+def main_manifest(argv: Sequence[str], prog: str | None = None) -> int:
     """``evaluate.py MANIFEST.yaml [--set k=v ...]``: run a manifest by its kind (``evaluate``)."""
     from pipelines.evaluate_realism import run_evaluation
     from pipelines.generate.job import JobFailed
     from pipelines.manifest import ManifestError, load_manifest, manifest_json_schema
 
     ap = argparse.ArgumentParser(
-        prog="evaluate.py",
+        prog=prog or "evaluate.py",
         description="Realism benchmark from a `kind: evaluate` manifest (docs/evaluate.md).",
     )
     ap.add_argument("manifest", help="manifest YAML (kind: evaluate)")
@@ -276,13 +276,14 @@ def main_manifest(argv: Sequence[str]) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if _is_manifest(argv):
-        return main_manifest(argv)
+        return main_manifest(argv, prog)
     ap = argparse.ArgumentParser(
+        prog=prog,
         description=__doc__.split("\n\n")[0]
-        + " With a MANIFEST.yaml (kind: evaluate) instead of a checkpoint: the realism benchmark."
+        + " With a MANIFEST.yaml (kind: evaluate) instead of a checkpoint: the realism benchmark.",
     )
     ap.add_argument("checkpoint")
     ap.add_argument("--out", default=None, help="write/merge the metrics into this JSON file")

@@ -44,9 +44,10 @@ _checkpoint_calibration = checkpoint_calibration
 # --------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="generate_dataset.py", description="Generate paired (HR, realistic LR) WebDataset shards."
+        prog=prog or "generate_dataset.py",
+        description="Generate paired (HR, realistic LR) WebDataset shards.",
     )
     ap.add_argument("manifest", nargs="?", help="manifest YAML (kind: generate)")
     ap.add_argument(

@@ -982,9 +982,9 @@ def run_with_ray(m: TrainManifest, stages: Sequence[str]) -> dict:
     return RunStore(m.output.run_dir, m.storage.model_dump()).read_json(SUMMARY)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("manifest", help="a `kind: train` manifest (YAML)")
     ap.add_argument(

@@ -330,7 +330,11 @@ def test_bad_manifests_fail_before_any_work(tmp_path, capsys):
             {"generator": {"kind": "bicubic", "k": 0}},
             "generator.k: Input should be greater than or equal to 1",
         ),
-        "missing_hr": ({"hr": {"uri": str(tmp_path / "nope")}}, "hr.uri: not found"),
+        "missing_hr": ({"hr": {"uri": str(tmp_path / "nope")}}, f"hr.uri: not found: {tmp_path / 'nope'}\n"),
+        "file_hr": (
+            {"hr": {"uri": str(empty / "notes.txt")}},
+            f"hr.uri: '{empty / 'notes.txt'}' is a file, not a folder",
+        ),
         "empty_hr": ({"hr": {"uri": str(empty)}}, "hr.uri: no images found"),
         "missing_ckpt": (
             {"generator": {"kind": "realdgen", "checkpoint": str(tmp_path / "x.safetensors")}},

@@ -188,15 +188,25 @@ def _first_image(spec, storage: dict) -> bool:
 
 
 def _no_images(spec, key: str) -> ManifestError:
+    if spec.format == "folder" and "://" not in spec.uri and os.path.isfile(spec.uri):
+        return ManifestError(
+            f"{key}.uri: {spec.uri!r} is a file, not a folder: name its folder, or a glob such as "
+            f"'{os.path.dirname(spec.uri) or '.'}/*.png'"
+        )
     return ManifestError(f"{key}.uri: no images found (got {spec.uri!r}, extensions {list(spec.extensions)})")
 
 
 def _unlistable(exc: Exception, spec, key: str) -> ManifestError:
     """The ManifestError for a source that could not be looked at (preflight or listing)."""
     if isinstance(exc, SourceError):
-        return ManifestError(f"{key}.uri: {exc} (got {spec.uri!r})")
+        text = str(exc)  # "not found: PATH" names the path already; say the URI only when it differs
+        got = "" if text.endswith(spec.uri) else f" (got {spec.uri!r})"
+        return ManifestError(f"{key}.uri: {text}{got}")
     if isinstance(exc, FileNotFoundError):
-        return ManifestError(f"{key}.uri: not found: {exc} (got {spec.uri!r})")
+        where = str(exc)
+        return ManifestError(
+            f"{key}.uri: not found: {spec.uri!r}" + (f" (looked at {where})" if spec.uri not in where else "")
+        )
     if isinstance(exc, StorageAccessError):  # names the URI and what to fix itself
         return ManifestError(f"{key}.uri: {exc}")
     return ManifestError(f"{key}.uri: cannot be listed: {type(exc).__name__}: {exc} (got {spec.uri!r})")
