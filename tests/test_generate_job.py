@@ -221,6 +221,13 @@ def test_bad_inputs_get_failure_rows_and_good_ones_land(ray_local, tmp_path):
     stats = json.loads((out / "pairs-000000_stats.json").read_text())
     assert sum(stats["errors"].values()) == stats["inputs_failed"] >= 1
     assert summary["inputs_failed"] == sum(o != "ok" for o in cases.values())
+    # the reference that did not decode is named in the index, and stays named when a rerun over
+    # the complete dataset does not read the references again
+    index = json.loads((out / "_index.json").read_text())
+    assert index["references_skipped"]["count"] == 1, index
+    assert index["references_skipped"]["first"][0].startswith(f"{refs / 'broken.png'}: "), index
+    run_dict(data)
+    assert json.loads((out / "_index.json").read_text())["references_skipped"] == index["references_skipped"]
 
 
 @pytest.mark.ray

@@ -72,6 +72,7 @@ REF_TASK_SETTLE_S = 2.0
 
 FAILURE_EXAMPLES = 10  # failures the driver keeps, with their URI and reason, for the summary
 FAILURES_SHOWN = 5  # of those, how many an error message or the console lists
+REFERENCES_SKIPPED_KEPT = 100  # references that did not decode, named in the index (all counted)
 
 
 class JobFailed(RuntimeError):
@@ -506,6 +507,7 @@ class GenerateJob:
             m.limits.max_file_bytes,
         )
         ok, errors, profiles = ray.get([ok_ref, err_ref, prof_ref])
+        plan.references_skipped = {"count": len(errors), "first": errors[:REFERENCES_SKIPPED_KEPT]}
         for e in errors[:10]:
             self.log(f"reference skipped: {e}")
         if len(errors) > 10:
@@ -908,11 +910,10 @@ class GenerateJob:
             self.store.clean_temporaries()
 
     # ---------------------------------------------------------------- index and preview
-    def _indexed_start_profile(self, plan: Plan) -> dict | None:
-        """The ``start_profile`` of this plan's existing index (``{}`` when the job records none),
-        or None when there is no index to take it from (then the references are read as usual).
-        ``inspect_output`` has already refused or cleared an index of another manifest, model or
-        input listing, so one that is still here is this plan's."""
+    def _plan_index(self, plan: Plan) -> dict | None:
+        """This plan's existing index, or None. ``inspect_output`` has already refused or cleared
+        an index of another manifest, model or input listing, so one that is still here is this
+        plan's."""
         if INDEX_NAME not in self.store.names():
             return None
         try:
@@ -923,6 +924,17 @@ class GenerateJob:
             return None
         if not isinstance(index, dict) or index.get("manifest_digest") != plan.digest:
             return None
+        return index
+
+    def _indexed_start_profile(self, plan: Plan) -> dict | None:
+        """The ``start_profile`` of this plan's existing index (``{}`` when the job records none),
+        or None when there is no index to take it from (then the references are read as usual).
+        The references the index says were skipped are kept for the index this run rewrites."""
+        index = self._plan_index(plan)
+        if index is None:
+            return None
+        if isinstance(index.get("references_skipped"), dict):
+            plan.references_skipped = index["references_skipped"]
         kept = index.get("start_profile")
         if kept is None:
             return {} if not (plan.refs and plan.probe) else None
@@ -948,6 +960,8 @@ class GenerateJob:
             "inputs": plan.n_inputs,
             "inputs_failed": inputs_failed,
         }
+        if plan.references_skipped is not None:  # references that did not decode: "URI: reason"
+            index["references_skipped"] = plan.references_skipped
         if kept_start_profile:
             index["start_profile"] = kept_start_profile
         elif plan.start_profiles:  # the start each reference domain got (generator.start_choice: domain)

@@ -560,6 +560,8 @@ class Plan:
     sets: list[dict] = field(default_factory=list)
     probe: list[dict] = field(default_factory=list)
     start_profiles: dict = field(default_factory=dict)  # profile key → domain start profile (job)
+    # references that did not decode ({"count", "first": ["URI: reason", …]}); None: not read
+    references_skipped: dict | None = None
     listed: bool = False
     inputs_digest: str | None = None
     generator_note: str | None = None  # where a realdgen job's τ and start come from (generator_note)
