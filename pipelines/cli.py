@@ -17,6 +17,17 @@ DATASET_HELP = "dataset URI: a local folder, file://… or s3://bucket/prefix"
 ENDPOINT_HELP = "S3 endpoint URL (default: $AWS_ENDPOINT_URL); credentials always come from the environment"
 
 
+def _endpoint(value: str) -> str:
+    """An S3 endpoint URL without credentials in it (they come from the environment only)."""
+    if not value.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError("must start with http:// or https://")
+    if "@" in value.split("://", 1)[1].split("/", 1)[0]:
+        raise argparse.ArgumentTypeError(
+            "must not hold credentials (user:password@; not shown); set them in the environment"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class Command:
     name: str
@@ -32,7 +43,7 @@ class Command:
 def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help=DATASET_HELP)
     p.add_argument("out_dir", help="local folder to write hr/, lr/ and the meta files into")
-    p.add_argument("--endpoint", default=None, help=ENDPOINT_HELP)
+    p.add_argument("--endpoint", default=None, type=_endpoint, help=ENDPOINT_HELP)
     p.add_argument("--limit", type=int, default=None, help="stop after this many pairs")
     p.add_argument(
         "--no-verify",
@@ -99,7 +110,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def _configure_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help=DATASET_HELP)
-    p.add_argument("--endpoint", default=None, help=ENDPOINT_HELP)
+    p.add_argument("--endpoint", default=None, type=_endpoint, help=ENDPOINT_HELP)
     p.add_argument(
         "--contact-sheet",
         metavar="PNG",
@@ -150,7 +161,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 def _configure_validate(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help=DATASET_HELP)
-    p.add_argument("--endpoint", default=None, help=ENDPOINT_HELP)
+    p.add_argument("--endpoint", default=None, type=_endpoint, help=ENDPOINT_HELP)
     p.add_argument("--scale", type=int, default=None, help="require this scale in every sample")
     p.add_argument(
         "--no-decode",

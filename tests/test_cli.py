@@ -66,3 +66,13 @@ def test_an_unreachable_endpoint_is_one_line_and_exit_2(tmp_path, capsys, monkey
     text = (out.err + out.out).strip()
     assert "cannot read s3://bucket/ds: storage unavailable: EndpointConnectionError" in text
     assert "Traceback" not in text and len(text.splitlines()) == 1
+
+
+def test_an_endpoint_with_credentials_is_refused_without_echoing_them(capsys):
+    for command in ("inspect", "validate"):
+        with pytest.raises(SystemExit) as exc:
+            main([command, "s3://b/ds", "--endpoint", "http://AKIAFAKE:SUPERSECRET@127.0.0.1:9"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "--endpoint: must not hold credentials" in err
+        assert "SUPERSECRET" not in err and "AKIAFAKE" not in err
