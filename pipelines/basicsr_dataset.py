@@ -62,8 +62,9 @@ class RealDGenPairedDataset(Dataset):
     ``[0, 1]`` (normalised when ``mean``/``std`` are set). A sample that breaks the contract is
     counted in :attr:`skipped`, logged, and replaced by a good one drawn at random, so one bad
     sample (or a truncated shard) does not kill a multi-day run; ``MAX_SUBSTITUTES`` bad draws in a
-    row raise. Outside ``phase: train`` a bad sample raises (``ValueError`` naming it): a
-    substitute would put another sample's score under its key.
+    row raise. Outside ``phase: train`` (validation) every sample is read and decoded once when the
+    dataset is built and the bad ones are left out, named in a warning: a substitute would put
+    another sample's score under its key, and a raise would end the run at its first validation.
     """
 
     def __init__(self, opt: dict):
@@ -95,9 +96,32 @@ class RealDGenPairedDataset(Dataset):
             max_member_bytes=int(opt.get("max_member_bytes", MAX_MEMBER_BYTES)),
         )
         self._rng: tuple[int, np.random.Generator] | None = None
+        # validation: the usable samples, checked once here (None in training: substitutes)
+        self._good: list[int] | None = None if train else self._usable_samples(opt["dataroot"])
+
+    def _usable_samples(self, dataroot) -> list[int]:
+        """Every sample read and decoded once; the bad ones are left out and named in a warning, so
+        validation scores the same good samples, under their own keys, on every run."""
+        good = []
+        rng = np.random.default_rng(0)
+        for i in range(len(self.access)):
+            try:
+                files, key, url = self.access.get(i)
+                self.transform(files, key, url, rng)
+            except BadSample as exc:
+                self.skipped[exc.reason] += exc.count
+                log.warning("RealDGenPairedDataset (%s): sample %d left out: %s", self.phase, i, exc)
+                continue
+            good.append(i)
+        if not good:
+            raise ValueError(
+                f"RealDGenPairedDataset ({self.phase}): no usable sample in {dataroot}; "
+                f"skipped: {dict(self.skipped)}"
+            )
+        return good
 
     def __len__(self) -> int:
-        return len(self.access)
+        return len(self._good) if self._good is not None else len(self.access)
 
     def _skip_member(self, exc: BadSample) -> None:
         """A tar member the scan left unread (unsafe name, unexpected extension, too large, …)."""
@@ -114,19 +138,19 @@ class RealDGenPairedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         n = len(self)
-        i = index
+        i = self._good[index] if self._good is not None else index
         for _ in range(MAX_SUBSTITUTES):
             try:
                 files, key, url = self.access.get(i)  # a sample marked bad by the scan raises here
                 out = self.transform(files, key, url, self._generator())
             except BadSample as exc:
                 self.skipped[exc.reason] += exc.count
-                if self.phase != "train":
-                    # a substitute would be scored (and saved) under another key, by the draw
+                if self._good is not None:
+                    # checked good at construction, bad now (storage changed under the run): a
+                    # substitute would be scored (and saved) under another key
                     raise ValueError(
-                        f"RealDGenPairedDataset ({self.phase}): sample {i} is unusable: {exc}; "
-                        "validation does not substitute samples "
-                        "(`realdgen validate DATASET` names the bad ones)"
+                        f"RealDGenPairedDataset ({self.phase}): sample {i} was usable when the "
+                        f"dataset was built and is not now: {exc}"
                     ) from exc
                 log.warning("RealDGenPairedDataset: sample %d skipped: %s", i, exc)
                 i = int(self._generator().integers(n))

@@ -376,6 +376,11 @@ class GeneratorSpec(StrictModel):
             )
         return self.model_copy(update=update)
 
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_uri(cls, v: str | None) -> str | None:
+        return None if v is None else _local_or_s3(v)
+
     @field_validator("calibration", mode="before")
     @classmethod
     def _yaml_on_off(cls, v: Any) -> Any:
@@ -1024,6 +1029,11 @@ class TrainManifest(StrictModel):
     calibration: TrainCalibration = Field(
         default_factory=TrainCalibration, description="Domain calibration of τ and the start (adaptation)."
     )
+
+    @field_validator("init_checkpoint")
+    @classmethod
+    def _init_checkpoint_uri(cls, v: str | None) -> str | None:
+        return None if v is None else _local_or_s3(v)
 
     @model_validator(mode="after")
     def _check(self) -> TrainManifest:

@@ -64,7 +64,7 @@ MEMBERS = ("hr.png", "lr.png", "json")
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # ARCHITECTURE §5
 MAX_PIXELS = 64_000_000  # per image, checked from the header (the job's limits.max_image_pixels default)
 MAX_MEMBER_BYTES = 256 * 2**20  # a member larger than this is not read
-MAX_JSON_BYTES = 64 * 2**20  # _index.json / _stats.json: a dataset's own small files
+MAX_JSON_BYTES = 256 * 2**20  # _index.json / _stats.json (a 1,000,000-shard index is ~90 MiB)
 
 
 # A worker whose first samples all fail stops with an error (a wrong scale or gt_size, not bad data).
@@ -178,7 +178,7 @@ def _small_json(f, what: str) -> dict:
     return out
 
 
-SHARD_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+SHARD_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # output.name may start with _ or -
 
 
 def _shard_name(name: object, where: str) -> str:
@@ -726,6 +726,7 @@ class PairedShardDataset(IterableDataset):
             )
         self.samples_per_epoch = samples_per_epoch
         self.rank, self.world_size = dist_rank_world(rank, world_size)
+        self._split_given = rank is not None or world_size is not None
         self.strict = strict
         self.epoch = 0
         self._last_epoch: int | None = None  # the epoch of this object's last pass in this process
@@ -839,6 +840,7 @@ class PairedShardDataset(IterableDataset):
         self._last_epoch = self.epoch
         if (
             self.world_size == 1
+            and not self._split_given
             and torch.distributed.is_available()
             and torch.distributed.is_initialized()
             and torch.distributed.get_world_size() > 1
@@ -847,7 +849,7 @@ class PairedShardDataset(IterableDataset):
                 "PairedShardDataset was built before init_process_group: this rank reads every "
                 "shard (world_size 1); build it after, or pass rank and world_size"
             )
-        if not self.resampled and slot >= len(self.shards):
+        if not self.resampled and self.world_size > 1 and slot >= len(self.shards):
             log.warning(
                 "rank %d, slot %d of %d gets no shard (%d shards): its epoch is empty and ranks "
                 "run unequal numbers of steps; write at least world_size x num_workers shards, "

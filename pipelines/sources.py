@@ -384,8 +384,22 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
 # files by their bytes: without this list a ".png" holding PostScript would be handed to
 # Ghostscript (EPS), and other rarely used plugins would parse untrusted bytes. (A camera's
 # multi-picture JPEG, MPO, is opened by the JPEG plugin.)
-# AVIF where this Pillow reads it (11.2+ builds; older ones would raise on the unknown name).
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM", "AVIF")
+# AVIF and HEIF (a plugin such as pillow-heif) where this Pillow has them: a name it does not know
+# would make every open fail, so the list is filtered by what is registered.
+IMAGE_FORMATS = (
+    "PNG",
+    "JPEG",
+    "WEBP",
+    "BMP",
+    "TIFF",
+    "GIF",
+    "PPM",
+    "TGA",
+    "JPEG2000",
+    "ICO",
+    "AVIF",
+    "HEIF",
+)
 
 
 def _readable_formats() -> tuple[str, ...]:

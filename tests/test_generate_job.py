@@ -766,4 +766,4 @@ def test_the_plan_says_where_tau_and_the_start_come_from(tmp_path, capsys, photo
     assert notes["other domain"].startswith(
         notes["calibrated"] + "; it was calibrated for 'camera-standin', "
     )
-    assert "not for this job's 'phone': adapt the checkpoint" in notes["other domain"]
+    assert "this job's references are labelled 'phone': unless they are" in notes["other domain"]

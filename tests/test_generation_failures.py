@@ -101,6 +101,16 @@ def test_generation_failures_count_in_the_budget_and_compaction_keeps_rows_once(
     failed = [r for r in table if r["row_type"] == "sample"]
     assert [r["key"] for r in failed] == [bad["key"]]
     assert store.list_prefix("_work/x/parts") == []  # parts removed once the shard is whole
+    # a resume names this kept shard's failure too (its input is partial: one sample failed)
+    from types import SimpleNamespace
+
+    from pipelines.generate.job import GenerateJob
+
+    job = SimpleNamespace(store=store, complete_stats={"pairs-000000": stats})
+    kept = GenerateJob._kept_failures(job, ["pairs-000000"], 10)
+    assert kept == [f"{bad['uri']}: {failed[0]['error']}"] and "illegal memory access" in kept[0]
+    job.complete_stats = {"pairs-000000": {**stats, "inputs_with_failures": 0, "samples_failed": 0}}
+    assert GenerateJob._kept_failures(job, ["pairs-000000"], 10) == []  # stats say none: not read
 
 
 def test_a_success_wins_over_a_stale_failed_part_of_the_same_key(tmp_path, monkeypatch):

@@ -673,28 +673,38 @@ def test_two_datasets_from_the_same_inputs_mix_in_full(odd_dataset, tmp_path, ca
     assert "slot 7 of 8 gets no shard (7 shards)" in caplog.text
 
 
-def test_basicsr_validation_raises_on_a_bad_sample_instead_of_substituting(tmp_path):
+def test_basicsr_validation_leaves_a_bad_sample_out_instead_of_substituting(tmp_path, monkeypatch):
     """In training a bad sample is replaced by a random good one; in validation that would score
-    another sample under its key, so it raises naming the sample."""
+    another sample under its key, so validation checks every sample once and leaves the bad ones
+    out (a sample that goes bad after that raises, naming it)."""
     ds_info = write_dataset(
         str(tmp_path / "v"), n_samples=4, samples_per_shard=4, hr_size=64, failures_per_shard=0
     )
     tar = tmp_path / "v" / (sorted(ds_info.shards)[0].removesuffix(".tar") + ".tar")
     with tarfile.open(tar) as t:
         members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    bad_key = members[0][0].name.split(".")[0]
     with tarfile.open(tar, "w") as t:
         for m, data in members:
-            if m.name.endswith(".lr.png") and m.name.startswith(members[0][0].name.split(".")[0]):
+            if m.name == f"{bad_key}.lr.png":
                 data = b"not a png"
                 m.size = len(data)
             t.addfile(m, io.BytesIO(data))
     opt = {"dataroot": ds_info.uri, "scale": 4}
     val = RealDGenPairedDataset({**opt, "phase": "val"})
-    with pytest.raises(ValueError, match=r"\(val\): sample 0 is unusable: .*not a PNG.*does not substitute"):
+    assert len(val) == 3 and val.skipped["decode_error"] == 1
+    keys = [val[i]["key"] for i in range(len(val))]
+    assert bad_key not in keys and len(set(keys)) == 3
+    assert val[0]["lq"].shape == (3, 16, 16)
+
+    def gone_bad(i):
+        raise BadSample("decode_error", "the object changed")
+
+    monkeypatch.setattr(val.access, "get", gone_bad)
+    with pytest.raises(ValueError, match=r"\(val\): sample \d was usable when the dataset was built"):
         val[0]
-    assert val[1]["lq"].shape == (3, 16, 16)
     train = RealDGenPairedDataset({**opt, "phase": "train", "gt_size": 32})
-    assert train[0]["lq"].shape == (3, 8, 8) and train.skipped["decode_error"] >= 1  # a draw may hit 0 again
+    assert len(train) == 4 and train[0]["lq"].shape == (3, 8, 8) and train.skipped["decode_error"] >= 1
 
 
 def test_an_index_is_untrusted_too(odd_dataset, tmp_path):

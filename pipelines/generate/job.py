@@ -866,7 +866,7 @@ class GenerateJob:
             "writers": sorted({s.get("writer", {}).get("node_id") or s.get("host") for s in written}),
             "driver_bytes_received": self.driver_bytes,
             # the first failures, this run's then the kept shards': "URI: reason"
-            "failure_examples": examples() if index["inputs_failed"] else [],
+            "failure_examples": examples() if failure_examples or failed_inputs else [],
         }
         if m.output.preview:
             try:

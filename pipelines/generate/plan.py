@@ -258,12 +258,14 @@ def generator_note(spec, calibration: dict | None, domains: Sequence[str] = ()) 
         f"domain calibration {calibration.get('domain')!r} from the checkpoint: {tau}, start "
         f"{spec.start_kind} ({len(spec.start_bank or ())}-entry bank)"
     )
-    others = sorted({d for d in domains if d != calibration.get("domain")})
-    if others:
+    # the train manifest's default label ("domain") names nothing: no note then
+    label = calibration.get("domain")
+    others = sorted({d for d in domains if d != label})
+    if others and label not in (None, "domain"):
         note += (
-            f"; it was calibrated for {calibration.get('domain')!r}, not for this job's "
-            f"{', '.join(map(repr, others))}: adapt the checkpoint on those references for their own "
-            "τ (manifests/adapt.yaml, docs/training.md)"
+            f"; it was calibrated for {label!r}, and this job's references are labelled "
+            f"{', '.join(map(repr, others))}: unless they are the references it was adapted on, adapt "
+            "the checkpoint on them for their own τ (manifests/adapt.yaml, docs/training.md)"
         )
     return note
 
