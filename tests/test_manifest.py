@@ -139,7 +139,7 @@ def test_credentials_are_refused_without_echoing_them(tmp_path):
     assert "storage.aws_secret_access_key" in str(info.value)
     assert "SUPERSECRET" not in str(info.value)
     # nor in a source or output URI (it would travel in task arguments and records)
-    for key in ("hr.uri", "output.uri"):
+    for key in ("hr.uri", "output.uri", "generator.checkpoint"):
         with pytest.raises(ManifestError) as info:
             load_manifest(write(tmp_path, BASE), [f"{key}=s3://AKIAFAKE:SUPERSECRET@bucket/p"])
         assert f"{key}: must not hold credentials (key:secret@bucket)" in str(info.value)

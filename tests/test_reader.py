@@ -725,6 +725,12 @@ def test_an_index_is_untrusted_too(odd_dataset, tmp_path):
         with pytest.raises(ValueError, match=r"not a plain file name"):
             export_dataset(str(ds), str(tmp_path / "out"))
     assert not (tmp_path / "out" / "hr").exists() or not any((tmp_path / "out" / "hr").iterdir())
+    # names the job writes are fine, output.name may start with _ or -
+    shutil.copy(
+        f"{odd_dataset.uri}/{sorted(odd_dataset.shards)[0].removesuffix('.tar')}.tar", ds / "_v-000000.tar"
+    )
+    (ds / "_index.json").write_text(json.dumps({"shards": [{"name": "_v-000000.tar", "samples": 3}]}))
+    assert len(list(PairedShardDataset(str(ds), gt_size=16, scale=4))) == 3
     (ds / "_index.json").write_text("[" * 100_000)
     with pytest.raises(ValueError, match=r"_index.json is not valid json: RecursionError"):
         PairedShardDataset(str(ds))
