@@ -57,12 +57,15 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _cannot_read(dataset: str, exc: BaseException) -> str | None:
+def _cannot_read(dataset: str, exc: BaseException, own: tuple[type[BaseException], ...] = ()) -> str | None:
     """One line for a dataset that could not be read: a file or format error (``OSError``,
     ``ValueError``) or a storage failure that is not an ``OSError`` (botocore's endpoint and HTTP
-    client errors, refused credentials); None for anything else, which stays a traceback (a bug)."""
+    client errors, refused credentials); an ``own`` error (one that names its own object, such as
+    an output that cannot be written) as it is; None for anything else, which stays a traceback."""
     from pipelines.storage import access_refused, is_transient
 
+    if isinstance(exc, own):
+        return str(exc)
     if isinstance(exc, (OSError, ValueError)):
         return f"cannot read {dataset}: {exc}"
     why = access_refused(exc)
@@ -87,11 +90,8 @@ def _run_export(args: argparse.Namespace) -> int:
             verify=not args.no_verify,
             overwrite=args.overwrite,
         )
-    except FileExistsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except Exception as exc:
-        message = _cannot_read(args.dataset, exc)
+        message = _cannot_read(args.dataset, exc, own=(FileExistsError,))
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
@@ -143,11 +143,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
             columns=args.columns,
             max_shards=args.max_shards,
         )
-    except ContactSheetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except Exception as exc:
-        message = _cannot_read(args.dataset, exc)
+        message = _cannot_read(args.dataset, exc, own=(ContactSheetError,))
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
