@@ -737,3 +737,29 @@ def test_an_index_is_untrusted_too(odd_dataset, tmp_path):
     (ds / "_index.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"_index.json holds a list, not an object"):
         PairedShardDataset(str(ds))
+
+
+def test_split_warnings_fire_only_where_the_data_would_be_wrong(odd_dataset, monkeypatch, caplog):
+    """A dataset built before init_process_group reads every shard on every rank: said. One given
+    rank=0, world_size=1 on purpose (rank-0-only validation) is not; nor is a worker without a
+    shard when there is one process (num_workers > shards is normal there)."""
+    import logging
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    early = PairedShardDataset(odd_dataset.uri, gt_size=16, scale=4, rank=None, world_size=None)
+    early.world_size, early.rank, early._split_given = 1, 0, False  # as if built before init
+    given = PairedShardDataset(odd_dataset.uri, gt_size=16, scale=4, rank=0, world_size=1)
+    with caplog.at_level(logging.WARNING, logger="pipelines.reader"):
+        list(given)
+        assert "built before init_process_group" not in caplog.text
+        list(early)
+        assert "built before init_process_group" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    one_process = PairedShardDataset(odd_dataset.uri, gt_size=16, scale=4)
+    with caplog.at_level(logging.WARNING, logger="pipelines.reader"):
+        keys = [k for b in DataLoader(one_process, batch_size=4, num_workers=0) for k in b["key"]]
+        one_process._check_pass(slot=9, n_slots=10)  # worker 9 of 10, 7 shards, world_size 1
+    assert len(keys) == 20 and "gets no shard" not in caplog.text
