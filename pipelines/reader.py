@@ -358,7 +358,9 @@ def png_size(data: bytes, what: str, max_pixels: int = MAX_PIXELS) -> tuple[int,
     return w, h
 
 
-def _decode_png(data: bytes, what: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode_checked_png(data: bytes, what: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """An untrusted PNG member → uint8 HWC RGB: PNG only, the pixel count checked from the header
+    before decoding, 8-bit RGB; :class:`BadSample` naming ``what`` otherwise."""
     png_size(data, what, max_pixels)
     try:
         with warnings.catch_warnings():
@@ -397,8 +399,8 @@ def decode_pair(
         raise BadSample("scale_mismatch", f"{key}: json scale {s}, reader expects {scale}")
     if not isinstance(meta, dict):
         raise BadSample("bad_json", f"{key}: json is a {type(meta).__name__}, not an object")
-    hr = _decode_png(files["hr.png"], f"{key}.hr.png", max_pixels)
-    lr = _decode_png(files["lr.png"], f"{key}.lr.png", max_pixels)
+    hr = decode_checked_png(files["hr.png"], f"{key}.hr.png", max_pixels)
+    lr = decode_checked_png(files["lr.png"], f"{key}.lr.png", max_pixels)
     if hr.shape[0] != lr.shape[0] * s or hr.shape[1] != lr.shape[1] * s:
         raise BadSample(
             "size_mismatch",

@@ -42,7 +42,7 @@ from pipelines.generate.sink import ShardBook, compact_shard, encode_write_batch
 from pipelines.generate.stages import GenerateLR, decode_tile_batch
 from pipelines.manifest import GenerateManifest, ManifestError
 from pipelines.progress import JobProgress
-from pipelines.reader import BadSample, check_member
+from pipelines.reader import BadSample, check_member, decode_checked_png
 from pipelines.sources import ImageError, SourceItem, load_image
 from pipelines.storage import (
     INDEX_NAME,
@@ -1021,14 +1021,12 @@ class GenerateJob:
         when no row decodes."""
         from PIL import Image
 
-        from realdgen_core.shards import decode_png
-
         limits = self.m.limits
         tiles = []
         for r in rows:
             try:
-                hr = decode_png(r["hr_png"], limits.max_image_pixels)
-                lr = decode_png(r["lr_png"], limits.max_image_pixels)
+                hr = decode_checked_png(r["hr_png"], "preview HR", limits.max_image_pixels)
+                lr = decode_checked_png(r["lr_png"], "preview LR", limits.max_image_pixels)
             except Exception as exc:  # a bad sample is left out of the preview, not the job
                 self.log(f"preview: a sample left out: {type(exc).__name__}: {exc}")
                 continue
