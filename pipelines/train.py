@@ -29,6 +29,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -62,6 +63,7 @@ from realdgen_core.train.data import (
 from realdgen_core.train.loop import floats, load_training_state, save_model, save_training_state
 
 LATEST = "latest.json"
+CKPT_NAME = re.compile(r"ckpt-[0-9]{9}")  # the only names latest.json may point at (no paths)
 SUMMARY = "summary.json"  # written by rank 0 of a Ray Train run
 
 
@@ -495,7 +497,23 @@ class RunStore:
             self.fs.invalidate_cache()
         if not self.fs.exists(path):
             return None
-        return json.loads(self.fs.cat_file(path))
+        try:
+            pointer = json.loads(self.fs.cat_file(path))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ManifestError(
+                f"{path}: not a JSON checkpoint pointer ({exc}); move it away to start over"
+            ) from None
+        if (
+            not isinstance(pointer, dict)
+            or not isinstance(pointer.get("manifest_digest"), str)
+            or not isinstance(pointer.get("checkpoint"), str)
+            or not CKPT_NAME.fullmatch(pointer["checkpoint"])
+        ):
+            raise ManifestError(
+                f"{path}: not a checkpoint pointer written by this tool (it needs 'manifest_digest' and a "
+                "'checkpoint' named ckpt-<9 digits> in this run_dir); move it away to start over"
+            )
+        return pointer
 
     def write_json(self, name: str, obj) -> None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -250,3 +251,29 @@ def test_running_a_finished_training_again_keeps_what_calibrate_only_recorded(tm
         again = T.train_worker(m, ("C",))
         assert again["model_digest"] == first["model_digest"] == checkpoint_digest(out), stale
         assert "partial" not in load_checkpoint(out)[1]
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ('{"checkpoint": "../../elsewhere", "manifest_digest": "x"}', "ckpt-<9 digits>"),
+        ('{"checkpoint": "ckpt-000000003/../x", "manifest_digest": "x"}', "ckpt-<9 digits>"),
+        ('["ckpt-000000003"]', "not a checkpoint pointer"),
+        ('{"checkpoint": "ckpt-000000003"}', "manifest_digest"),
+        ("{not json", "not a JSON checkpoint pointer"),
+    ],
+)
+def test_a_latest_pointer_that_names_a_path_or_is_not_ours_is_refused(tmp_path, text, says):
+    """latest.json names the checkpoint folder to resume from: only the tool's own names are
+    followed, never a path out of the run folder, and a damaged pointer is named, not a traceback."""
+    from pipelines import train as T
+    from pipelines.manifest import ManifestError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "latest.json").write_text(text)
+    with pytest.raises(ManifestError, match=re.escape(says)) as err:
+        T.RunStore(str(run)).latest()
+    assert "latest.json" in str(err.value)
+    (run / "latest.json").write_text('{"checkpoint": "ckpt-000000003", "manifest_digest": "x"}')
+    assert T.RunStore(str(run)).latest()["checkpoint"] == "ckpt-000000003"
