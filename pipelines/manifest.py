@@ -197,7 +197,7 @@ class GeneratorSpec(StrictModel):
         description="realdgen: `auto` takes every τ / start / filter setting left unset here from the "
         "checkpoint's domain calibration (written by adaptation, realdgen_core/calibrate.py); `off`, "
         "or a checkpoint without one, uses the paper's settings (τ ~ U{0..300}, Real-ESRGAN start, "
-        "raw errors weighted 1:1).",
+        "content and degradation errors weighted 1:1, each divided by its mean over the candidates).",
     )
     tau_min: int | None = Field(
         None,
@@ -227,7 +227,7 @@ class GeneratorSpec(StrictModel):
     filter_norm: bool | None = Field(
         None,
         description="Divide each best-of-k error by its mean over the sample's candidates before "
-        "weighting (scale-free weights). Unset: calibration, else false.",
+        "weighting (scale-free weights). Unset: calibration, else true.",
     )
     start_bank: list[dict[str, Any]] | None = Field(
         None,
@@ -339,7 +339,8 @@ class GeneratorSpec(StrictModel):
             "start_kind": "realesrgan",
             "content_weight": 1.0,
             "degradation_weight": 1.0,
-            "filter_norm": False,
+            # scale-free: raw, E_deg's errors are ~1e4x smaller than E_cont's and never decide
+            "filter_norm": True,
             "sampler": d.kind,
             "sampler_steps": d.steps,
             "sampler_eta": d.eta,
@@ -750,6 +751,12 @@ def manifest_digest(manifest: StrictModel) -> str:
             # τ = 0 became "no diffusion" (the candidate is its start). A dataset whose τ range holds
             # 0 was made otherwise before that, so it gets a new digest and is never resumed into.
             gen["tau_zero"] = "start"
+        if gen.get("kind") == "bsrgan" or (
+            gen.get("kind") == "realdgen" and gen.get("start_kind") == "bsrgan"
+        ):
+            # BSRGAN θs clip after each resize since 2026-12-07, as BSRGAN's code does: a dataset
+            # drawn before that is never resumed into
+            gen["bsrgan_resize"] = "clip"
     canon = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canon.encode()).hexdigest()
 

@@ -29,7 +29,8 @@ The output is clamped and 8-bit quantised, ``round(x * 255) / 255``.
 
 - ``blur``: ``kernel`` (a kernel spec, see :func:`build_kernel`), filtered with reflect padding;
 - ``resize``: ``relative_to`` ("current" image or final "lr" size), ``factor``, ``mode``;
-  the target is ``floor(n * factor)`` per side (at least 1);
+  the target is ``floor(n * factor)`` per side (at least 1); ``clip: true`` clamps the result to
+  [0, 1] (BSRGAN's resizes; absent in θs recorded before 2026-12-07, which replay unclipped);
 - ``blur_subsample``: ``kernel`` then keep every ``stride``-th pixel (BSRGAN's blur + nearest);
 - ``gaussian_noise``: ``sigma`` (0–255 scale), ``gray``; ``poisson_noise``: ``scale``, ``gray``;
   ``correlated_noise``: ``cov`` (3×3, [0, 1] scale, already scaled: BSRGAN scales it by the top
@@ -59,7 +60,8 @@ BSRGAN (:class:`BSRGANConfig`): for ×4 with p .25 a ×1/2 pre-downsample (after
 scale factor is 2); seven ops in a random order — blur1, blur2, down_mid (1/U(1, 2s) resize or
 Gaussian blur + nearest subsampling), down_final (to the LR size), noise (level 2–25: colour, gray,
 or channel-correlated with p .4/.4/.2), jpeg (p .9, quality 30–95) and camera (p .25) — where
-down_mid is swapped before down_final when drawn after it; then a final JPEG 30–95. cv2's
+down_mid is swapped before down_final when drawn after it; then a final JPEG 30–95. Like the public
+code, the image is clipped to [0, 1] after the pre-downsample and after each resize. cv2's
 interpolations map to torch's (linear → bilinear, cubic → bicubic, area → area) and MATLAB's
 ``imresize`` to antialiased bicubic. The camera op, which the public code never runs, is a simple
 camera-noise model here: inverse gamma to linear light, heteroscedastic shot + read noise
@@ -914,6 +916,7 @@ def _sample_bsrgan_op(g: torch.Generator, name: str, s: int, cfg: BSRGANConfig) 
                 "relative_to": "current",
                 "factor": 1.0 / sf1,
                 "mode": _choice(g, cfg.resize_modes),
+                "clip": True,  # BSRGAN clips to [0, 1] after each of its downsamples
             }
             return _named(name, op)
         sigma = _uniform(g, cfg.down_mid_sigma_min, cfg.down_mid_sigma_per_scale * s)
@@ -923,7 +926,14 @@ def _sample_bsrgan_op(g: torch.Generator, name: str, s: int, cfg: BSRGANConfig) 
         return _named(name, {"op": "blur_subsample", "kernel": kernel, "stride": s})
     if name == "down_final":
         return _named(
-            name, {"op": "resize", "relative_to": "lr", "factor": 1.0, "mode": _choice(g, cfg.resize_modes)}
+            name,
+            {
+                "op": "resize",
+                "relative_to": "lr",
+                "factor": 1.0,
+                "mode": _choice(g, cfg.resize_modes),
+                "clip": True,
+            },
         )
     if name == "noise":
         level = _randint(g, *cfg.noise_level_range)
@@ -959,7 +969,8 @@ def _sample_bsrgan(g: torch.Generator, scale: int, cfg: BSRGANConfig) -> list[di
     s = scale
     if scale == 4 and _bernoulli(g, cfg.pre_down_prob):
         mode = _choice(g, cfg.resize_modes) if _bernoulli(g, cfg.pre_down_cv2_prob) else "bicubic_aa"
-        ops = [_named("pre_down", {"op": "resize", "relative_to": "current", "factor": 0.5, "mode": mode})]
+        pre = {"op": "resize", "relative_to": "current", "factor": 0.5, "mode": mode, "clip": True}
+        ops = [_named("pre_down", pre)]
         s = 2
     else:
         ops = [_named("pre_down", {"op": "resize"}, applied=False)]
@@ -1117,7 +1128,8 @@ def _apply_op(x: torch.Tensor, op: dict, lr_size: tuple[int, int], noise_seed: i
     if t == "resize":
         base = x.shape[-2:] if op["relative_to"] == "current" else lr_size
         f = float(op["factor"])
-        return resize(x, (_target(base[0], f), _target(base[1], f)), op["mode"])
+        out = resize(x, (_target(base[0], f), _target(base[1], f)), op["mode"])
+        return out.clamp(0.0, 1.0) if op.get("clip") else out
     if t == "blur_subsample":
         stride = int(op["stride"])
         return filter2d(x, build_kernel(op["kernel"]))[..., ::stride, ::stride]

@@ -135,10 +135,11 @@ def _check_config(config: DiffusionConfig) -> None:
             f"diffusion.max_train_timestep must be in [1, num_timesteps={config.num_timesteps}], "
             f"got {config.max_train_timestep}"
         )
-    if not 0 <= config.tau_min <= config.tau_max < config.num_timesteps:
+    if not 0 <= config.tau_min <= config.tau_max < config.max_train_timestep:
         raise ValueError(
-            f"diffusion tau range must satisfy 0 <= tau_min <= tau_max < num_timesteps="
-            f"{config.num_timesteps}, got tau_min={config.tau_min}, tau_max={config.tau_max}"
+            f"diffusion tau range must satisfy 0 <= tau_min <= tau_max < max_train_timestep="
+            f"{config.max_train_timestep} (the UNet is trained on t below it), got "
+            f"tau_min={config.tau_min}, tau_max={config.tau_max}"
         )
 
 

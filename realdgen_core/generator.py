@@ -268,7 +268,7 @@ class LRGenerator:
         starts: Tensor | None = None,
         start_bank: Sequence[dict] | None = None,
         start_bank_errors: Tensor | None = None,
-        filter_norm: bool = False,
+        filter_norm: bool = True,
     ) -> GenerationResult:
         """Generate one realistic LR per HR (best of k candidates).
 
@@ -297,8 +297,10 @@ class LRGenerator:
             start_bank_errors: [B, len(start_bank)] E_deg errors of the bank already computed for
                 these samples and references (``calibrate.bank_errors``), e.g. reused across τ.
             filter_norm: divide each error by its mean over the sample's k candidates before
-                weighting, so the two terms weigh as ``weights`` say whatever their scales (E_deg
-                errors are ~100x smaller than E_cont errors for the demo checkpoint).
+                weighting, so the two terms weigh as ``weights`` say whatever their scales (the
+                default). Raw errors (False) are not the paper's "smallest errors" in both terms:
+                E_deg errors are ~1e4x smaller than E_cont errors for the demo checkpoint, so raw
+                1:1 keeps the candidate of least content error whatever the reference.
         """
         timings: dict[str, float] = {}
         clock = time.perf_counter()
@@ -473,9 +475,13 @@ class LRGenerator:
             raise ValueError(f"hr of size {tuple(hr.shape[-2:])} is smaller than the scale {s}")
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
-        n_t = self.diffusion.num_timesteps
+        # the UNet never saw a timestep at or past max_train_timestep (training draws t below it)
+        n_t = self.model.config.diffusion.max_train_timestep
         if len(tau_range) != 2 or not 0 <= int(tau_range[0]) <= int(tau_range[1]) < n_t:
-            raise ValueError(f"tau_range must be (lo, hi) with 0 <= lo <= hi < {n_t}, got {tau_range!r}")
+            raise ValueError(
+                f"tau_range must be (lo, hi) with 0 <= lo <= hi < {n_t} (the checkpoint's "
+                f"max_train_timestep: its UNet was trained on t < {n_t}), got {tau_range!r}"
+            )
         if len(seeds) != b:
             raise ValueError(f"seeds must hold one int per sample ({b}), got {len(seeds)}")
         if len(weights) != 2 or min(float(weights[0]), float(weights[1])) < 0:

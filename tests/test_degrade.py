@@ -481,6 +481,37 @@ def test_bsrgan_order_and_pre_downsample() -> None:
     assert op(forced4, "down_mid")["op"] == "blur_subsample" and op(forced4, "down_mid")["stride"] == 2
 
 
+def test_bsrgan_resizes_clip_to_the_unit_range_like_its_public_code() -> None:
+    """BSRGAN clips to [0, 1] after its pre-downsample and after each downsample (bicubic overshoots
+    on hard edges would otherwise feed the next blur and noise); Real-ESRGAN's code does not clip
+    there. A θ without the key (recorded before it existed) replays unclipped."""
+    hr = (torch.rand(1, 3, 64, 64, generator=gen(0)) > 0.5).float()  # hard edges: bicubic overshoots
+    theta = D.sample_theta("bsrgan", 4, gen(0), BSRGANConfig(pre_down_prob=1.0, down_mid_resize_prob=1.0))
+    resizes = [o for o in theta["ops"] if o["op"] == "resize"]
+    assert [o["name"] for o in resizes] == ["pre_down", "down_mid", "down_final"]
+    assert all(o["clip"] is True for o in resizes)
+    assert not any(o.get("clip") for o in D.sample_theta("realesrgan", 4, gen(0))["ops"])
+
+    # the public code's order written out (resize, then clip, at every resize) on θ's resizes and
+    # blurs (noise and JPEG left out: they draw from D's seeded streams)
+    plain = {**theta, "ops": [o for o in theta["ops"] if o["op"] in ("resize", "blur", "blur_subsample")]}
+    ref = hr
+    for o in plain["ops"]:
+        if not o["applied"]:
+            continue
+        if o["op"] == "resize":
+            size = (
+                (16, 16) if o["relative_to"] == "lr" else tuple(int(n * o["factor"]) for n in ref.shape[-2:])
+            )
+            ref = D.resize(ref, size, o["mode"]).clamp(0, 1)
+        else:
+            ref = D.filter2d(ref, D.build_kernel(o["kernel"]))
+    got = D.apply(hr, [plain])
+    assert torch.equal(got, D.quantize_8bit(ref))
+    unclipped = {**plain, "ops": [{k: v for k, v in o.items() if k != "clip"} for o in plain["ops"]]}
+    assert (D.apply(hr, [unclipped]) - got).abs().max() > 2 / 255  # the clips change the pixels
+
+
 def test_bsrgan_orders_vary_per_seed() -> None:
     orders = {tuple(names(D.sample_theta("bsrgan", 4, gen(s)))) for s in range(20)}
     assert len(orders) > 10

@@ -39,6 +39,10 @@ def test_config_validation_and_roundtrip():
         GaussianDiffusion(DiffusionConfig(num_timesteps=10, max_train_timestep=11, tau_max=5))
     with pytest.raises(ValueError, match="tau"):
         GaussianDiffusion(DiffusionConfig(num_timesteps=10, max_train_timestep=5, tau_max=10))
+    # τ at or past the last trained timestep would run the UNet where it never learned anything
+    with pytest.raises(ValueError, match="tau_max < max_train_timestep=5"):
+        GaussianDiffusion(DiffusionConfig(num_timesteps=10, max_train_timestep=5, tau_max=5))
+    GaussianDiffusion(DiffusionConfig(num_timesteps=10, max_train_timestep=5, tau_max=4))
 
 
 def test_q_sample_endpoints():

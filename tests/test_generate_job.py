@@ -376,6 +376,11 @@ def test_bad_manifests_fail_before_any_work(tmp_path, capsys):
             },
             "the checkpoint is x4",
         ),
+        # the demo checkpoint's UNet was trained on t < 500: τ 500 is past it
+        "tau_untrained": (
+            {"scale": 4, "generator": {"kind": "realdgen", "checkpoint": str(DEMO_CKPT), "tau_max": 500}},
+            "generator.tau_max: 500 is past what the checkpoint's UNet was trained on",
+        ),
     }
     (tmp_path / "a_file").write_text("not a folder")
     for name, (patch, needle) in cases.items():

@@ -123,8 +123,15 @@ def test_best_of_k_keeps_min_combined_error(gen4, model4, batch8):
     ce, de = _independent_errors(model4, hr, refs, res.candidates, 4)
     torch.testing.assert_close(res.content_errors, ce, rtol=1e-4, atol=1e-9)
     torch.testing.assert_close(res.degradation_errors, de, rtol=1e-4, atol=1e-9)
-    assert torch.equal(res.kept, torch.argmin(ce + de, dim=1))
+    # the default filter divides each error by its mean over the sample's candidates, so both count
+    normed = ce / ce.mean(1, keepdim=True) + de / de.mean(1, keepdim=True)
+    assert torch.equal(res.kept, torch.argmin(normed, dim=1))
     assert torch.equal(res.lr, res.candidates[torch.arange(6), res.kept])
+    raw = gen4.generate(hr, refs, k=4, tau_range=TAU, seeds=seeds, filter_norm=False)
+    assert torch.equal(raw.kept, torch.argmin(ce + de, dim=1))
+    # raw, the ~1e4x larger content error decides alone; normalised, the degradation error moves picks
+    assert torch.equal(raw.kept, torch.argmin(ce, dim=1))
+    assert not torch.equal(res.kept, raw.kept)
 
     # Weights decide: content only, degradation only (same draws ⇒ same candidates).
     kept = {}
@@ -208,3 +215,15 @@ def test_from_checkpoint_roundtrip(model4, batch8, tmp_path):
     a = gen.generate(hr, refs, k=2, tau_range=TAU, seeds=[3])
     b = LRGenerator(model4).generate(hr, refs, k=2, tau_range=TAU, seeds=[3])
     assert torch.equal(a.lr, b.lr)
+
+
+def test_tau_past_the_trained_timesteps_is_refused(gen4, batch8):
+    """Training draws t below max_train_timestep (500): a start at or past it would run the UNet on
+    timesteps it never saw, so generate refuses it by name (999 used to pass: < num_timesteps)."""
+    hr, refs = batch8[0][:1], batch8[1][:1]
+    n = gen4.model.config.diffusion.max_train_timestep
+    assert n == 500
+    with pytest.raises(ValueError, match=f"max_train_timestep.*t < {n}"):
+        gen4.generate(hr, refs, k=1, tau_range=(0, n), seeds=[0])
+    with pytest.raises(ValueError, match="tau_range"):
+        gen4.generate(hr, refs, k=1, tau_range=(0, 999), seeds=[0])

@@ -39,7 +39,7 @@ def test_valid_manifest_and_defaults(tmp_path):
     assert m.generator.tau_max is None  # unset: the checkpoint's calibration, else the paper's
     g = m.generator.resolved(None)
     assert (g.tau_min, g.tau_max, g.start_kind) == (0, 300, "realesrgan")  # the paper's (Table 3)
-    assert (g.content_weight, g.degradation_weight, g.filter_norm) == (1.0, 1.0, False)
+    assert (g.content_weight, g.degradation_weight, g.filter_norm) == (1.0, 1.0, True)
 
 
 def test_generator_resolves_from_a_domain_calibration():
@@ -273,3 +273,17 @@ def test_evaluate_sr_proxy_photos_are_known_demo_photos():
     assert set(EvalSRProxy().photos) <= set(PHOTOS) and {n for s in SPLITS.values() for n in s} <= set(PHOTOS)
     with pytest.raises(ValueError, match="unknown demo photo 'download_all'"):
         load_photo("download_all")
+
+
+def test_digest_marks_the_bsrgan_resize_clip():
+    """BSRGAN θs clip to [0, 1] after each resize since 2026-12-07: datasets drawn by the bsrgan
+    baseline (or realdgen from bsrgan starts) get a new digest and are never resumed into older
+    shards; other generators keep theirs. The old digests were computed with the code before."""
+    digest = lambda g: manifest_digest(parse_manifest({**BASE, "generator": g}))  # noqa: E731
+    assert digest({"kind": "bsrgan"}) != "84050f60cef1759869222e8955da1bd45c2aad340679fb53737fb49e4a19445c"
+    unchanged = "a371331228b87406444130294e511b158e88af566aa50b43190cbd4ccac14120"
+    assert digest({"kind": "realesrgan"}) == unchanged
+    rd = {"kind": "realdgen", "checkpoint": "c.safetensors", "tau_min": 1, "tau_max": 5}
+    rd |= {"start_kind": "bsrgan", "start_probe_layout": "centre"}
+    assert digest(rd) != "d9e4887adb0d144b4dadbc4c34601d12ede49fdd60ac44aeb83c8cf50fec2c05"
+    assert digest({**rd, "start_kind": "realesrgan"}) != digest(rd)

@@ -96,7 +96,7 @@ class GenerateConfig(_Config):
     tau_max: int = 0
     weights: tuple[float, float] = (1.0, 1.0)
     start_kind: str = "realesrgan"
-    filter_norm: bool = False
+    filter_norm: bool = True
     start_bank: Any = None
     # start_choice domain: profile key → {"chosen": bank index, "errors": [len(bank)]}; empty = per sample
     start_profiles: Mapping[str, Any] = field(default_factory=dict)

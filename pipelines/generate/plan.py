@@ -84,10 +84,11 @@ def block_inputs_for(n_inputs: int, cluster_cpus: int, decode_batch_size: int) -
 # --------------------------------------------------------------------------------------------
 
 
-def checkpoint_info(m: GenerateManifest, storage: dict) -> tuple[str | None, str | None, dict | None]:
-    """(local path, model digest, domain calibration or None) of a realdgen manifest's checkpoint."""
+def checkpoint_info(m: GenerateManifest, storage: dict) -> tuple[str | None, str | None, dict | None, Any]:
+    """(local path, model digest, domain calibration or None, model config) of a realdgen
+    manifest's checkpoint."""
     if m.generator.kind != "realdgen":
-        return None, None, None
+        return None, None, None, None
     uri = m.generator.checkpoint
     assert uri is not None
     fs, path = get_fs(uri, storage)
@@ -104,7 +105,7 @@ def checkpoint_info(m: GenerateManifest, storage: dict) -> tuple[str | None, str
         ) from None
     if config.scale != m.scale:
         raise ManifestError(f"scale: the checkpoint is x{config.scale} (got {m.scale})")
-    return local, metadata["digest"], calibration_of(meta)
+    return local, metadata["digest"], calibration_of(meta), config
 
 
 def calibration_of(meta: dict) -> dict | None:
@@ -278,11 +279,17 @@ def preflight(m: GenerateManifest) -> tuple[GenerateManifest, str, str | None, s
     storage = storage_kwargs(m.storage)
     # everything that needs no input first: a manifest refused here has written nothing (the demo
     # inputs included, which are written at the manifest's scale)
-    local, model_digest, calibration = checkpoint_info(m, storage)
+    local, model_digest, calibration, config = checkpoint_info(m, storage)
     try:
         m = m.model_copy(update={"generator": m.generator.resolved(calibration)})
     except (ValueError, KeyError, TypeError) as exc:
         raise ManifestError(f"generator: {exc}") from None
+    if config is not None and m.generator.tau_max >= config.diffusion.max_train_timestep:
+        raise ManifestError(
+            f"generator.tau_max: {m.generator.tau_max} is past what the checkpoint's UNet was trained on "
+            f"(timesteps below its max_train_timestep, {config.diffusion.max_train_timestep}); "
+            f"use at most {config.diffusion.max_train_timestep - 1}"
+        )
     _check_start_bank(m)
     _check_output_outside_sources(m)
     _check_output_is_a_folder(m)
