@@ -184,13 +184,29 @@ def write_report(result: dict, images: dict, out: Path, *, grid_rows: int = 6, s
     (out / "report.md").write_text(_markdown(result, figures, gens))
 
 
+def _adaptation_line(result: dict) -> str:
+    """What adaptation the report's domains had: on, off, or on for some (a domain without
+    refs_train/ is evaluated with the unadapted checkpoint)."""
+    m = result["manifest"]
+    if not m["adapt"]["enabled"]:
+        return "adaptation off"
+    doms = result.get("domains", {})
+    adapted = [name for name, d in doms.items() if d.get("adapted")]
+    steps = f"{m['adapt']['steps']} steps"
+    if len(adapted) == len(doms):
+        return f"adaptation on ({steps})"
+    if not adapted:
+        return "adaptation on, but no domain has refs_train/: every domain used the unadapted checkpoint"
+    return f"adaptation on ({steps}) for {', '.join(adapted)} only (the others have no refs_train/)"
+
+
 def _markdown(result: dict, figures: list[str], gens: list[str]) -> str:
     m = result["manifest"]
     lines = [
         "# Realism evaluation",
         "",
         f"Checkpoint `{result['checkpoint']}`; seed {m['seed']}; scale x{m['scale']}; "
-        f"adaptation {'on (' + str(m['adapt']['steps']) + ' steps)' if m['adapt']['enabled'] else 'off'}; "
+        f"{_adaptation_line(result)}; "
         f"{result['seconds']:.0f} s; finished {result['finished_at']}.",
         "",
     ]

@@ -246,7 +246,7 @@ def _is_manifest(argv: Sequence[str]) -> bool:
 
 def main_manifest(argv: Sequence[str], prog: str | None = None) -> int:
     """``evaluate.py MANIFEST.yaml [--set k=v ...]``: run a manifest by its kind (``evaluate``)."""
-    from pipelines.evaluate_realism import run_evaluation
+    from pipelines.evaluate_realism import AdaptationFailed, run_evaluation
     from pipelines.generate.job import JobFailed
     from pipelines.manifest import ManifestError, load_manifest, manifest_json_schema
 
@@ -269,7 +269,7 @@ def main_manifest(argv: Sequence[str], prog: str | None = None) -> int:
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except JobFailed as exc:  # a generation job of the evaluation failed: its own message says why
+    except (JobFailed, AdaptationFailed) as exc:  # a job or an adaptation failed: its message says why
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({"report": str(Path(m.report.dir) / "report.md"), "summary": result["summary"]}))

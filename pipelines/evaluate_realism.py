@@ -57,6 +57,7 @@ from pipelines.manifest import (
     EvaluateManifest,
     ManifestError,
     apply_overrides,
+    load_manifest,
     parse_manifest,
 )
 from pipelines.sources import ImageError, local_image_files
@@ -94,6 +95,7 @@ class DomainTiles:
     work: Path  # this domain's work folder (named by the digest of its data)
     tiles: list[Tile]
     notes: list[str] = field(default_factory=list)
+    ref_sides: list[int] = field(default_factory=list)  # shorter side of each refs_train image that decodes
 
     @property
     def groups(self) -> list[str]:
@@ -217,7 +219,9 @@ def _refuse_whole_resize(hr: np.ndarray, lr: np.ndarray, s: int, what: str) -> N
 def _resolve_dirs(m: EvaluateManifest, d: EvalDomain) -> tuple[str, Path, Path, Path | None]:
     base = Path(d.path) if d.path else (Path(m.root) / d.name if m.root else None)
     layout = d.layout
-    if layout == "auto" and base is not None:
+    # folders named explicitly pair as `explicit` (exact names, else suffixes): the layout found
+    # under `path` would pin exact names for hr/+lr/ even where the named files carry suffixes
+    if layout == "auto" and base is not None and not (d.hr and d.lr):
         if (base / "hr").is_dir() and (base / "lr").is_dir():
             layout = "bench"
         elif (base / "HR").is_dir() and (base / "LR").is_dir():
@@ -297,8 +301,8 @@ def prepare_domain(m: EvaluateManifest, d: EvalDomain, work: Path) -> DomainTile
         hr_files = [p for p in hr_files if not _is_lr_name(p.stem)]
     hr_files = _utf8_named(hr_files, hr_dir, "HR", notes)
     lr_files = _utf8_named(lr_files, lr_dir, "LR", notes)
-    if layout == "explicit" and not {p.stem for p in hr_files} & {p.stem for p in lr_files}:
-        # `hr`/`lr` named folders whose files carry RealSR/DIV2K suffixes (DRealSR's test_HR/test_LR)
+    if layout in ("explicit", "bench") and not {p.stem for p in hr_files} & {p.stem for p in lr_files}:
+        # `hr`/`lr` folders whose files carry RealSR/DIV2K suffixes (DRealSR's test_HR/test_LR)
         layout = "realsr"
         notes.append("no HR and LR file share a name: paired by RealSR/DIV2K suffixes (_HR, _LR4, _x4, x4)")
     lr_by_key = _lr_by_key(lr_files, layout, s, f"domains.{d.name}")
@@ -343,8 +347,13 @@ def prepare_domain(m: EvaluateManifest, d: EvalDomain, work: Path) -> DomainTile
                 cut += 1
         if cut == 0:
             notes.append(f"{hp.name}: LR {lw}x{lh} is smaller than one {t}-px tile; skipped")
+    same = "of the same name" if layout != "realsr" else "(RealSR/DIV2K suffixes)"
     if unmatched:
-        notes.append(f"{len(unmatched)} HR image(s) without a true LR of the same name, e.g. {unmatched[:3]}")
+        notes.append(f"{len(unmatched)} HR image(s) without a true LR {same}, e.g. {unmatched[:3]}")
+    paired = {_match_key(hp.stem, layout) for hp in hr_files}
+    orphans = sorted(p.name for key, p in lr_by_key.items() if key not in paired)
+    if orphans:
+        notes.append(f"{len(orphans)} true LR image(s) without an HR {same}, left out, e.g. {orphans[:3]}")
     if not tiles:
         why = "; ".join(notes[:5]) or "no image files"
         raise ManifestError(
@@ -363,6 +372,7 @@ def prepare_domain(m: EvaluateManifest, d: EvalDomain, work: Path) -> DomainTile
         )
     ref_files = _utf8_named(_source_images(refs), refs, "refs_train", notes) if refs is not None else []
     ref_names = [_below(p, refs) for p in ref_files]  # the digest's names: below refs_train
+    ref_sides: list[int] = []
     if refs is not None:
         if not ref_files:
             why = f" ({notes[-1]})" if notes and notes[-1].startswith("refs_train:") else ""
@@ -371,7 +381,7 @@ def prepare_domain(m: EvaluateManifest, d: EvalDomain, work: Path) -> DomainTile
         # decoded now, so a folder of broken files fails before any job
         for p, name in zip(ref_files, ref_names, strict=True):
             try:
-                _rgb(p)
+                ref_sides.append(min(_rgb(p).shape[:2]))
             except ImageError as exc:
                 bad.append(f"{name}: {exc}")
         if len(bad) == len(ref_files):
@@ -404,7 +414,7 @@ def prepare_domain(m: EvaluateManifest, d: EvalDomain, work: Path) -> DomainTile
                 Image.fromarray(img).save(p)
     if refs is None:
         notes.append("no refs_train/: adaptation skipped; SR-proxy references are the domain's true LR tiles")
-    return DomainTiles(d.name, layout, hr_dir, lr_dir, refs, root, work, tiles, notes)
+    return DomainTiles(d.name, layout, hr_dir, lr_dir, refs, root, work, tiles, notes, ref_sides)
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,13 +489,17 @@ def run_generate(data: dict, log: Callable[[str], None], cwd: Path) -> dict:
     report folder is (the baselines draw the same θ for a tile in every run and every domain).
     Workers read images by absolute path, so only the driver's listing sees the relative URIs.
     """
-    from pipelines.generate_dataset import run
+    from pipelines.generate.job import GenerateJob
+    from pipelines.generate.plan import make_plan
 
     manifest = parse_manifest(data, origin="(evaluate)", kind="generate")
     before = os.getcwd()
     os.chdir(cwd)
     try:
-        return run(manifest, log=lambda s: log(f"    job: {s}"))
+        # the evaluation adapted the checkpoint for this domain itself: its reference sets' labels
+        # (one per photo group, for honest pairing) are not the user's to match with the calibration's
+        plan = make_plan(manifest, list_now=False, domain_note=False)
+        return GenerateJob(manifest, log=lambda s: log(f"    job: {s}")).run(plan)
     finally:
         os.chdir(before)
 
@@ -527,14 +541,72 @@ def _yaml_str(path: Path) -> str:
     return json.dumps(str(path))
 
 
+class AdaptationFailed(RuntimeError):
+    """A domain's adaptation subprocess failed or ran past ``adapt.timeout_s`` (its log is named)."""
+
+
+def adapt_manifest_path(m: EvaluateManifest) -> Path:
+    """``adapt.manifest``: absolute, else relative to the working directory like the manifest's other
+    paths, else to the repository (its own ``manifests/adapt.yaml`` from anywhere)."""
+    p = Path(m.adapt.manifest)
+    if p.is_absolute():
+        return p
+    return p.resolve() if p.is_file() else REPO / p
+
+
+def _adapt_sets(
+    m: EvaluateManifest, refs_dir: Path, base_ckpt: str | None, ckpt: Path, folder: Path
+) -> list[str]:
+    """The adaptation's ``--set`` values (the domain's refs_train, the budget, the outputs), then
+    ``adapt.overrides``."""
+    sets = [f"data.lr.0.source.uri={_yaml_str(refs_dir.resolve())}", f"stage_c.steps={m.adapt.steps}"]
+    if base_ckpt is not None:
+        sets.insert(0, f"init_checkpoint={_yaml_str(Path(base_ckpt).resolve())}")
+    sets += [
+        f"output.checkpoint={_yaml_str(ckpt.resolve())}",
+        f"output.run_dir={_yaml_str((folder / 'run').resolve())}",
+        f"seed={m.seed}",
+        f"compute.torch_threads={m.compute.torch_threads}",
+        "progress.bar=false",
+    ]
+    return sets + list(m.adapt.overrides)
+
+
+def check_adaptation(m: EvaluateManifest, domain: DomainTiles) -> None:
+    """Before Ray starts: the adaptation this domain will run loads, lists its refs_train into a
+    calibration split with both sides, and finds an image at least its ``stage_c.lr_crop`` px
+    (each a :class:`ManifestError` naming the domain, not an adaptation failing an hour in)."""
+    from pipelines.train import check_sources
+
+    manifest = adapt_manifest_path(m)
+    where = f"domains.{domain.name}: adaptation ({manifest})"
+    if not manifest.is_file():
+        raise ManifestError(
+            f"adapt.manifest: file not found (got {m.adapt.manifest!r}, looked at {str(manifest)!r})"
+        )
+    assert domain.refs_dir is not None
+    folder = domain.work / "adapt-check"
+    sets = _adapt_sets(m, domain.refs_dir, m.checkpoint, folder / "adapted.safetensors", folder)
+    try:
+        tm = load_manifest(manifest, sets, kind="train")
+        check_sources(tm, tm.stages, tm.calibration.enabled)
+    except ManifestError as exc:
+        raise ManifestError(f"{where}: {exc}") from None
+    crop = tm.stage_c.lr_crop
+    if "C" in tm.stages and not any(side >= crop for side in domain.ref_sides):
+        raise ManifestError(
+            f"{where}: no refs_train image is at least {crop}x{crop} px (stage_c.lr_crop; the largest "
+            f"shorter side is {max(domain.ref_sides, default=0)} px): add larger LR images or set "
+            f"adapt.overrides to a smaller stage_c.lr_crop"
+        )
+
+
 def adapt_checkpoint(
     m: EvaluateManifest, domain: DomainTiles, base_ckpt: str, base_digest: str, work: Path, log
 ) -> tuple[str, float]:
     """Run the one-command adaptation on the domain's refs_train; returns (checkpoint, seconds)."""
-    manifest = Path(m.adapt.manifest)
-    if not manifest.is_absolute():
-        manifest = REPO / manifest
-    from pipelines.manifest import load_manifest, manifest_digest
+    manifest = adapt_manifest_path(m)
+    from pipelines.manifest import manifest_digest
 
     # (the domain's work folder already names the refs_train content). The resolved manifest's digest
     # holds the defaults too (e.g. the calibration's start bank), so new defaults mean a new adaptation.
@@ -548,27 +620,12 @@ def adapt_checkpoint(
         log(f"  adaptation: reusing {ckpt}")
         return str(ckpt), float(json.loads(done.read_text()).get("seconds", 0.0))
     folder.mkdir(parents=True, exist_ok=True)
+    sets = _adapt_sets(m, domain.refs_dir, base_ckpt, ckpt, folder)
     cmd = [
         sys.executable,
         str(REPO / "pipelines" / "train.py"),
         str(manifest),
-        "--set",
-        f"init_checkpoint={_yaml_str(Path(base_ckpt).resolve())}",
-        "--set",
-        f"data.lr.0.source.uri={_yaml_str(domain.refs_dir.resolve())}",
-        "--set",
-        f"stage_c.steps={m.adapt.steps}",
-        "--set",
-        f"output.checkpoint={_yaml_str(ckpt.resolve())}",
-        "--set",
-        f"output.run_dir={_yaml_str((folder / 'run').resolve())}",
-        "--set",
-        f"seed={m.seed}",
-        "--set",
-        f"compute.torch_threads={m.compute.torch_threads}",
-        "--set",
-        "progress.bar=false",
-        *[x for o in m.adapt.overrides for x in ("--set", o)],
+        *[x for o in sets for x in ("--set", o)],
     ]
     log(f"  adaptation: {' '.join(cmd[1:])}")
     t0 = time.perf_counter()
@@ -583,8 +640,9 @@ def adapt_checkpoint(
             if time.perf_counter() - t0 > m.adapt.timeout_s:
                 proc.kill()
                 proc.wait()
-                raise RuntimeError(
-                    f"adaptation exceeded adapt.timeout_s = {m.adapt.timeout_s}; log {log_path}"
+                raise AdaptationFailed(
+                    f"domains.{domain.name}: adaptation exceeded adapt.timeout_s = "
+                    f"{m.adapt.timeout_s}; log {log_path}"
                 )
             if time.perf_counter() - last >= 30 and csv_path.exists():
                 last = time.perf_counter()
@@ -594,7 +652,9 @@ def adapt_checkpoint(
     seconds = time.perf_counter() - t0
     if proc.returncode != 0 or not ckpt.exists():
         tail = log_path.read_text()[-2000:]
-        raise RuntimeError(f"adaptation failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+        raise AdaptationFailed(
+            f"domains.{domain.name}: adaptation failed (exit {proc.returncode}); log {log_path}:\n{tail}"
+        )
     done.write_text(json.dumps({"seconds": round(seconds, 1), "cmd": cmd[1:]}, indent=1))
     log(f"  adaptation: done in {seconds:.0f} s -> {ckpt}")
     return str(ckpt), seconds
@@ -1094,6 +1154,10 @@ def run_evaluation(m: EvaluateManifest, *, log: Callable[[str], None] = _default
     # Every domain's pairs are read, checked and cut before Ray starts: bad data in the last domain
     # fails now, not after the earlier domains' adaptations and jobs.
     prepared = {d.name: prepare_domain(m, d, work / d.name) for d in m.domains}
+    if m.adapt.enabled:
+        for dom in prepared.values():
+            if dom.refs_dir is not None:
+                check_adaptation(m, dom)
     notices = _learned_metric_notices(m)
     for n in notices:
         log(f"notice: {n}")

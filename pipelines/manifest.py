@@ -1116,7 +1116,10 @@ class EvalAdapt(StrictModel):
 
     enabled: bool = Field(False, description="Adapt the checkpoint on each domain's `refs_train`.")
     manifest: str = Field(
-        "manifests/adapt.yaml", min_length=1, description="kind: train manifest (relative: to the repo)."
+        "manifests/adapt.yaml",
+        min_length=1,
+        description="kind: train manifest (relative: to the working directory where that file exists, "
+        "else to the repo, whose manifests/adapt.yaml is the default).",
     )
     steps: int = Field(200, ge=1, le=10**7, description="stage_c.steps of the adaptation run.")
     overrides: tuple[str, ...] = Field(

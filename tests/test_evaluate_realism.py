@@ -749,3 +749,85 @@ def test_files_whose_names_are_not_utf8_are_left_out_with_a_note(tmp_path):
     (d / "refs_train" / "ok.png").unlink()
     with pytest.raises(ManifestError, match="refs_train: no image files in .* not valid UTF-8"):
         prepare_domain(m, m.domains[0], tmp_path / "w")
+
+
+def test_an_adaptation_that_cannot_run_fails_before_any_work(tmp_path, monkeypatch):
+    """What the one-command adaptation needs of refs_train (a calibration split with both sides, an
+    image at least stage_c.lr_crop) and its manifest are checked with the domains, before Ray starts:
+    not a traceback when that domain's turn comes, after the earlier domains' jobs."""
+    from pipelines.evaluate_realism import check_adaptation, prepare_domain
+
+    rng = np.random.default_rng(7)
+    img = lambda h, w: rng.integers(0, 255, (h, w, 3), dtype=np.uint8)  # noqa: E731
+    pairs = {"Canon_001": (img(64, 64), img(16, 16)), "Nikon_002": (img(64, 64), img(16, 16))}
+    m = _realsr_domain(tmp_path, pairs)
+    m = m.model_copy(update={"adapt": m.adapt.model_copy(update={"enabled": True})})
+    refs = tmp_path / "d" / "refs_train"
+    refs.mkdir()
+
+    def check(mm=m):
+        return check_adaptation(mm, prepare_domain(mm, mm.domains[0], tmp_path / "w"))
+
+    Image.fromarray(img(48, 48)).save(refs / "only.png")
+    with pytest.raises(ManifestError, match=r"domains\.d: adaptation .*validation split .* is empty"):
+        check()
+    for i in range(8):
+        Image.fromarray(img(24, 40)).save(refs / f"small{i}.png")
+    (refs / "only.png").unlink()
+    with pytest.raises(
+        ManifestError, match=r"no refs_train image is at least 32x32 px .*largest shorter side is 24"
+    ):
+        check()
+    Image.fromarray(img(40, 36)).save(refs / "big.png")
+    check()  # usable now
+    small = m.model_copy(update={"adapt": m.adapt.model_copy(update={"overrides": ["stage_c.lr_crop=16"]})})
+    (refs / "big.png").unlink()
+    check(small)  # a smaller crop through adapt.overrides, as the message says
+    gone = m.model_copy(update={"adapt": m.adapt.model_copy(update={"manifest": "nope/adapt.yaml"})})
+    with pytest.raises(ManifestError, match="adapt.manifest: file not found"):
+        check(gone)
+    # relative to the working directory first, like the manifest's other paths
+    (tmp_path / "mine.yaml").write_text((Path(__file__).parents[1] / "manifests" / "adapt.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    (refs / "big.png").parent.mkdir(exist_ok=True)
+    Image.fromarray(img(40, 36)).save(refs / "big.png")
+    check(m.model_copy(update={"adapt": m.adapt.model_copy(update={"manifest": "mine.yaml"})}))
+
+
+def test_lowercase_folders_of_realsr_names_pair_by_suffix_and_orphans_are_named(tmp_path):
+    """hr/+lr/ folders (found under `path` or named explicitly) whose files share no name pair by the
+    RealSR/DIV2K suffixes, as documented for named folders; an LR without an HR is named in the notes."""
+    from pipelines.evaluate_realism import prepare_domain
+
+    rng = np.random.default_rng(9)
+    img = lambda h, w: rng.integers(0, 255, (h, w, 3), dtype=np.uint8)  # noqa: E731
+    m = _realsr_domain(
+        tmp_path, {"Canon_001": (img(64, 64), img(16, 16)), "Nikon_002": (img(64, 64), img(16, 16))}
+    )
+    Image.fromarray(img(16, 16)).save(tmp_path / "d" / "LR" / "Canon_009_LR4.png")  # no HR of its own
+    (tmp_path / "d" / "HR").rename(tmp_path / "d" / "hr")
+    (tmp_path / "d" / "LR").rename(tmp_path / "d" / "lr")
+    base = str(tmp_path / "d")
+    for extra in ({}, {"hr": f"{base}/hr", "lr": f"{base}/lr"}):
+        dm = m.model_copy(update={"domains": [m.domains[0].model_copy(update=extra)]})
+        dom = prepare_domain(dm, dm.domains[0], tmp_path / "w")
+        assert dom.layout == "realsr" and sorted(t.name for t in dom.tiles) == ["Canon_001", "Nikon_002"]
+        orphan = [n for n in dom.notes if "without an HR" in n]
+        assert orphan == [
+            "1 true LR image(s) without an HR (RealSR/DIV2K suffixes), left out, e.g. ['Canon_009_LR4.png']"
+        ]
+
+
+def test_report_header_says_which_domains_were_adapted():
+    from pipelines.eval_report import _adaptation_line
+
+    def result(enabled, adapted):
+        doms = {name: {"adapted": a} for name, a in adapted.items()}
+        return {"manifest": {"adapt": {"enabled": enabled, "steps": 50}}, "domains": doms}
+
+    assert _adaptation_line(result(False, {"a": False})) == "adaptation off"
+    assert _adaptation_line(result(True, {"a": True, "b": True})) == "adaptation on (50 steps)"
+    assert _adaptation_line(result(True, {"a": True, "b": False})) == (
+        "adaptation on (50 steps) for a only (the others have no refs_train/)"
+    )
+    assert "every domain used the unadapted checkpoint" in _adaptation_line(result(True, {"a": False}))

@@ -271,9 +271,13 @@ def generator_note(spec, calibration: dict | None, domains: Sequence[str] = ()) 
     return note
 
 
-def preflight(m: GenerateManifest) -> tuple[GenerateManifest, str, str | None, str | None, str | None]:
+def preflight(
+    m: GenerateManifest, *, domain_note: bool = True
+) -> tuple[GenerateManifest, str, str | None, str | None, str | None]:
     """Check a manifest before any work: ``(manifest with resolved generator, digest, local
-    checkpoint, model digest, generator note)``; raises :class:`ManifestError` naming what is wrong."""
+    checkpoint, model digest, generator note)``; raises :class:`ManifestError` naming what is wrong.
+    ``domain_note=False``: the note does not compare the calibration's domain with the references'
+    labels (callers that adapted the checkpoint for these references themselves: the evaluation)."""
     from pipelines.storage import storage_kwargs
 
     storage = storage_kwargs(m.storage)
@@ -300,7 +304,7 @@ def preflight(m: GenerateManifest) -> tuple[GenerateManifest, str, str | None, s
     _check_source(m.hr, storage, "hr")
     for si, rs in enumerate(m.refs):
         _check_source(rs.source, storage, f"refs[{si}].source")
-    domains = [rs.domain for rs in m.refs if rs.domain is not None]
+    domains = [rs.domain for rs in m.refs if rs.domain is not None] if domain_note else []
     note = generator_note(m.generator, calibration, domains)
     return m, manifest_digest(m), local, model_digest, note
 
@@ -596,11 +600,12 @@ class Plan:
         return self
 
 
-def make_plan(m: GenerateManifest, *, list_now: bool = True) -> Plan:
-    """Preflight, and (``list_now``) list in this process without writing anything (--dry-run)."""
+def make_plan(m: GenerateManifest, *, list_now: bool = True, domain_note: bool = True) -> Plan:
+    """Preflight, and (``list_now``) list in this process without writing anything (--dry-run);
+    ``domain_note``: see :func:`preflight`."""
     from pipelines.storage import storage_kwargs
 
-    m, digest, local, model_digest, note = preflight(m)
+    m, digest, local, model_digest, note = preflight(m, domain_note=domain_note)
     plan = Plan(m, digest, model_digest, local, generator_note=note)
     if list_now:
         plan.with_listing(list_plan(m, store_uri=None, storage=storage_kwargs(m.storage), use_ray=False))
