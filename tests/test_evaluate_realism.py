@@ -426,9 +426,14 @@ def test_adaptation_runs_the_one_command_and_its_checkpoint_generates(ray_local,
         sr_proxy={"enabled": False},
     )
     data["generation"]["generators"] = ["realdgen"]
-    rep = run_evaluation(parse_manifest(data), log=lambda *_: None)
+    lines: list[str] = []
+    rep = run_evaluation(parse_manifest(data), log=lines.append)
     dom = rep["domains"]["jpeg-standin"]
     assert dom["adapted"] and dom["base_model_digest"] == checkpoint_digest(tiny_ckpt)
+    # the jobs take the calibration the evaluation just made; their per-photo reference labels are
+    # the evaluation's own, so no "calibrated for another domain" advice to adapt
+    settings = [s for s in lines if "job: generator: domain calibration 'my-domain' from the checkpoint" in s]
+    assert settings and not any("it was calibrated for" in s for s in lines), lines
     assert dom["model_digest"] == checkpoint_digest(dom["checkpoint"]) != dom["base_model_digest"]
     assert "stage_c.steps=2" in (Path(dom["checkpoint"]).parent / "_done.json").read_text()
     (gen,) = (out / "work" / "jpeg-standin").glob("data-*/gen")
