@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo importable here and in workers
@@ -28,7 +30,14 @@ if __package__ in (None, ""):  # run as a script: make the repo importable here 
     if _ROOT not in sys.path:
         sys.path.insert(0, _ROOT)
 
-from pipelines.generate.job import FAILURES_SHOWN, GenerateJob, JobFailed, ensure_ray, run  # noqa: E402
+from pipelines.generate.job import (  # noqa: E402
+    FAILURES_SHOWN,
+    GenerateJob,
+    JobFailed,
+    ensure_ray,
+    run,
+    what_changed,
+)
 from pipelines.generate.plan import Plan, checkpoint_calibration, make_plan  # noqa: E402
 from pipelines.manifest import ManifestError, load_manifest, manifest_json_schema  # noqa: E402
 from pipelines.storage import StorageAccessError, TransientStorageError, missing_credentials  # noqa: E402
@@ -42,6 +51,10 @@ _checkpoint_calibration = checkpoint_calibration
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    sys.exit(signum)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -88,19 +101,44 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     job = GenerateJob(m, log=lambda s: print(s, file=sys.stderr, flush=True), native_stderr_to_log=True)
     if args.dry_run:
         complete: set[str] = set()
+        conflict = None
         try:
-            names = set(job.store.names())
-            # as the run counts them: stats with their tar and parquet (the digests are not compared here)
-            complete = {s for s in plan.stems if {f"{s}_stats.json", f"{s}.tar", f"{s}.parquet"} <= names}
-        except Exception:
-            pass
+            # as the run judges them (digests of manifest, model and listing compared), without acting
+            names, found, foreign, stray, why = job.classify_output(plan)
+            present = set(names)
+            complete = {s for s in found & set(plan.stems) if {f"{s}.tar", f"{s}.parquet"} <= present}
+            if foreign or stray:
+                act = "refuse to start (output.mode resume)"
+                if m.output.mode == "overwrite":
+                    act = "delete them"
+                conflict = (
+                    f"{len(foreign) + len(stray)} files of another dataset (here: {what_changed(why)}; e.g. "
+                    f"{(foreign or stray)[:3]}): the run would {act}"
+                )
+                complete = set()
+        except (TransientStorageError, StorageAccessError) as exc:
+            conflict = f"the output could not be read ({exc}): its shards were not counted"
         c = m.compute
-        print(
-            json.dumps(job.describe(plan, complete, (c.actors.min, c.actors.max or c.actors.min)), indent=2)
-        )
+        # without actors.max the run takes the GPUs present at its start (unknown here)
+        desc = job.describe(plan, complete, (c.actors.min, c.actors.max))
+        desc["output_conflict"] = conflict
+        print(json.dumps(desc, indent=2))
         return 0
+    main_thread = threading.current_thread() is threading.main_thread()
+    # `ray job stop` / a scheduler's SIGTERM: unwind like Ctrl-C (the lock released by job.run's
+    # finally) and say so; ray.init installs the same handler (sys.exit(SIGTERM)) in a new driver
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     try:
         summary = job.run(plan)
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM:
+            raise
+        print(
+            f"interrupted (SIGTERM, e.g. `ray job stop`): complete shards in {job.store.uri} are kept; "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGTERM
     except ManifestError as exc:  # found by the listing (no images after all, colliding keys)
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -113,6 +151,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(
         f"done: {summary['pairs']} pairs in {summary['shards_written']} shards "
         f"({summary['shards_skipped']} already complete), {summary['pairs_per_s']} pairs/s, "

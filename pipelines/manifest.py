@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -101,6 +102,20 @@ class StorageOptions(StrictModel):
         if v is not None and "@" in v.split("://", 1)[1].split("/", 1)[0]:
             # user:secret@host would travel in task arguments and logs: credentials come from the env
             raise ValueError(f"{_HOLDS_CREDENTIALS} (user:password@); set them in the environment")
+        if v is None:
+            return v
+        # the value is never echoed: a query could hold a token (X-Amz-Security-Token=…)
+        parts = urlsplit(v)
+        if parts.query or parts.fragment:
+            raise ValueError(
+                f"{_HOLDS_CREDENTIALS} or anything else after '?' or '#': an endpoint is scheme://host[:port][/path]"
+            )
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if not parts.hostname or port == -1 or any(c.isspace() for c in v):
+            raise ValueError("is not a URL of the form http(s)://host[:port] (a host, and a port of digits)")
         return v
 
 
@@ -588,7 +603,10 @@ def _format_errors(exc: ValidationError, origin: str) -> str:
             lines.append(f"{where}: required key is missing")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{where}: {msg} (got {shown})")
+            # a check of the whole manifest (or a section) names what is wrong itself: its input
+            # is that mapping, `storage` included, so it is not echoed
+            got = "" if isinstance(err.get("input"), Mapping) else f" (got {shown})"
+            lines.append(f"{where}: {msg}{got}")
     head = f"invalid manifest {origin}" if origin else "invalid manifest"
     return head + ":\n  " + "\n  ".join(lines)
 

@@ -327,6 +327,23 @@ def test_bad_manifests_fail_before_any_work(tmp_path, capsys):
             {"storage": {"endpoint_url": "http://me:hunter2@127.0.0.1:9000"}},
             "must not hold credentials",
         ),
+        "endpoint_query": (
+            {"storage": {"endpoint_url": "http://127.0.0.1:9000/?X-Amz-Security-Token=hunter2"}},
+            "storage.endpoint_url: must not hold credentials or anything else after '?' or '#'",
+        ),
+        "endpoint_typo": (
+            {"storage": {"endpoint_url": "http://127.0.0.1:9O00"}},
+            "storage.endpoint_url: is not a URL of the form http(s)://host[:port]",
+        ),
+        # a check of the whole manifest does not echo it (its storage section with it)
+        "whole_manifest": (
+            {
+                "storage": {"endpoint_url": "http://127.0.0.1:9/hunter2"},
+                "refs": [],
+                "generator": {"kind": "realdgen", "checkpoint": str(DEMO_CKPT)},
+            },
+            "needs at least one reference set in `refs`\n",
+        ),
         "storage_key": (
             {"storage": {"key": "AKIAEXAMPLE"}},
             "storage.key: credentials must not be in a manifest",
@@ -422,7 +439,7 @@ def test_dry_run_and_schema(tmp_path, capsys, photos):
 
 
 @pytest.mark.ray
-def test_changed_input_listing_is_not_resumed_into(ray_local, photos, tmp_path):
+def test_changed_input_listing_is_not_resumed_into(ray_local, photos, tmp_path, capsys):
     """One input added under hr.uri moves every later input to another shard: the old shards are not
     kept as complete (that would drop or repeat inputs); the job refuses, and overwrite regenerates."""
     hr, refs = write_inputs(tmp_path / "in", dict(sorted(photos.items())[:3]))
@@ -430,6 +447,24 @@ def test_changed_input_listing_is_not_resumed_into(ray_local, photos, tmp_path):
     data = manifest_dict(str(hr), str(refs), str(out), generator__kind="bicubic")
     first = run_dict(data)
     assert first["inputs"] == 3 and first["shards"] == 2
+    assert first["output"] == str(out)  # local outputs: the absolute path
+    # --dry-run judges the output as the run does: complete for this manifest, foreign for another
+    mpath = tmp_path / "m.yaml"
+    mpath.write_text(yaml.safe_dump(data))
+    for extra, complete, conflict in (
+        ((), 2, None),
+        (("--set", "seed=1"), 0, "(here: manifest; e.g. ['_index.json', 'pairs-000000_stats.json'"),
+        (("--set", "seed=1", "--set", "output.mode=overwrite"), 0, "the run would delete them"),
+    ):
+        assert main([str(mpath), "--dry-run", *extra]) == 0
+        plan_out = json.loads(capsys.readouterr().out)
+        assert plan_out["shards_complete"] == complete, extra
+        assert (
+            (plan_out["output_conflict"] is None)
+            if conflict is None
+            else conflict in plan_out["output_conflict"]
+        )
+    assert plan_out["actors"] == {"min": 1, "max": None}  # no max: the GPUs the run finds at its start
     index = json.loads((out / "_index.json").read_text())
     assert index["inputs_digest"].startswith("listing2:sha256:")
     stats = json.loads((out / "pairs-000000_stats.json").read_text())
@@ -772,3 +807,46 @@ def test_the_plan_says_where_tau_and_the_start_come_from(tmp_path, capsys, photo
         notes["calibrated"] + "; it was calibrated for 'camera-standin', "
     )
     assert "this job's references are labelled 'phone': unless they are" in notes["other domain"]
+
+
+def test_sigterm_is_one_line_and_exit_143(tmp_path, capsys, monkeypatch, photos):
+    """`ray job stop` sends SIGTERM: the same unwinding as Ctrl-C (job.run's finally releases the
+    lock) and one line saying so, exit 128 + 15; the process's own handler is back afterwards."""
+    import os
+    import signal
+    import time
+
+    from pipelines import generate_dataset
+
+    hr, refs = write_inputs(tmp_path, photos)
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump(manifest_dict(str(hr), str(refs), str(tmp_path / "out"))))
+    unwound = []
+
+    def terminated(self, plan=None):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises in here
+        finally:
+            unwound.append(True)
+        raise AssertionError("SIGTERM did not stop the run")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(generate_dataset.GenerateJob, "run", terminated)
+    assert main([str(p)]) == 143
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted (SIGTERM, e.g. `ray job stop`): complete shards in ") and unwound, err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_relative_output_in_rays_working_dir_copy_is_warned_about():
+    """Under `ray job submit --working-dir .` the driver runs in Ray's copy of the checkout: a relative
+    output lands in Ray's session folder, so the job says where; absolute paths and s3 say nothing."""
+    from pipelines.generate.job import ray_working_dir_warning
+
+    cwd = "/tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_8ef5"
+    msg = ray_working_dir_warning("out/demo", cwd)
+    assert msg is not None and f"{cwd}/out/demo" in msg and "absolute path or s3://" in msg
+    assert ray_working_dir_warning("/data/out", cwd) is None
+    assert ray_working_dir_warning("s3://b/out", cwd) is None
+    assert ray_working_dir_warning("out/demo", "/home/me/realdgen") is None

@@ -138,3 +138,44 @@ def test_refused_credentials_stop_the_job_with_the_uri_and_never_a_traceback(
     finally:
         moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = before
     assert not list(out.glob("*.tar")) and not list(out.glob("*.parquet"))
+
+
+def test_missing_buckets_and_keys_are_named_before_any_work(s3_server, s3_bucket, photos, tmp_path, capsys):
+    """An s3 output whose bucket does not exist is a manifest error naming the bucket (exit 2, also
+    for --dry-run), not an unnamed lock failure once Ray is up; a missing source prefix or bucket is
+    named with its scheme; a shard source without .tar files says so."""
+    import s3fs
+
+    from pipelines.generate_dataset import main
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server)
+    for n in sorted(photos)[:2]:
+        fs.pipe(f"{s3_bucket}/hr/{n}.png", _png(photos[n][:40, :40]))
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    Image.fromarray(photos[sorted(photos)[0]][:12, :12]).save(refs / "r.png")
+    data = manifest_dict(
+        f"s3://{s3_bucket}/hr", str(refs), "s3://no-such-bucket-x/out", generator__kind="bicubic"
+    )
+    data["storage"] = {"endpoint_url": s3_server}
+    manifest = tmp_path / "m.yaml"
+    cases = {
+        (): "output.uri: the bucket 'no-such-bucket-x' does not exist (got 's3://no-such-bucket-x/out')",
+        ("--set", f"output.uri=s3://{s3_bucket}/out", "--set", f"hr.uri=s3://{s3_bucket}/nope/"): (
+            f"hr.uri: not found: s3://{s3_bucket}/nope/\n"
+        ),
+        ("--set", f"output.uri=s3://{s3_bucket}/out", "--set", "hr.uri=s3://no-such-bucket-y/hr/"): (
+            "hr.uri: not found: 's3://no-such-bucket-y/hr/' (The specified bucket does not exist)"
+        ),
+        ("--set", f"output.uri=s3://{s3_bucket}/out", "--set", "hr.format=webdataset"): (
+            f"hr.uri: no .tar shards found (got 's3://{s3_bucket}/hr', format webdataset)"
+        ),
+    }
+    manifest.write_text(yaml.safe_dump(data))
+    for args, needle in cases.items():
+        for dry in ((), ("--dry-run",)):
+            assert main([str(manifest), *args, *dry]) == 2, (args, dry)
+            err = capsys.readouterr().err
+            assert needle in err and "Traceback" not in err, (args, err)
+    assert not fs.exists(f"{s3_bucket}/out")  # nothing written anywhere
+    assert main([str(manifest), "--set", f"output.uri=s3://{s3_bucket}/out", "--dry-run"]) == 0

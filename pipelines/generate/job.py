@@ -180,6 +180,36 @@ class GenerateJob:
         added or removed under ``hr.uri`` moves every later input to another shard). The stats of
         the complete shards are kept in ``complete_stats`` (the run reads their counts and
         references digest from there, not from storage again)."""
+        names, complete, foreign, stray, why = self.classify_output(plan)
+        stems = set(plan.stems)
+        if foreign or stray:
+            if self.m.output.mode != "overwrite":
+                self.store.delete_prefix(plan.work)
+                what = (foreign or stray)[:3]
+                raise JobFailed(
+                    f"output {self.store.uri} holds a dataset written from a different manifest, model or "
+                    f"input listing (here: {what_changed(why)}; e.g. {what}); use output.mode: overwrite "
+                    "(or --set output.mode=overwrite) to replace it, or choose another output.uri"
+                )
+            removed = self._remove_dataset(names)
+            self.log(f"overwrite: removed {removed} files of a previous dataset")
+            return set()
+        present = set(names)
+        for stem in sorted(complete & stems):
+            lost = [f"{stem}{ext}" for ext in (".tar", ".parquet") if f"{stem}{ext}" not in present]
+            if lost:
+                # stats whose shard files are gone (deleted by hand, a lost object): not complete;
+                # the stats go first, or this run's compaction would take them for its own
+                self.store.delete(f"{stem}_stats.json")
+                self.complete_stats.pop(stem, None)
+                complete.discard(stem)
+                self.log(f"{stem}: {', '.join(lost)} missing though its stats exist; generating it again")
+        return complete & stems
+
+    def classify_output(self, plan: Plan) -> tuple[list[str], set[str], list[str], list[str], set[str]]:
+        """Read-only: ``(names, complete stems, foreign files, stray tars, what differs)`` of the
+        output for this plan (``--dry-run`` reports it; the run acts on it, :meth:`inspect_output`).
+        Fills ``complete_stats``."""
         self.complete_stats = {}
         names = self.store.names()
         foreign: list[str] = []
@@ -214,38 +244,7 @@ class GenerateJob:
                 self.complete_stats[n.removesuffix("_stats.json")] = meta
         stems = set(plan.stems)
         stray = [n for n in names if n.endswith(".tar") and n.removesuffix(".tar") not in stems]
-        if foreign or stray:
-            if self.m.output.mode != "overwrite":
-                self.store.delete_prefix(plan.work)
-                what = (foreign or stray)[:3]
-                changed = {
-                    "manifest_digest": "manifest",
-                    "model_digest": "model (checkpoint contents)",
-                    "inputs_digest": "input listing (files added, removed or renamed under hr.uri or a "
-                    "reference source)",
-                    "inputs_unrecorded": "input listing (not recorded: written before inputs_digest existed)",
-                    "inputs_v1": "input listing (recorded without the references, before 2026-12-06)",
-                }
-                what_changed = ", ".join(changed[k] for k in sorted(why)) or "shard names"
-                raise JobFailed(
-                    f"output {self.store.uri} holds a dataset written from a different manifest, model or "
-                    f"input listing (here: {what_changed}; e.g. {what}); use output.mode: overwrite "
-                    "(or --set output.mode=overwrite) to replace it, or choose another output.uri"
-                )
-            removed = self._remove_dataset(names)
-            self.log(f"overwrite: removed {removed} files of a previous dataset")
-            return set()
-        present = set(names)
-        for stem in sorted(complete & stems):
-            lost = [f"{stem}{ext}" for ext in (".tar", ".parquet") if f"{stem}{ext}" not in present]
-            if lost:
-                # stats whose shard files are gone (deleted by hand, a lost object): not complete;
-                # the stats go first, or this run's compaction would take them for its own
-                self.store.delete(f"{stem}_stats.json")
-                self.complete_stats.pop(stem, None)
-                complete.discard(stem)
-                self.log(f"{stem}: {', '.join(lost)} missing though its stats exist; generating it again")
-        return complete & stems
+        return names, complete, foreign, stray, why
 
     def _clear_other_work(self, plan: Plan) -> None:
         """Remove scratch folders of runs of other manifests (their parts can never be used)."""
@@ -392,6 +391,9 @@ class GenerateJob:
         self.plan = plan
         # The plan's manifest has the generator settings resolved (domain calibration or paper).
         self.m = plan.manifest
+        warning = ray_working_dir_warning(self.m.output.uri, os.getcwd())
+        if warning:
+            self.log(warning)
         started_ray = ensure_ray()
         lock = self.lock = RunLock(self.store, heartbeat_s=self.m.progress.heartbeat_s)
         try:
@@ -399,7 +401,8 @@ class GenerateJob:
         except Exception as exc:
             if started_ray:
                 ray.shutdown()
-            raise JobFailed(str(exc)) from None
+            msg = str(exc)  # the output is named: "The specified bucket does not exist" alone is not enough
+            raise JobFailed(msg if self.store.uri in msg else f"output {self.store.uri}: {msg}") from None
         try:
             self.store.clean_temporaries()
             self._check_output_shared(plan)
@@ -848,7 +851,7 @@ class GenerateJob:
         # shard under another temp name. No writer runs now.
         self.store.clean_temporaries()
         summary = {
-            "output": self.store.uri,
+            "output": self.store.uri if self.store.remote else self.store.root,  # local: absolute
             "generator": m.generator.kind,
             "pairs": n_pairs,
             "total_samples": index["total_samples"],
@@ -1061,6 +1064,39 @@ class GenerateJob:
         Image.fromarray(grid).save(buf, format="PNG")
         self.store.write_bytes(PREVIEW_NAME, buf.getvalue())
         return True
+
+
+_CHANGED = {
+    "manifest_digest": "manifest",
+    "model_digest": "model (checkpoint contents)",
+    "inputs_digest": "input listing (files added, removed or renamed under hr.uri or a reference source)",
+    "inputs_unrecorded": "input listing (not recorded: written before inputs_digest existed)",
+    "inputs_v1": "input listing (recorded without the references, before 2026-12-06)",
+}
+
+
+def what_changed(why: set[str]) -> str:
+    """What differs between an output's dataset and this plan, in words (keys of classify_output)."""
+    return ", ".join(_CHANGED[k] for k in sorted(why)) or "shard names"
+
+
+RAY_WORKING_DIR_MARK = f"{os.sep}runtime_resources{os.sep}working_dir_files{os.sep}"
+
+
+def ray_working_dir_warning(output_uri: str, cwd: str) -> str | None:
+    """A warning when a relative local output would land in Ray's copy of the job's working dir
+    (``ray job submit --working-dir``): the dataset then lies in Ray's session folder, which Ray
+    deletes, not in the checkout it was submitted from. None otherwise."""
+    if "://" in output_uri or os.path.isabs(os.path.expanduser(output_uri)):
+        return None
+    if RAY_WORKING_DIR_MARK not in cwd + os.sep:
+        return None
+    where = os.path.join(cwd, output_uri)
+    return (
+        f"warning: output.uri {output_uri!r} is relative and this driver runs in Ray's copy of the "
+        f"working dir, so the dataset goes to {where}, inside Ray's session folder (deleted with it), "
+        "not to the folder the job was submitted from: name an absolute path or s3:// to keep it"
+    )
 
 
 def run(manifest: GenerateManifest, *, log=print) -> dict:

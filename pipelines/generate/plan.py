@@ -171,7 +171,7 @@ def _first_image(spec, storage: dict) -> bool:
             return match(path)
         found = with_retries(lambda: _s3_has(fs, path, match), what=f"list {spec.uri}")
         if found is None:
-            raise SourceError(f"not found: {path}")
+            raise SourceError(f"not found: {spec.uri}")
         return found
     if not fs.exists(path):
         raise SourceError(f"not found: {path}")
@@ -194,6 +194,9 @@ def _no_images(spec, key: str) -> ManifestError:
             f"{key}.uri: {spec.uri!r} is a file, not a folder: name its folder, or a glob such as "
             f"'{os.path.dirname(spec.uri) or '.'}/*.png'"
         )
+    if spec.format in ("webdataset", "parquet"):
+        what = ".tar shards" if spec.format == "webdataset" else ".parquet lists"
+        return ManifestError(f"{key}.uri: no {what} found (got {spec.uri!r}, format {spec.format})")
     return ManifestError(f"{key}.uri: no images found (got {spec.uri!r}, extensions {list(spec.extensions)})")
 
 
@@ -206,7 +209,7 @@ def _unlistable(exc: Exception, spec, key: str) -> ManifestError:
     if isinstance(exc, FileNotFoundError):
         where = str(exc)
         return ManifestError(
-            f"{key}.uri: not found: {spec.uri!r}" + (f" (looked at {where})" if spec.uri not in where else "")
+            f"{key}.uri: not found: {spec.uri!r}" + (f" ({where})" if spec.uri not in where else "")
         )
     if isinstance(exc, StorageAccessError):  # names the URI and what to fix itself
         return ManifestError(f"{key}.uri: {exc}")
@@ -297,6 +300,7 @@ def preflight(
     _check_start_bank(m)
     _check_output_outside_sources(m)
     _check_output_is_a_folder(m)
+    _check_output_bucket(m, storage)
     if m.demo_inputs:
         from pipelines.demo_data import prepare_demo_inputs
 
@@ -331,6 +335,32 @@ def _check_output_outside_sources(m: GenerateManifest) -> None:
                 f"output.uri: {m.output.uri!r} lies inside {key} {uri!r}; the dataset's own files would be "
                 "read as inputs by the next run: write it outside the sources"
             )
+
+
+def _check_output_bucket(m: GenerateManifest, storage: dict) -> None:
+    """An s3 output's bucket exists and answers these credentials: a missing bucket is a manifest
+    error naming it here, not an unnamed failure of the lock once Ray is up (nothing is created)."""
+    if not m.output.uri.startswith("s3://"):
+        return
+    fs, path = get_fs(m.output.uri, storage)
+    bucket = path.split("/", 1)[0]
+
+    def head() -> bool:  # HeadBucket: 404 is "no such bucket", 403 refused credentials (s3fs maps both)
+        try:
+            fs.call_s3("head_bucket", Bucket=bucket)
+            return True
+        except FileNotFoundError:
+            return False
+
+    try:  # outages are retried and then fail as elsewhere (exit 1: run again), not as a manifest error
+        found = with_retries(head, what=f"checking the bucket of {m.output.uri}")
+    except StorageAccessError as exc:
+        raise ManifestError(f"output.uri: {exc}") from None
+    if not found:
+        raise ManifestError(
+            f"output.uri: the bucket {bucket!r} does not exist (got {m.output.uri!r}); create it, or name "
+            "one these credentials can write to"
+        )
 
 
 def _check_output_is_a_folder(m: GenerateManifest) -> None:

@@ -404,7 +404,8 @@ class GenerateLR:
                     f"{self.model_digest}, planned with {self.cfg.model_digest}); run the job again"
                 )
             bank = _resolve(self.cfg.ref_bank)
-            self.bank = torch.as_tensor(np.asarray(bank, dtype=np.float32)) if bank is not None else None
+            # a copy: the bank comes from Ray's object store read-only (torch warns on a shared view)
+            self.bank = torch.tensor(np.asarray(bank, dtype=np.float32)) if bank is not None else None
         # start_choice domain: each profile as the per-sample start errors it stands for, built once
         self.start_errors = {}
         if self.cfg.start_profiles and self.cfg.start_kind == "domain":
