@@ -53,10 +53,6 @@ _checkpoint_calibration = checkpoint_calibration
 # --------------------------------------------------------------------------------------------
 
 
-def _exit_on_sigterm(signum, frame) -> None:
-    sys.exit(signum)
-
-
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog=prog or "generate_dataset.py",
@@ -124,20 +120,29 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         desc["output_conflict"] = conflict
         print(json.dumps(desc, indent=2))
         return 0
-    main_thread = threading.current_thread() is threading.main_thread()
-    # `ray job stop` / a scheduler's SIGTERM: unwind like Ctrl-C (the lock released by job.run's
-    # finally) and say so; ray.init installs the same handler (sys.exit(SIGTERM)) in a new driver
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # `ray job stop` / a scheduler's SIGTERM: say so at once (`ray job stop` kills the driver 3 s
+        # later), then unwind like Ctrl-C (job.run's finally releases the lock). Installed after
+        # ray.init, which sets a handler of its own (sys.exit alone) that would replace this one.
+        ensure_ray()
+        uri = job.store.uri
+
+        def on_sigterm(signum, frame) -> None:
+            print(
+                f"interrupted (SIGTERM, e.g. `ray job stop`): complete shards in {uri} are kept; "
+                "run the same command again to resume",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(signum)
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         summary = job.run(plan)
     except SystemExit as exc:
         if exc.code != signal.SIGTERM:
             raise
-        print(
-            f"interrupted (SIGTERM, e.g. `ray job stop`): complete shards in {job.store.uri} are kept; "
-            "run the same command again to resume",
-            file=sys.stderr,
-        )
         return 128 + signal.SIGTERM
     except ManifestError as exc:  # found by the listing (no images after all, colliding keys)
         print(f"error: {exc}", file=sys.stderr)

@@ -762,6 +762,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch, photos):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(generate_dataset.GenerateJob, "run", interrupted)
+    monkeypatch.setattr(generate_dataset, "ensure_ray", lambda: False)  # no Ray needed here
     assert main([str(p)]) == 130
     err = capsys.readouterr().err
     assert err.startswith("interrupted: complete shards in ") and "run the same command again" in err, err
@@ -833,6 +834,7 @@ def test_sigterm_is_one_line_and_exit_143(tmp_path, capsys, monkeypatch, photos)
 
     before = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(generate_dataset.GenerateJob, "run", terminated)
+    monkeypatch.setattr(generate_dataset, "ensure_ray", lambda: False)  # no Ray needed here
     assert main([str(p)]) == 143
     err = capsys.readouterr().err
     assert err.startswith("interrupted (SIGTERM, e.g. `ray job stop`): complete shards in ") and unwound, err
