@@ -17,6 +17,19 @@ from PIL import Image
 from test_generate_job import REPO, manifest_dict, validate
 
 
+def _two_s3_photos_and_a_local_ref(s3_server, bucket, photos, tmp_path):
+    """Two 40 px photos under s3://bucket/hr and a folder with one 12 px reference: (fs, refs)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server)
+    for n in sorted(photos)[:2]:
+        fs.pipe(f"{bucket}/hr/{n}.png", _png(photos[n][:40, :40]))
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    Image.fromarray(photos[sorted(photos)[0]][:12, :12]).save(refs / "r.png")
+    return fs, refs
+
+
 def _png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
@@ -97,19 +110,13 @@ def test_refused_credentials_stop_the_job_with_the_uri_and_never_a_traceback(
     source; refused once the job runs (listing, decoding, writing in Ray tasks), one line naming the
     object, exit 1, nothing marked failed."""
     import moto.settings
-    import s3fs
 
     from pipelines.generate.job import GenerateJob, JobFailed
     from pipelines.generate.plan import make_plan
     from pipelines.generate_dataset import main
     from pipelines.manifest import parse_manifest
 
-    fs = s3fs.S3FileSystem(endpoint_url=s3_server)
-    for n in sorted(photos)[:2]:
-        fs.pipe(f"{s3_bucket}/hr/{n}.png", _png(photos[n][:40, :40]))
-    refs = tmp_path / "refs"
-    refs.mkdir()
-    Image.fromarray(photos[sorted(photos)[0]][:12, :12]).save(refs / "r.png")
+    fs, refs = _two_s3_photos_and_a_local_ref(s3_server, s3_bucket, photos, tmp_path)
     out = tmp_path / "out"
     data = manifest_dict(f"s3://{s3_bucket}/hr", str(refs), str(out), generator__kind="bicubic")
     data["storage"] = {"endpoint_url": s3_server}
@@ -144,16 +151,10 @@ def test_missing_buckets_and_keys_are_named_before_any_work(s3_server, s3_bucket
     """An s3 output whose bucket does not exist is a manifest error naming the bucket (exit 2, also
     for --dry-run), not an unnamed lock failure once Ray is up; a missing source prefix or bucket is
     named with its scheme; a shard source without .tar files says so."""
-    import s3fs
 
     from pipelines.generate_dataset import main
 
-    fs = s3fs.S3FileSystem(endpoint_url=s3_server)
-    for n in sorted(photos)[:2]:
-        fs.pipe(f"{s3_bucket}/hr/{n}.png", _png(photos[n][:40, :40]))
-    refs = tmp_path / "refs"
-    refs.mkdir()
-    Image.fromarray(photos[sorted(photos)[0]][:12, :12]).save(refs / "r.png")
+    fs, refs = _two_s3_photos_and_a_local_ref(s3_server, s3_bucket, photos, tmp_path)
     data = manifest_dict(
         f"s3://{s3_bucket}/hr", str(refs), "s3://no-such-bucket-x/out", generator__kind="bicubic"
     )
