@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     f"{(foreign or stray)[:3]}): the run would {act}"
                 )
                 complete = set()
-        except (TransientStorageError, StorageAccessError) as exc:
+        except (TransientStorageError, StorageAccessError, OSError) as exc:
             conflict = f"the output could not be read ({exc}): its shards were not counted"
         c = m.compute
         # without actors.max the run takes the GPUs present at its start (unknown here)
@@ -121,24 +121,25 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(json.dumps(desc, indent=2))
         return 0
     previous = None
-    if threading.current_thread() is threading.main_thread():
-        # `ray job stop` / a scheduler's SIGTERM: say so at once (`ray job stop` kills the driver 3 s
-        # later), then unwind like Ctrl-C (job.run's finally releases the lock). Installed after
-        # ray.init, which sets a handler of its own (sys.exit alone) that would replace this one.
-        ensure_ray()
-        uri = job.store.uri
+    started_ray = False
+    uri = job.store.uri
 
-        def on_sigterm(signum, frame) -> None:
-            print(
-                f"interrupted (SIGTERM, e.g. `ray job stop`): complete shards in {uri} are kept; "
-                "run the same command again to resume",
-                file=sys.stderr,
-                flush=True,
-            )
-            sys.exit(signum)
+    def on_sigterm(signum, frame) -> None:
+        print(
+            f"interrupted (SIGTERM, e.g. `ray job stop`): complete shards in {uri} are kept; "
+            "run the same command again to resume",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(signum)
 
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
+        if threading.current_thread() is threading.main_thread():
+            # `ray job stop` / a scheduler's SIGTERM: say so at once (`ray job stop` kills the driver
+            # 3 s later), then unwind like Ctrl-C (job.run's finally releases the lock). Installed
+            # after ray.init, which sets a handler of its own (sys.exit alone) that would replace it.
+            started_ray = ensure_ray()
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
         summary = job.run(plan)
     except SystemExit as exc:
         if exc.code != signal.SIGTERM:
@@ -159,6 +160,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if started_ray:  # job.run shuts down only a Ray it started itself
+            import ray
+
+            ray.shutdown()
     print(
         f"done: {summary['pairs']} pairs in {summary['shards_written']} shards "
         f"({summary['shards_skipped']} already complete), {summary['pairs_per_s']} pairs/s, "

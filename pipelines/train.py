@@ -235,11 +235,40 @@ def check_outputs(m: TrainManifest) -> None:
                 break
 
 
-def check_init_checkpoint(m: TrainManifest) -> None:
+def check_tau_grid(m: TrainManifest, config) -> None:
+    """The calibration's τ grid stays below the model's ``max_train_timestep`` (its UNet never saw a
+    timestep past it; ``generate`` refuses one): found now, not after the whole of stage C."""
+    n = config.diffusion.max_train_timestep
+    bad = [t for t in m.calibration.tau_grid if int(t) >= n]
+    if bad:
+        raise ManifestError(
+            f"calibration.tau_grid: {bad} at or past the model's max_train_timestep ({n}): its UNet was "
+            f"trained on t < {n}; use steps up to {n - 1}"
+        )
+
+
+def check_calibrated_checkpoint(m: TrainManifest) -> None:
+    """``--calibrate-only``: output.checkpoint's header, and the τ grid against its model."""
+    from pipelines.storage import fetch_to_local
+    from realdgen_core.checkpoint import inspect_checkpoint
+
+    try:
+        config, _, _ = inspect_checkpoint(fetch_to_local(m.output.checkpoint, m.storage.model_dump()))
+    except (CheckpointError, StorageAccessError, OSError) as exc:
+        raise ManifestError(f"output.checkpoint: {exc}") from None
+    check_tau_grid(m, config)
+
+
+def check_init_checkpoint(m: TrainManifest, calibrate: bool = False) -> None:
     """``init_checkpoint``'s header read before any training: a missing, truncated or foreign file is
     a :class:`ManifestError`, and the manifest's crop sizes are checked against the checkpoint's
-    scale, which wins over the manifest's ``scale`` (they were checked against the ignored one)."""
+    scale, which wins over the manifest's ``scale`` (they were checked against the ignored one).
+    ``calibrate``: the calibration's τ grid is checked against the model too (either model)."""
     if not m.init_checkpoint:
+        if calibrate:
+            from realdgen_core.config import preset
+
+            check_tau_grid(m, preset(m.preset, m.scale))
         return
     from pydantic import ValidationError
 
@@ -254,6 +283,8 @@ def check_init_checkpoint(m: TrainManifest) -> None:
         config, _, _ = inspect_checkpoint(fetch_to_local(m.init_checkpoint, storage))
     except (CheckpointError, StorageAccessError, OSError) as exc:
         raise ManifestError(f"init_checkpoint: {exc}") from None
+    if calibrate:
+        check_tau_grid(m, config)
     if config.scale != m.scale:
         try:
             TrainManifest.model_validate({**m.model_dump(), "scale": config.scale})
@@ -1040,7 +1071,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             m, stages, args.calibrate_only or m.calibration.enabled, calibrate_only=args.calibrate_only
         )
         if not args.calibrate_only:
-            check_init_checkpoint(m)
+            check_init_checkpoint(m, calibrate=m.calibration.enabled)
+        else:  # the model calibrated is output.checkpoint's
+            check_calibrated_checkpoint(m)
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -780,13 +780,23 @@ def test_an_adaptation_that_cannot_run_fails_before_any_work(tmp_path, monkeypat
         Image.fromarray(img(24, 40)).save(refs / f"small{i}.png")
     (refs / "only.png").unlink()
     with pytest.raises(
-        ManifestError, match=r"no refs_train image is at least 32x32 px .*largest shorter side is 24"
+        ManifestError,
+        match=r"no training-split refs_train image is at least 32x32 px .*largest shorter side is 24",
     ):
         check()
-    Image.fromarray(img(40, 36)).save(refs / "big.png")
+    # stage C reads the split's training side only: a large image held out for validation is no help
+    from realdgen_core.calibrate import split_validation
+
+    names = [f"big{i}.png" for i in range(40)]
+    held = split_validation(names, 0.25)[1]
+    train_side = next(n for n in names if n not in {names[i] for i in held})
+    Image.fromarray(img(40, 36)).save(refs / names[held[0]])
+    with pytest.raises(ManifestError, match="no training-split refs_train image"):
+        check()
+    Image.fromarray(img(40, 36)).save(refs / train_side)
     check()  # usable now
     small = m.model_copy(update={"adapt": m.adapt.model_copy(update={"overrides": ["stage_c.lr_crop=16"]})})
-    (refs / "big.png").unlink()
+    (refs / train_side).unlink()
     check(small)  # a smaller crop through adapt.overrides, as the message says
     gone = m.model_copy(update={"adapt": m.adapt.model_copy(update={"manifest": "nope/adapt.yaml"})})
     with pytest.raises(ManifestError, match="adapt.manifest: file not found"):
@@ -794,8 +804,7 @@ def test_an_adaptation_that_cannot_run_fails_before_any_work(tmp_path, monkeypat
     # relative to the working directory first, like the manifest's other paths
     (tmp_path / "mine.yaml").write_text((Path(__file__).parents[1] / "manifests" / "adapt.yaml").read_text())
     monkeypatch.chdir(tmp_path)
-    (refs / "big.png").parent.mkdir(exist_ok=True)
-    Image.fromarray(img(40, 36)).save(refs / "big.png")
+    Image.fromarray(img(40, 36)).save(refs / train_side)
     check(m.model_copy(update={"adapt": m.adapt.model_copy(update={"manifest": "mine.yaml"})}))
 
 

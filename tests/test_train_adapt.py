@@ -199,3 +199,16 @@ def test_adapt_errors_found_before_or_during_the_run_are_one_line_and_nothing_is
     err = run(out, source=small)
     assert "no usable image of at least" in err and "3 too small" in err, err
     assert not out.exists()
+
+    # a calibration τ grid past the model's trained timesteps (500): before stage C, not after it
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(6):
+        Image.new("RGB", (96, 96), (i * 30, 90, 120)).save(good / f"g{i}.png")
+    grid = "{enabled: true, val_fraction: 0.25, tau_grid: [0, 300, 500]}"
+    for extra, model in (((), out), (("--calibrate-only",), tmp_path / "copy.safetensors")):
+        if extra:
+            model.write_bytes(ckpt.read_bytes())  # --calibrate-only calibrates output.checkpoint's model
+        err = run(model, *extra, source=good, calibration=grid)
+        assert "calibration.tau_grid: [500] at or past the model's max_train_timestep (500)" in err, err
+    assert not out.exists()

@@ -343,11 +343,14 @@ def _check_output_bucket(m: GenerateManifest, storage: dict) -> None:
     if not m.output.uri.startswith("s3://"):
         return
     fs, path = get_fs(m.output.uri, storage)
-    bucket = path.split("/", 1)[0]
+    bucket, _, key = path.partition("/")
+    prefix = key.rstrip("/") + "/" if key else ""
 
-    def head() -> bool:  # HeadBucket: 404 is "no such bucket", 403 refused credentials (s3fs maps both)
+    def head() -> bool:
+        # the listing the job itself makes (a policy may allow ListBucket on the output's prefix
+        # only, where HeadBucket is refused): NoSuchBucket is FileNotFoundError, 403 refused (s3fs)
         try:
-            fs.call_s3("head_bucket", Bucket=bucket)
+            fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
             return True
         except FileNotFoundError:
             return False

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -404,8 +405,14 @@ class GenerateLR:
                     f"{self.model_digest}, planned with {self.cfg.model_digest}); run the job again"
                 )
             bank = _resolve(self.cfg.ref_bank)
-            # a copy: the bank comes from Ray's object store read-only (torch warns on a shared view)
-            self.bank = torch.tensor(np.asarray(bank, dtype=np.float32)) if bank is not None else None
+            if bank is not None:
+                # a read-only view of Ray's object store, shared by the actors on a node and only
+                # ever indexed: torch's warning about non-writable arrays does not apply
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    self.bank = torch.as_tensor(np.asarray(bank, dtype=np.float32))
+            else:
+                self.bank = None
         # start_choice domain: each profile as the per-sample start errors it stands for, built once
         self.start_errors = {}
         if self.cfg.start_profiles and self.cfg.start_kind == "domain":
