@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import socket
 import tempfile
@@ -347,8 +348,13 @@ def retry_budget_s() -> float:
     return DEFAULT_RETRY_S
 
 
+# a URL in a client's error message: its path is cut (an endpoint's path is the user's setting, which
+# messages never echo; botocore writes "Could not connect to the endpoint URL: <endpoint/bucket/key>")
+_URL_PATH = re.compile(r"(https?://[^/\s\"'<>]+)/[^\s\"'<>]*")
+
+
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().replace("\n", " ")
+    text = _URL_PATH.sub(r"\1/…", str(exc).strip().replace("\n", " "))
     if len(text) > 300:
         text = text[:297] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -716,3 +716,19 @@ def test_download_cache_is_per_user_and_refused_when_others_may_write(tmp_path, 
     os.chmod(cache, 0o777)  # a folder others can plant files in
     with pytest.raises(PermissionError, match="others may write to it"):
         download_cache()
+
+
+def test_storage_errors_do_not_echo_an_endpoints_path():
+    """botocore names the URL it could not reach, endpoint path and key included; the endpoint is the
+    user's `storage` setting, which messages never echo: the path is cut, scheme, host and port stay."""
+    from botocore.exceptions import EndpointConnectionError
+
+    def down():
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9/hunter2/bkt/key.png")
+
+    with pytest.raises(TransientStorageError) as info:
+        with_retries(down, what="read s3://bkt/key.png", budget_s=0, sleep=lambda s: None)
+    msg = str(info.value)
+    assert (
+        "hunter2" not in msg and "http://127.0.0.1:9/…" in msg and msg.startswith("read s3://bkt/key.png")
+    ), msg
