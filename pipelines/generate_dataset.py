@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         conflict = None
         try:
             # as the run judges them (digests of manifest, model and listing compared), without acting
-            names, found, foreign, stray, why = job.classify_output(plan)
-            present = set(names)
-            complete = {s for s in found & set(plan.stems) if {f"{s}.tar", f"{s}.parquet"} <= present}
+            _, complete, _, foreign, stray, why = job.classify_output(plan)
             if foreign or stray:
                 act = "refuse to start (output.mode resume)"
                 if m.output.mode == "overwrite":

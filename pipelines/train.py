@@ -247,16 +247,25 @@ def check_tau_grid(m: TrainManifest, config) -> None:
         )
 
 
-def check_calibrated_checkpoint(m: TrainManifest) -> None:
-    """``--calibrate-only``: output.checkpoint's header, and the τ grid against its model."""
+def _checkpoint_config(m: TrainManifest, key: str, uri: str):
+    """The model config in the header of checkpoint ``uri`` (manifest key ``key``): a missing,
+    truncated or foreign file is a :class:`ManifestError` naming the key."""
     from pipelines.storage import fetch_to_local
     from realdgen_core.checkpoint import inspect_checkpoint
 
+    storage = m.storage.model_dump()
+    fs, path = get_fs(uri, storage)
     try:
-        config, _, _ = inspect_checkpoint(fetch_to_local(m.output.checkpoint, m.storage.model_dump()))
+        if not with_retries(lambda: fs.exists(path), what=f"checking {uri}"):
+            raise ManifestError(f"{key}: file not found (got {uri!r})")
+        return inspect_checkpoint(fetch_to_local(uri, storage))[0]
     except (CheckpointError, StorageAccessError, OSError) as exc:
-        raise ManifestError(f"output.checkpoint: {exc}") from None
-    check_tau_grid(m, config)
+        raise ManifestError(f"{key}: {exc}") from None
+
+
+def check_calibrated_checkpoint(m: TrainManifest) -> None:
+    """``--calibrate-only``: output.checkpoint's header, and the τ grid against its model."""
+    check_tau_grid(m, _checkpoint_config(m, "output.checkpoint", m.output.checkpoint))
 
 
 def check_init_checkpoint(m: TrainManifest, calibrate: bool = False) -> None:
@@ -272,17 +281,7 @@ def check_init_checkpoint(m: TrainManifest, calibrate: bool = False) -> None:
         return
     from pydantic import ValidationError
 
-    from pipelines.storage import fetch_to_local
-    from realdgen_core.checkpoint import inspect_checkpoint
-
-    storage = m.storage.model_dump()
-    fs, path = get_fs(m.init_checkpoint, storage)
-    try:
-        if not with_retries(lambda: fs.exists(path), what=f"checking {m.init_checkpoint}"):
-            raise ManifestError(f"init_checkpoint: file not found (got {m.init_checkpoint!r})")
-        config, _, _ = inspect_checkpoint(fetch_to_local(m.init_checkpoint, storage))
-    except (CheckpointError, StorageAccessError, OSError) as exc:
-        raise ManifestError(f"init_checkpoint: {exc}") from None
+    config = _checkpoint_config(m, "init_checkpoint", m.init_checkpoint)
     if calibrate:
         check_tau_grid(m, config)
     if config.scale != m.scale:

@@ -180,8 +180,7 @@ class GenerateJob:
         added or removed under ``hr.uri`` moves every later input to another shard). The stats of
         the complete shards are kept in ``complete_stats`` (the run reads their counts and
         references digest from there, not from storage again)."""
-        names, complete, foreign, stray, why = self.classify_output(plan)
-        stems = set(plan.stems)
+        names, complete, lost, foreign, stray, why = self.classify_output(plan)
         if foreign or stray:
             if self.m.output.mode != "overwrite":
                 self.store.delete_prefix(plan.work)
@@ -194,22 +193,20 @@ class GenerateJob:
             removed = self._remove_dataset(names)
             self.log(f"overwrite: removed {removed} files of a previous dataset")
             return set()
-        present = set(names)
-        for stem in sorted(complete & stems):
-            lost = [f"{stem}{ext}" for ext in (".tar", ".parquet") if f"{stem}{ext}" not in present]
-            if lost:
-                # stats whose shard files are gone (deleted by hand, a lost object): not complete;
-                # the stats go first, or this run's compaction would take them for its own
-                self.store.delete(f"{stem}_stats.json")
-                self.complete_stats.pop(stem, None)
-                complete.discard(stem)
-                self.log(f"{stem}: {', '.join(lost)} missing though its stats exist; generating it again")
-        return complete & stems
+        for stem, missing in lost.items():
+            # the stats go first, or this run's compaction would take them for its own
+            self.store.delete(f"{stem}_stats.json")
+            self.log(f"{stem}: {', '.join(missing)} missing though its stats exist; generating it again")
+        return complete
 
-    def classify_output(self, plan: Plan) -> tuple[list[str], set[str], list[str], list[str], set[str]]:
-        """Read-only: ``(names, complete stems, foreign files, stray tars, what differs)`` of the
-        output for this plan (``--dry-run`` reports it; the run acts on it, :meth:`inspect_output`).
-        Fills ``complete_stats``."""
+    def classify_output(
+        self, plan: Plan
+    ) -> tuple[list[str], set[str], dict[str, list[str]], list[str], list[str], set[str]]:
+        """Read-only: ``(names, complete stems, lost, foreign files, stray tars, what differs)`` of
+        the output for this plan (``--dry-run`` reports it; the run acts on it, :meth:`inspect_output`).
+        ``lost``: stems of this plan whose stats exist but whose tar or parquet is gone (deleted by
+        hand, a lost object), with the missing names: not complete. Fills ``complete_stats``
+        (complete stems only)."""
         self.complete_stats = {}
         names = self.store.names()
         foreign: list[str] = []
@@ -244,7 +241,14 @@ class GenerateJob:
                 self.complete_stats[n.removesuffix("_stats.json")] = meta
         stems = set(plan.stems)
         stray = [n for n in names if n.endswith(".tar") and n.removesuffix(".tar") not in stems]
-        return names, complete, foreign, stray, why
+        present = set(names)
+        lost: dict[str, list[str]] = {}
+        for stem in sorted(complete & stems):
+            missing = [f"{stem}{ext}" for ext in (".tar", ".parquet") if f"{stem}{ext}" not in present]
+            if missing:
+                lost[stem] = missing
+                self.complete_stats.pop(stem, None)
+        return names, (complete & stems) - set(lost), lost, foreign, stray, why
 
     def _clear_other_work(self, plan: Plan) -> None:
         """Remove scratch folders of runs of other manifests (their parts can never be used)."""

@@ -346,7 +346,7 @@ def _check_output_bucket(m: GenerateManifest, storage: dict) -> None:
     bucket, _, key = path.partition("/")
     prefix = key.rstrip("/") + "/" if key else ""
 
-    def head() -> bool:
+    def bucket_answers() -> bool:
         # the listing the job itself makes (a policy may allow ListBucket on the output's prefix
         # only, where HeadBucket is refused): NoSuchBucket is FileNotFoundError, 403 refused (s3fs)
         try:
@@ -356,7 +356,7 @@ def _check_output_bucket(m: GenerateManifest, storage: dict) -> None:
             return False
 
     try:  # outages are retried and then fail as elsewhere (exit 1: run again), not as a manifest error
-        found = with_retries(head, what=f"checking the bucket of {m.output.uri}")
+        found = with_retries(bucket_answers, what=f"checking the bucket of {m.output.uri}")
     except StorageAccessError as exc:
         raise ManifestError(f"output.uri: {exc}") from None
     if not found:
