@@ -16,9 +16,11 @@ each process (``AWS_ACCESS_KEY_ID`` …); only the endpoint may be configured he
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -587,7 +589,44 @@ def _short(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _format_errors(exc: ValidationError, origin: str) -> str:
+def _model_at(model: type[BaseModel] | None, loc: list) -> type[BaseModel] | None:
+    """The pydantic model class holding the keys at ``loc`` (list indices and union members
+    stepped through), or None where a location is not a model's."""
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _model_in(field.annotation)
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):  # Optional[X], list[X], X | None, Annotated[X, …]
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _did_you_mean(model: type[BaseModel] | None, loc: list) -> str:
+    """`` (did you mean 'tiling'?)`` for a mistyped key, from the keys of the model holding it."""
+    if not loc or not isinstance(loc[-1], str):
+        return ""
+    parent = _model_at(model, loc[:-1])
+    if parent is None:
+        return ""
+    keys = [f.alias or name for name, f in parent.model_fields.items()]
+    close = difflib.get_close_matches(loc[-1], keys, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _format_errors(exc: ValidationError, origin: str, model: type[BaseModel] | None = None) -> str:
     lines = []
     for err in exc.errors(include_url=False):
         # Drop pydantic's internal union/function tags from the location.
@@ -598,7 +637,7 @@ def _format_errors(exc: ValidationError, origin: str) -> str:
         secret = (loc and loc[0] == "storage") or _HOLDS_CREDENTIALS in err["msg"]
         shown = "not shown" if secret else _short(err.get("input"))
         if err["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key (value {shown})")
+            lines.append(f"{where}: unknown key{_did_you_mean(model, loc)} (value {shown})")
         elif err["type"] == "missing":
             lines.append(f"{where}: required key is missing")
         else:
@@ -702,7 +741,7 @@ def parse_manifest(data: Any, origin: str = "", kind: str | None = None) -> Stri
     try:
         return model.model_validate(dict(data))
     except ValidationError as exc:
-        raise ManifestError(_format_errors(exc, origin)) from None
+        raise ManifestError(_format_errors(exc, origin, model)) from None
 
 
 def load_manifest(path: str | Path, overrides: Iterable[str] = (), kind: str | None = None) -> StrictModel:
@@ -717,6 +756,8 @@ def load_manifest(path: str | Path, overrides: Iterable[str] = (), kind: str | N
         raise ManifestError(f"manifest file not found: {str(p)!r}") from None
     except OSError as exc:
         raise ManifestError(f"manifest {str(p)!r} cannot be read: {exc}") from None
+    except UnicodeDecodeError:
+        raise ManifestError(f"manifest {str(p)!r} is not a text (UTF-8 YAML) file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -1,7 +1,8 @@
 """Train RealDGen (stages A, B, C) from a `kind: train` manifest, locally or with Ray Train (DDP).
 
-    python pipelines/train.py manifests/train_demo.yaml                 # all stages, this process
-    python pipelines/train.py manifests/train_demo.yaml --stages B,C    # only these stages
+    python pipelines/train.py m.yaml                                    # all stages, this process
+    python pipelines/train.py m.yaml --stages B,C                       # these stages (A done in run_dir)
+    python pipelines/train.py manifests/train_demo.yaml --overwrite-checkpoint  # the demo checkpoint again
     python pipelines/train.py manifests/adapt.yaml                      # domain adaptation (stage C)
     python pipelines/train.py m.yaml --set compute.backend=ray --set compute.num_workers=4
 
@@ -233,6 +234,34 @@ def check_outputs(m: TrainManifest) -> None:
                 if not parent.is_dir():
                     raise ManifestError(f"{key}: {uri!r} lies under {str(parent)!r}, which is a file")
                 break
+
+
+def check_checkpoint_owner(m: TrainManifest, overwrite: bool) -> None:
+    """``output.checkpoint`` may hold only this manifest's own export (a run resumed or run again):
+    training replaces that file at its first export, so a model another run made there (the demo
+    checkpoint a copied manifest still names, another domain's adaptation) is refused before any
+    training unless ``overwrite`` (``--overwrite-checkpoint``)."""
+    uri = m.output.checkpoint
+    if not uri or overwrite:
+        return
+    storage = m.storage.model_dump()
+    fs, path = get_fs(uri, storage)
+    if not with_retries(lambda: fs.exists(path), what=f"checking {uri}"):
+        return
+    from pipelines.storage import fetch_to_local
+    from realdgen_core.checkpoint import inspect_checkpoint
+
+    try:
+        _, meta, _ = inspect_checkpoint(fetch_to_local(uri, storage))
+        owner = meta.get("manifest_digest")
+        what = "a model of another training manifest" if owner else "a model not trained by this manifest"
+    except (CheckpointError, OSError, ValueError):
+        owner, what = None, "a file that is not a readable RealDGen checkpoint"
+    if owner != manifest_digest(m):
+        raise ManifestError(
+            f"output.checkpoint: {uri!r} already holds {what}, which this run would replace at its "
+            "first export; name another file, or pass --overwrite-checkpoint to replace it"
+        )
 
 
 def check_tau_grid(m: TrainManifest, config) -> None:
@@ -691,6 +720,26 @@ class Checkpointer(Hook):
             self.ctx.checkpoint(phase, completed=False)
 
 
+def phase_steps(m: TrainManifest) -> dict[str, int]:
+    """Each phase's step count in the manifest."""
+    return {
+        "content_pretrain": m.stage_a.pretrain_steps,
+        "content_finetune": m.stage_a.finetune_steps,
+        "degradation": m.stage_b.steps,
+        "diffusion": m.stage_c.steps,
+    }
+
+
+def untrained_phases(m: TrainManifest, completed: Sequence[str]) -> list[str]:
+    """The phases whose part of a model from scratch (no ``init_checkpoint``) was never trained:
+    not run in this run folder, or run with 0 steps. A model with any of them left generates from
+    random weights there (a run of ``--stages C`` alone, or every step count set to 0)."""
+    if m.init_checkpoint:
+        return []
+    steps = phase_steps(m)
+    return [p for s in STAGES.values() for p in s if p not in completed or steps[p] == 0]
+
+
 def make_phase(m: TrainManifest, model, samplers: dict, name: str, **kw) -> Phase:
     """Phase ``name`` with the manifest's stage settings and its sampler; ``kw`` go to the Phase
     (rank, world_size, wrap, data_workers, precision); the seed is the manifest's."""
@@ -717,10 +766,12 @@ class TrainContext:
         wrap=None,
         completed: list[str],
         index: int,
+        planned: Sequence[str] = (),
     ) -> None:
         self.m, self.model, self.samplers, self.store, self.digest = m, model, samplers, store, digest
         self.rank, self.world_size, self.wrap = rank, world_size, wrap
         self.completed, self.index = list(completed), index
+        self.planned = list(planned)  # the phases of this invocation's stages, in order
 
     def make_phase(self, name: str) -> Phase:
         m = self.m
@@ -762,15 +813,17 @@ class TrainContext:
         }
         self.store.save(self.index, self.model, state, meta, self.m.output.keep_last)
         if self.m.output.checkpoint and (completed or self.m.output.export_every):
-            self.export(phase)
+            self.export(phase, state["completed"])
 
-    def export(self, phase: Phase | None = None) -> str | None:
-        """Write the usable model (UNet = its EMA while stage C runs) to ``output.checkpoint``."""
+    def export(self, phase: Phase | None = None, completed: list[str] | None = None) -> str | None:
+        """Write the usable model (UNet = its EMA while stage C runs) to ``output.checkpoint``;
+        ``completed``: the phases done when it is written (default: the run's list so far)."""
         if self.rank != 0 or not self.m.output.checkpoint:
             return None
+        completed = list(self.completed if completed is None else completed)
         meta = {
             "manifest_digest": self.digest,
-            "completed": self.completed,
+            "completed": completed,
             "trained_by": "pipelines/train.py",
         }
         if self.m.init_checkpoint:  # the architecture is the initial checkpoint's, not `preset`'s
@@ -779,6 +832,13 @@ class TrainContext:
             meta["preset"] = self.m.preset
         if phase is not None and phase.step < phase.total_steps:
             meta["partial"] = f"{phase.name} at step {phase.step}/{phase.total_steps}"
+        else:
+            left = [p for p in self.planned if p not in completed]
+            if left:  # written at the end of a phase, with more of this run still to train
+                meta["partial"] = f"still to train: {', '.join(left)}"
+        untrained = untrained_phases(self.m, completed)
+        if untrained:
+            meta["untrained"] = untrained
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / "model.safetensors"
             ema = (
@@ -898,7 +958,16 @@ def run_worker(
         wrap=wrap,
         completed=completed,
         index=index,
+        planned=[p for stage in stages for p in STAGES[stage]],
     )
+    untrained = untrained_phases(m, ctx.planned + completed)
+    if untrained and rank == 0:
+        print(
+            f"[train] warning: the model's {', '.join(untrained)} part(s) will not be trained "
+            "(not among the stages run now nor done in this run folder, or 0 steps), and no "
+            "init_checkpoint gives them weights: the exported model is marked untrained there",
+            file=sys.stderr,
+        )
     show = (m.progress.bar if bar is None else bar) and rank == 0
     t_start, timings = time.time(), {}
     for stage in stages:
@@ -1045,6 +1114,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         help="train nothing: (re)calibrate output.checkpoint on the domain of data.lr (the manifest's "
         "`calibration` section, enabled or not) and record it there",
     )
+    ap.add_argument(
+        "--overwrite-checkpoint",
+        action="store_true",
+        help="let this run replace an output.checkpoint that another manifest's run (or anything "
+        "else) wrote; without it such a file is refused before any training",
+    )
     args = ap.parse_args(argv)
     try:
         m = load_manifest(args.manifest, args.set, kind="train")
@@ -1066,6 +1141,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         prepare_demo(m.data.prepare_demo, m.scale)
     try:
         check_outputs(m)
+        if not args.calibrate_only:  # a calibration records into the file it names, trains nothing
+            check_checkpoint_owner(m, args.overwrite_checkpoint)
         listings = check_sources(
             m, stages, args.calibrate_only or m.calibration.enabled, calibrate_only=args.calibrate_only
         )
@@ -1078,6 +1155,17 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         return 2
     try:
         return _run(m, stages, args.calibrate_only, device, listings)
+    except KeyboardInterrupt:
+        done = (
+            ""
+            if args.calibrate_only
+            else (
+                f"; the state of its last checkpoint is kept in {m.output.run_dir}: run the same "
+                "command to resume from it"
+            )
+        )
+        print(f"[train] interrupted{done}", file=sys.stderr)
+        return 130
     except (ManifestError, CheckpointError, StorageAccessError, DataError) as exc:
         # found once the run reads them: a run folder of another manifest, a bad init_checkpoint,
         # storage refusing the credentials, a source with no usable image

@@ -364,6 +364,11 @@ def test_bad_manifests_fail_before_any_work(tmp_path, capsys):
             {"generator": {"kind": "realdgen", "checkpoint": str(tmp_path / "x.safetensors")}},
             "generator.checkpoint: file not found",
         ),
+        # a relative path is read from the current folder: the message says which one
+        "relative_ckpt": (
+            {"generator": {"kind": "realdgen", "checkpoint": "nowhere/x.safetensors"}},
+            f"file not found (got 'nowhere/x.safetensors', relative to the current folder {os.getcwd()})",
+        ),
         "empty_bank": (
             {"scale": 4, "generator": {"kind": "realdgen", "checkpoint": str(DEMO_CKPT), "start_bank": []}},
             "generator.start_bank: ValueError: the start bank is empty",

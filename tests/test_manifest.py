@@ -90,7 +90,13 @@ def test_generator_resolves_from_a_domain_calibration():
 @pytest.mark.parametrize(
     "patch,needle",
     [
-        ({"tiling": {"tilee": 64}}, "tiling.tilee: unknown key (value 64)"),
+        ({"tiling": {"tilee": 64}}, "tiling.tilee: unknown key (did you mean 'tile'?) (value 64)"),
+        ({"tilling": {"tile": 64}}, "tilling: unknown key (did you mean 'tiling'?)"),
+        (
+            {"refs": [{"name": "c", "source": {"uri": "r", "formt": "folder"}}]},
+            "refs[0].source.formt: unknown key (did you mean 'format'?)",
+        ),
+        ({"zzz": 1}, "zzz: unknown key (value 1)"),
         ({"tiling": {"tile": "big"}}, "tiling.tile: Input should be a valid integer"),
         ({"tiling": {"tile": 2}}, "tiling.tile: Input should be greater than or equal to 8 (got 2)"),
         ({"generator": {"kind": "gan"}}, "generator.kind: Input should be"),
@@ -128,6 +134,9 @@ def test_missing_required_and_file_errors(tmp_path):
     (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
     with pytest.raises(ManifestError, match="not valid YAML"):
         load_manifest(tmp_path / "bad.yaml")
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary")
+    with pytest.raises(ManifestError, match=r"photo.png' is not a text \(UTF-8 YAML\) file"):
+        load_manifest(tmp_path / "photo.png")
     with pytest.raises(ManifestError, match="kind: unknown manifest kind"):
         load_manifest(write(tmp_path, {**BASE, "kind": "nope"}))
 

@@ -277,3 +277,109 @@ def test_a_latest_pointer_that_names_a_path_or_is_not_ours_is_refused(tmp_path, 
     assert "latest.json" in str(err.value)
     (run / "latest.json").write_text('{"checkpoint": "ckpt-000000003", "manifest_digest": "x"}')
     assert T.RunStore(str(run)).latest()["checkpoint"] == "ckpt-000000003"
+
+
+def test_an_export_of_an_unfinished_run_says_so_and_generation_warns(tmp_path, photos, monkeypatch):
+    """The model exported when a phase ends lists that phase as done, names the phases the run has
+    still to train (``partial``) and the parts never trained (``untrained``); the generation job's
+    preflight turns either into a warning. A run stopped there used to export a model that listed
+    one phase fewer and looked finished."""
+    from pipelines import train as T
+    from pipelines.generate.plan import unfinished_training
+    from realdgen_core.checkpoint import load_checkpoint
+
+    hr = _photo_folder(tmp_path, photos)
+    m = _manifest(tmp_path, hr, "run")
+    m["output"]["export_every"] = False  # only the exports written when a phase ends
+    original = T.Checkpointer.on_step
+
+    def kill_in_stage_b(self, phase, losses):
+        original(self, phase, losses)
+        if phase.name == "degradation" and phase.step == 2:
+            raise Killed
+
+    monkeypatch.setattr(T.Checkpointer, "on_step", kill_in_stage_b)
+    with pytest.raises(Killed):
+        T.train_worker(m, ("A", "B", "C"))
+    _, meta = load_checkpoint(tmp_path / "run.safetensors")
+    assert meta["completed"] == ["content_pretrain", "content_finetune"]
+    assert meta["partial"] == "still to train: degradation, diffusion"
+    assert meta["untrained"] == ["degradation", "diffusion"]
+    warning = unfinished_training(meta)
+    assert "still to train: degradation, diffusion" in warning
+    assert "never trained: degradation, diffusion" in warning
+    monkeypatch.setattr(T.Checkpointer, "on_step", original)
+
+    T.train_worker(m, ("A", "B", "C"))  # resumed to the end: a finished model, no warning
+    _, meta = load_checkpoint(tmp_path / "run.safetensors")
+    assert meta["completed"] == ["content_pretrain", "content_finetune", "degradation", "diffusion"]
+    assert "partial" not in meta and "untrained" not in meta and unfinished_training(meta) is None
+
+    # every step count 0: all four phases "complete", nothing trained
+    zero = _manifest(tmp_path, hr, "zero")
+    zero["stage_a"].update(pretrain_steps=0, finetune_steps=0)
+    zero["stage_b"]["steps"] = zero["stage_c"]["steps"] = 0
+    T.train_worker(zero, ("A", "B", "C"))
+    _, meta = load_checkpoint(tmp_path / "zero.safetensors")
+    assert meta["untrained"] == ["content_pretrain", "content_finetune", "degradation", "diffusion"]
+
+
+def test_a_checkpoint_another_run_wrote_is_not_replaced_without_the_flag(tmp_path, photos, capsys):
+    """output.checkpoint naming a model another manifest trained (a copied demo manifest still names
+    the demo checkpoint) is refused before any training; the same manifest run again is not; the
+    flag lets it replace the file."""
+    import hashlib
+
+    import yaml
+
+    from pipelines import train as T
+
+    hr = _photo_folder(tmp_path, photos)
+    m = _manifest(tmp_path, hr, "run")
+    for stage, key in (("stage_a", "pretrain_steps"), ("stage_a", "finetune_steps"), ("stage_b", "steps")):
+        m[stage][key] = 1
+    m["stage_c"]["steps"] = 1
+    first = tmp_path / "first.yaml"
+    first.write_text(yaml.safe_dump(m))
+    assert T.main([str(first)]) == 0
+    out = tmp_path / "run.safetensors"
+    sha = hashlib.sha256(out.read_bytes()).hexdigest()
+    assert T.main([str(first)]) == 0  # the same manifest again: its own model, nothing refused
+    capsys.readouterr()
+
+    other = tmp_path / "other.yaml"
+    other_output = {**m["output"], "run_dir": str(tmp_path / "other")}
+    other.write_text(yaml.safe_dump({**m, "seed": 7, "output": other_output}))
+    assert T.main([str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "output.checkpoint" in err and "another training manifest" in err
+    assert "--overwrite-checkpoint" in err
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == sha  # untouched
+    assert not (tmp_path / "other").exists()  # refused before any training
+
+    out.write_text("not a checkpoint")
+    assert T.main([str(other)]) == 2
+    assert "not a readable RealDGen checkpoint" in capsys.readouterr().err
+
+    assert T.main([str(other), "--overwrite-checkpoint"]) == 0
+    assert hashlib.sha256(out.read_bytes()).hexdigest() != sha
+
+
+def test_ctrl_c_during_training_prints_how_to_resume_not_a_traceback(tmp_path, photos, capsys, monkeypatch):
+    import yaml
+
+    from pipelines import train as T
+
+    hr = _photo_folder(tmp_path, photos)
+    m = _manifest(tmp_path, hr, "run")
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(m))
+
+    def interrupt(self, phase, losses):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.Checkpointer, "on_step", interrupt)
+    assert T.main([str(path)]) == 130
+    err = capsys.readouterr().err
+    assert "[train] interrupted" in err and str(tmp_path / "run") in err and "run the same command" in err
+    assert "Traceback" not in err

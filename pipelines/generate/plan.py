@@ -84,16 +84,20 @@ def block_inputs_for(n_inputs: int, cluster_cpus: int, decode_batch_size: int) -
 # --------------------------------------------------------------------------------------------
 
 
-def checkpoint_info(m: GenerateManifest, storage: dict) -> tuple[str | None, str | None, dict | None, Any]:
-    """(local path, model digest, domain calibration or None, model config) of a realdgen
-    manifest's checkpoint."""
+def checkpoint_info(
+    m: GenerateManifest, storage: dict
+) -> tuple[str | None, str | None, dict | None, Any, str | None]:
+    """(local path, model digest, domain calibration or None, model config, a warning when its
+    training is unfinished or None) of a realdgen manifest's checkpoint."""
     if m.generator.kind != "realdgen":
-        return None, None, None, None
+        return None, None, None, None, None
     uri = m.generator.checkpoint
     assert uri is not None
     fs, path = get_fs(uri, storage)
     if not with_retries(lambda: fs.exists(path), what=f"checking {uri}"):
-        raise ManifestError(f"generator.checkpoint: file not found (got {uri!r})")
+        here = uri.startswith("s3://") or os.path.isabs(uri)
+        where = "" if here else f", relative to the current folder {os.getcwd()}"
+        raise ManifestError(f"generator.checkpoint: file not found (got {uri!r}{where})")
     local = fetch_to_local(uri, storage)
     from realdgen_core.checkpoint import CheckpointError, inspect_checkpoint
 
@@ -105,7 +109,20 @@ def checkpoint_info(m: GenerateManifest, storage: dict) -> tuple[str | None, str
         ) from None
     if config.scale != m.scale:
         raise ManifestError(f"scale: the checkpoint is x{config.scale} (got {m.scale})")
-    return local, metadata["digest"], calibration_of(meta), config
+    return local, metadata["digest"], calibration_of(meta), config, unfinished_training(metadata)
+
+
+def unfinished_training(metadata: dict) -> str | None:
+    """A warning when ``pipelines/train.py`` exported the checkpoint before its training was done
+    (``partial``: mid-phase, or with phases still to run) or left parts of it untrained."""
+    parts = []
+    if metadata.get("partial"):
+        parts.append(f"exported before its run finished ({metadata['partial']})")
+    if metadata.get("untrained"):
+        parts.append(f"never trained: {', '.join(map(str, metadata['untrained']))}")
+    if not parts:
+        return None
+    return f"warning: the checkpoint's training is unfinished: {'; '.join(parts)}"
 
 
 def calibration_of(meta: dict) -> dict | None:
@@ -286,7 +303,7 @@ def preflight(
     storage = storage_kwargs(m.storage)
     # everything that needs no input first: a manifest refused here has written nothing (the demo
     # inputs included, which are written at the manifest's scale)
-    local, model_digest, calibration, config = checkpoint_info(m, storage)
+    local, model_digest, calibration, config, unfinished = checkpoint_info(m, storage)
     try:
         m = m.model_copy(update={"generator": m.generator.resolved(calibration)})
     except (ValueError, KeyError, TypeError) as exc:
@@ -310,6 +327,8 @@ def preflight(
         _check_source(rs.source, storage, f"refs[{si}].source")
     domains = [rs.domain for rs in m.refs if rs.domain is not None] if domain_note else []
     note = generator_note(m.generator, calibration, domains)
+    if unfinished:
+        note = f"{unfinished}; {note}"
     return m, manifest_digest(m), local, model_digest, note
 
 
