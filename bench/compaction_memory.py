@@ -43,7 +43,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from pipelines.generate.sink import PART_SCHEMA, compact_shard  # noqa: E402
-from pipelines.storage import DatasetStore, shard_stem  # noqa: E402
+from pipelines.storage import DatasetStore, read_parquet, shard_stem  # noqa: E402
 from realdgen_core.shards import write_tar  # noqa: E402
 
 NAME, WORK = "pairs", "_work/bench"
@@ -86,7 +86,7 @@ def in_memory(store_uri: str) -> int:
     store = DatasetStore(store_uri)
     samples: dict[str, dict] = {}
     for n in store.list_prefix(f"{WORK}/parts/{shard_stem(NAME, 0)}"):
-        for r in pq.read_table(io.BytesIO(store.read_bytes(n))).to_pylist():
+        for r in read_parquet(io.BytesIO(store.read_bytes(n))).to_pylist():
             if r["row_type"] == "sample":
                 samples.setdefault(r["key"], r)
     members = [

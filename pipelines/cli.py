@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -257,13 +258,20 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in PASSTHROUGH:
-        import importlib
+    try:
+        if argv and argv[0] in PASSTHROUGH:
+            import importlib
 
-        module = importlib.import_module(PASSTHROUGH[argv[0]][0])
-        return int(module.main(argv[1:], prog=f"realdgen {argv[0]}") or 0)
-    args = build_parser().parse_args(argv)
-    return int(args._run(args) or 0)
+            module = importlib.import_module(PASSTHROUGH[argv[0]][0])
+            return int(module.main(argv[1:], prog=f"realdgen {argv[0]}") or 0)
+        args = build_parser().parse_args(argv)
+        return int(args._run(args) or 0)
+    except BrokenPipeError:
+        # the reader went away (`realdgen inspect out | head`): stop quietly with SIGPIPE's status, as
+        # the shell's tools do. The work is done; the interpreter's teardown is skipped (it would
+        # flush stdout into the closed pipe again, and a native library's thread pool aborted it).
+        sys.stderr.flush()
+        os._exit(141)
 
 
 if __name__ == "__main__":

@@ -255,7 +255,14 @@ def main_manifest(argv: Sequence[str], prog: str | None = None) -> int:
         description="Realism benchmark from a `kind: evaluate` manifest (docs/evaluate.md).",
     )
     ap.add_argument("manifest", help="manifest YAML (kind: evaluate)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a manifest key (repeatable), e.g. --set report.dir=out/eval2",
+    )
     ap.add_argument("--print-schema", action="store_true", help="print the evaluate manifest's JSON schema")
     args = ap.parse_args(argv)
     if args.print_schema:
@@ -283,17 +290,27 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog=prog,
         description=__doc__.split("\n\n")[0]
-        + " With a MANIFEST.yaml (kind: evaluate) instead of a checkpoint: the realism benchmark.",
+        + " With a MANIFEST.yaml (kind: evaluate) instead of a checkpoint: the realism benchmark"
+        " (`evaluate.py MANIFEST.yaml --help` lists its options: --set KEY.PATH=VALUE, --print-schema;"
+        " docs/evaluate.md).",
     )
-    ap.add_argument("checkpoint")
+    ap.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT|MANIFEST.yaml",
+        help="a .safetensors checkpoint, or a kind: evaluate manifest",
+    )
     ap.add_argument("--out", default=None, help="write/merge the metrics into this JSON file")
     ap.add_argument("--heldout", default=None, help="folder of held-out images (default: SPLITS['heldout'])")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the crops, references and sampling")
     ap.add_argument("--crops", type=int, default=8, help="HR crops per held-out image")
-    ap.add_argument("--hr-crop", type=int, default=128)
+    ap.add_argument(
+        "--hr-crop", type=int, default=128, help="HR crop side in px (the LR side is this / scale)"
+    )
     ap.add_argument("--anchors", type=int, default=32, help="triplet anchors per kind (x3 triplets each)")
-    ap.add_argument("--tau-max", type=int, default=300)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--tau-max", type=int, default=300, help="the largest start timestep τ of the generations measured"
+    )
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--run-dir", default=None, help="also record the training run's per-phase logs")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             ray.shutdown()
     print(
         f"done: {summary['pairs']} pairs in {summary['shards_written']} shards "
-        f"({summary['shards_skipped']} already complete), {summary['pairs_per_s']} pairs/s, "
+        f"({summary['shards_skipped']} already complete), "
         f"{summary['inputs_failed']} of {summary['inputs']} inputs failed, {summary['seconds']} s "
+        f"({summary['generate_seconds']} s generating: {summary['pairs_per_s']} pairs/s) "
         f"-> {summary['output']}",
         file=sys.stderr,
     )

@@ -250,14 +250,14 @@ class ContactSheetError(OSError):
 
 
 def _read_failures(shards, endpoint_url, report: InspectReport) -> None:
-    import pyarrow.parquet as pq
+    from pipelines.storage import read_parquet
 
     fs = filesystem(shards[0].url, endpoint_url)[0] if shards else None
     for shard in shards:
         ppath = shard.url[: -len(".tar")] + ".parquet"
         try:
             with fs.open(ppath, "rb") as f:
-                table = pq.read_table(f)
+                table = read_parquet(f)
         except Exception:
             report.unreadable["missing_parquet"] += 1
             continue

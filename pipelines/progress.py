@@ -110,9 +110,10 @@ class JobProgress:
             f"{self.inputs_done}/{self.inputs} inputs",
         ]
         if self.samples_failed or self.inputs_failed:
-            parts.append(f"{self.samples_failed} samples and {self.inputs_failed} inputs failed")
+            parts.append(f"failed: {self.samples_failed} samples, {self.inputs_failed} inputs")
         parts.append(f"{self.rate():.3f} pairs/s")
-        parts.append(f"{_clock(elapsed)} elapsed")
+        # since generation began (the references and the start profile before it are logged apart)
+        parts.append(f"{_clock(elapsed)} generating")
         rate = self.done / elapsed if elapsed > 0 else 0.0
         if self.done and rate > 0 and expected > self.done:
             parts.append(f"~{_clock((expected - self.done) / rate)} left")

@@ -32,6 +32,7 @@ from pipelines.storage import (
     TransientStorageError,
     get_fs,
     open_for_header_scan,
+    read_parquet,
     with_retries,
 )
 from realdgen_core.shards import open_tar
@@ -249,10 +250,8 @@ def list_source(spec, storage: Mapping | None = None, map_tars=None) -> list[Sou
 
     def read_column(p: str) -> list:
         def read() -> list:
-            import pyarrow.parquet as pq
-
             with fs.open(p, "rb") as f:
-                return pq.read_table(f, columns=[spec.column]).column(spec.column).to_pylist()
+                return read_parquet(f, columns=[spec.column]).column(spec.column).to_pylist()
 
         return with_retries(read, what=f"reading {p}")
 

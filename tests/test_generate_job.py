@@ -404,6 +404,14 @@ def test_bad_manifests_fail_before_any_work(tmp_path, capsys):
             "generator.tau_max: 500 is past what the checkpoint's UNet was trained on",
         ),
     }
+    import torch
+
+    if not torch.cuda.is_available() and not os.environ.get("RAY_ADDRESS"):
+        # the job's own local Ray would wait forever for a GPU it does not have
+        cases["cuda_without_gpu"] = (
+            {"compute": {"device": "cuda"}},
+            "compute.device: 'cuda', but this machine has no CUDA GPU",
+        )
     (tmp_path / "a_file").write_text("not a folder")
     for name, (patch, needle) in cases.items():
         data = {**manifest_dict(str(hr), str(hr), str(out)), **patch}

@@ -51,6 +51,7 @@ from pipelines.storage import (
     RunLock,
     StorageAccessError,
     TransientStorageError,
+    read_parquet,
     storage_kwargs,
     task_error_message,
 )
@@ -499,6 +500,13 @@ class GenerateJob:
         # up to REF_TASK_MAX_CPUS threads on the largest node (E_deg's output does not depend on
         # the thread count: bitwise equal at 1, 2 and 4 threads on this project's CPU).
         threads = None if num_gpus or g.kind != "realdgen" else self._ref_task_cpus()
+        if start is not None:  # the job's longest silence before the first sample: say what it does
+            self.log(
+                f"start profile: E_deg over the {len(g.start_bank or ())}-entry start bank on "
+                f"{len(plan.probe)} probe inputs x {len(plan.refs)} references, to choose each reference "
+                f"domain's start ({'GPU' if num_gpus else f'{threads} CPU thread(s)'}; about a minute "
+                "on a CPU) ..."
+            )
         task = ray.remote(prepare_references).options(
             num_returns=4, num_gpus=num_gpus, num_cpus=threads or 1, **_retrying()
         )
@@ -625,6 +633,12 @@ class GenerateJob:
         )
         if plan.generator_note:
             self.log(f"generator: {plan.generator_note}")
+        if num_gpus and not ray.cluster_resources().get("GPU"):
+            self.log(
+                "warning: compute.device asks for GPU actors and the cluster has no GPU now: the job "
+                "waits until one joins (an autoscaler adds GPU nodes on demand; otherwise stop it and "
+                "use compute.device: auto or cpu)"
+            )
         # Every shard complete: nothing to generate, so the references' start profile (a minute of
         # E_deg on the CPU) is not measured again; the index keeps the one the dataset was made with.
         kept_profile = None if pending else self._indexed_start_profile(plan)
@@ -887,15 +901,13 @@ class GenerateJob:
     def _kept_failures(self, complete: Iterable[str], limit: int) -> list[str]:
         """Up to ``limit`` failures ("URI: reason") recorded in the parquet files of kept shards
         that have any (by their stats), in shard order; unreadable files are passed over."""
-        import pyarrow.parquet as pq
-
         out: list[str] = []
         for stem in sorted(complete):
             st = self.complete_stats.get(stem, {})
             if not (st.get("inputs_with_failures") or st.get("inputs_failed") or st.get("samples_failed")):
                 continue
             try:
-                rows = pq.read_table(io.BytesIO(self.store.read_bytes(f"{stem}.parquet"))).to_pylist()
+                rows = read_parquet(io.BytesIO(self.store.read_bytes(f"{stem}.parquet"))).to_pylist()
             except Exception:
                 continue
             seen: set[str] = set()

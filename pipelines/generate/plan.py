@@ -34,6 +34,7 @@ from pipelines.storage import (
     TransientStorageError,
     fetch_to_local,
     get_fs,
+    read_parquet,
     shard_stem,
     with_retries,
 )
@@ -315,6 +316,7 @@ def preflight(
             f"use at most {config.diffusion.max_train_timestep - 1}"
         )
     _check_start_bank(m)
+    _check_local_gpu(m)
     _check_output_outside_sources(m)
     _check_output_is_a_folder(m)
     _check_output_bucket(m, storage)
@@ -330,6 +332,21 @@ def preflight(
     if unfinished:
         note = f"{unfinished}; {note}"
     return m, manifest_digest(m), local, model_digest, note
+
+
+def _check_local_gpu(m: GenerateManifest) -> None:
+    """``compute.device: cuda`` on the job's own local Ray (no ``RAY_ADDRESS``) needs a GPU here:
+    without one every GPU task would wait forever for a GPU this Ray does not have."""
+    if m.compute.device != "cuda" or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ManifestError(
+            "compute.device: 'cuda', but this machine has no CUDA GPU (torch sees none) and the job "
+            "starts its own local Ray here; use 'auto' (a GPU when there is one) or 'cpu', or submit "
+            "the job to a cluster with GPUs (ray job submit sets RAY_ADDRESS)"
+        )
 
 
 def _location(uri: str) -> str:
@@ -597,7 +614,7 @@ def read_plan_block(batch: pa.Table, config: PlanReadConfig | Mapping[str, Any])
     skip = set(config.skip_shards)
     tables = []
     for name in batch.column("name").to_pylist():
-        t = pq.read_table(io.BytesIO(store.read_bytes(name)), schema=PLAN_SCHEMA)
+        t = read_parquet(io.BytesIO(store.read_bytes(name)), schema=PLAN_SCHEMA)
         if skip:
             keep = [s not in skip for s in t.column("shard").to_pylist()]
             t = t.filter(pa.array(keep, pa.bool_()))
