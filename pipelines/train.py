@@ -332,14 +332,25 @@ def check_sources(
     used: list[tuple[str, Any]] = []
     stage_c = "C" in stages
     synthetic_on_hr = any(c.kind != "images" and c.source is None for c in m.data.lr)
+    # the smallest image side each trained source must offer at least once (its largest crop), or the
+    # run would stop with "no usable image" only when the stage reading it starts (after hours of A/B);
+    # HR sides depend on the scale, which an init_checkpoint sets: not checked then
+    needs: dict[str, int] = {}
+    hr_sides = [m.stage_a.hr_crop] if "A" in stages else []
+    hr_sides += [m.stage_b.lr_crop * m.scale] if "B" in stages else []
+    hr_sides += [m.stage_c.lr_crop * m.scale] if stage_c and synthetic_on_hr else []
     if m.data.hr is not None and ("A" in stages or "B" in stages or (stage_c and synthetic_on_hr)):
         used.append(("data.hr", m.data.hr))
+        if not m.init_checkpoint:
+            needs["data.hr"] = max(hr_sides)
     split: set[str] = set()  # sources whose listing the calibration splits (train / validation)
     for i, c in enumerate(m.data.lr):
         if c.source is not None and (stage_c or (calibrate and c.kind == "images")):
             used.append((f"data.lr.{i}.source", c.source))
             if c.kind == "images" and (calibrate or m.calibration.enabled):
                 split.add(f"data.lr.{i}.source")
+            if stage_c and not calibrate_only and (c.kind == "images" or not m.init_checkpoint):
+                needs[f"data.lr.{i}.source"] = m.stage_c.lr_crop * (1 if c.kind == "images" else m.scale)
     if calibrate and m.calibration.hr is not None:
         used.append(("calibration.hr", m.calibration.hr))
     storage = m.storage.model_dump()
@@ -352,6 +363,11 @@ def check_sources(
         if not items:
             exts = ", ".join(spec.extensions)
             raise ManifestError(f"{key}: no image under {spec.uri} (format {spec.format}, extensions {exts})")
+        trained = items
+        if key in split and m.calibration.enabled:  # stage C reads the training side only
+            trained = calibration_split(items, m.calibration.val_fraction, spec.uri)[0]
+        if key in needs and trained:
+            _check_usable(key, spec.uri, trained, needs[key], storage, m.data.max_image_pixels)
         if key in split:
             train, val = calibration_split(items, m.calibration.val_fraction, spec.uri)
             side = "validation" if not val else "training" if stage_c and not train else None
@@ -375,6 +391,30 @@ def check_sources(
                     f"{spec.uri} decodes (e.g. {reasons[0]}); replace them{off}"
                 )
     return listings
+
+
+def _check_usable(
+    key: str, uri: str, items: Sequence[SourceItem], side: int, storage: dict, max_pixels: int
+) -> None:
+    """At least one of ``items`` decodes to an image of at least ``side`` px each way (the first such
+    ends the check: one decode for a healthy source); else a :class:`ManifestError` with the counts."""
+    broken, small, example = 0, 0, ""
+    for item in items:
+        try:
+            h, w = load_image(item, storage, max_pixels=max_pixels).shape[:2]
+        except ImageError as exc:
+            broken += 1
+            example = example or f"{item.uri}: {exc.reason}"
+            continue
+        if min(h, w) >= side:
+            return
+        small += 1
+        example = example or f"{item.uri}: {w}x{h}"
+    raise ManifestError(
+        f"{key}: no usable image of at least {side}x{side} px under {uri} ({broken} broken, {small} "
+        f"smaller, of {len(items)}; e.g. {example}); the crop sizes are stage_a.hr_crop, stage_b/stage_c "
+        "lr_crop (x scale on HR)"
+    )
 
 
 def calibration_split(items: Sequence[SourceItem], fraction: float, source_uri: str) -> tuple[list, list]:

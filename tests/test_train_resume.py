@@ -383,3 +383,39 @@ def test_ctrl_c_during_training_prints_how_to_resume_not_a_traceback(tmp_path, p
     err = capsys.readouterr().err
     assert "[train] interrupted" in err and str(tmp_path / "run") in err and "run the same command" in err
     assert "Traceback" not in err
+
+
+def test_a_source_with_no_usable_image_is_refused_before_stage_a(tmp_path, photos, capsys):
+    """Stage C's LR folder holding only a broken and a too-small image used to stop the run when
+    stage C started, after stages A and B had trained; it is found before any training now, naming
+    the source, the crop size and the counts. A folder with one usable image among them passes."""
+    import yaml
+
+    from pipelines import train as T
+
+    hr = _photo_folder(tmp_path, photos)
+    lr = tmp_path / "lr"
+    lr.mkdir()
+    (lr / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    Image.new("RGB", (6, 6)).save(lr / "tiny.png")
+    m = _manifest(tmp_path, hr, "run")
+    m["data"]["lr"] = [{"kind": "images", "source": {"uri": str(lr)}}]
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(m))
+    assert T.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "data.lr.0.source: no usable image of at least 16x16 px" in err, err
+    assert "(1 broken, 1 smaller, of 2;" in err
+    assert not (tmp_path / "run").exists()  # nothing trained, no run folder
+
+    # HR crops of stage A larger than every HR image: the same, for data.hr
+    big = yaml.safe_load(path.read_text())
+    big["data"]["lr"] = [{"kind": "synthetic"}]
+    big["stage_a"]["hr_crop"] = 512
+    path.write_text(yaml.safe_dump(big))
+    assert T.main([str(path), "--stages", "A"]) == 2
+    assert "data.hr: no usable image of at least 512x512 px" in capsys.readouterr().err
+
+    Image.fromarray(next(iter(photos.values()))[:64, :64]).save(lr / "ok.png")
+    path.write_text(yaml.safe_dump(m))
+    assert T.main([str(path), "--stages", "C"]) == 0
