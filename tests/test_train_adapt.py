@@ -197,7 +197,8 @@ def test_adapt_errors_found_before_or_during_the_run_are_one_line_and_nothing_is
     for i in range(3):
         Image.new("RGB", (20, 20)).save(small / f"s{i}.png")
     err = run(out, source=small)
-    assert "data.lr.0.source: no usable image of at least 32x32 px" in err and "(0 broken, 3 smaller, of 3;" in err, err
+    assert "data.lr.0.source: no usable image of at least 32x32 px" in err, err
+    assert "(0 broken, 3 smaller, of 3;" in err, err
     assert not out.exists()
 
     # a calibration τ grid past the model's trained timesteps (500): before stage C, not after it
