@@ -567,6 +567,10 @@ def prepare_demo(root: str, scale: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+class DamagedCheckpoint(Exception):
+    """A checkpoint of the run folder that cannot be loaded (the message names the file)."""
+
+
 class RunStore:
     """The run folder through fsspec. Checkpoints are written locally, then uploaded; the pointer last."""
 
@@ -658,10 +662,54 @@ class RunStore:
         return name
 
     def load(self, name: str, model) -> dict:
+        """Checkpoint ``name`` into ``model``; its training state. A damaged one (a file missing,
+        truncated or not ours) is a :class:`DamagedCheckpoint` naming it in the run folder."""
+        import pickle
+
         with tempfile.TemporaryDirectory() as tmp:
             for f in ("model.safetensors", "state.pt"):
-                self.fs.get_file(join_uri(self.root, f"{name}/{f}"), str(Path(tmp) / f))
-            return load_training_state(tmp, model)
+                try:
+                    self.fs.get_file(join_uri(self.root, f"{name}/{f}"), str(Path(tmp) / f))
+                except FileNotFoundError:
+                    raise DamagedCheckpoint(f"{join_uri(self.uri, name)}/{f} is missing") from None
+            try:
+                state = load_training_state(tmp, model)
+            except CheckpointError as exc:  # its message names the temporary copy: name ours
+                reason = str(exc).replace(str(Path(tmp) / "model.safetensors"), "").lstrip(": ")
+                raise DamagedCheckpoint(f"{join_uri(self.uri, name)}/model.safetensors: {reason}") from None
+            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+                # torch's own text suggests loading with weights_only=False: never shown or followed
+                raise DamagedCheckpoint(
+                    f"{join_uri(self.uri, name)}/state.pt is not a readable training state "
+                    f"({type(exc).__name__})"
+                ) from None
+        if not isinstance(state, dict) or not {"phase", "step", "completed", "index"} <= set(state):
+            raise DamagedCheckpoint(
+                f"{join_uri(self.uri, name)}/state.pt is not a training state of this tool"
+            )
+        return state
+
+    def load_newest(self, name: str, model) -> tuple[str, dict]:
+        """(checkpoint, state) of ``name`` (latest.json's), or of the newest older checkpoint the
+        folder keeps (``output.keep_last``) when ``name`` is damaged: a warning names what was passed
+        over; none usable is a :class:`ManifestError` saying how to go on."""
+        older = sorted((d for d in self._ls() if CKPT_NAME.fullmatch(d) and d < name), reverse=True)
+        damaged = []
+        for candidate in [name, *older]:
+            try:
+                state = self.load(candidate, model)
+            except DamagedCheckpoint as exc:
+                damaged.append(str(exc))
+                continue
+            for reason in damaged:
+                print(f"[train] warning: passing over a damaged checkpoint: {reason}", file=sys.stderr)
+            if damaged:
+                print(f"[train] resuming from the older {candidate} instead", file=sys.stderr)
+            return candidate, state
+        raise ManifestError(
+            f"output.run_dir {self.uri!r}: no checkpoint there can be resumed ({'; '.join(damaged)}); move "
+            "the run folder away to start over, or use a new run_dir"
+        )
 
 
 def put_uri(local: str | Path, uri: str, storage: dict | None = None) -> None:
@@ -979,10 +1027,10 @@ def run_worker(
                 "storage counts, output paths and source spellings too); resume with that manifest "
                 "as it was, or use a new run_dir"
             )
-        state = store.load(latest["checkpoint"], model)
+        resumed, state = store.load_newest(latest["checkpoint"], model)
         completed, index = list(state["completed"]), int(state["index"])
         print(
-            f"[train] rank {rank}: resuming from {latest['checkpoint']} "
+            f"[train] rank {rank}: resuming from {resumed} "
             f"({state['phase']} step {state['step']}, done: {completed})",
             file=sys.stderr,
         )

@@ -419,3 +419,38 @@ def test_a_source_with_no_usable_image_is_refused_before_stage_a(tmp_path, photo
     Image.fromarray(next(iter(photos.values()))[:64, :64]).save(lr / "ok.png")
     path.write_text(yaml.safe_dump(m))
     assert T.main([str(path), "--stages", "C"]) == 0
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_older_one_kept(tmp_path, photos, capsys):
+    """latest.json's checkpoint with a garbage state.pt, a truncated model or a file missing: the
+    run passes over it (a warning names the file, never torch's advice to load with
+    weights_only=False) and resumes from the newest older checkpoint `keep_last` kept, ending on
+    the uninterrupted run's weights; with nothing usable left it is one error line."""
+    from pipelines import train as T
+    from pipelines.manifest import ManifestError
+    from realdgen_core.checkpoint import load_checkpoint
+
+    hr = _photo_folder(tmp_path, photos)
+    stages = ("A", "B", "C")
+    full = T.train_worker(_manifest(tmp_path, hr, "full"), stages)
+    run = tmp_path / "full"
+    ckpts = sorted(p.name for p in run.glob("ckpt-*"))
+    assert len(ckpts) >= 2  # keep_last's default keeps more than one
+    newest = json.loads((run / "latest.json").read_text())["checkpoint"]
+    assert newest == ckpts[-1]
+    (run / newest / "state.pt").write_bytes(b"garbage, not a pickle")
+    # rerun: all phases were complete in the damaged state; the older one is mid-way or complete
+    capsys.readouterr()
+    again = T.train_worker(_manifest(tmp_path, hr, "full"), stages)
+    err = capsys.readouterr().err
+    assert f"{newest}/state.pt is not a readable training state" in err and "weights_only" not in err, err
+    assert f"resuming from the older {ckpts[-2]} instead" in err
+    assert again["model_digest"] == full["model_digest"]  # resumed exactly to the same weights
+    assert load_checkpoint(tmp_path / "full.safetensors")[1]["digest"] == full["model_digest"]
+
+    for name in sorted(p.name for p in run.glob("ckpt-*")):
+        (run / name / "model.safetensors").write_bytes(b"{}")
+    with pytest.raises(ManifestError, match="no checkpoint there can be resumed") as info:
+        T.train_worker(_manifest(tmp_path, hr, "full"), stages)
+    assert "model.safetensors" in str(info.value) and "/tmp" not in str(info.value).replace(str(tmp_path), "")
+    assert "move the run folder away" in str(info.value)
