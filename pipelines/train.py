@@ -1241,6 +1241,18 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    lock = None
+    if not args.calibrate_only:
+        # one run at a time in a run folder: a second one "resumed" from the first's checkpoints
+        # mid-run and the two deleted each other's (the generation job's lock, with its heartbeat)
+        from pipelines.storage import DatasetStore, LockError, RunLock
+
+        lock = RunLock(DatasetStore(m.output.run_dir, m.storage.model_dump()))
+        try:
+            lock.acquire()
+        except LockError as exc:
+            print(f"error: output.run_dir: {exc}", file=sys.stderr)
+            return 1
     try:
         return _run(m, stages, args.calibrate_only, device, listings)
     except KeyboardInterrupt:
@@ -1259,6 +1271,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         # storage refusing the credentials, a source with no usable image
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _run(m: TrainManifest, stages, calibrate_only: bool, device, listings: Listings) -> int:

@@ -454,3 +454,34 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_older_one_kept(tmp_path, p
         T.train_worker(_manifest(tmp_path, hr, "full"), stages)
     assert "model.safetensors" in str(info.value) and "/tmp" not in str(info.value).replace(str(tmp_path), "")
     assert "move the run folder away" in str(info.value)
+
+
+def test_a_second_run_into_a_run_folder_in_use_is_refused(tmp_path, photos, capsys):
+    """Two runs of one run folder at once: the second "resumed" from the first's checkpoints mid-run
+    and deleted them under it. The run folder has the generation job's lock now: a live holder
+    (this test's own pid, on this host) refuses the second run before it trains; a finished run
+    leaves no lock behind."""
+    import os
+    import socket
+    import time
+
+    import yaml
+
+    from pipelines import train as T
+
+    hr = _photo_folder(tmp_path, photos)
+    m = _manifest(tmp_path, hr, "run")
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(m))
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": "another", "heartbeat": time.time()}
+    (run / "_lock.json").write_text(json.dumps(holder))
+    assert T.main([str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "error: output.run_dir:" in err and "being written by another live job" in err, err
+    assert not (run / "latest.json").exists() and not (tmp_path / "run.safetensors").exists()
+
+    (run / "_lock.json").unlink()
+    assert T.main([str(path)]) == 0
+    assert (run / "latest.json").exists() and not (run / "_lock.json").exists()
