@@ -74,7 +74,7 @@ PHOTOS: tuple[str, ...] = (
     "text",
 )
 
-_LAYOUT_VERSION = 2
+_LAYOUT_VERSION = 3  # 3: the camera parameters moved out of refs/
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -112,7 +112,8 @@ def prepare_demo_inputs(
 
     ``root/hr/*.png`` (hr_train photos), ``root/heldout/*.png``, and ``root/refs/*.png``: for every
     ref photo, ``refs_per_photo`` stand-in camera LR images (``scale``× smaller), each with its own
-    seeded camera parameters, recorded in ``root/refs/_params.json``.
+    seeded camera parameters, recorded in ``root/refs_params.json`` (outside the folder: a source
+    listing ``refs/`` would name it as a file left out by extension).
     """
     from realdgen_core.camera import camera_standin
 
@@ -138,7 +139,8 @@ def prepare_demo_inputs(
             fname = f"{name}_{cam['profile']}_{i}.png"
             _save_png(dirs["refs"] / fname, out)
             params[fname] = cam
-    (dirs["refs"] / "_params.json").write_text(json.dumps(params, indent=1, sort_keys=True))
+    (root / "refs_params.json").write_text(json.dumps(params, indent=1, sort_keys=True))
+    (dirs["refs"] / "_params.json").unlink(missing_ok=True)  # where layout 1 kept them
     marker.write_text(json.dumps(wanted))
     return dirs
 

@@ -729,16 +729,23 @@ def put_uri(local: str | Path, uri: str, storage: dict | None = None) -> None:
 
 
 class ProgressBar(Hook):
-    """tqdm bar per phase; the losses shown are refreshed every ``every`` steps."""
+    """tqdm bar per phase; the losses shown are refreshed every ``every`` steps. Without the bar
+    (``progress.bar: false``, a Ray Train worker) and ``lines``: a plain line when a phase starts, at
+    every tenth of it (with the losses) and when it ends, for logs that are not a terminal."""
 
-    def __init__(self, enabled: bool, every: int = 1) -> None:
-        self.enabled, self.bar, self.every = enabled, None, max(1, every)
+    def __init__(self, enabled: bool, every: int = 1, lines: bool = False) -> None:
+        self.enabled, self.bar, self.every, self.lines = enabled, None, max(1, every), lines and not enabled
+        self.t0 = 0.0
 
     def on_start(self, phase: Phase) -> None:
+        self.t0 = time.time()
         if self.enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(total=phase.total_steps, initial=phase.step, desc=phase.name, dynamic_ncols=True)
+        elif self.lines:
+            at = f" (resumed at step {phase.step})" if phase.step else ""
+            print(f"[train] {phase.name}: {phase.total_steps} steps{at}", file=sys.stderr, flush=True)
 
     def on_step(self, phase: Phase, losses: dict[str, Tensor]) -> None:
         if self.bar is not None:
@@ -747,11 +754,23 @@ class ProgressBar(Hook):
                 self.bar.set_postfix(
                     {k: f"{v:.4g}" for k, v in floats(losses).items() if k != "grad_norm"}, refresh=False
                 )
+        elif (
+            self.lines and phase.step * 10 // phase.total_steps != (phase.step - 1) * 10 // phase.total_steps
+        ):
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in floats(losses).items() if k != "grad_norm")
+            print(
+                f"[train] {phase.name}: step {phase.step}/{phase.total_steps}, {shown}, "
+                f"{time.time() - self.t0:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def on_end(self, phase: Phase) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        elif self.lines:
+            print(f"[train] {phase.name}: done ({time.time() - self.t0:.0f} s)", file=sys.stderr, flush=True)
 
 
 class CSVLog(Hook):
@@ -1075,7 +1094,7 @@ def run_worker(
                         file=sys.stderr,
                     )
             hooks: list[Hook] = [
-                ProgressBar(show, m.progress.log_every),
+                ProgressBar(show, m.progress.log_every, lines=rank == 0),
                 Checkpointer(ctx, m.output.checkpoint_every),
             ]
             if rank == 0:

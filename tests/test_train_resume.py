@@ -419,6 +419,10 @@ def test_a_source_with_no_usable_image_is_refused_before_stage_a(tmp_path, photo
     Image.fromarray(next(iter(photos.values()))[:64, :64]).save(lr / "ok.png")
     path.write_text(yaml.safe_dump(m))
     assert T.main([str(path), "--stages", "C"]) == 0
+    # progress.bar false: plain lines for logs (start, every tenth with the losses, end)
+    err = capsys.readouterr().err
+    assert "[train] diffusion: 4 steps" in err and "[train] diffusion: done" in err, err
+    assert [int(s) for s in re.findall(r"\[train\] diffusion: step (\d+)/4, loss ", err)] == [1, 2, 3, 4]
 
 
 def test_a_damaged_newest_checkpoint_resumes_from_the_older_one_kept(tmp_path, photos, capsys):
