@@ -747,8 +747,12 @@ def test_preview_and_references_read_with_the_jobs_limits(tmp_path):
     assert len(rows) == 2
     assert GenerateJob.write_preview(job, rows) is True
     assert len(logged) == 1 and "12000x12000 = 144000000 pixels > limit 1000000" in logged[0]
+    from pipelines.generate.job import PREVIEW_HEADER_PX as head
+
     grid = np.asarray(Image.open(tmp_path / "ds" / "_preview.png"))
-    assert grid.shape == (32, 32 * 3 + 8, 3)  # one row: HR | reference | LR
+    assert grid.shape == (head + 32, 32 * 3 + 8, 3)  # the labels, then one row: HR | reference | LR
+    assert (grid[:head] < 128).any() and (grid[:head] == 255).mean() > 0.5  # dark text on white
+    grid = grid[head:]
     assert np.array_equal(grid[:, 36:68], ref_img[6:14, 8:16].repeat(4, 0).repeat(4, 1))
     assert np.array_equal(grid[:, 72:], np.full((32, 32, 3), 50, np.uint8))
     assert GenerateJob.write_preview(job, rows[:1]) is False

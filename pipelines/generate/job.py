@@ -1041,7 +1041,7 @@ class GenerateJob:
         from PIL import Image
 
         limits = self.m.limits
-        tiles = []
+        tiles, t, mag = [], 0, 1
         for r in rows:
             try:
                 hr = decode_checked_png(r["hr_png"], "preview HR", limits.max_image_pixels)
@@ -1050,6 +1050,7 @@ class GenerateJob:
                 self.log(f"preview: a sample left out: {type(exc).__name__}: {exc}")
                 continue
             t = hr.shape[0]
+            mag = max(1, t // lr.shape[0])
             lr_up = np.asarray(Image.fromarray(lr).resize((t, t), Image.Resampling.NEAREST))
             ref_panel = np.full_like(hr, 128)
             if r.get("ref_source"):
@@ -1065,7 +1066,6 @@ class GenerateJob:
                     # panels show pixels at the same scale (a shrunk reference hides its blocks)
                     ch, cw = min(lr.shape[0], img.shape[0]), min(lr.shape[1], img.shape[1])
                     y, x = (img.shape[0] - ch) // 2, (img.shape[1] - cw) // 2
-                    mag = max(1, t // lr.shape[0])
                     a = img[y : y + ch, x : x + cw].repeat(mag, 0).repeat(mag, 1)[:t, :t]
                     ref_panel[: a.shape[0], : a.shape[1]] = a
                 except (StopIteration, ImageError, TransientStorageError):
@@ -1075,11 +1075,27 @@ class GenerateJob:
         if not tiles:
             return False
         sep = np.full((4, tiles[0].shape[1], 3), 255, np.uint8)
-        grid = np.concatenate([x for t in tiles for x in (t, sep)][:-1], axis=0)
+        rows_and_gaps = [x for tile in tiles for x in (tile, sep)][:-1]
+        grid = np.concatenate([preview_header(t, mag), *rows_and_gaps], axis=0)
         buf = io.BytesIO()
         Image.fromarray(grid).save(buf, format="PNG")
         self.store.write_bytes(PREVIEW_NAME, buf.getvalue())
         return True
+
+
+PREVIEW_HEADER_PX = 14
+
+
+def preview_header(tile: int, mag: int) -> np.ndarray:
+    """The preview's label strip: the names of its three columns (HR | reference | generated LR,
+    the last two magnified ``mag``x by pixel repetition) over panels ``tile`` px wide."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("RGB", (3 * tile + 8, PREVIEW_HEADER_PX), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for i, label in enumerate(("HR tile", f"reference (centre, x{mag})", f"generated LR (x{mag})")):
+        draw.text((i * (tile + 4) + 2, 1), label, fill=(0, 0, 0))
+    return np.asarray(strip)
 
 
 _CHANGED = {
