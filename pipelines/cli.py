@@ -259,13 +259,20 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] in PASSTHROUGH:
-            import importlib
+        try:
+            if argv and argv[0] in PASSTHROUGH:
+                import importlib
 
-            module = importlib.import_module(PASSTHROUGH[argv[0]][0])
-            return int(module.main(argv[1:], prog=f"realdgen {argv[0]}") or 0)
-        args = build_parser().parse_args(argv)
-        return int(args._run(args) or 0)
+                module = importlib.import_module(PASSTHROUGH[argv[0]][0])
+                code = int(module.main(argv[1:], prog=f"realdgen {argv[0]}") or 0)
+            else:
+                args = build_parser().parse_args(argv)
+                code = int(args._run(args) or 0)
+        except SystemExit:  # --help, a usage error: what was printed is flushed here, below
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # here, not in the interpreter's exit, where a closed pipe is an error
+        return code
     except BrokenPipeError:
         # the reader went away (`realdgen inspect out | head`): stop quietly with SIGPIPE's status, as
         # the shell's tools do. The work is done; the interpreter's teardown is skipped (it would

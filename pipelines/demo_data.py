@@ -140,7 +140,7 @@ def prepare_demo_inputs(
             _save_png(dirs["refs"] / fname, out)
             params[fname] = cam
     (root / "refs_params.json").write_text(json.dumps(params, indent=1, sort_keys=True))
-    (dirs["refs"] / "_params.json").unlink(missing_ok=True)  # where layout 1 kept them
+    (dirs["refs"] / "_params.json").unlink(missing_ok=True)  # where layouts 1 and 2 kept them
     marker.write_text(json.dumps(wanted))
     return dirs
 

@@ -95,8 +95,6 @@ class DomainTiles:
     work: Path  # this domain's work folder (named by the digest of its data)
     tiles: list[Tile]
     notes: list[str] = field(default_factory=list)
-    # (height, width) of each refs_train image that decodes, by its resolved path
-    ref_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def groups(self) -> list[str]:
@@ -373,7 +371,6 @@ def prepare_domain(m: EvaluateManifest, d: EvalDomain, work: Path) -> DomainTile
         )
     ref_files = _utf8_named(_source_images(refs), refs, "refs_train", notes) if refs is not None else []
     ref_names = [_below(p, refs) for p in ref_files]  # the digest's names: below refs_train
-    ref_sizes: dict[str, tuple[int, int]] = {}
     if refs is not None:
         if not ref_files:
             why = f" ({notes[-1]})" if notes and notes[-1].startswith("refs_train:") else ""
@@ -382,7 +379,7 @@ def prepare_domain(m: EvaluateManifest, d: EvalDomain, work: Path) -> DomainTile
         # decoded now, so a folder of broken files fails before any job
         for p, name in zip(ref_files, ref_names, strict=True):
             try:
-                ref_sizes[str(p.resolve())] = tuple(_rgb(p).shape[:2])
+                _rgb(p)
             except ImageError as exc:
                 bad.append(f"{name}: {exc}")
         if len(bad) == len(ref_files):
@@ -415,7 +412,7 @@ def prepare_domain(m: EvaluateManifest, d: EvalDomain, work: Path) -> DomainTile
                 Image.fromarray(img).save(p)
     if refs is None:
         notes.append("no refs_train/: adaptation skipped; SR-proxy references are the domain's true LR tiles")
-    return DomainTiles(d.name, layout, hr_dir, lr_dir, refs, root, work, tiles, notes, ref_sizes)
+    return DomainTiles(d.name, layout, hr_dir, lr_dir, refs, root, work, tiles, notes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -578,7 +575,7 @@ def check_adaptation(m: EvaluateManifest, domain: DomainTiles) -> None:
     calibration split with both sides, and finds a training image (the split's training side, under
     ``data.max_image_pixels``) at least its ``stage_c.lr_crop`` px (each a :class:`ManifestError`
     naming the domain, not an adaptation failing an hour in)."""
-    from pipelines.train import calibration_split, check_sources, listed
+    from pipelines.train import NoUsableImage, check_sources
 
     manifest = adapt_manifest_path(m)
     where = f"domains.{domain.name}: adaptation ({manifest})"
@@ -591,25 +588,15 @@ def check_adaptation(m: EvaluateManifest, domain: DomainTiles) -> None:
     sets = _adapt_sets(m, domain.refs_dir, m.checkpoint, folder / "adapted.safetensors", folder)
     try:
         tm = load_manifest(manifest, sets, kind="train")
-        listings = check_sources(tm, tm.stages, tm.calibration.enabled)
+        # lists every source, splits refs_train for the calibration and finds a training-side image
+        # of at least stage_c.lr_crop (decoded, under data.max_image_pixels)
+        check_sources(tm, tm.stages, tm.calibration.enabled)
+    except NoUsableImage as exc:
+        raise ManifestError(
+            f"{where}: {exc}; add larger LR images or set adapt.overrides to a smaller stage_c.lr_crop"
+        ) from None
     except ManifestError as exc:
         raise ManifestError(f"{where}: {exc}") from None
-    if "C" not in tm.stages or any(c.kind != "images" for c in tm.data.lr):
-        return  # stage C has other crops to train on: its own run finds out
-    spec = tm.data.lr[0].source
-    items = listed(spec, tm.storage.model_dump(), listings)
-    if tm.calibration.enabled:  # stage C reads the training side of the split only
-        items = calibration_split(items, tm.calibration.val_fraction, spec.uri)[0]
-    crop, limit = tm.stage_c.lr_crop, tm.data.max_image_pixels
-    sizes = [domain.ref_sizes.get(str(Path(it.path).resolve())) for it in items]
-    sizes = [s for s in sizes if s is not None and s[0] * s[1] <= limit]
-    if not any(min(s) >= crop for s in sizes):
-        side = "training-split " if tm.calibration.enabled else ""
-        raise ManifestError(
-            f"{where}: no {side}refs_train image is at least {crop}x{crop} px (stage_c.lr_crop; of "
-            f"{len(items)} such image(s) the largest shorter side is {max(map(min, sizes), default=0)} px):"
-            " add larger LR images or set adapt.overrides to a smaller stage_c.lr_crop"
-        )
 
 
 def adapt_checkpoint(

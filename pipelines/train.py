@@ -61,7 +61,7 @@ from realdgen_core.train.data import (
     random_crop,
     to_tensor,
 )
-from realdgen_core.train.loop import floats, load_training_state, save_model, save_training_state
+from realdgen_core.train.loop import floats, save_model, save_training_state
 
 LATEST = "latest.json"
 CKPT_NAME = re.compile(r"ckpt-[0-9]{9}")  # the only names latest.json may point at (no paths)
@@ -244,15 +244,19 @@ def check_checkpoint_owner(m: TrainManifest, overwrite: bool) -> None:
     uri = m.output.checkpoint
     if not uri or overwrite:
         return
-    storage = m.storage.model_dump()
-    fs, path = get_fs(uri, storage)
-    if not with_retries(lambda: fs.exists(path), what=f"checking {uri}"):
-        return
-    from pipelines.storage import fetch_to_local
+    from pipelines.storage import TransientStorageError, fetch_to_local
     from realdgen_core.checkpoint import inspect_checkpoint
 
+    storage = m.storage.model_dump()
     try:
-        _, meta, _ = inspect_checkpoint(fetch_to_local(uri, storage))
+        fs, path = get_fs(uri, storage)
+        if not with_retries(lambda: fs.exists(path), what=f"checking {uri}"):
+            return
+        local = fetch_to_local(uri, storage)
+    except (StorageAccessError, TransientStorageError) as exc:
+        raise ManifestError(f"output.checkpoint: {exc}") from None
+    try:
+        _, meta, _ = inspect_checkpoint(local)
         owner = meta.get("manifest_digest")
         what = "a model of another training manifest" if owner else "a model not trained by this manifest"
     except (CheckpointError, OSError, ValueError):
@@ -260,7 +264,8 @@ def check_checkpoint_owner(m: TrainManifest, overwrite: bool) -> None:
     if owner != manifest_digest(m):
         raise ManifestError(
             f"output.checkpoint: {uri!r} already holds {what}, which this run would replace at its "
-            "first export; name another file, or pass --overwrite-checkpoint to replace it"
+            "first export (any setting changed since counts as another manifest: to continue a run, "
+            "run its manifest as it was); name another file, or pass --overwrite-checkpoint to replace it"
         )
 
 
@@ -341,7 +346,7 @@ def check_sources(
     hr_sides += [m.stage_c.lr_crop * m.scale] if stage_c and synthetic_on_hr else []
     if m.data.hr is not None and ("A" in stages or "B" in stages or (stage_c and synthetic_on_hr)):
         used.append(("data.hr", m.data.hr))
-        if not m.init_checkpoint:
+        if not m.init_checkpoint and not calibrate_only:
             needs["data.hr"] = max(hr_sides)
     split: set[str] = set()  # sources whose listing the calibration splits (train / validation)
     for i, c in enumerate(m.data.lr):
@@ -393,6 +398,10 @@ def check_sources(
     return listings
 
 
+class NoUsableImage(ManifestError):
+    """A trained source holds no image (decodable, within the pixel limit) of its crop size."""
+
+
 def _check_usable(
     key: str, uri: str, items: Sequence[SourceItem], side: int, storage: dict, max_pixels: int
 ) -> None:
@@ -410,7 +419,7 @@ def _check_usable(
             return
         small += 1
         example = example or f"{item.uri}: {w}x{h}"
-    raise ManifestError(
+    raise NoUsableImage(
         f"{key}: no usable image of at least {side}x{side} px under {uri} ({broken} broken, {small} "
         f"smaller, of {len(items)}; e.g. {example}); the crop sizes are stage_a.hr_crop, stage_b/stage_c "
         "lr_crop (x scale on HR)"
@@ -666,6 +675,8 @@ class RunStore:
         truncated or not ours) is a :class:`DamagedCheckpoint` naming it in the run folder."""
         import pickle
 
+        from realdgen_core.checkpoint import load_checkpoint
+
         with tempfile.TemporaryDirectory() as tmp:
             for f in ("model.safetensors", "state.pt"):
                 try:
@@ -673,10 +684,21 @@ class RunStore:
                 except FileNotFoundError:
                     raise DamagedCheckpoint(f"{join_uri(self.uri, name)}/{f} is missing") from None
             try:
-                state = load_training_state(tmp, model)
+                loaded, _ = load_checkpoint(str(Path(tmp) / "model.safetensors"))
             except CheckpointError as exc:  # its message names the temporary copy: name ours
                 reason = str(exc).replace(str(Path(tmp) / "model.safetensors"), "").lstrip(": ")
                 raise DamagedCheckpoint(f"{join_uri(self.uri, name)}/model.safetensors: {reason}") from None
+            target = model.module if hasattr(model, "module") else model
+            try:
+                target.load_state_dict(loaded.state_dict())
+            except RuntimeError as exc:  # a whole file of another model: not damage
+                raise ManifestError(
+                    f"{join_uri(self.uri, name)}/model.safetensors holds another model than this manifest "
+                    f"builds (the code changed since it was written?): {str(exc).splitlines()[0][:200]}; "
+                    "use a new run_dir"
+                ) from None
+            try:
+                state = torch.load(Path(tmp) / "state.pt", weights_only=True, map_location="cpu")
             except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
                 # torch's own text suggests loading with weights_only=False: never shown or followed
                 raise DamagedCheckpoint(
@@ -838,13 +860,19 @@ def phase_steps(m: TrainManifest) -> dict[str, int]:
 
 
 def untrained_phases(m: TrainManifest, completed: Sequence[str]) -> list[str]:
-    """The phases whose part of a model from scratch (no ``init_checkpoint``) was never trained:
-    not run in this run folder, or run with 0 steps. A model with any of them left generates from
-    random weights there (a run of ``--stages C`` alone, or every step count set to 0)."""
+    """The phases of each part of a model from scratch (no ``init_checkpoint``) that no phase
+    trained: none of the part's phases done in this run folder with steps > 0 (stage A's two phases
+    train one content encoder: a fine-tune of 0 steps after a pretraining is a trained part). A model
+    with such a part generates from random weights there (``--stages C`` alone, every step 0)."""
     if m.init_checkpoint:
         return []
     steps = phase_steps(m)
-    return [p for s in STAGES.values() for p in s if p not in completed or steps[p] == 0]
+    return [
+        p
+        for phases in STAGES.values()
+        if not any(q in completed and steps[q] > 0 for q in phases)
+        for p in phases
+    ]
 
 
 def make_phase(m: TrainManifest, model, samplers: dict, name: str, **kw) -> Phase:
@@ -1264,25 +1292,29 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     if not args.calibrate_only:
         # one run at a time in a run folder: a second one "resumed" from the first's checkpoints
         # mid-run and the two deleted each other's (the generation job's lock, with its heartbeat)
-        from pipelines.storage import DatasetStore, LockError, RunLock
+        from pipelines.storage import DatasetStore, LockError, RunLock, TransientStorageError
 
         lock = RunLock(DatasetStore(m.output.run_dir, m.storage.model_dump()))
         try:
             lock.acquire()
-        except LockError as exc:
+        except (LockError, StorageAccessError, TransientStorageError) as exc:
             print(f"error: output.run_dir: {exc}", file=sys.stderr)
             return 1
     try:
         return _run(m, stages, args.calibrate_only, device, listings)
     except KeyboardInterrupt:
-        done = (
-            ""
-            if args.calibrate_only
-            else (
-                f"; the state of its last checkpoint is kept in {m.output.run_dir}: run the same "
-                "command to resume from it"
+        done = ""
+        if not args.calibrate_only:
+            try:
+                kept = RunStore(m.output.run_dir, m.storage.model_dump()).latest()
+            except Exception:  # noqa: BLE001 - the message only; the interrupt is what is reported
+                kept = None
+            done = (
+                f"; the state of its last checkpoint ({kept['checkpoint']}, {kept['phase']} step "
+                f"{kept['step']}) is kept in {m.output.run_dir}: run the same command to resume from it"
+                if kept
+                else "; before its first checkpoint: nothing to resume, the same command starts over"
             )
-        )
         print(f"[train] interrupted{done}", file=sys.stderr)
         return 130
     except (ManifestError, CheckpointError, StorageAccessError, DataError) as exc:

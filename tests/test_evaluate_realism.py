@@ -781,7 +781,7 @@ def test_an_adaptation_that_cannot_run_fails_before_any_work(tmp_path, monkeypat
     (refs / "only.png").unlink()
     with pytest.raises(
         ManifestError,
-        match=r"no training-split refs_train image is at least 32x32 px .*largest shorter side is 24",
+        match=r"data.lr.0.source: no usable image of at least 32x32 px .*smaller.*adapt.overrides",
     ):
         check()
     # stage C reads the split's training side only: a large image held out for validation is no help
@@ -791,7 +791,7 @@ def test_an_adaptation_that_cannot_run_fails_before_any_work(tmp_path, monkeypat
     held = split_validation(names, 0.25)[1]
     train_side = next(n for n in names if n not in {names[i] for i in held})
     Image.fromarray(img(40, 36)).save(refs / names[held[0]])
-    with pytest.raises(ManifestError, match="no training-split refs_train image"):
+    with pytest.raises(ManifestError, match="no usable image of at least 32x32 px"):
         check()
     Image.fromarray(img(40, 36)).save(refs / train_side)
     check()  # usable now

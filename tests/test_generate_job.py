@@ -404,14 +404,6 @@ def test_bad_manifests_fail_before_any_work(tmp_path, capsys):
             "generator.tau_max: 500 is past what the checkpoint's UNet was trained on",
         ),
     }
-    import torch
-
-    if not torch.cuda.is_available() and not os.environ.get("RAY_ADDRESS"):
-        # the job's own local Ray would wait forever for a GPU it does not have
-        cases["cuda_without_gpu"] = (
-            {"compute": {"device": "cuda"}},
-            "compute.device: 'cuda', but this machine has no CUDA GPU",
-        )
     (tmp_path / "a_file").write_text("not a folder")
     for name, (patch, needle) in cases.items():
         data = {**manifest_dict(str(hr), str(hr), str(out)), **patch}
@@ -423,6 +415,25 @@ def test_bad_manifests_fail_before_any_work(tmp_path, capsys):
         assert not out.exists(), name
         assert "hunter2" not in err and "AKIAEXAMPLE" not in err, (name, err)
     assert not (hr / "ds").exists() and not (tmp_path / "demo").exists()
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available() or bool(os.environ.get("RAY_ADDRESS")),
+    reason="needs a machine without a CUDA GPU, and the job's own Ray",
+)
+def test_cuda_on_the_jobs_own_ray_without_a_gpu_is_refused_not_waited_on(tmp_path, capsys, photos):
+    """compute.device cuda with the Ray this job starts and no GPU: every GPU task would wait forever
+    (the job printed its plan and hung). Refused once Ray is up, before the lock or any output."""
+    from pipelines.generate_dataset import main
+
+    hr, refs = write_inputs(tmp_path, photos)
+    out = tmp_path / "out"
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump(manifest_dict(str(hr), str(refs), str(out), compute__device="cuda")))
+    assert main([str(p)]) == 1
+    err = capsys.readouterr().err
+    assert "compute.device: 'cuda', but the Ray this job started here has no GPU" in err, err
+    assert not out.exists()
 
 
 def test_more_shards_than_six_digit_names_allow_is_refused(tmp_path, capsys, monkeypatch, photos):

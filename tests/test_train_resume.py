@@ -375,14 +375,30 @@ def test_ctrl_c_during_training_prints_how_to_resume_not_a_traceback(tmp_path, p
     path = tmp_path / "m.yaml"
     path.write_text(yaml.safe_dump(m))
 
+    original = T.Checkpointer.on_step
+
     def interrupt(self, phase, losses):
-        raise KeyboardInterrupt
+        original(self, phase, losses)
+        if phase.step == 2:  # after the first save (checkpoint_every 2)
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(T.Checkpointer, "on_step", interrupt)
     assert T.main([str(path)]) == 130
     err = capsys.readouterr().err
-    assert "[train] interrupted" in err and str(tmp_path / "run") in err and "run the same command" in err
+    said = "[train] interrupted; the state of its last checkpoint (ckpt-000000001, content_pretrain step 2)"
+    assert said in err, err
+    assert str(tmp_path / "run") in err and "run the same command to resume" in err
     assert "Traceback" not in err
+
+    def at_once(self, phase, losses):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.Checkpointer, "on_step", at_once)
+    m["output"]["run_dir"] = str(tmp_path / "fresh")
+    m["output"]["checkpoint"] = str(tmp_path / "fresh.safetensors")
+    path.write_text(yaml.safe_dump(m))
+    assert T.main([str(path)]) == 130
+    assert "before its first checkpoint: nothing to resume" in capsys.readouterr().err
 
 
 def test_a_source_with_no_usable_image_is_refused_before_stage_a(tmp_path, photos, capsys):

@@ -95,6 +95,18 @@ def _retrying(**extra: Any) -> dict:
     return {"max_retries": TASK_RETRIES, "retry_exceptions": [TransientStorageError], **extra}
 
 
+_OWN_RAY = {"pid": None}  # the process whose ensure_ray started the Ray it is connected to
+
+
+def own_local_ray() -> bool:
+    """True when this process is connected to the local Ray its :func:`ensure_ray` started (no
+    ``RAY_ADDRESS``; Ray joins a cluster that `ray start` runs on this machine instead, if any): no
+    node joins it later, so a resource it lacks now it will not have."""
+    import ray
+
+    return ray.is_initialized() and _OWN_RAY["pid"] == os.getpid()
+
+
 def ensure_ray() -> bool:
     """Connect to ``RAY_ADDRESS`` (``ray job submit`` sets it) or start a local Ray on loopback.
 
@@ -132,6 +144,7 @@ def ensure_ray() -> bool:
             log_to_driver=False,
             configure_logging=False,
         )
+        _OWN_RAY["pid"] = os.getpid()
     return True
 
 
@@ -400,6 +413,14 @@ class GenerateJob:
         if warning:
             self.log(warning)
         started_ray = ensure_ray()
+        if own_local_ray() and self.m.compute.device == "cuda" and not ray.cluster_resources().get("GPU"):
+            # every GPU task would wait forever for a GPU the Ray this process started does not have
+            if started_ray:
+                ray.shutdown()
+            raise JobFailed(
+                "compute.device: 'cuda', but the Ray this job started here has no GPU; use 'auto' (a GPU "
+                "when there is one) or 'cpu', or submit the job to a cluster with GPUs (ray job submit)"
+            )
         lock = self.lock = RunLock(self.store, heartbeat_s=self.m.progress.heartbeat_s)
         try:
             lock.acquire()
@@ -1093,7 +1114,10 @@ def preview_header(tile: int, mag: int) -> np.ndarray:
 
     strip = Image.new("RGB", (3 * tile + 8, PREVIEW_HEADER_PX), (255, 255, 255))
     draw = ImageDraw.Draw(strip)
-    for i, label in enumerate(("HR tile", f"reference (centre, x{mag})", f"generated LR (x{mag})")):
+    labels = ("HR tile", f"reference (centre, x{mag})", f"generated LR (x{mag})")
+    if tile < 7 * max(map(len, labels)):  # about 6-7 px per character: narrow panels get short names
+        labels = ("HR", "ref", "LR")
+    for i, label in enumerate(labels):
         draw.text((i * (tile + 4) + 2, 1), label, fill=(0, 0, 0))
     return np.asarray(strip)
 

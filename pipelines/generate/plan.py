@@ -96,7 +96,7 @@ def checkpoint_info(
     assert uri is not None
     fs, path = get_fs(uri, storage)
     if not with_retries(lambda: fs.exists(path), what=f"checking {uri}"):
-        here = uri.startswith("s3://") or os.path.isabs(uri)
+        here = "://" in uri or os.path.isabs(os.path.expanduser(uri))
         where = "" if here else f", relative to the current folder {os.getcwd()}"
         raise ManifestError(f"generator.checkpoint: file not found (got {uri!r}{where})")
     local = fetch_to_local(uri, storage)
@@ -316,7 +316,6 @@ def preflight(
             f"use at most {config.diffusion.max_train_timestep - 1}"
         )
     _check_start_bank(m)
-    _check_local_gpu(m)
     _check_output_outside_sources(m)
     _check_output_is_a_folder(m)
     _check_output_bucket(m, storage)
@@ -332,21 +331,6 @@ def preflight(
     if unfinished:
         note = f"{unfinished}; {note}"
     return m, manifest_digest(m), local, model_digest, note
-
-
-def _check_local_gpu(m: GenerateManifest) -> None:
-    """``compute.device: cuda`` on the job's own local Ray (no ``RAY_ADDRESS``) needs a GPU here:
-    without one every GPU task would wait forever for a GPU this Ray does not have."""
-    if m.compute.device != "cuda" or os.environ.get("RAY_ADDRESS"):
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ManifestError(
-            "compute.device: 'cuda', but this machine has no CUDA GPU (torch sees none) and the job "
-            "starts its own local Ray here; use 'auto' (a GPU when there is one) or 'cpu', or submit "
-            "the job to a cluster with GPUs (ray job submit sets RAY_ADDRESS)"
-        )
 
 
 def _location(uri: str) -> str:
