@@ -468,6 +468,14 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_older_one_kept(tmp_path, p
     assert again["model_digest"] == full["model_digest"]  # resumed exactly to the same weights
     assert load_checkpoint(tmp_path / "full.safetensors")[1]["digest"] == full["model_digest"]
 
+    # a whole checkpoint of another model (the code changed since): named as such, not passed over
+    from realdgen_core.checkpoint import save_checkpoint
+
+    newest = json.loads((run / "latest.json").read_text())["checkpoint"]
+    save_checkpoint(run / newest / "model.safetensors", build_model(preset("tiny", 2), seed=0), {})
+    with pytest.raises(ManifestError, match="holds another model than this manifest builds"):
+        T.train_worker(_manifest(tmp_path, hr, "full"), stages)
+
     for name in sorted(p.name for p in run.glob("ckpt-*")):
         (run / name / "model.safetensors").write_bytes(b"{}")
     with pytest.raises(ManifestError, match="no checkpoint there can be resumed") as info:
