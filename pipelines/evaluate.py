@@ -248,21 +248,14 @@ def main_manifest(argv: Sequence[str], prog: str | None = None) -> int:
     """``evaluate.py MANIFEST.yaml [--set k=v ...]``: run a manifest by its kind (``evaluate``)."""
     from pipelines.evaluate_realism import AdaptationFailed, run_evaluation
     from pipelines.generate.job import JobFailed
-    from pipelines.manifest import ManifestError, load_manifest, manifest_json_schema
+    from pipelines.manifest import ManifestError, add_set_option, load_manifest, manifest_json_schema
 
     ap = argparse.ArgumentParser(
         prog=prog or "evaluate.py",
         description="Realism benchmark from a `kind: evaluate` manifest (docs/evaluate.md).",
     )
     ap.add_argument("manifest", help="manifest YAML (kind: evaluate)")
-    ap.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a manifest key (repeatable), e.g. --set report.dir=out/eval2",
-    )
+    add_set_option(ap, "report.dir=out/eval2")
     ap.add_argument("--print-schema", action="store_true", help="print the evaluate manifest's JSON schema")
     args = ap.parse_args(argv)
     if args.print_schema:

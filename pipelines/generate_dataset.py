@@ -39,7 +39,7 @@ from pipelines.generate.job import (  # noqa: E402
     what_changed,
 )
 from pipelines.generate.plan import Plan, checkpoint_calibration, make_plan  # noqa: E402
-from pipelines.manifest import ManifestError, load_manifest, manifest_json_schema  # noqa: E402
+from pipelines.manifest import ManifestError, add_set_option, load_manifest, manifest_json_schema  # noqa: E402
 from pipelines.storage import StorageAccessError, TransientStorageError, missing_credentials  # noqa: E402
 
 __all__ = ["Plan", "GenerateJob", "JobFailed", "ensure_ray", "make_plan", "run", "main"]
@@ -59,14 +59,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         description="Generate paired (HR, realistic LR) WebDataset shards.",
     )
     ap.add_argument("manifest", nargs="?", help="manifest YAML (kind: generate)")
-    ap.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a manifest value (YAML), e.g. --set compute.batch_size=4",
-    )
+    add_set_option(ap, "compute.batch_size=4")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit without generating")
     ap.add_argument("--print-schema", action="store_true", help="print the manifest JSON schema and exit")
     args = ap.parse_args(argv)

@@ -744,6 +744,19 @@ def parse_manifest(data: Any, origin: str = "", kind: str | None = None) -> Stri
         raise ManifestError(_format_errors(exc, origin, model)) from None
 
 
+def add_set_option(parser, example: str) -> None:
+    """The CLIs' ``--set KEY.PATH=VALUE`` (repeatable; into ``args.overrides``), as
+    :func:`load_manifest` applies them; ``example``: a key=value of the CLI's manifest kind."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help=f"override a manifest value (YAML; repeatable), e.g. --set {example}",
+    )
+
+
 def load_manifest(path: str | Path, overrides: Iterable[str] = (), kind: str | None = None) -> StrictModel:
     """Read a YAML manifest (``yaml.safe_load``), apply ``key.path=value`` overrides, validate.
 

@@ -49,7 +49,7 @@ if __package__ in (None, ""):  # `python pipelines/train.py`: make the repo root
 
 from fsspec.implementations.local import LocalFileSystem
 
-from pipelines.manifest import ManifestError, TrainManifest, load_manifest, manifest_digest
+from pipelines.manifest import ManifestError, TrainManifest, add_set_option, load_manifest, manifest_digest
 from pipelines.sources import ImageError, SourceError, SourceItem, list_source, load_image, name_below_root
 from pipelines.storage import StorageAccessError, get_fs, join_uri, with_retries
 from realdgen_core.checkpoint import CheckpointError
@@ -1242,7 +1242,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument(
         "--stages", default=None, help="comma-separated subset of A,B,C (default: the manifest's)"
     )
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a manifest key")
+    add_set_option(ap, "stage_c.steps=5000")
     ap.add_argument(
         "--calibrate-only",
         action="store_true",
@@ -1257,7 +1257,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     )
     args = ap.parse_args(argv)
     try:
-        m = load_manifest(args.manifest, args.set, kind="train")
+        m = load_manifest(args.manifest, args.overrides, kind="train")
         stages = tuple(s.strip().upper() for s in args.stages.split(",")) if args.stages else m.stages
         bad = [s for s in stages if s not in STAGES]
         if bad:
