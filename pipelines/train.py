@@ -902,11 +902,13 @@ class TrainContext:
         completed: list[str],
         index: int,
         planned: Sequence[str] = (),
+        lock=None,
     ) -> None:
         self.m, self.model, self.samplers, self.store, self.digest = m, model, samplers, store, digest
         self.rank, self.world_size, self.wrap = rank, world_size, wrap
         self.completed, self.index = list(completed), index
         self.planned = list(planned)  # the phases of this invocation's stages, in order
+        self.lock = lock
 
     def make_phase(self, name: str) -> Phase:
         m = self.m
@@ -923,6 +925,9 @@ class TrainContext:
         )
 
     def checkpoint(self, phase: Phase, completed: bool) -> None:
+        # another run took the folder over (a storage outage outlived the heartbeat): stop, not race it
+        if self.lock is not None and self.lock.lost:
+            raise ManifestError(f"output.run_dir: {self.lock.lost}")
         self.index += 1
         phase.gather_for_checkpoint()  # a collective: every rank, before rank 0 writes
         rngs = None
@@ -1054,9 +1059,11 @@ def run_worker(
     device: str | torch.device = "cpu",
     bar: bool | None = None,
     listings: Listings | None = None,
+    lock=None,
 ):
     """(summary, trained model) of this worker; ``listings``: the sources as the driver listed
-    them, when it is this process (see :func:`check_sources`)."""
+    them, when it is this process (see :func:`check_sources`); ``lock``: the run folder's
+    ``RunLock`` this process holds (each save first checks that no other run took it over)."""
     m = TrainManifest.model_validate(manifest)
     if m.compute.torch_threads:
         torch.set_num_threads(m.compute.torch_threads)
@@ -1094,6 +1101,7 @@ def run_worker(
         completed=completed,
         index=index,
         planned=[p for stage in stages for p in STAGES[stage]],
+        lock=lock,
     )
     untrained = untrained_phases(m, ctx.planned + completed)
     if untrained and rank == 0:
@@ -1301,7 +1309,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             print(f"error: output.run_dir: {exc}", file=sys.stderr)
             return 1
     try:
-        return _run(m, stages, args.calibrate_only, device, listings)
+        return _run(m, stages, args.calibrate_only, device, listings, lock)
     except KeyboardInterrupt:
         done = ""
         if not args.calibrate_only:
@@ -1327,7 +1335,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             lock.release()
 
 
-def _run(m: TrainManifest, stages, calibrate_only: bool, device, listings: Listings) -> int:
+def _run(m: TrainManifest, stages, calibrate_only: bool, device, listings: Listings, lock=None) -> int:
     if calibrate_only:
         m = m.model_copy(update={"calibration": m.calibration.model_copy(update={"enabled": True})})
         try:
@@ -1340,7 +1348,7 @@ def _run(m: TrainManifest, stages, calibrate_only: bool, device, listings: Listi
     if m.compute.backend == "ray":
         summary = run_with_ray(m, stages)
     else:
-        summary = train_worker(m.model_dump(mode="json"), stages, device=device, listings=listings)
+        summary = train_worker(m.model_dump(mode="json"), stages, device=device, listings=listings, lock=lock)
     if m.calibration.enabled:
         summary["calibration"] = calibrate_checkpoint(m, listings)
     print(json.dumps(summary, indent=1))

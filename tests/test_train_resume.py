@@ -513,3 +513,13 @@ def test_a_second_run_into_a_run_folder_in_use_is_refused(tmp_path, photos, caps
     (run / "_lock.json").unlink()
     assert T.main([str(path)]) == 0
     assert (run / "latest.json").exists() and not (run / "_lock.json").exists()
+
+    # a lock taken over mid-run (the heartbeat found another holder): the next save stops the run
+    from types import SimpleNamespace
+
+    from pipelines.manifest import ManifestError
+
+    lost = SimpleNamespace(lost="taken over by another run (test)")
+    with pytest.raises(ManifestError, match="output.run_dir: taken over by another run"):
+        T.train_worker(_manifest(tmp_path, hr, "other"), ("A",), lock=lost)
+    assert not (tmp_path / "other" / "latest.json").exists()
