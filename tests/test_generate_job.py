@@ -436,6 +436,22 @@ def test_cuda_on_the_jobs_own_ray_without_a_gpu_is_refused_not_waited_on(tmp_pat
     assert not out.exists()
 
 
+def test_references_that_all_fail_to_decode_stop_the_job_and_leave_no_work_folder(tmp_path, capsys, photos):
+    from pipelines.generate_dataset import main
+
+    hr, refs = write_inputs(tmp_path, photos)
+    for p in refs.iterdir():
+        p.write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    out = tmp_path / "out"
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump(manifest_dict(str(hr), str(refs), str(out))))
+    assert main([str(p)]) == 1
+    err = capsys.readouterr().err
+    assert "error: no usable reference: every reference image failed to decode" in err, err
+    assert "reference skipped:" in err
+    assert not out.exists() or not any(out.iterdir()), sorted(x.name for x in out.iterdir())
+
+
 def test_more_shards_than_six_digit_names_allow_is_refused(tmp_path, capsys, monkeypatch, photos):
     """Past NAME-999999 the shard names would break the output contract: refused in the listing."""
     from pipelines.generate import plan as plan_mod

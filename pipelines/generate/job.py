@@ -548,7 +548,8 @@ class GenerateJob:
             self.log(f"reference skipped: {e}")
         if len(errors) > 10:
             self.log(f"... and {len(errors) - 10} more references skipped")
-        if not ok:
+        if not ok:  # nothing was generated: the listing this run wrote is not left behind either
+            self.store.delete_prefix(plan.work)
             raise JobFailed("no usable reference: every reference image failed to decode")
         if start is not None:
             if not profiles:
