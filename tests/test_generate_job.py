@@ -421,9 +421,10 @@ def test_bad_manifests_fail_before_any_work(tmp_path, capsys):
     __import__("torch").cuda.is_available() or bool(os.environ.get("RAY_ADDRESS")),
     reason="needs a machine without a CUDA GPU, and the job's own Ray",
 )
-def test_cuda_on_the_jobs_own_ray_without_a_gpu_is_refused_not_waited_on(tmp_path, capsys, photos):
-    """compute.device cuda with the Ray this job starts and no GPU: every GPU task would wait forever
-    (the job printed its plan and hung). Refused once Ray is up, before the lock or any output."""
+def test_cuda_on_the_jobs_own_ray_without_a_gpu_is_refused_not_waited_on(tmp_path, capsys, photos, ray_local):
+    """compute.device cuda with a Ray this process started and no GPU: every GPU task would wait
+    forever (the job printed its plan and hung). Refused once Ray is up, before the lock or any
+    output. The session's Ray (started by ray.init here, as a caller's own would be) counts too."""
     from pipelines.generate_dataset import main
 
     hr, refs = write_inputs(tmp_path, photos)

@@ -95,16 +95,20 @@ def _retrying(**extra: Any) -> dict:
     return {"max_retries": TASK_RETRIES, "retry_exceptions": [TransientStorageError], **extra}
 
 
-_OWN_RAY = {"pid": None}  # the process whose ensure_ray started the Ray it is connected to
-
-
 def own_local_ray() -> bool:
-    """True when this process is connected to the local Ray its :func:`ensure_ray` started (no
-    ``RAY_ADDRESS``; Ray joins a cluster that `ray start` runs on this machine instead, if any): no
-    node joins it later, so a resource it lacks now it will not have."""
+    """True when this process started the Ray it is connected to (``ray.init()`` without an
+    address started a head node here: :func:`ensure_ray`, or a caller's own ``ray.init``), not
+    joined one (``RAY_ADDRESS``, ``ray job submit``, a cluster ``ray start`` runs on this machine):
+    no node joins it later, so a resource it lacks now it will not have."""
     import ray
 
-    return ray.is_initialized() and _OWN_RAY["pid"] == os.getpid()
+    if not ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        return False
+    try:
+        from ray._private import worker
+    except ImportError:  # another Ray layout: not known, so not refused
+        return False
+    return bool(getattr(getattr(worker, "_global_node", None), "head", False))
 
 
 def ensure_ray() -> bool:
@@ -144,7 +148,6 @@ def ensure_ray() -> bool:
             log_to_driver=False,
             configure_logging=False,
         )
-        _OWN_RAY["pid"] = os.getpid()
     return True
 
 
