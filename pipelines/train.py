@@ -1335,8 +1335,36 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             lock.release()
 
 
+def _held_out_warning(m: TrainManifest) -> str | None:
+    """For ``--calibrate-only``: a warning when ``output.run_dir`` holds this manifest's run, its
+    stage C done, trained with the calibration off: stage C then read every file of the LR sources,
+    the validation split included, so the split τ is chosen on is not held out."""
+    if m.calibration.enabled or not any(c.kind == "images" and c.source is not None for c in m.data.lr):
+        return None
+    try:
+        fs, root = get_fs(m.output.run_dir, m.storage.model_dump())
+        if not fs.exists(join_uri(root, LATEST)):  # (a RunStore would create the folder)
+            return None
+        latest = RunStore(m.output.run_dir, m.storage.model_dump()).latest()
+    except (ManifestError, OSError, StorageAccessError):
+        return None
+    if not latest or latest.get("manifest_digest") != manifest_digest(m):
+        return None
+    if "diffusion" not in latest.get("completed", []) and latest.get("phase") != "diffusion":
+        return None
+    return (
+        f"[train] warning: {m.output.run_dir} trained stage C of this checkpoint with this manifest and "
+        "the calibration off, so it read every file of data.lr, the validation split included: τ is "
+        "chosen on images the model was trained on (train with calibration.enabled: true to hold the "
+        "split out)"
+    )
+
+
 def _run(m: TrainManifest, stages, calibrate_only: bool, device, listings: Listings, lock=None) -> int:
     if calibrate_only:
+        warning = _held_out_warning(m)
+        if warning:
+            print(warning, file=sys.stderr)
         m = m.model_copy(update={"calibration": m.calibration.model_copy(update={"enabled": True})})
         try:
             TrainManifest.model_validate(m.model_dump())

@@ -42,6 +42,20 @@ progress: {{bar: false}}
 """
     )
     assert T.main([str(path)]) == 0
+    # trained with the calibration off: a later --calibrate-only of this manifest is warned that its
+    # validation split was read by stage C (not held out); a run folder of another manifest is not
+    from pipelines.manifest import load_manifest
+
+    trained = load_manifest(path, kind="train")
+    warning = T._held_out_warning(trained)
+    assert warning and "read every file of data.lr, the validation split included" in warning
+    assert str(tmp_path / "run") in warning
+    assert T._held_out_warning(load_manifest(path, ["seed=3"], kind="train")) is None
+    assert (
+        T._held_out_warning(load_manifest(path, ["output.run_dir=" + str(tmp_path / "none")], kind="train"))
+        is None
+    )
+    assert not (tmp_path / "none").exists()  # looking did not create it
 
     before, _ = load_checkpoint(base)
     after, meta = load_checkpoint(tmp_path / "adapted.safetensors")
