@@ -61,7 +61,13 @@ from realdgen_core.train.data import (
     random_crop,
     to_tensor,
 )
-from realdgen_core.train.loop import floats, save_model, save_training_state
+from realdgen_core.train.loop import (
+    floats,
+    load_model_weights,
+    read_training_state,
+    save_model,
+    save_training_state,
+)
 
 LATEST = "latest.json"
 CKPT_NAME = re.compile(r"ckpt-[0-9]{9}")  # the only names latest.json may point at (no paths)
@@ -244,17 +250,11 @@ def check_checkpoint_owner(m: TrainManifest, overwrite: bool) -> None:
     uri = m.output.checkpoint
     if not uri or overwrite:
         return
-    from pipelines.storage import TransientStorageError, fetch_to_local
     from realdgen_core.checkpoint import inspect_checkpoint
 
-    storage = m.storage.model_dump()
-    try:
-        fs, path = get_fs(uri, storage)
-        if not with_retries(lambda: fs.exists(path), what=f"checking {uri}"):
-            return
-        local = fetch_to_local(uri, storage)
-    except (StorageAccessError, TransientStorageError) as exc:
-        raise ManifestError(f"output.checkpoint: {exc}") from None
+    local = _fetch_checkpoint(m, "output.checkpoint", uri)
+    if local is None:
+        return
     try:
         _, meta, _ = inspect_checkpoint(local)
         owner = meta.get("manifest_digest")
@@ -281,19 +281,32 @@ def check_tau_grid(m: TrainManifest, config) -> None:
         )
 
 
+def _fetch_checkpoint(m: TrainManifest, key: str, uri: str) -> str | None:
+    """A local copy of checkpoint ``uri`` (manifest key ``key``), or None when there is no file;
+    storage refusing or unavailable is a :class:`ManifestError` naming the key."""
+    from pipelines.storage import TransientStorageError, fetch_to_local
+
+    storage = m.storage.model_dump()
+    try:
+        fs, path = get_fs(uri, storage)
+        if not with_retries(lambda: fs.exists(path), what=f"checking {uri}"):
+            return None
+        return fetch_to_local(uri, storage)
+    except (StorageAccessError, TransientStorageError, OSError) as exc:
+        raise ManifestError(f"{key}: {exc}") from None
+
+
 def _checkpoint_config(m: TrainManifest, key: str, uri: str):
     """The model config in the header of checkpoint ``uri`` (manifest key ``key``): a missing,
     truncated or foreign file is a :class:`ManifestError` naming the key."""
-    from pipelines.storage import fetch_to_local
     from realdgen_core.checkpoint import inspect_checkpoint
 
-    storage = m.storage.model_dump()
-    fs, path = get_fs(uri, storage)
+    local = _fetch_checkpoint(m, key, uri)
+    if local is None:
+        raise ManifestError(f"{key}: file not found (got {uri!r})")
     try:
-        if not with_retries(lambda: fs.exists(path), what=f"checking {uri}"):
-            raise ManifestError(f"{key}: file not found (got {uri!r})")
-        return inspect_checkpoint(fetch_to_local(uri, storage))[0]
-    except (CheckpointError, StorageAccessError, OSError) as exc:
+        return inspect_checkpoint(local)[0]
+    except (CheckpointError, OSError) as exc:
         raise ManifestError(f"{key}: {exc}") from None
 
 
@@ -368,13 +381,13 @@ def check_sources(
         if not items:
             exts = ", ".join(spec.extensions)
             raise ManifestError(f"{key}: no image under {spec.uri} (format {spec.format}, extensions {exts})")
-        trained = items
-        if key in split and m.calibration.enabled:  # stage C reads the training side only
-            trained = calibration_split(items, m.calibration.val_fraction, spec.uri)[0]
+        train, val = (
+            calibration_split(items, m.calibration.val_fraction, spec.uri) if key in split else (items, [])
+        )
+        trained = train if key in split and m.calibration.enabled else items  # stage C reads that side
         if key in needs and trained:
             _check_usable(key, spec.uri, trained, needs[key], storage, m.data.max_image_pixels)
         if key in split:
-            train, val = calibration_split(items, m.calibration.val_fraction, spec.uri)
             side = "validation" if not val else "training" if stage_c and not train else None
             off = "" if calibrate_only else " or set calibration.enabled=false"
             if side:
@@ -675,8 +688,6 @@ class RunStore:
         truncated or not ours) is a :class:`DamagedCheckpoint` naming it in the run folder."""
         import pickle
 
-        from realdgen_core.checkpoint import load_checkpoint
-
         with tempfile.TemporaryDirectory() as tmp:
             for f in ("model.safetensors", "state.pt"):
                 try:
@@ -684,13 +695,10 @@ class RunStore:
                 except FileNotFoundError:
                     raise DamagedCheckpoint(f"{join_uri(self.uri, name)}/{f} is missing") from None
             try:
-                loaded, _ = load_checkpoint(str(Path(tmp) / "model.safetensors"))
+                load_model_weights(Path(tmp) / "model.safetensors", model)
             except CheckpointError as exc:  # its message names the temporary copy: name ours
                 reason = str(exc).replace(str(Path(tmp) / "model.safetensors"), "").lstrip(": ")
                 raise DamagedCheckpoint(f"{join_uri(self.uri, name)}/model.safetensors: {reason}") from None
-            target = model.module if hasattr(model, "module") else model
-            try:
-                target.load_state_dict(loaded.state_dict())
             except RuntimeError as exc:  # a whole file of another model: not damage
                 raise ManifestError(
                     f"{join_uri(self.uri, name)}/model.safetensors holds another model than this manifest "
@@ -698,7 +706,7 @@ class RunStore:
                     "use a new run_dir"
                 ) from None
             try:
-                state = torch.load(Path(tmp) / "state.pt", weights_only=True, map_location="cpu")
+                state = read_training_state(Path(tmp) / "state.pt")
             except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
                 # torch's own text suggests loading with weights_only=False: never shown or followed
                 raise DamagedCheckpoint(

@@ -125,6 +125,20 @@ def test_vq_pretrain_resumed_between_codebook_restarts_is_exact(tmp_path, photos
 # ------------------------------------------------------------------------------------------ pipeline
 
 
+def _stop_after_save(monkeypatch, T, stop, exc: type[BaseException] = Killed):
+    """Make the run's Checkpointer raise ``exc`` right after the step where ``stop(phase)`` holds
+    (after that step's save, if any); returns the original ``on_step`` to restore."""
+    original = T.Checkpointer.on_step
+
+    def on_step(self, phase, losses):
+        original(self, phase, losses)
+        if stop(phase):
+            raise exc
+
+    monkeypatch.setattr(T.Checkpointer, "on_step", on_step)
+    return original
+
+
 def _photo_folder(tmp_path, photos) -> str:
     folder = tmp_path / "hr"
     folder.mkdir()
@@ -167,14 +181,7 @@ def test_pipeline_resumes_after_kill_and_matches_uninterrupted_run(tmp_path, pho
     assert full["completed"] == ["content_pretrain", "content_finetune", "degradation", "diffusion"]
     assert full["skipped_images"] == {"data.hr: not an image": 1}
 
-    original = T.Checkpointer.on_step
-
-    def kill_after_save(self, phase, losses):
-        original(self, phase, losses)
-        if phase.name == "degradation" and phase.step == 2:
-            raise Killed
-
-    monkeypatch.setattr(T.Checkpointer, "on_step", kill_after_save)
+    original = _stop_after_save(monkeypatch, T, lambda p: p.name == "degradation" and p.step == 2)
     with pytest.raises(Killed):
         T.train_worker(_manifest(tmp_path, hr, "killed"), stages)
     latest = json.loads((tmp_path / "killed" / "latest.json").read_text())
@@ -291,14 +298,7 @@ def test_an_export_of_an_unfinished_run_says_so_and_generation_warns(tmp_path, p
     hr = _photo_folder(tmp_path, photos)
     m = _manifest(tmp_path, hr, "run")
     m["output"]["export_every"] = False  # only the exports written when a phase ends
-    original = T.Checkpointer.on_step
-
-    def kill_in_stage_b(self, phase, losses):
-        original(self, phase, losses)
-        if phase.name == "degradation" and phase.step == 2:
-            raise Killed
-
-    monkeypatch.setattr(T.Checkpointer, "on_step", kill_in_stage_b)
+    original = _stop_after_save(monkeypatch, T, lambda p: p.name == "degradation" and p.step == 2)
     with pytest.raises(Killed):
         T.train_worker(m, ("A", "B", "C"))
     _, meta = load_checkpoint(tmp_path / "run.safetensors")
@@ -375,14 +375,8 @@ def test_ctrl_c_during_training_prints_how_to_resume_not_a_traceback(tmp_path, p
     path = tmp_path / "m.yaml"
     path.write_text(yaml.safe_dump(m))
 
-    original = T.Checkpointer.on_step
-
-    def interrupt(self, phase, losses):
-        original(self, phase, losses)
-        if phase.step == 2:  # after the first save (checkpoint_every 2)
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(T.Checkpointer, "on_step", interrupt)
+    # after the first save (checkpoint_every 2)
+    _stop_after_save(monkeypatch, T, lambda p: p.step == 2, KeyboardInterrupt)
     assert T.main([str(path)]) == 130
     err = capsys.readouterr().err
     said = "[train] interrupted; the state of its last checkpoint (ckpt-000000001, content_pretrain step 2)"

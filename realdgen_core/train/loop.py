@@ -320,13 +320,25 @@ def load_training_state(directory, model: nn.Module) -> dict[str, Any]:
     """Load ``model.safetensors`` into ``model`` (in place) and return ``state.pt`` (weights_only)."""
     from pathlib import Path
 
+    d = Path(directory)
+    load_model_weights(d / "model.safetensors", model)
+    return read_training_state(d / "state.pt")
+
+
+def load_model_weights(path, model: nn.Module) -> None:
+    """A checkpoint file's tensors into ``model`` (in place; a DDP wrapper's module). A bad file is a
+    ``CheckpointError``; a whole file of another architecture, ``load_state_dict``'s RuntimeError."""
     from realdgen_core.checkpoint import load_checkpoint
 
-    d = Path(directory)
-    loaded, _ = load_checkpoint(str(d / "model.safetensors"))
+    loaded, _ = load_checkpoint(str(path))
     target = model.module if hasattr(model, "module") else model
     target.load_state_dict(loaded.state_dict())
-    return torch.load(d / "state.pt", weights_only=True, map_location="cpu")
+
+
+def read_training_state(path) -> dict[str, Any]:
+    """A ``state.pt`` as :func:`save_training_state` wrote it: tensors and primitives only
+    (``weights_only``: nothing in it is unpickled as code)."""
+    return torch.load(path, weights_only=True, map_location="cpu")
 
 
 def floats(losses: dict[str, Tensor | float]) -> dict[str, float]:
