@@ -29,6 +29,16 @@ def _endpoint(value: str) -> str:
     return value
 
 
+def _local_folder(value: str) -> str:
+    """export's out_dir: a local path, never a URI."""
+    from pipelines.export import local_folder_problem
+
+    why = local_folder_problem(value)
+    if why:
+        raise argparse.ArgumentTypeError(why)
+    return value
+
+
 @dataclass(frozen=True)
 class Command:
     name: str
@@ -43,7 +53,9 @@ class Command:
 
 def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help=DATASET_HELP)
-    p.add_argument("out_dir", help="local folder to write hr/, lr/ and the meta files into")
+    p.add_argument(
+        "out_dir", type=_local_folder, help="local folder to write hr/, lr/ and the meta files into"
+    )
     p.add_argument("--endpoint", default=None, type=_endpoint, help=ENDPOINT_HELP)
     p.add_argument("--limit", type=int, default=None, help="stop after this many pairs")
     p.add_argument(
@@ -63,13 +75,14 @@ def _cannot_read(dataset: str, exc: BaseException, own: tuple[type[BaseException
     ``ValueError``) or a storage failure that is not an ``OSError`` (botocore's endpoint and HTTP
     client errors, refused credentials); an ``own`` error (one that names its own object, such as
     an output that cannot be written) as it is; None for anything else, which stays a traceback."""
-    from pipelines.storage import access_refused, is_transient
+    from pipelines.storage import StorageAccessError, access_refused, is_transient
 
     if isinstance(exc, own):
         return str(exc)
-    if isinstance(exc, (OSError, ValueError)):
+    # credentials first: s3fs raises a refused signature as a PermissionError (an OSError)
+    why = str(exc) if isinstance(exc, StorageAccessError) else access_refused(exc)
+    if why is None and isinstance(exc, (OSError, ValueError)):
         return f"cannot read {dataset}: {exc}"
-    why = access_refused(exc)
     if why is None and (
         is_transient(exc) or type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp")
     ):

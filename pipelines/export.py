@@ -133,6 +133,17 @@ def _write_inside(root: str, sub: str, key: str, data: bytes) -> None:
 EXPORT_FILES = (BASICSR_META, REALESRGAN_META, "export.json")
 
 
+def local_folder_problem(out_dir: str) -> str | None:
+    """Why ``out_dir`` cannot be an export's folder (a URI: ``s3://…`` would have become a local
+    folder named ``s3:``), or None."""
+    if "://" in out_dir:
+        return (
+            "must be a local folder (BasicSR's disk backend reads local files): export here, then "
+            "copy the folder to object storage if the trainer reads it from there"
+        )
+    return None
+
+
 def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
     """Make ``out_dir/hr`` and ``out_dir/lr`` empty: refuse an earlier export's files unless
     ``overwrite``, which removes them (only the layout's own folders and files)."""
@@ -175,6 +186,9 @@ def export_dataset(
     The dataset is listed before anything is written; a folder holding an earlier export is
     refused (``FileExistsError``) unless ``overwrite``.
     """
+    why = local_folder_problem(out_dir)
+    if why:
+        raise ValueError(f"out_dir {out_dir!r}: {why}")
     shards = list_shards(uri, endpoint_url)
     _prepare_out_dir(out_dir, overwrite)
     skipped: Counter = Counter()

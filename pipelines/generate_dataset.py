@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 if m.output.mode == "overwrite":
                     act = "delete them"
                 conflict = (
-                    f"{len(foreign) + len(stray)} files of another dataset (here: {what_changed(why)}; e.g. "
+                    f"{len(foreign) + len(stray)} files of another dataset (here: "
+                    f"{what_changed(why, job.manifest_changes)}; e.g. "
                     f"{(foreign or stray)[:3]}): the run would {act}"
                 )
                 complete = set()
@@ -158,7 +159,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     print(
         f"done: {summary['pairs']} pairs in {summary['shards_written']} shards "
         f"({summary['shards_skipped']} already complete), "
-        f"{summary['inputs_failed']} of {summary['inputs']} inputs failed, {summary['seconds']} s "
+        f"{summary['inputs_failed']} of {summary['inputs']} inputs failed"
+        + (
+            f", {summary['references_skipped']} references skipped"
+            if summary.get("references_skipped")
+            else ""
+        )
+        + f", {summary['seconds']} s "
         f"({summary['generate_seconds']} s generating: {summary['pairs_per_s']} pairs/s) "
         f"-> {summary['output']}",
         file=sys.stderr,

@@ -413,7 +413,10 @@ def check_contract(
     report.samples = sum(n for n, _ in found.values())
 
     if "_index.json" not in names:
-        problems.append("no _index.json")
+        problems.append(
+            "no _index.json (the generation job writes it when a run finishes; one that stopped early, "
+            "by its failure budget or an outage, left none: run the same job again to finish it)"
+        )
         return report
     try:
         index = json.loads(fs.cat_file(f"{root}/_index.json"))

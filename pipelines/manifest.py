@@ -784,6 +784,13 @@ def load_manifest(path: str | Path, overrides: Iterable[str] = (), kind: str | N
 
 def manifest_digest(manifest: StrictModel) -> str:
     """sha256 of the canonical JSON of the manifest minus fields that do not change the data."""
+    canon = json.dumps(digest_payload(manifest), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def digest_payload(manifest: StrictModel) -> dict:
+    """What :func:`manifest_digest` hashes: the manifest's JSON minus the fields that do not change
+    the data (a generation dataset's ``_index.json`` keeps it, to name what a re-run changed)."""
     exclude = getattr(type(manifest), "DIGEST_EXCLUDE", None)
     payload = manifest.model_dump(mode="json", exclude=exclude)
     cal = payload.get("calibration")
@@ -829,8 +836,30 @@ def manifest_digest(manifest: StrictModel) -> str:
             # BSRGAN θs clip after each resize since 2026-12-07, as BSRGAN's code does: a dataset
             # drawn before that is never resumed into
             gen["bsrgan_resize"] = "clip"
-    canon = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canon.encode()).hexdigest()
+    return payload
+
+
+def payload_changes(before: dict, after: dict, limit: int = 3) -> list[str]:
+    """Up to ``limit`` differences between two :func:`digest_payload` dicts, as
+    ``key.path: old → new`` (lists compared whole; a long value shortened), in key order."""
+    changes: list[str] = []
+
+    def short(v) -> str:
+        text = "(unset)" if v is _UNSET else json.dumps(v, sort_keys=True)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    def walk(a, b, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k, _UNSET), b.get(k, _UNSET), f"{path}.{k}" if path else k)
+        elif a != b:
+            changes.append(f"{path}: {short(a)} → {short(b)}")
+
+    walk(before, after, "")
+    return changes[:limit] + ([f"{len(changes) - limit} more"] if len(changes) > limit else [])
+
+
+_UNSET = object()
 
 
 def manifest_json_schema(kind: str = "generate") -> dict:

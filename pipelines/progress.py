@@ -5,12 +5,16 @@ The driver feeds it the rows it receives from the pipeline (one ``input`` row pe
 upper bound (inputs x tiles per image x references per tile) and becomes exact as each input
 reports how many samples it yields. On a terminal it draws a tqdm bar; otherwise (``ray job logs``,
 a pipe, CI) it prints a plain ``progress:`` line whenever samples complete, at most one every
-``interval_s`` seconds, and always a last one.
+``interval_s`` seconds, and always a last one. A count held back by that limit is shown once the
+interval has passed even when no further sample comes, and while no sample completes for
+``stall_s`` seconds (storage retrying through an outage, a stuck worker) a ``waiting:`` line says
+so, once per ``stall_s``, with where the workers' own warnings are (``stall_hint``).
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import IO
 
@@ -33,6 +37,8 @@ class JobProgress:
         interval_s: float = 5.0,
         tty: bool | None = None,
         clock=time.perf_counter,
+        stall_s: float = 120.0,
+        stall_hint: str | None = None,
     ) -> None:
         self.inputs = int(inputs)
         self.per_input = int(max_samples_per_input)
@@ -49,6 +55,13 @@ class JobProgress:
         self.shards = 0
         self._last_line = -1.0
         self._last_count = -1
+        self.stall_s = float(stall_s)
+        self.stall_hint = stall_hint
+        self._last_change = self.t0  # when the count of done samples last moved
+        self._last_stall = -float("inf")  # when the last waiting: line was shown
+        self._lock = threading.RLock()  # events (the driver's loop) and the watchdog both print
+        self._stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
         if tty is None:
             tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.bar = None
@@ -59,6 +72,9 @@ class JobProgress:
                 self.bar = tqdm(total=self.expected, unit="sample", desc="generate", file=self.stream)
             except ImportError:  # pragma: no cover - tqdm is a dependency
                 self.bar = None
+        if enabled and self.interval_s > 0:
+            self._watchdog = threading.Thread(target=self._watch, name="job-progress", daemon=True)
+            self._watchdog.start()
 
     # ------------------------------------------------------------------ counts
     @property
@@ -76,23 +92,30 @@ class JobProgress:
 
     # ------------------------------------------------------------------ events
     def input_reported(self, n_samples: int | None, ok: bool) -> None:
-        self.inputs_done += 1
-        self.samples_reported += int(n_samples or 0)
-        if not ok:
-            self.inputs_failed += 1
-        self._show()
+        with self._lock:
+            self.inputs_done += 1
+            self.samples_reported += int(n_samples or 0)
+            if not ok:
+                self.inputs_failed += 1
+            self._show()
 
     def sample_done(self, ok: bool) -> None:
-        if ok:
-            self.samples_ok += 1
-        else:
-            self.samples_failed += 1
-        self._show()
+        with self._lock:
+            if ok:
+                self.samples_ok += 1
+            else:
+                self.samples_failed += 1
+            self._last_change = self.clock()
+            self._show()
 
     def shard_written(self) -> None:
         self.shards += 1
 
     def close(self) -> None:
+        self._stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join()
+            self._watchdog = None
         if self.bar is not None:
             self._update_bar()
             self.bar.close()
@@ -132,6 +155,29 @@ class JobProgress:
             f"{self.inputs_done}/{self.inputs} inputs, {self.rate():.3f} pairs/s", refresh=False
         )
         bar.refresh()
+
+    def stall_line(self) -> str:
+        """What is shown while no sample has completed for ``stall_s`` seconds."""
+        quiet = self.clock() - self._last_change
+        line = f"waiting: no sample completed in the last {_clock(quiet)} ({self.done} done so far)"
+        return f"{line}; {self.stall_hint}" if self.stall_hint else line
+
+    def tick(self) -> None:
+        """One watchdog step (every ``interval_s``): a count the interval held back, or a stall."""
+        with self._lock:
+            if self.bar is None and self.done != self._last_count and self._last_count >= 0:
+                self._show()
+            quiet = self.clock() - self._last_change
+            if self.stall_s > 0 and quiet >= self.stall_s and self.clock() - self._last_stall >= self.stall_s:
+                self._last_stall = self.clock()
+                if self.bar is not None:
+                    self.bar.write(self.stall_line(), file=self.stream)
+                else:
+                    print(self.stall_line(), file=self.stream, flush=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.tick()
 
     def _show(self) -> None:
         if not self.enabled:

@@ -54,7 +54,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipelines.storage import open_for_header_scan
+from pipelines.storage import env_endpoint, open_for_header_scan
 from realdgen_core.shards import open_tar
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.Abstra
         return fsspec.filesystem("file"), os.path.abspath(uri)
     options: dict = {}
     if uri.startswith(("s3://", "s3a://")):
-        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = endpoint_url or env_endpoint()  # refuses one holding credentials
         if endpoint:
             options["endpoint_url"] = endpoint
     fs, path = fsspec.core.url_to_fs(uri, **options)

@@ -68,6 +68,7 @@ INDEX_NAME = "_index.json"
 PREVIEW_NAME = "_preview.png"
 LOCK_NAME = "_lock.json"
 RETRY_ENV = "REALDGEN_STORAGE_RETRY_S"
+ENDPOINT_ENV = "AWS_ENDPOINT_URL"
 DEFAULT_RETRY_S = 120.0
 
 log = logging.getLogger("realdgen.storage")
@@ -360,6 +361,17 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+_UNREACHABLE = ("EndpointConnectionError", "ConnectionRefusedError", "gaierror", "ClientConnectorError")
+
+
+def _endpoint_hint(exc: BaseException) -> str:
+    """For an endpoint nobody answers at (refused, unknown host): a wrong setting looks the same as
+    an outage, so say where the endpoint comes from. Empty otherwise (timeouts, 5xx, throttling)."""
+    if any(type(e).__name__ in _UNREACHABLE for e in _chain(exc)):
+        return f"; if this endpoint is the wrong one, fix storage.endpoint_url or {ENDPOINT_ENV}"
+    return ""
+
+
 def with_retries(
     fn: Callable[[], T],
     *,
@@ -407,15 +419,17 @@ def with_retries(
                 raise TransientStorageError(
                     f"{what}: storage unavailable for {elapsed:.0f} s "
                     f"({attempts} attempt{'s' if attempts != 1 else ''}; last error: {_describe(exc)})"
+                    f"{_endpoint_hint(exc)}"
                 ) from exc
             if now - last_log >= log_every_s:
                 last_log = now
                 log.warning(
-                    "%s: storage unavailable (%s); retrying, %.0f s of %.0f s budget left",
+                    "%s: storage unavailable (%s); retrying, %.0f s of %.0f s budget left%s",
                     what,
                     _describe(exc),
                     remaining,
                     budget,
+                    _endpoint_hint(exc),
                 )
             sleep(min(remaining, random.uniform(delay / 2, delay)))
             delay = min(max_backoff_s, delay * 2)
@@ -436,6 +450,25 @@ def storage_kwargs(options: Any | None) -> dict:
     return {k: v for k, v in raw.items() if k in ("endpoint_url", "region") and v}
 
 
+def env_endpoint() -> str | None:
+    """``AWS_ENDPOINT_URL`` from this process's environment, None when unset or empty.
+
+    Raises :class:`StorageAccessError` (a setting to fix, not an outage to retry) when it holds
+    credentials (``user:password@``; botocore then refuses every request with an HTTP client error
+    that a job would retry for its whole budget) or a query; the value is never echoed."""
+    value = os.environ.get(ENDPOINT_ENV, "").strip()
+    if not value:
+        return None
+    rest = value.split("://", 1)[-1]
+    if "@" in rest.split("/", 1)[0] or "?" in rest or "#" in rest:
+        raise StorageAccessError(
+            f"{ENDPOINT_ENV} must not hold credentials or anything after '?' or '#' (value not shown): "
+            "give scheme://host[:port] there and the credentials in AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY"
+        )
+    return value
+
+
 def get_fs(uri: str, options: Mapping | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """``(filesystem, path)`` for a URI; s3 endpoint from options or ``AWS_ENDPOINT_URL``."""
     opts = storage_kwargs(options)
@@ -443,7 +476,7 @@ def get_fs(uri: str, options: Mapping | None = None) -> tuple[fsspec.AbstractFil
         import s3fs
 
         kwargs: dict[str, Any] = {"config_kwargs": _s3_config()}
-        endpoint = opts.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = opts.get("endpoint_url") or env_endpoint()
         if endpoint:
             kwargs["endpoint_url"] = endpoint
         region = opts.get("region") or os.environ.get("AWS_DEFAULT_REGION")

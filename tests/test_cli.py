@@ -76,3 +76,62 @@ def test_an_endpoint_with_credentials_is_refused_without_echoing_them(capsys):
         err = capsys.readouterr().err
         assert "--endpoint: must not hold credentials" in err
         assert "SUPERSECRET" not in err and "AKIAFAKE" not in err
+
+
+def test_export_refuses_a_uri_out_dir_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """`realdgen export DS s3://b/x` used to write a local folder named `s3:` and exit 0."""
+    from pipelines.export import export_dataset
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(tmp_path / "ds"), "s3://bucket/exported"])
+    assert exc.value.code == 2
+    assert "out_dir: must be a local folder" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"out_dir 's3://bucket/x': must be a local folder"):
+        export_dataset(str(tmp_path / "ds"), "s3://bucket/x")
+    assert not any(tmp_path.iterdir())
+
+
+def test_refused_credentials_read_as_such_in_the_cli_tools():
+    """s3fs raises a refused signature as PermissionError (an OSError): the tools named it as the
+    raw S3 text; they now say what the generation job says (check the credentials)."""
+    from botocore.exceptions import ClientError
+
+    from pipelines.cli import _cannot_read
+
+    cause = ClientError(
+        {
+            "Error": {
+                "Code": "SignatureDoesNotMatch",
+                "Message": "The request signature we calculated does not match",
+            },
+            "ResponseMetadata": {"HTTPStatusCode": 403},
+        },
+        "ListObjectsV2",
+    )
+    try:
+        try:
+            raise cause
+        except ClientError as e:
+            raise PermissionError("The request signature we calculated does not match") from e
+    except PermissionError as e:
+        msg = _cannot_read("s3://b/ds", e)
+    assert msg.startswith("cannot read s3://b/ds: access refused by storage"), msg
+    assert "AWS_SECRET_ACCESS_KEY" in msg
+    # a local file's PermissionError stays about the file
+    assert _cannot_read("/x", PermissionError(13, "Permission denied", "/x/_index.json")) == (
+        "cannot read /x: [Errno 13] Permission denied: '/x/_index.json'"
+    )
+
+
+@pytest.mark.parametrize("command", ["inspect", "validate"])
+def test_an_aws_endpoint_url_with_credentials_is_refused_at_once(capsys, monkeypatch, command):
+    """The manifest and --endpoint refuse user:password@; AWS_ENDPOINT_URL holding them made botocore
+    refuse every request with an HTTP client error that was retried as an outage for two minutes."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://AKIAFAKE:SUPERSECRET@127.0.0.1:9")
+    monkeypatch.setenv("REALDGEN_STORAGE_RETRY_S", "300")  # a retry would show as a hang
+    assert main([command, "s3://bucket/ds"]) == 2
+    out = capsys.readouterr()
+    text = (out.err + out.out).strip()
+    assert "AWS_ENDPOINT_URL must not hold credentials" in text, text
+    assert "SUPERSECRET" not in text and "AKIAFAKE" not in text and "Traceback" not in text

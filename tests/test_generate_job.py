@@ -226,6 +226,7 @@ def test_bad_inputs_get_failure_rows_and_good_ones_land(ray_local, tmp_path):
     index = json.loads((out / "_index.json").read_text())
     assert index["references_skipped"]["count"] == 1, index
     assert index["references_skipped"]["first"][0].startswith(f"{refs / 'broken.png'}: "), index
+    assert summary["references_skipped"] == 1  # and in the summary (the done: line says so)
     run_dict(data)
     assert json.loads((out / "_index.json").read_text())["references_skipped"] == index["references_skipped"]
 
@@ -494,7 +495,11 @@ def test_changed_input_listing_is_not_resumed_into(ray_local, photos, tmp_path, 
     mpath.write_text(yaml.safe_dump(data))
     for extra, complete, conflict in (
         ((), 2, None),
-        (("--set", "seed=1"), 0, "(here: manifest; e.g. ['_index.json', 'pairs-000000_stats.json'"),
+        (
+            ("--set", "seed=1"),
+            0,
+            "(here: manifest (seed: 7 → 1); e.g. ['_index.json', 'pairs-000000_stats.json'",
+        ),
         (("--set", "seed=1", "--set", "output.mode=overwrite"), 0, "the run would delete them"),
     ):
         assert main([str(mpath), "--dry-run", *extra]) == 0
@@ -642,8 +647,10 @@ def test_foreign_output_refused_and_lock_respected(ray_local, inputs, tmp_path):
     other = manifest_dict(
         str(hr), str(refs), str(out), generator__kind="bicubic", seed=8, output__inputs_per_shard=5
     )
-    with pytest.raises(JobFailed, match="different manifest"):
+    with pytest.raises(JobFailed, match="different manifest") as info:
         run_dict(other)
+    # the keys that changed, from the finished dataset's _index.json (the digested manifest)
+    assert "(here: manifest (seed: 7 → 8); e.g." in str(info.value), info.value
     other["output"]["mode"] = "overwrite"
     run_dict(other)
     validate(str(out))

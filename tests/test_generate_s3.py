@@ -168,6 +168,13 @@ def test_missing_buckets_and_keys_are_named_before_any_work(s3_server, s3_bucket
         ("--set", f"output.uri=s3://{s3_bucket}/out", "--set", "hr.uri=s3://no-such-bucket-y/hr/"): (
             "hr.uri: not found: 's3://no-such-bucket-y/hr/' (The specified bucket does not exist)"
         ),
+        # a glob lists nothing in a bucket that does not exist: said so, not "no images found"
+        ("--set", f"output.uri=s3://{s3_bucket}/out", "--set", "hr.uri=s3://no-such-bucket-z/hr/*.png"): (
+            "hr.uri: the bucket 'no-such-bucket-z' does not exist (got 's3://no-such-bucket-z/hr/*.png')"
+        ),
+        ("--set", f"output.uri=s3://{s3_bucket}/out", "--set", f"hr.uri=s3://{s3_bucket}/hr/*.tif"): (
+            f"hr.uri: no images found (got 's3://{s3_bucket}/hr/*.tif'"
+        ),
         ("--set", f"output.uri=s3://{s3_bucket}/out", "--set", "hr.format=webdataset"): (
             f"hr.uri: no .tar shards found (got 's3://{s3_bucket}/hr', format webdataset)"
         ),

@@ -298,3 +298,17 @@ def test_digest_marks_the_bsrgan_resize_clip():
     # realdgen from Real-ESRGAN starts draws no BSRGAN θ: its digest is the one from before
     kept = "3217df38574ef9a6a312515c3a1a08309605581c6fcdac8a1aa4062861a2d38c"
     assert digest({**rd, "start_kind": "realesrgan"}) == kept
+
+
+def test_payload_changes_name_the_keys_that_differ():
+    from pipelines.manifest import payload_changes
+
+    a = {"seed": 7, "generator": {"k": 2, "kind": "realdgen", "start_bank": [{"q": 1}] * 9}, "x": 1}
+    b = {"seed": 7, "generator": {"k": 3, "kind": "realdgen", "start_bank": [{"q": 2}] * 9}, "y": 1}
+    assert payload_changes(a, a) == []
+    got = payload_changes(a, b)
+    assert got[0] == "generator.k: 2 → 3"
+    assert got[1].startswith('generator.start_bank: [{"q": 1}, {"q": 1}') and got[1].endswith("...")
+    assert got[2] == "x: 1 → (unset)"
+    assert got[3] == "1 more" and len(got) == 4
+    assert payload_changes(a, b, limit=5)[-1] == "y: (unset) → 1"

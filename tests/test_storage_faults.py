@@ -732,3 +732,42 @@ def test_storage_errors_do_not_echo_an_endpoints_path():
     assert (
         "hunter2" not in msg and "http://127.0.0.1:9/…" in msg and msg.startswith("read s3://bkt/key.png")
     ), msg
+
+
+def test_an_endpoint_nobody_answers_at_names_where_the_endpoint_comes_from():
+    """A typo in the endpoint's port is retried like an outage: the message says where to fix it."""
+    from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+
+    def down():
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9/bkt/key.png")
+
+    with pytest.raises(TransientStorageError) as info:
+        with_retries(down, what="read s3://bkt/key.png", budget_s=0, sleep=lambda s: None)
+    assert str(info.value).endswith(
+        "if this endpoint is the wrong one, fix storage.endpoint_url or AWS_ENDPOINT_URL"
+    )
+
+    def slow():
+        raise ReadTimeoutError(endpoint_url="http://127.0.0.1:9/bkt/key.png")
+
+    with pytest.raises(TransientStorageError) as info:  # a server that answers slowly is not misnamed
+        with_retries(slow, what="read s3://bkt/key.png", budget_s=0, sleep=lambda s: None)
+    assert "endpoint_url" not in str(info.value)
+
+
+def test_env_endpoint_with_credentials_is_a_setting_to_fix(monkeypatch):
+    from pipelines.storage import StorageAccessError, env_endpoint, get_fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "https://key:hunter2@minio.local:9000")
+    with pytest.raises(StorageAccessError) as info:
+        get_fs("s3://b/x")
+    assert "AWS_ENDPOINT_URL must not hold credentials" in str(info.value)
+    assert "hunter2" not in str(info.value)
+    get_fs("/tmp/x")  # a local path never reads it
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000/?X-Amz-Security-Token=abc")
+    with pytest.raises(StorageAccessError):
+        env_endpoint()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", " http://127.0.0.1:9000 ")
+    assert env_endpoint() == "http://127.0.0.1:9000"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "")
+    assert env_endpoint() is None

@@ -13,7 +13,7 @@ import io
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from pipelines.generate.plan import (
 )
 from pipelines.generate.sink import ShardBook, compact_shard, encode_write_batch
 from pipelines.generate.stages import GenerateLR, decode_tile_batch
-from pipelines.manifest import GenerateManifest, ManifestError
+from pipelines.manifest import GenerateManifest, ManifestError, digest_payload, payload_changes
 from pipelines.progress import JobProgress
 from pipelines.reader import BadSample, check_member, decode_checked_png
 from pipelines.sources import ImageError, SourceItem, load_image
@@ -51,6 +51,7 @@ from pipelines.storage import (
     RunLock,
     StorageAccessError,
     TransientStorageError,
+    env_endpoint,
     read_parquet,
     storage_kwargs,
     task_error_message,
@@ -93,6 +94,21 @@ def _path_exists(path: str) -> bool:
 
 def _retrying(**extra: Any) -> dict:
     return {"max_retries": TASK_RETRIES, "retry_exceptions": [TransientStorageError], **extra}
+
+
+def workers_log_hint() -> str | None:
+    """Where a stalled job's workers' warnings are (storage retries, errors): the embedded Ray does
+    not send them to this console (:func:`ensure_ray`), so name its log folder; None when joined to
+    a cluster, whose driver output (``ray job logs``) carries them already."""
+    logs = None
+    if own_local_ray():
+        with contextlib.suppress(Exception):
+            import ray
+
+            logs = ray._private.worker._global_node.get_logs_dir_path()
+    if not logs:
+        return None
+    return f"the workers' warnings (storage retries, errors) are in {os.path.join(logs, 'worker-*.err')}"
 
 
 def own_local_ray() -> bool:
@@ -161,17 +177,22 @@ class GenerateJob:
         # pipeline runs (see native_stderr_to); library callers keep their streams as they are.
         self.native_stderr_to_log = native_stderr_to_log
         self.storage = storage_kwargs(manifest.storage)
-        env_endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
-        if "endpoint_url" not in self.storage and env_endpoint and "@" not in env_endpoint:
+        if "endpoint_url" not in self.storage:
             # the driver's endpoint, so that workers whose environment lacks it (or names another)
-            # reach the same store; an endpoint is not a credential (one holding user:pass@ stays)
-            self.storage["endpoint_url"] = env_endpoint
+            # reach the same store; an endpoint is not a credential: one holding user:pass@ is
+            # refused where s3 is used (get_fs: StorageAccessError, exit 2 before any work)
+            with contextlib.suppress(StorageAccessError):
+                endpoint = env_endpoint()
+                if endpoint:
+                    self.storage["endpoint_url"] = endpoint
         self.store = DatasetStore(manifest.output.uri, self.storage)
         # What workers open: s3 URIs as they are, local folders as absolute paths.
         self.store_uri = self.store.uri if self.store.remote else self.store.root
         self.driver_bytes = 0  # bytes of rows the driver received from the pipeline (bench)
         self.lock: RunLock | None = None
         self.complete_stats: dict[str, dict] = {}  # stem -> stats, read by inspect_output
+        # keys a foreign dataset's manifest had otherwise ("key: old → new"; from its _index.json)
+        self.manifest_changes: list[str] = []
 
     # ---------------------------------------------------------------- output inspection
     def _dataset_names(self, names: Iterable[str]) -> list[str]:
@@ -204,7 +225,8 @@ class GenerateJob:
                 what = (foreign or stray)[:3]
                 raise JobFailed(
                     f"output {self.store.uri} holds a dataset written from a different manifest, model or "
-                    f"input listing (here: {what_changed(why)}; e.g. {what}); use output.mode: overwrite "
+                    f"input listing (here: {what_changed(why, self.manifest_changes)}; e.g. {what}); use "
+                    "output.mode: overwrite "
                     "(or --set output.mode=overwrite) to replace it, or choose another output.uri"
                 )
             removed = self._remove_dataset(names)
@@ -225,6 +247,7 @@ class GenerateJob:
         hand, a lost object), with the missing names: not complete. Fills ``complete_stats``
         (complete stems only)."""
         self.complete_stats = {}
+        self.manifest_changes = []
         names = self.store.names()
         foreign: list[str] = []
         why: set[str] = set()
@@ -244,6 +267,8 @@ class GenerateJob:
             if not isinstance(meta, dict):
                 meta = {}
             differ = [k for k, v in want.items() if meta.get(k) != v]
+            if "manifest_digest" in differ and isinstance(meta.get("manifest"), dict):
+                self.manifest_changes = payload_changes(meta["manifest"], digest_payload(plan.manifest))
             if "inputs_digest" in differ and meta:
                 had = meta.get("inputs_digest")
                 if had is None:
@@ -848,6 +873,7 @@ class GenerateJob:
                 m.tiling.max_tiles_per_image * m.pairing.refs_per_tile,
                 enabled=m.progress.bar,
                 interval_s=m.progress.interval_s,
+                stall_hint=workers_log_hint(),
             )
             book = ShardBook(plan.shard_sizes)
             try:
@@ -904,6 +930,8 @@ class GenerateJob:
             "inputs": total_inputs,
             "inputs_failed": index["inputs_failed"],
             "samples_failed": n_samples_failed,
+            # references that did not decode (each was logged as `reference skipped:` at the start)
+            "references_skipped": int((plan.references_skipped or {}).get("count", 0)),
             "seconds": round(time.perf_counter() - t_start, 2),
             "generate_seconds": round(gen_wall, 2),
             "pairs_per_s": round(n_pairs / gen_wall, 3) if gen_wall > 0 and n_pairs else 0.0,
@@ -1003,6 +1031,8 @@ class GenerateJob:
             "scale": self.m.scale,
             "inputs": plan.n_inputs,
             "inputs_failed": inputs_failed,
+            # what manifest_digest hashed: a re-run with another manifest names the keys it changed
+            "manifest": digest_payload(plan.manifest),
         }
         if plan.references_skipped is not None:  # references that did not decode: "URI: reason"
             index["references_skipped"] = plan.references_skipped
@@ -1135,9 +1165,16 @@ _CHANGED = {
 }
 
 
-def what_changed(why: set[str]) -> str:
-    """What differs between an output's dataset and this plan, in words (keys of classify_output)."""
-    return ", ".join(_CHANGED[k] for k in sorted(why)) or "shard names"
+def what_changed(why: set[str], manifest_changes: Sequence[str] = ()) -> str:
+    """What differs between an output's dataset and this plan, in words (keys of classify_output);
+    ``manifest_changes`` ("key: old → new", :func:`payload_changes`) follow the manifest's."""
+    words = [
+        f"{_CHANGED[k]} ({'; '.join(manifest_changes)})"
+        if k == "manifest_digest" and manifest_changes
+        else _CHANGED[k]
+        for k in sorted(why)
+    ]
+    return ", ".join(words) or "shard names"
 
 
 RAY_WORKING_DIR_MARK = f"{os.sep}runtime_resources{os.sep}working_dir_files{os.sep}"

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from pipelines.generate.config import PlanReadConfig
 from pipelines.generate.stages import base_key
 from pipelines.manifest import GenerateManifest, ManifestError, manifest_digest
-from pipelines.sources import SourceError, SourceItem, index_tar, list_source
+from pipelines.sources import SourceError, SourceItem, index_tar, list_source, written_root
 from pipelines.storage import (
     DatasetStore,
     StorageAccessError,
@@ -206,7 +206,14 @@ def _first_image(spec, storage: dict) -> bool:
     return False
 
 
-def _no_images(spec, key: str) -> ManifestError:
+def _no_images(spec, key: str, storage: dict) -> ManifestError:
+    if spec.uri.startswith("s3://"):  # a glob in a bucket that does not exist lists nothing too
+        try:
+            found, bucket = _bucket_exists(spec.uri, storage)
+        except (StorageAccessError, TransientStorageError):
+            found = True  # nothing more to say than the message below
+        if not found:
+            return ManifestError(f"{key}.uri: the bucket {bucket!r} does not exist (got {spec.uri!r})")
     if spec.format == "folder" and "://" not in spec.uri and os.path.isfile(spec.uri):
         return ManifestError(
             f"{key}.uri: {spec.uri!r} is a file, not a folder: name its folder, or a glob such as "
@@ -240,7 +247,7 @@ def _check_source(spec, storage: dict, key: str) -> None:
     except Exception as exc:
         raise _unlistable(exc, spec, key) from None
     if not found:
-        raise _no_images(spec, key)
+        raise _no_images(spec, key, storage)
 
 
 def _check_start_bank(m: GenerateManifest) -> None:
@@ -357,26 +364,31 @@ def _check_output_outside_sources(m: GenerateManifest) -> None:
             )
 
 
-def _check_output_bucket(m: GenerateManifest, storage: dict) -> None:
-    """An s3 output's bucket exists and answers these credentials: a missing bucket is a manifest
-    error naming it here, not an unnamed failure of the lock once Ray is up (nothing is created)."""
-    if not m.output.uri.startswith("s3://"):
-        return
-    fs, path = get_fs(m.output.uri, storage)
-    bucket, _, key = path.partition("/")
+def _bucket_exists(uri: str, storage: dict) -> tuple[bool, str]:
+    """(whether the bucket of the s3 ``uri`` exists, its name), by the listing the job itself makes
+    (a policy may allow ListBucket on a prefix only, where HeadBucket is refused): NoSuchBucket is
+    FileNotFoundError, 403 is refused (s3fs). Outages are retried (``with_retries``)."""
+    fs, _ = get_fs(uri, storage)
+    bucket, _, key = written_root(uri)[len("s3://") :].partition("/")  # the key up to a glob part
     prefix = key.rstrip("/") + "/" if key else ""
 
     def bucket_answers() -> bool:
-        # the listing the job itself makes (a policy may allow ListBucket on the output's prefix
-        # only, where HeadBucket is refused): NoSuchBucket is FileNotFoundError, 403 refused (s3fs)
         try:
             fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
             return True
         except FileNotFoundError:
             return False
 
+    return with_retries(bucket_answers, what=f"checking the bucket of {uri}"), bucket
+
+
+def _check_output_bucket(m: GenerateManifest, storage: dict) -> None:
+    """An s3 output's bucket exists and answers these credentials: a missing bucket is a manifest
+    error naming it here, not an unnamed failure of the lock once Ray is up (nothing is created)."""
+    if not m.output.uri.startswith("s3://"):
+        return
     try:  # outages are retried and then fail as elsewhere (exit 1: run again), not as a manifest error
-        found = with_retries(bucket_answers, what=f"checking the bucket of {m.output.uri}")
+        found, bucket = _bucket_exists(m.output.uri, storage)
     except StorageAccessError as exc:
         raise ManifestError(f"output.uri: {exc}") from None
     if not found:
@@ -439,7 +451,7 @@ def _listed(spec, storage: dict, key: str, map_tars) -> list[SourceItem]:
     except (SourceError, FileNotFoundError) as exc:
         raise _unlistable(exc, spec, key) from None
     if not items:
-        raise _no_images(spec, key)
+        raise _no_images(spec, key, storage)
     return items
 
 
