@@ -145,13 +145,11 @@ def save_checkpoint(path: str | os.PathLike, model: RealDGenModel, metadata: dic
     """Write ``model`` (config + tensors) and JSON-serialisable ``metadata`` atomically; return the digest.
 
     The file is written next to its destination under a temporary name, fsynced and renamed, so a
-    reader never sees a half-written checkpoint.
+    reader never sees a half-written checkpoint. ``digest`` is computed at load, never stored: the
+    metadata :func:`load_checkpoint` returned can be saved again as it is (its ``digest`` is left out).
     """
     path = Path(path)
-    metadata = dict(metadata or {})
-    reserved = [k for k in _RESERVED_METADATA_KEYS if k in metadata]
-    if reserved:
-        raise CheckpointError(f"metadata key(s) {reserved} are reserved (computed at load)")
+    metadata = {k: v for k, v in (metadata or {}).items() if k not in _RESERVED_METADATA_KEYS}
     try:
         metadata_json = _canonical_json(metadata)
     except TypeError as e:

@@ -90,7 +90,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -1111,6 +1111,29 @@ def near_theta(theta: dict, generator: torch.Generator) -> dict | None:
 # applying θ
 
 
+UNIT_TOLERANCE = 1e-3  # how far outside [0, 1] an image may stray (float round-off) before it is refused
+
+
+def check_unit_images(x: torch.Tensor, name: str, *, values: bool = True) -> None:
+    """Refuse what is not a float image in [0, 1]: an 8-bit (integer or bool) tensor, and with
+    ``values`` a float one holding NaN/inf or values outside [0, 1] (0–255 floats). Such inputs
+    used to run and come out almost white (``x / 255`` was never applied). ``values`` reads the
+    tensor's minimum and maximum: callers on a GPU's hot path pass False (no host sync)."""
+    if not torch.is_floating_point(x):
+        raise ValueError(
+            f"{name} must be a float tensor in [0, 1], got {x.dtype}: for 8-bit images use x.float() / 255"
+        )
+    if not values or x.numel() == 0:
+        return
+    lo, hi = torch.aminmax(x.detach())
+    lo, hi = float(lo), float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} holds NaN or inf values")
+    if lo < -UNIT_TOLERANCE or hi > 1 + UNIT_TOLERANCE:
+        hint = " (0–255 values? divide by 255)" if hi > 2 else ""
+        raise ValueError(f"{name} must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}")
+
+
 def modcrop(hr: torch.Tensor, scale: int) -> torch.Tensor:
     """HR-size policy: crop bottom/right so H and W are multiples of ``scale``; ``[..., H, W]`` view."""
     h, w = hr.shape[-2:]
@@ -1169,6 +1192,10 @@ def apply(hr: torch.Tensor, thetas: Sequence[dict]) -> torch.Tensor:
     """
     if hr.dim() != 4 or hr.shape[1] != 3:
         raise ValueError(f"hr must be [B, 3, H, W], got {tuple(hr.shape)}")
+    # the values are read on the CPU only (on a GPU that would be a host sync per training step)
+    check_unit_images(hr, "hr", values=hr.device.type == "cpu")
+    if isinstance(thetas, Mapping):
+        raise ValueError("thetas must be a sequence of θ dicts, one per image: got one θ (pass [theta])")
     if len(thetas) != hr.shape[0]:
         raise ValueError(f"need one θ per image: {hr.shape[0]} images, {len(thetas)} θs")
     scales = {int(t["scale"]) for t in thetas}

@@ -37,6 +37,8 @@ decided by bf16 noise). On CPU the dtype knob is ignored and everything stays fl
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -50,6 +52,15 @@ from torch import Tensor
 from realdgen_core import calibrate, degrade
 from realdgen_core.diffusion import BatchingStats, GaussianDiffusion, Sampler, SamplerConfig
 from realdgen_core.models import RealDGenModel
+
+_FROM_HWC = "torch.from_numpy(a).permute(2, 0, 1).float() / 255"
+
+
+def _is_int(x) -> bool:
+    """An integer (Python, numpy or a 0-d integer tensor), not a bool or a float."""
+    if isinstance(x, Tensor):
+        return x.dim() == 0 and not torch.is_floating_point(x) and x.dtype != torch.bool
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclass
@@ -156,6 +167,8 @@ class LRGenerator:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.digest = digest
+        self.metadata: dict = {"digest": digest} if digest else {}  # from_checkpoint: the file's
+        self.calibration: calibrate.DomainCalibration | None = None  # from_checkpoint: the file's
         self.rows_per_call = rows_per_call
         self.sampler = SamplerConfig.of(sampler)
         self.device_noise = (self.device.type == "cuda") if device_noise is None else bool(device_noise)
@@ -172,11 +185,54 @@ class LRGenerator:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs) -> LRGenerator:
-        """Load a safetensors checkpoint (``realdgen_core.checkpoint``); ``digest`` from its metadata."""
+        """Load a safetensors checkpoint (``realdgen_core.checkpoint``); ``digest`` from its metadata.
+
+        The checkpoint's metadata is kept as ``metadata``, and its domain calibration (what the job
+        uses by default: τ range, start bank, filter weights) as ``calibration``
+        (:class:`~realdgen_core.calibrate.DomainCalibration`, None when it has none); see
+        :meth:`domain_start` and docs/interfaces.md ("Generating as the job does")."""
         from realdgen_core.checkpoint import load_checkpoint
 
         model, metadata = load_checkpoint(path, device=device)
-        return cls(model, device=device, digest=metadata.get("digest"), **kwargs)
+        gen = cls(model, device=device, digest=metadata.get("digest"), **kwargs)
+        gen.metadata = metadata
+        gen.calibration = calibrate.from_metadata(metadata)
+        return gen
+
+    def domain_start(
+        self,
+        probe_tiles: Sequence[Tensor],
+        refs: Tensor | Sequence[Tensor],
+        bank: Sequence[dict],
+        *,
+        ref_weighting: str = "sensitivity",
+        aggregate: str = "rank",
+        ref_embeddings: Tensor | None = None,
+    ) -> dict:
+        """The job's start choice for one reference domain (``generator.start_choice: domain``): the
+        bank entry whose ``D(tile, θ)`` the references rank closest in E_deg over every probe HR tile.
+
+        ``probe_tiles``: HR tiles [3,H,W] in [0,1] of the inputs to generate (the job cuts 32 spread
+        over them); ``refs``: the domain's LR references; ``ref_weighting``: ``sensitivity`` (the job's
+        default, :func:`calibrate.reference_weights`) or ``uniform``; ``aggregate``: ``rank`` or
+        ``distance``; ``ref_embeddings``: ``degradation_embeddings(refs)`` when already computed.
+        Returns :func:`calibrate.domain_start_profile`'s dict plus ``label``; pass
+        ``calibrate.profile_errors(profile, len(bank))`` (one row per sample) as ``start_bank_errors``."""
+        if ref_weighting not in ("sensitivity", "uniform"):
+            raise ValueError(f"ref_weighting must be 'sensitivity' or 'uniform', got {ref_weighting!r}")
+        ref_list = self._as_image_list(refs, "refs")
+        tiles = self._as_image_list(list(probe_tiles), "probe_tiles")
+        emb = self.degradation_embeddings(ref_list) if ref_embeddings is None else ref_embeddings
+        weights = None
+        if ref_weighting == "sensitivity":
+            weights = calibrate.reference_weights(
+                emb, self.degradation_embeddings([calibrate.weight_probe(r) for r in ref_list])
+            )
+        profile = calibrate.domain_start_profile(
+            self.model.degradation, tiles, emb, bank, self.device, ref_weights=weights, aggregate=aggregate
+        )
+        profile["label"] = calibrate.theta_label(bank[profile["chosen"]])
+        return profile
 
     @property
     def scale(self) -> int:
@@ -240,15 +296,23 @@ class LRGenerator:
 
     @staticmethod
     def _as_image_list(imgs: Tensor | Sequence[Tensor], name: str) -> list[Tensor]:
+        what = f"{name} must be a [N,3,h,w] float tensor in [0,1] or a list of [3,h,w] ones"
         if isinstance(imgs, Tensor):
             if imgs.dim() != 4 or imgs.shape[1] != 3:
                 raise ValueError(f"{name} must be [N,3,h,w] in [0,1], got shape {tuple(imgs.shape)}")
+            degrade.check_unit_images(imgs, name)
             return list(imgs)
+        if isinstance(imgs, (str, bytes)) or not isinstance(imgs, Sequence):
+            raise ValueError(f"{what}, got {type(imgs).__name__} (an HxWx3 uint8 array a: {_FROM_HWC})")
         out = []
         for i, r in enumerate(imgs):
+            if not isinstance(r, Tensor):
+                got = f"{type(r).__name__} at [{i}]"
+                raise ValueError(f"{what}, got {got} (an HxWx3 uint8 array a: {_FROM_HWC})")
             r = r[0] if r.dim() == 4 and r.shape[0] == 1 else r
             if r.dim() != 3 or r.shape[0] != 3:
                 raise ValueError(f"{name}[{i}] must be [3,h,w] in [0,1], got shape {tuple(r.shape)}")
+            degrade.check_unit_images(r, f"{name}[{i}]")
             out.append(r)
         return out
 
@@ -354,6 +418,8 @@ class LRGenerator:
             starts = start_images(hr, thetas)
         elif tuple(starts.shape) != (b, k, 3, h, w):
             raise ValueError(f"starts must be [B,k,3,h,w] = {(b, k, 3, h, w)}, got {tuple(starts.shape)}")
+        else:
+            degrade.check_unit_images(starts, "starts")
         x_start = (starts.reshape(b * k, 3, h, w).to(self.device, torch.float32) * 2.0 - 1.0).contiguous()
         lap("degrade")
         if self.device_noise:
@@ -469,22 +535,31 @@ class LRGenerator:
         if not isinstance(hr, Tensor) or hr.dim() != 4 or hr.shape[1] != 3:
             shape = tuple(hr.shape) if isinstance(hr, Tensor) else type(hr).__name__
             raise ValueError(f"hr must be a [B,3,H,W] tensor in [0,1], got {shape}")
+        degrade.check_unit_images(hr, "hr")
         b = hr.shape[0]
         s = self.scale
         if hr.shape[-2] < s or hr.shape[-1] < s:
             raise ValueError(f"hr of size {tuple(hr.shape[-2:])} is smaller than the scale {s}")
-        if not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         # the UNet never saw a timestep at or past max_train_timestep (training draws t below it)
         n_t = self.model.config.diffusion.max_train_timestep
-        if len(tau_range) != 2 or not 0 <= int(tau_range[0]) <= int(tau_range[1]) < n_t:
+        if len(tau_range) != 2 or not all(_is_int(t) for t in tau_range):
+            raise ValueError(f"tau_range must be two ints (lo, hi), got {tau_range!r}")
+        if not 0 <= int(tau_range[0]) <= int(tau_range[1]) < n_t:
             raise ValueError(
                 f"tau_range must be (lo, hi) with 0 <= lo <= hi < {n_t} (the checkpoint's "
                 f"max_train_timestep: its UNet was trained on t < {n_t}), got {tau_range!r}"
             )
         if len(seeds) != b:
             raise ValueError(f"seeds must hold one int per sample ({b}), got {len(seeds)}")
-        if len(weights) != 2 or min(float(weights[0]), float(weights[1])) < 0:
+        if not all(_is_int(x) for x in seeds):
+            raise ValueError(f"seeds must be ints, got {list(seeds)!r}")
+        if (
+            len(weights) != 2
+            or not all(math.isfinite(float(w)) for w in weights)
+            or min(float(weights[0]), float(weights[1])) < 0
+        ):
             raise ValueError(
                 f"weights must be two non-negative floats (content, degradation), got {weights!r}"
             )

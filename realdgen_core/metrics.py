@@ -17,6 +17,8 @@ import torch
 from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from realdgen_core import degrade
+
 _DATA_RANGE = 255.0
 
 
@@ -32,6 +34,7 @@ def _to_float255(img, name: str) -> np.ndarray:
             raise ValueError(f"{name}: expected a [3,H,W] or [1,3,H,W] tensor, got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{name}: tensors must be float in [0, 1], got dtype {t.dtype}")
+        degrade.check_unit_images(t, name)  # 0–255 floats scored as [0, 1] gave −21 dB
         arr = t.to("cpu", torch.float64).permute(1, 2, 0).numpy() * _DATA_RANGE
         return arr[..., 0] if arr.shape[-1] == 1 else arr
     if isinstance(img, np.ndarray):

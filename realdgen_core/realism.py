@@ -44,8 +44,15 @@ GAP_FLOORS = {"noise": 0.1, "laplacian": 1.0, "blockiness": GAP_EPS}
 
 def luma(img: np.ndarray) -> np.ndarray:
     """uint8 HWC RGB (or HW gray) → float64 HW luma on the 0–255 scale (BT.601 weights, no offset)."""
-    if img.dtype != np.uint8:
-        raise TypeError(f"expected uint8, got {img.dtype}")
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
+        if isinstance(img, np.ndarray):
+            got = f"dtype {img.dtype}"
+        else:
+            got = type(img).__name__ + (f" of {img.dtype}" if hasattr(img, "dtype") else "")
+        raise TypeError(
+            f"expected a uint8 numpy array (HxWx3 or HxW), got {got} (from a [3,H,W] float tensor x "
+            "in [0, 1]: (x.permute(1, 2, 0) * 255).round().byte().numpy())"
+        )
     x = img.astype(np.float64)
     if x.ndim == 2:
         return x

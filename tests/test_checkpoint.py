@@ -220,11 +220,23 @@ def test_config_not_matching_tensors(tmp_path: Path, saved) -> None:
 
 
 def test_metadata_validation(tmp_path: Path, model) -> None:
-    with pytest.raises(CheckpointError, match="reserved"):
-        save_checkpoint(tmp_path / "a.safetensors", model, {"digest": "x"})
     with pytest.raises(CheckpointError, match="JSON"):
         save_checkpoint(tmp_path / "b.safetensors", model, {"obj": object()})
     assert not list(tmp_path.iterdir())  # nothing half-written left behind
+
+
+def test_loaded_metadata_saves_again_as_it_is(tmp_path: Path, model) -> None:
+    """load → save with the metadata load returned (its computed ``digest`` included) used to be
+    refused as a reserved key; the digest is left out and computed again at load."""
+    first = save_checkpoint(tmp_path / "a.safetensors", model, {"calibration": {"tau_max": 0}})
+    loaded, meta = load_checkpoint(tmp_path / "a.safetensors")
+    assert meta["digest"] == first
+    again = save_checkpoint(tmp_path / "b.safetensors", loaded, meta)
+    assert again == first
+    _, meta_b = load_checkpoint(tmp_path / "b.safetensors")
+    assert meta_b == meta  # the calibration kept, the digest computed, not stored
+    assert save_checkpoint(tmp_path / "c.safetensors", model, {"digest": "not this"}) == first
+    assert load_checkpoint(tmp_path / "c.safetensors")[1] == {"digest": first}
 
 
 def _with_header(src: Path, dst: Path, edit) -> Path:

@@ -642,3 +642,19 @@ def test_near_theta_codec_blur_widens_its_kernel_and_bicubic_has_no_level() -> N
         k = op(t, "blur")["kernel"]
         assert k["size"] >= max(op(theta, "blur")["kernel"]["size"], 2 * math.ceil(3 * k["sigma_x"]) + 1)
     assert D.near_theta(D.sample_theta("bicubic", 4, gen(0)), gen(0)) is None
+
+
+def test_apply_refuses_8bit_and_0_255_images_and_a_lone_theta():
+    """degrade()/apply() on an 8-bit tensor used to return an LR 95 % white without a word."""
+    g = torch.Generator().manual_seed(0)
+    theta = D.sample_theta("bicubic", 4, g)
+    hr = torch.rand(1, 3, 32, 32)
+    assert D.apply(hr, [theta]).shape == (1, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"hr must be a float tensor in \[0, 1\], got torch.uint8"):
+        D.apply((hr * 255).round().to(torch.uint8), [theta])
+    with pytest.raises(ValueError, match=r"divide by 255"):
+        D.apply(hr * 255, [theta])
+    with pytest.raises(ValueError, match=r"hr must be a float tensor"):
+        D.degrade((hr * 255).to(torch.uint8), "bicubic", 4, [torch.Generator().manual_seed(1)])
+    with pytest.raises(ValueError, match=r"got one θ \(pass \[theta\]\)"):
+        D.apply(hr, theta)

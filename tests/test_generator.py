@@ -205,6 +205,52 @@ def test_generate_validates_arguments(gen4, batch8):
         gen4.generate(hr, seeds=[1, 2], ref_embeddings=torch.zeros(3, 2048))
 
 
+def test_images_off_the_unit_scale_and_loose_numbers_are_refused(gen4, batch8):
+    """What a notebook passes first: 8-bit tensors, 0–255 floats, numpy/PIL references, float seeds,
+    NaN weights. Each ran before and came out wrong without a word (an 8-bit HR almost white)."""
+    import numpy as np
+
+    hr, refs = batch8[0][:2], batch8[1][:2]
+    ok = gen4.generate(hr, refs, k=2, tau_range=(0, 2), seeds=[1, 2])
+    assert ok.lr.shape == (2, 3, 8, 8)
+    cases = [
+        (
+            {"hr": _u8(hr)},
+            r"hr must be a float tensor in \[0, 1\], got torch.uint8: for 8-bit images use x.float\(\) / 255",
+        ),
+        ({"hr": hr * 255}, r"hr must be in \[0, 1\], got values in \[.*\] \(0–255 values\? divide by 255\)"),
+        ({"hr": hr.clone().fill_(float("nan"))}, "hr holds NaN or inf values"),
+        ({"refs": _u8(refs)}, r"refs must be a float tensor in \[0, 1\], got torch.uint8"),
+        ({"refs": [refs[0] * 255, refs[1]]}, r"refs\[0\] must be in \[0, 1\]"),
+        (
+            {"refs": _u8(refs[0]).permute(1, 2, 0).numpy()},
+            r"refs must be .* got ndarray \(an HxWx3 uint8 array a: ",
+        ),
+        ({"refs": [np.zeros((16, 16, 3), np.uint8)] * 2}, r"got ndarray at \[0\]"),
+        ({"seeds": [0.2, 0.9]}, r"seeds must be ints, got \[0.2, 0.9\]"),
+        ({"tau_range": (0.5, 2.7)}, r"tau_range must be two ints"),
+        ({"weights": (float("nan"), 1.0)}, "weights must be two non-negative floats"),
+        ({"weights": (float("inf"), 1.0)}, "weights must be two non-negative floats"),
+        ({"k": True}, "k must be a positive int"),
+    ]
+    for change, message in cases:
+        args = {"hr": hr, "refs": refs, "k": 2, "tau_range": (0, 2), "seeds": [1, 2], **change}
+        with pytest.raises(ValueError, match=message):
+            gen4.generate(args.pop("hr"), args.pop("refs"), **args)
+    starts = ok.lr[:, None].expand(2, 2, 3, 8, 8) * 255
+    with pytest.raises(ValueError, match=r"starts must be in \[0, 1\]"):
+        gen4.generate(hr, refs, k=2, tau_range=(0, 2), seeds=[1, 2], starts=starts)
+    # numpy integers are ints; a 1e-4 overshoot (float round-off) is not refused
+    again = gen4.generate(
+        (hr * 1.0001).clamp(max=1.0001),
+        refs,
+        k=np.int64(2),
+        tau_range=(np.int64(0), 2),
+        seeds=np.array([1, 2]),
+    )
+    assert again.lr.shape == ok.lr.shape
+
+
 def test_from_checkpoint_roundtrip(model4, batch8, tmp_path):
     ckpt = pytest.importorskip("realdgen_core.checkpoint")
     path = tmp_path / "tiny.safetensors"
@@ -227,3 +273,40 @@ def test_tau_past_the_trained_timesteps_is_refused(gen4, batch8):
         gen4.generate(hr, refs, k=1, tau_range=(0, n), seeds=[0])
     with pytest.raises(ValueError, match="tau_range"):
         gen4.generate(hr, refs, k=1, tau_range=(0, 999), seeds=[0])
+
+
+def test_generating_as_the_job_does_from_the_api():
+    """docs/interfaces.md's "Generating as the job does", on the committed checkpoint: its calibration
+    comes with from_checkpoint, domain_start picks one bank entry for the domain, and with the
+    calibration's τ range (0..0) every sample's LR is that entry applied to its HR."""
+    from pathlib import Path
+
+    from realdgen_core import calibrate, degrade
+
+    ckpt = Path(__file__).resolve().parent.parent / "checkpoints" / "realdgen-small-x4.safetensors"
+    gen = LRGenerator.from_checkpoint(ckpt)
+    cal = gen.calibration
+    assert cal is not None and gen.metadata["digest"] == gen.digest and (cal.tau_min, cal.tau_max) == (0, 0)
+    hr = _images(2, 64, 5)
+    refs = [degrade.apply(_images(1, 96, s), [calibrate.start_bank(4, (1.6,), (60,))[0]])[0] for s in (6, 7)]
+    probe = list(_images(3, 64, 8))
+    profile = gen.domain_start(probe, refs, cal.bank)
+    assert profile["label"] == calibrate.theta_label(cal.bank[profile["chosen"]])
+    by_distance = gen.domain_start(probe, refs, cal.bank, aggregate="distance")
+    assert by_distance["chosen"] == min(range(len(cal.bank)), key=lambda i: by_distance["errors"][i])
+    res = gen.generate(
+        hr,
+        refs,
+        k=4,
+        seeds=[1, 2],
+        tau_range=(cal.tau_min, cal.tau_max),
+        start_kind="domain",
+        start_bank=cal.bank,
+        start_bank_errors=calibrate.profile_errors(profile, len(cal.bank)).expand(2, -1),
+        weights=cal.weights,
+        filter_norm=cal.filter_norm,
+    )
+    want = degrade.apply(hr, [cal.bank[profile["chosen"]]] * 2)
+    assert torch.equal(res.lr, want)
+    with pytest.raises(ValueError, match="ref_weighting"):
+        gen.domain_start(probe, refs, cal.bank, ref_weighting="flat")

@@ -80,3 +80,21 @@ def test_input_validation(img):
         psnr(torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8))
     with pytest.raises(ValueError, match="crop_border"):
         psnr(img, img, crop_border=40)
+
+
+def test_float_tensors_on_the_0_255_scale_are_refused_and_lr_stats_names_what_it_takes():
+    """psnr(x * 255, y * 255) on float tensors scored them as [0, 1] images: −21 dB, no word."""
+    from realdgen_core import realism
+
+    x = torch.rand(3, 16, 16)
+    y = (x + 0.01).clamp(0, 1)
+    assert psnr(x, y) > 30
+    with pytest.raises(ValueError, match=r"a must be in \[0, 1\], got values in .*divide by 255"):
+        psnr(x * 255, y * 255)
+    with pytest.raises(
+        TypeError, match=r"expected a uint8 numpy array \(HxWx3 or HxW\), got Tensor of torch.uint8"
+    ):
+        realism.lr_stats((x * 255).byte())
+    with pytest.raises(TypeError, match=r"got dtype float32"):
+        realism.lr_stats(x.permute(1, 2, 0).numpy())
+    assert set(realism.lr_stats((x.permute(1, 2, 0) * 255).round().byte().numpy())) == set(realism.STATS)

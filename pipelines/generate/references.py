@@ -123,7 +123,6 @@ def prepare_references(
     profiles: dict = {}
     if kind == "realdgen" and images:
         with _torch_threads(threads):
-            from realdgen_core import calibrate
             from realdgen_core.generator import LRGenerator
 
             if device == "auto":
@@ -147,20 +146,13 @@ def prepare_references(
                 groups: dict[str, list[int]] = {}
                 for j, i in enumerate(ok):
                     groups.setdefault(profile_key(refs[i].get("domain"), refs[i]["set"]), []).append(j)
-                weights = None
-                if start.get("ref_weighting", "sensitivity") == "sensitivity":
-                    blurred = gen.degradation_embeddings([calibrate.weight_probe(im) for im in images])
-                    weights = calibrate.reference_weights(emb, blurred)
                 for key, rows in groups.items():
-                    prof = calibrate.domain_start_profile(
-                        gen.model.degradation,
+                    profiles[key] = gen.domain_start(
                         tiles,
-                        emb[rows],
+                        [images[j] for j in rows],
                         start["bank"],
-                        gen.device,
-                        ref_weights=None if weights is None else weights[rows],
+                        ref_weighting=start.get("ref_weighting", "sensitivity"),
                         aggregate=start.get("aggregate", "rank"),
+                        ref_embeddings=emb[rows],
                     )
-                    prof["label"] = calibrate.theta_label(start["bank"][prof["chosen"]])
-                    profiles[key] = prof
     return ok, errors, bank, profiles
