@@ -118,3 +118,37 @@ def test_demo_job_console_shows_progress_as_it_goes_and_no_ray_noise(tiny_checkp
     done_line = next(i for i, (_, line) in enumerate(err) if line.startswith("done: "))
     assert done_line > max(i for i, (_, line) in enumerate(err) if PROGRESS.match(line))
     validate(str(out), "--scale", "4")
+
+
+def test_ray_datas_advice_to_ignore_a_failed_task_is_cut_from_its_abort_line():
+    """On an outage Ray Data logged "… will now abort. To ignore this exception and continue, set
+    DataContext.max_errored_blocks." just before the job's own error: advice that would finish the
+    job with holes in its shards. The record keeps the rest; other records are untouched."""
+    import logging
+
+    from pipelines.generate.console import RAY_DATA_ABORT_LOGGER, drop_ray_data_ignore_advice
+
+    logger = logging.getLogger(RAY_DATA_ABORT_LOGGER)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        drop_ray_data_ignore_advice()
+        drop_ray_data_ignore_advice()  # installed once
+        assert sum(type(f).__name__ == "_NoIgnoreAdvice" for f in logger.filters) == 1
+        logger.error(
+            'An exception was raised from a task of operator "MapBatches(x)". Dataset execution will now '
+            "abort. To ignore this exception and continue, set DataContext.max_errored_blocks."
+        )
+        logger.error("another %s", "record")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == [
+        'An exception was raised from a task of operator "MapBatches(x)". Dataset execution will now abort.',
+        "another record",
+    ]

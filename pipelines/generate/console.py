@@ -32,6 +32,28 @@ def quiet_ray_data_progress() -> None:
             progress.addHandler(h)
 
 
+RAY_DATA_ABORT_LOGGER = "ray.data._internal.execution.streaming_executor_state"
+IGNORE_ADVICE = " To ignore this exception and continue, set DataContext.max_errored_blocks."
+
+
+class _NoIgnoreAdvice(logging.Filter):
+    """Cuts Ray Data's advice to ignore a failed task from its abort record: the job's own error
+    line follows it and says what to do (an outage: run again; a failure budget), and a job that
+    skipped the failed blocks would finish with holes in its shards."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and IGNORE_ADVICE in record.msg:
+            record.msg = record.msg.replace(IGNORE_ADVICE, "")
+        return True
+
+
+def drop_ray_data_ignore_advice() -> None:
+    """Install :class:`_NoIgnoreAdvice` on Ray Data's abort logger (once)."""
+    logger = logging.getLogger(RAY_DATA_ABORT_LOGGER)
+    if not any(isinstance(f, _NoIgnoreAdvice) for f in logger.filters):
+        logger.addFilter(_NoIgnoreAdvice())
+
+
 @contextlib.contextmanager
 def native_stderr_to(path: str | None):
     """While inside: native writes to file descriptor 2 go to ``path``; Python's ``sys.stderr``

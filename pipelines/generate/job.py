@@ -27,7 +27,12 @@ from pipelines.generate.config import (
     SinkConfig,
     StartsConfig,
 )
-from pipelines.generate.console import driver_native_log_path, native_stderr_to, quiet_ray_data_progress
+from pipelines.generate.console import (
+    driver_native_log_path,
+    drop_ray_data_ignore_advice,
+    native_stderr_to,
+    quiet_ray_data_progress,
+)
 from pipelines.generate.plan import (
     LISTING_DIGEST_PREFIX,
     REFERENCES_DIGEST_PREFIX,
@@ -811,6 +816,7 @@ class GenerateJob:
             # progress module then only says that its bars are off, which belongs in its log file.
             ctx.enable_progress_bars = False
             quiet_ray_data_progress()
+            drop_ray_data_ignore_advice()
             ctx.execution_options.preserve_order = False
             # Lost nodes: Ray Data retries its tasks and restarts its actors (its defaults). Storage
             # still unavailable after a task's own retry budget: the task is run again, a few times.
