@@ -20,12 +20,16 @@ ENDPOINT_HELP = "S3 endpoint URL (default: $AWS_ENDPOINT_URL); credentials alway
 
 def _endpoint(value: str) -> str:
     """An S3 endpoint URL without credentials in it (they come from the environment only)."""
+    from pipelines.storage import endpoint_secret
+
     if not value.startswith(("http://", "https://")):
         raise argparse.ArgumentTypeError("must start with http:// or https://")
-    if "@" in value.split("://", 1)[1].split("/", 1)[0]:
-        raise argparse.ArgumentTypeError(
-            "must not hold credentials (user:password@; not shown); set them in the environment"
-        )
+    secret = endpoint_secret(value)
+    if secret:
+        what = "credentials (user:password@; not shown)"
+        if secret == "query":
+            what = "credentials or anything after '?' or '#' (not shown)"
+        raise argparse.ArgumentTypeError(f"must not hold {what}; set them in the environment")
     return value
 
 

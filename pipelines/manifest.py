@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipelines.storage import endpoint_secret
+
 __all__ = [
     "ManifestError",
     "StrictModel",
@@ -99,19 +101,20 @@ class StorageOptions(StrictModel):
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint_is_url(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        if v is not None and "@" in v.split("://", 1)[1].split("/", 1)[0]:
-            # user:secret@host would travel in task arguments and logs: credentials come from the env
-            raise ValueError(f"{_HOLDS_CREDENTIALS} (user:password@); set them in the environment")
         if v is None:
             return v
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        # user:secret@host would travel in task arguments and logs: credentials come from the env;
         # the value is never echoed: a query could hold a token (X-Amz-Security-Token=…)
-        parts = urlsplit(v)
-        if parts.query or parts.fragment:
+        secret = endpoint_secret(v)
+        if secret == "userinfo":
+            raise ValueError(f"{_HOLDS_CREDENTIALS} (user:password@); set them in the environment")
+        if secret == "query":
             raise ValueError(
                 f"{_HOLDS_CREDENTIALS} or anything else after '?' or '#': an endpoint is scheme://host[:port][/path]"
             )
+        parts = urlsplit(v)
         try:
             port = parts.port
         except ValueError:

@@ -450,6 +450,19 @@ def storage_kwargs(options: Any | None) -> dict:
     return {k: v for k, v in raw.items() if k in ("endpoint_url", "region") and v}
 
 
+def endpoint_secret(value: str) -> str | None:
+    """What an endpoint URL carries that could be a secret, or None: ``"userinfo"`` (``user:password@``
+    before the host) or ``"query"`` (anything after ``?`` or ``#``, e.g. ``X-Amz-Security-Token=``).
+    The one test behind the manifest's ``storage.endpoint_url``, the CLIs' ``--endpoint`` and
+    ``AWS_ENDPOINT_URL`` (:func:`env_endpoint`); each refuses without echoing the value."""
+    rest = value.split("://", 1)[-1]
+    if "@" in rest.split("/", 1)[0]:
+        return "userinfo"
+    if "?" in rest or "#" in rest:
+        return "query"
+    return None
+
+
 def env_endpoint() -> str | None:
     """``AWS_ENDPOINT_URL`` from this process's environment, None when unset or empty.
 
@@ -459,8 +472,7 @@ def env_endpoint() -> str | None:
     value = os.environ.get(ENDPOINT_ENV, "").strip()
     if not value:
         return None
-    rest = value.split("://", 1)[-1]
-    if "@" in rest.split("/", 1)[0] or "?" in rest or "#" in rest:
+    if endpoint_secret(value):
         raise StorageAccessError(
             f"{ENDPOINT_ENV} must not hold credentials or anything after '?' or '#' (value not shown): "
             "give scheme://host[:port] there and the credentials in AWS_ACCESS_KEY_ID / "

@@ -1114,16 +1114,16 @@ def near_theta(theta: dict, generator: torch.Generator) -> dict | None:
 UNIT_TOLERANCE = 1e-3  # how far outside [0, 1] an image may stray (float round-off) before it is refused
 
 
-def check_unit_images(x: torch.Tensor, name: str, *, values: bool = True) -> None:
-    """Refuse what is not a float image in [0, 1]: an 8-bit (integer or bool) tensor, and with
-    ``values`` a float one holding NaN/inf or values outside [0, 1] (0–255 floats). Such inputs
-    used to run and come out almost white (``x / 255`` was never applied). ``values`` reads the
-    tensor's minimum and maximum: callers on a GPU's hot path pass False (no host sync)."""
+def check_unit_images(x: torch.Tensor, name: str) -> None:
+    """Refuse what is not a float image in [0, 1]: an 8-bit (integer or bool) tensor, and a float
+    one on the CPU holding NaN/inf or values outside [0, 1] (0–255 floats). Such inputs used to run
+    and come out almost white (``x / 255`` was never applied). The values are read on the CPU only:
+    on a GPU that would be a host sync in a hot path (a training step, the job's generate call)."""
     if not torch.is_floating_point(x):
         raise ValueError(
             f"{name} must be a float tensor in [0, 1], got {x.dtype}: for 8-bit images use x.float() / 255"
         )
-    if not values or x.numel() == 0:
+    if x.device.type != "cpu" or x.numel() == 0:
         return
     lo, hi = torch.aminmax(x.detach())
     lo, hi = float(lo), float(hi)
@@ -1192,8 +1192,7 @@ def apply(hr: torch.Tensor, thetas: Sequence[dict]) -> torch.Tensor:
     """
     if hr.dim() != 4 or hr.shape[1] != 3:
         raise ValueError(f"hr must be [B, 3, H, W], got {tuple(hr.shape)}")
-    # the values are read on the CPU only (on a GPU that would be a host sync per training step)
-    check_unit_images(hr, "hr", values=hr.device.type == "cpu")
+    check_unit_images(hr, "hr")
     if isinstance(thetas, Mapping):
         raise ValueError("thetas must be a sequence of θ dicts, one per image: got one θ (pass [theta])")
     if len(thetas) != hr.shape[0]:

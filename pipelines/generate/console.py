@@ -101,12 +101,17 @@ def native_stderr_to(path: str | None):
         console.close()
 
 
-def driver_native_log_path() -> str | None:
-    """``realdgen-driver-<pid>.err`` in this Ray session's log folder, or None when unknown."""
+def ray_logs_dir() -> str | None:
+    """This Ray session's log folder (the node this process belongs to), or None when unknown."""
     try:
         import ray
 
-        logs = ray._private.worker._global_node.get_logs_dir_path()
+        return ray._private.worker._global_node.get_logs_dir_path() or None
     except Exception:
         return None
-    return os.path.join(logs, f"realdgen-driver-{os.getpid()}.err")
+
+
+def driver_native_log_path() -> str | None:
+    """``realdgen-driver-<pid>.err`` in this Ray session's log folder, or None when unknown."""
+    logs = ray_logs_dir()
+    return None if logs is None else os.path.join(logs, f"realdgen-driver-{os.getpid()}.err")

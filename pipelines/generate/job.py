@@ -32,6 +32,7 @@ from pipelines.generate.console import (
     drop_ray_data_ignore_advice,
     native_stderr_to,
     quiet_ray_data_progress,
+    ray_logs_dir,
 )
 from pipelines.generate.plan import (
     LISTING_DIGEST_PREFIX,
@@ -105,13 +106,8 @@ def workers_log_hint() -> str | None:
     """Where a stalled job's workers' warnings are (storage retries, errors): the embedded Ray does
     not send them to this console (:func:`ensure_ray`), so name its log folder; None when joined to
     a cluster, whose driver output (``ray job logs``) carries them already."""
-    logs = None
-    if own_local_ray():
-        with contextlib.suppress(Exception):
-            import ray
-
-            logs = ray._private.worker._global_node.get_logs_dir_path()
-    if not logs:
+    logs = ray_logs_dir() if own_local_ray() else None
+    if logs is None:
         return None
     return f"the workers' warnings (storage retries, errors) are in {os.path.join(logs, 'worker-*.err')}"
 
