@@ -40,7 +40,13 @@ from pipelines.generate.job import (  # noqa: E402
 )
 from pipelines.generate.plan import Plan, checkpoint_calibration, make_plan  # noqa: E402
 from pipelines.manifest import ManifestError, add_set_option, load_manifest, manifest_json_schema  # noqa: E402
-from pipelines.storage import StorageAccessError, TransientStorageError, missing_credentials  # noqa: E402
+from pipelines.storage import (  # noqa: E402
+    LockError,
+    RunLock,
+    StorageAccessError,
+    TransientStorageError,
+    missing_credentials,
+)
 
 __all__ = ["Plan", "GenerateJob", "JobFailed", "ensure_ray", "make_plan", "run", "main"]
 
@@ -113,6 +119,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(json.dumps(desc, indent=2))
         return 0
     previous = None
+    sigint_before = None
     started_ray = False
     uri = job.store.uri
 
@@ -125,6 +132,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         )
         sys.exit(signum)
 
+    try:
+        # another live job here writing this output: refused now, not after Ray's start-up
+        RunLock(job.store).refuse_if_live_here()
+    except LockError as exc:
+        print(f"error: {exc}", file=sys.stderr)  # it names the output
+        return 1
+    except (TransientStorageError, StorageAccessError, OSError):
+        pass  # the run meets it again when it takes the lock, and says so there
     try:
         if threading.current_thread() is threading.main_thread():
             # `ray job stop` / a scheduler's SIGTERM: say so at once (`ray job stop` kills the driver
@@ -144,6 +159,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: the lock is released on the way out (job.run's finally)
+        if threading.current_thread() is threading.main_thread():
+            # a second Ctrl-C while Ray shuts down would end in a traceback and no exit status
+            sigint_before = signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(
             f"interrupted: complete shards in {job.store.uri} are kept; run the same command again to resume",
             file=sys.stderr,
@@ -156,6 +174,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             import ray
 
             ray.shutdown()
+        if sigint_before is not None:
+            signal.signal(signal.SIGINT, sigint_before)
     print(
         f"done: {summary['pairs']} pairs in {summary['shards_written']} shards "
         f"({summary['shards_skipped']} already complete), "

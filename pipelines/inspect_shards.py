@@ -415,7 +415,8 @@ def check_contract(
     if "_index.json" not in names:
         problems.append(
             "no _index.json (the generation job writes it when a run finishes; one that stopped early, "
-            "by its failure budget or an outage, left none: run the same job again to finish it)"
+            "by its failure budget, an outage or an interrupt, left none: run the same job again, with the "
+            "same RealDGen version, to finish it)"
         )
         return report
     try:

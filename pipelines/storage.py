@@ -882,17 +882,44 @@ class RunLock:
         heartbeat is still fresh may be a job whose machine is gone (a head pod lost, the job
         resubmitted on a new cluster within ``stale_s``): it is watched until its heartbeat moves
         (alive: refused) or goes stale (taken over by the caller), ``stale_s`` at most."""
-        if holder is None or holder.get("run_id") == self.run_id or not self._is_live(holder):
+        if holder is None or holder.get("run_id") == self.run_id:
+            return
+        if not self._is_live(holder):
+            self._taking_over(holder)
             return
         if holder.get("host") != self.host:
-            holder = self._watch(holder)
-            if holder is None:
+            watched = self._watch(holder)
+            if watched is None:
+                self._taking_over(holder)
                 return
+            holder = watched
         raise LockError(
             f"{self.store.uri} is being written by another live job "
             f"(host {holder.get('host')}, pid {holder.get('pid')}, heartbeat "
             f"{time.time() - float(holder.get('heartbeat', 0)):.0f}s ago); "
             f"wait for it or remove {LOCK_NAME} if it is dead"
+        )
+
+    def refuse_if_live_here(self) -> None:
+        """Raise :class:`LockError` when a live job on this host holds the lock: a cheap look before
+        a slow start-up (a local Ray takes seconds). :meth:`acquire` still takes the lock and judges
+        holders on other hosts."""
+        holder = self._holder()
+        if holder is not None and holder.get("host") == self.host and self._is_live(holder):
+            self._refuse_if_live(holder)
+
+    def _taking_over(self, holder: dict) -> None:
+        """Say that the lock of a job that is gone is taken over (a job killed, its machine lost)."""
+        pid_gone = holder.get("host") == self.host and not _pid_alive(int(holder.get("pid", -1)))
+        log.warning(
+            "%s: taking over %s from a job that is gone (host %s, pid %s%s, heartbeat %.0f s ago); "
+            "its complete shards are kept",
+            self.store.uri,
+            LOCK_NAME,
+            holder.get("host"),
+            holder.get("pid"),
+            ", no longer running" if pid_gone else "",
+            time.time() - float(holder.get("heartbeat", 0)),
         )
 
     def _watch(self, holder: dict) -> dict | None:

@@ -654,6 +654,29 @@ def test_foreign_output_refused_and_lock_respected(ray_local, inputs, tmp_path):
     other["output"]["mode"] = "overwrite"
     run_dict(other)
     validate(str(out))
+    other["output"]["mode"] = "resume"
+    # an interrupted run (no index yet): each shard's stats keep the settings, so the keys are named
+    (out / "_index.json").unlink()
+    stats_files = {f: f.read_text() for f in sorted(out.glob("*_stats.json"))}
+    assert json.loads(next(iter(stats_files.values())))["manifest"]["seed"] == 8
+    with pytest.raises(JobFailed, match=r"\(here: manifest \(seed: 8 → 7\); e\.g\."):
+        run_dict(data)
+    # written by another RealDGen version: the same settings under another digest (a default that
+    # changed, a key no longer counted), or none recorded: said so, not "the manifest changed"
+    for f, text in stats_files.items():
+        meta = json.loads(text)
+        meta["manifest_digest"] = "sha256:" + "1" * 64
+        f.write_text(json.dumps(meta))
+    with pytest.raises(JobFailed, match=r"here: manifest digest \(the same settings, digested by another"):
+        run_dict(other)
+    for f in stats_files:
+        meta = json.loads(f.read_text())
+        del meta["manifest"]
+        f.write_text(json.dumps(meta))
+    with pytest.raises(JobFailed, match=r"here: manifest \(its settings are not recorded: written before"):
+        run_dict(other)
+    for f, text in stats_files.items():
+        f.write_text(text)
     # a live lock (this very process, fresh heartbeat) refuses a second writer ...
     import socket
     import time
@@ -818,6 +841,51 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch, photos):
     assert main([str(p)]) == 130
     err = capsys.readouterr().err
     assert err.startswith("interrupted: complete shards in ") and "run the same command again" in err, err
+    # Ctrl-C pressed again while the Ray this run started shuts down: still the one line and 130
+    import signal
+
+    import ray
+
+    shutdowns = []
+
+    def impatient_shutdown():
+        shutdowns.append(1)
+        signal.raise_signal(signal.SIGINT)  # the second Ctrl-C, a real signal
+
+    monkeypatch.setattr(generate_dataset, "ensure_ray", lambda: True)
+    monkeypatch.setattr(ray, "shutdown", impatient_shutdown)
+    assert main([str(p)]) == 130
+    assert shutdowns == [1] and capsys.readouterr().err.startswith("interrupted: ")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
+
+
+def test_a_live_lock_here_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch, photos):
+    """A second job into an output a live job on this host writes is refused at once, not after the
+    seconds a local Ray takes to start."""
+    import socket
+    import time
+
+    from pipelines import generate_dataset
+    from pipelines.storage import LOCK_NAME
+
+    hr, refs = write_inputs(tmp_path, photos)
+    out = tmp_path / "out"
+    out.mkdir()
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump(manifest_dict(str(hr), str(refs), str(out))))
+    lock = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": "x", "heartbeat": time.time()}
+    (out / LOCK_NAME).write_text(json.dumps(lock))
+
+    def no_ray():
+        raise AssertionError("Ray was started for a job that is refused")
+
+    monkeypatch.setattr(generate_dataset, "ensure_ray", no_ray)
+    assert main([str(p)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: {out} is being written by another live job") and f"pid {os.getpid()}" in err
+    ), err
+    assert json.loads((out / LOCK_NAME).read_text()) == lock  # left as it was
 
 
 def test_the_plan_says_where_tau_and_the_start_come_from(tmp_path, capsys, photos):

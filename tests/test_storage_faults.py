@@ -555,14 +555,18 @@ def test_run_lock_race_on_s3_exactly_one_wins_by_conditional_create(s3_server, s
         assert not winner.store.exists(LOCK_NAME)
 
 
-def test_run_lock_takes_over_a_stale_holder_on_s3(s3_server, s3_bucket):
+def test_run_lock_takes_over_a_stale_holder_on_s3(s3_server, s3_bucket, caplog):
     store = DatasetStore(f"s3://{s3_bucket}/out", {"endpoint_url": s3_server})
     stale = {"host": "elsewhere", "pid": 1, "run_id": "dead", "heartbeat": time.time() - 3600}
     store.write_bytes(LOCK_NAME, json.dumps(stale).encode())
     lock = RunLock(store, heartbeat_s=0.5)
-    lock.acquire()
+    with caplog.at_level("WARNING", logger="realdgen.storage"):
+        lock.acquire()
     try:
         assert lock.conditional is True and json.loads(store.read_bytes(LOCK_NAME))["run_id"] == lock.run_id
+        # the takeover is said, naming the holder that is gone
+        said = [r.getMessage() for r in caplog.records if "taking over" in r.getMessage()]
+        assert len(said) == 1 and "(host elsewhere, pid 1, heartbeat 3600 s ago)" in said[0], said
         with pytest.raises(LockError, match="another live job"):
             RunLock(DatasetStore(store.uri, {"endpoint_url": s3_server})).acquire()
     finally:

@@ -125,6 +125,9 @@ class SinkConfig(_Config):
     inputs_digest: str | None = None  # of the sorted inputs and references (plan.listing_digest)
     references_digest: str | None = None  # of the references that decoded (plan.references_digest)
     start_digest: str | None = None  # of the domain starts chosen from them (plan.start_digest)
+    # what manifest_digest hashed (manifest.digest_payload), kept in each shard's stats so that a
+    # resume with another manifest (or another RealDGen's digest of it) names the keys that differ
+    manifest: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

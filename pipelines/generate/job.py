@@ -268,8 +268,22 @@ class GenerateJob:
             if not isinstance(meta, dict):
                 meta = {}
             differ = [k for k, v in want.items() if meta.get(k) != v]
-            if "manifest_digest" in differ and isinstance(meta.get("manifest"), dict):
-                self.manifest_changes = payload_changes(meta["manifest"], digest_payload(plan.manifest))
+            if "manifest_digest" in differ and meta:
+                # name the keys from the settings the digest covered (stats since 2026-12-08, the
+                # index since 2026-12-07); the same settings under another digest are another
+                # RealDGen version's digest of them
+                recorded = meta.get("manifest")
+                changes = (
+                    payload_changes(recorded, digest_payload(plan.manifest))
+                    if isinstance(recorded, dict)
+                    else []
+                )
+                if changes:
+                    self.manifest_changes = changes
+                else:
+                    differ[differ.index("manifest_digest")] = (
+                        "manifest_rehashed" if isinstance(recorded, dict) else "manifest_unrecorded"
+                    )
             if "inputs_digest" in differ and meta:
                 had = meta.get("inputs_digest")
                 if had is None:
@@ -665,6 +679,7 @@ class GenerateJob:
             inputs_digest=plan.inputs_digest,
             references_digest=references_digest(plan.refs),
             start_digest=start_digest(plan.start_profiles),
+            manifest=digest_payload(plan.manifest),
         )
         return decode, generate, sink
 
@@ -1160,6 +1175,15 @@ def preview_header(tile: int, mag: int) -> np.ndarray:
 
 _CHANGED = {
     "manifest_digest": "manifest",
+    "manifest_unrecorded": (
+        "manifest (its settings are not recorded: written before 2026-12-08 by a RealDGen that may "
+        "digest the same YAML differently, e.g. where a default changed since; finish it with the "
+        "version that started it)"
+    ),
+    "manifest_rehashed": (
+        "manifest digest (the same settings, digested by another RealDGen version; finish it with "
+        "the version that started it)"
+    ),
     "model_digest": "model (checkpoint contents)",
     "inputs_digest": "input listing (files added, removed or renamed under hr.uri or a reference source)",
     "inputs_unrecorded": "input listing (not recorded: written before inputs_digest existed)",

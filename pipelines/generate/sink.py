@@ -408,6 +408,8 @@ def compact_shard(
         "parts": len(names),
         "finished_at": time.time(),
     }
+    if config.manifest:  # what manifest_digest hashed: a resume with another manifest names the keys
+        stats["manifest"] = dict(config.manifest)
     store.write_json(f"{stem}_stats.json", stats)
     for n in names:
         store.delete(n)
