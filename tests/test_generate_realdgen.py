@@ -274,3 +274,37 @@ def test_reference_task_threads_change_no_output_and_are_restored(
     assert one[0] == two[0] and len(one[0]) == len(refs) and np.array_equal(one[2], two[2])
     (p1,), (p2,) = one[3].values(), two[3].values()
     assert p1["tiles"] == 4 and (p1["chosen"], p1["ranks"]) == (p2["chosen"], p2["ranks"])
+
+
+def test_a_large_reference_is_read_from_its_centre_crop_and_a_tiny_one_is_skipped(tiny_checkpoint, tmp_path):
+    """E_deg runs at a reference's full resolution (about 670 B per pixel): a 12 MP photo used as a
+    reference took 8 GB and a larger one ran the machine out of memory. A reference larger than
+    REFERENCE_MAX_SIDE is embedded from its centre crop (the same vector as that crop saved alone);
+    one smaller than REFERENCE_MIN_SIDE is skipped with a reason, like one that does not decode."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.generate.references import REFERENCE_MAX_SIDE as cap
+    from pipelines.generate.references import prepare_references, reference_view
+
+    rng = np.random.default_rng(3)
+    big = rng.integers(0, 256, (cap + 77, cap + 150, 3), dtype=np.uint8)
+    y, x = 77 // 2, 150 // 2
+    paths = {
+        "big": (big, tmp_path / "big.png"),
+        "crop": (np.ascontiguousarray(big[y : y + cap, x : x + cap]), tmp_path / "crop.png"),
+        "tiny": (rng.integers(0, 256, (5, 40, 3), dtype=np.uint8), tmp_path / "tiny.png"),
+        "small": (rng.integers(0, 256, (20, 30, 3), dtype=np.uint8), tmp_path / "small.png"),
+    }
+    for img, p in paths.values():
+        Image.fromarray(img).save(p)
+    refs = [{"uri": str(p), "path": str(p), "set": "phone", "domain": None} for _, p in paths.values()]
+    ok, errors, bank, _ = prepare_references(refs, "realdgen", str(tiny_checkpoint[0]), {}, 10**7, "cpu")
+    assert ok == [0, 1, 3]
+    assert errors == [
+        f"{paths['tiny'][1]}: too small: 40x5 px, a reference needs at least 8 px on a side "
+        "to read a degradation from"
+    ]
+    assert np.array_equal(bank[0], bank[1]) and not np.array_equal(bank[0], bank[2])
+    small = paths["small"][0]
+    assert reference_view(small) is not None and np.array_equal(reference_view(small), small)  # whole

@@ -16,7 +16,17 @@ import numpy as np
 from pipelines.sources import ImageError, SourceItem, load_image
 from pipelines.storage import fetch_to_local
 
-__all__ = ["prepare_references", "profile_key"]
+__all__ = ["REFERENCE_MAX_SIDE", "REFERENCE_MIN_SIDE", "prepare_references", "profile_key", "reference_view"]
+
+# E_deg runs at a reference's full resolution (16 residual blocks of 64 channels, then a global
+# pool): about 670 B of memory and 10 ms of one CPU core per pixel. A 12 MP photo used as a
+# reference needed 8 GB and a 48 MP one ran a 24 GB machine out of memory. A degradation is local,
+# so a larger reference is read from its centre crop of at most this many pixels on a side
+# (1 MP, under 1 GB); the LR references of real-SR sets (a few hundred pixels a side) are whole.
+REFERENCE_MAX_SIDE = 1024
+# Smaller than this on a side, an image holds too little to read a degradation from (E_deg's
+# receptive field is 33 px): skipped like one that does not decode.
+REFERENCE_MIN_SIDE = 8
 
 
 def profile_key(domain: str | None, ref_set: str) -> str:
@@ -62,6 +72,21 @@ def _probe_tiles(
     return [torch.from_numpy(c).permute(2, 0, 1).float().div(255.0) for c in crops]
 
 
+def reference_view(img: np.ndarray) -> np.ndarray:
+    """The part of a decoded reference (HxWx3) the job reads: the image itself, or its centre crop
+    of ``REFERENCE_MAX_SIDE`` on the longer sides; :class:`ImageError` when it is smaller than
+    ``REFERENCE_MIN_SIDE`` on a side."""
+    h, w = img.shape[:2]
+    if min(h, w) < REFERENCE_MIN_SIDE:
+        raise ImageError(
+            f"too small: {w}x{h} px, a reference needs at least {REFERENCE_MIN_SIDE} px on a side "
+            "to read a degradation from"
+        )
+    ch, cw = min(h, REFERENCE_MAX_SIDE), min(w, REFERENCE_MAX_SIDE)
+    y, x = (h - ch) // 2, (w - cw) // 2
+    return img[y : y + ch, x : x + cw]
+
+
 @contextlib.contextmanager
 def _torch_threads(threads: int | None) -> Iterator[None]:
     """torch intra-op threads set to ``threads`` (None: unchanged) inside, the caller's after."""
@@ -99,7 +124,8 @@ def prepare_references(
     no probe tile could be read: the job then chooses per sample).
 
     ``max_pixels`` / ``max_bytes``: the job's ``limits`` for every image read here (references
-    and probe inputs), as for the HR inputs.
+    and probe inputs), as for the HR inputs. A reference is read through :func:`reference_view`
+    (centre crop of ``REFERENCE_MAX_SIDE``; too small: skipped).
 
     ``threads``: torch intra-op threads for this call on the CPU (the task runs before the pipeline
     starts, so the job gives it the CPUs the generation will use; restored afterwards).
@@ -111,7 +137,9 @@ def prepare_references(
     images = []
     for i, r in enumerate(refs):
         try:
-            img = load_image(SourceItem.from_row(r), storage, max_pixels=max_pixels, max_bytes=max_bytes)
+            img = reference_view(
+                load_image(SourceItem.from_row(r), storage, max_pixels=max_pixels, max_bytes=max_bytes)
+            )
         except ImageError as exc:
             errors.append(f"{r['uri']}: {exc.reason}")
             continue
