@@ -8,15 +8,20 @@ a pipe, CI) it prints a plain ``progress:`` line whenever samples complete, at m
 ``interval_s`` seconds, and always a last one. A count held back by that limit is shown once the
 interval has passed even when no further sample comes, and while no sample completes for
 ``stall_s`` seconds (storage retrying through an outage, a stuck worker) a ``waiting:`` line says
-so, once per ``stall_s``, with where the workers' own warnings are (``stall_hint``).
+so, once per ``stall_s``, with where the workers' own warnings are (``stall_hint``). The time
+left is the samples still expected at the rate of the last minute (``ETA_WINDOW_S``), counted from
+the first sample done, so the start-up (Ray, the references, the first decodes) does not stretch it.
 """
 
 from __future__ import annotations
 
+import collections
 import sys
 import threading
 import time
 from typing import IO
+
+ETA_WINDOW_S = 60.0
 
 
 def _clock(seconds: float) -> str:
@@ -58,6 +63,10 @@ class JobProgress:
         self.stall_s = float(stall_s)
         self.stall_hint = stall_hint
         self._last_change = self.t0  # when the count of done samples last moved
+        # (time, done) when the count moved, over the last ETA_WINDOW_S: the time left is read from
+        # the recent rate, not from the average since the start (the start-up, with nothing done
+        # yet, made early estimates several times too long)
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._last_stall = -float("inf")  # when the last waiting: line was shown
         self._lock = threading.RLock()  # events (the driver's loop) and the watchdog both print
         self._stop = threading.Event()
@@ -105,7 +114,12 @@ class JobProgress:
                 self.samples_ok += 1
             else:
                 self.samples_failed += 1
-            self._last_change = self.clock()
+            self._last_change = now = self.clock()
+            recent = self._recent
+            recent.append((now, self.done))
+            # keep one point at or before the window's start, so the window spans ETA_WINDOW_S
+            while len(recent) > 2 and recent[1][0] <= now - ETA_WINDOW_S:
+                recent.popleft()
             self._show()
 
     def shard_written(self) -> None:
@@ -137,10 +151,23 @@ class JobProgress:
         parts.append(f"{self.rate():.3f} pairs/s")
         # since generation began (the references and the start profile before it are logged apart)
         parts.append(f"{_clock(elapsed)} generating")
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        if self.done and rate > 0 and expected > self.done:
-            parts.append(f"~{_clock((expected - self.done) / rate)} left")
+        left = self.seconds_left()
+        if left is not None:
+            parts.append(f"~{_clock(left)} left")
         return ", ".join(parts)
+
+    def seconds_left(self) -> float | None:
+        """The samples still expected at the rate of the last ETA_WINDOW_S (from the first sample
+        done on: the start-up is not counted); None until two counts are apart in time."""
+        expected = max(self.expected, self.done)
+        if len(self._recent) < 2 or expected <= self.done:
+            return None
+        (t_a, n_a), (t_b, n_b) = self._recent[0], self._recent[-1]
+        # the time since the last count counts too: a pipeline that slowed down shows it
+        span = max(t_b, self.clock()) - t_a
+        if span <= 0 or n_b <= n_a:
+            return None
+        return (expected - self.done) * span / (n_b - n_a)
 
     def _line(self) -> None:
         print(self.line(), file=self.stream, flush=True)

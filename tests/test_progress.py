@@ -88,3 +88,32 @@ def test_no_watchdog_when_lines_are_off_or_every_event_prints():
         p, _ = progress(Clock(), **kw)
         assert p._watchdog is None
         p.close()
+
+
+def test_the_time_left_follows_the_recent_rate_not_the_start_up():
+    """40 s of start-up with nothing done, then 10 samples/s: the time left is read from that rate
+    (it was done/elapsed, which counted the start-up: ~0:47 shown here for 0:20 left)."""
+    clock = Clock()
+    out = io.StringIO()
+    p = JobProgress(100, 5, stream=out, tty=False, clock=clock, interval_s=0.0)
+    for i in range(100):
+        clock.t = 40.0 + i * 0.1
+        p.input_reported(5, True)
+    assert p.seconds_left() is None  # nothing done yet
+    clock.t = 40.0
+    p.sample_done(True)
+    assert p.seconds_left() is None  # one count: no rate yet
+    for i in range(1, 300):  # 10 samples/s from 40 s on
+        clock.t = 40.0 + i * 0.1
+        p.sample_done(True)
+    # 300 of 500 done at 69.9 s; 200 left at 10/s
+    assert abs(p.seconds_left() - 20.0) < 0.2, p.seconds_left()
+    assert out.getvalue().splitlines()[-1].endswith(", ~0:20 left"), out.getvalue().splitlines()[-1]
+    # the pipeline stalls: the wait since the last count stretches the estimate
+    clock.t = 99.9
+    assert p.seconds_left() > 30
+    # ... and only the last minute counts: after a minute at 1 sample/s, it reads 1/s
+    for i in range(1, 100):
+        clock.t = 99.9 + i
+        p.sample_done(True)
+    assert abs(p.seconds_left() - 101.0) < 3, p.seconds_left()
