@@ -355,14 +355,24 @@ def read_item_bytes(item: SourceItem, storage: Mapping | None = None, max_bytes:
     return data
 
 
+# Rows converted at a time on the alpha path: the composite of a whole 64 MP image held three
+# more full-size copies (26 B per pixel in all, where an RGB image takes 10).
+_STRIP_PIXELS = 1 << 22
+
+
 def _to_rgb8(im: Image.Image) -> np.ndarray:
     """Any Pillow mode → uint8 HxWx3 (16-bit scaled, alpha composited over white)."""
     mode = im.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        a = np.asarray(im).astype(np.float64)
         # 16-bit data (PNG 16-bit gray opens as "I" or "I;16"); 32-bit "I" clipped to 16 bits.
-        a = np.clip(a, 0, 65535) / 257.0
-        g = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        # round(v / 257) in integers, in place (float64 copies took 28 B per pixel): v / 257 is
+        # never a half, so floor((v + 128) / 257) is the same value
+        a = np.array(im, dtype=np.int32)
+        np.clip(a, 0, 65535, out=a)
+        a += 128
+        a //= 257
+        g = a.astype(np.uint8)
+        del a
         return np.repeat(g[..., None], 3, axis=2)
     if mode == "F":
         a = np.asarray(im).astype(np.float64)
@@ -371,9 +381,15 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
         return np.repeat(g[..., None], 3, axis=2)
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info)
     if has_alpha:
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+        rgba = im if mode == "RGBA" else im.convert("RGBA")
+        w, h = rgba.size
+        out = np.empty((h, w, 3), np.uint8)
+        rows = max(1, _STRIP_PIXELS // w)
+        for y in range(0, h, rows):  # a pixel's composite depends on that pixel only
+            strip = rgba.crop((0, y, w, min(h, y + rows)))
+            white = Image.new("RGBA", strip.size, (255, 255, 255, 255))
+            out[y : y + strip.height] = np.asarray(Image.alpha_composite(white, strip).convert("RGB"))
+        return out
     if mode != "RGB":
         im = im.convert("RGB")
     return np.asarray(im)
@@ -461,10 +477,11 @@ def decode_image(
         except Exception as exc:
             raise ImageError(f"corrupt: {type(exc).__name__}: {exc}") from None
         try:
-            oriented = ImageOps.exif_transpose(im)
+            # in place: without an orientation to undo, exif_transpose returns a full copy
+            ImageOps.exif_transpose(im, in_place=True)
         except Exception:  # a broken EXIF block is not worth losing the image over
-            oriented = im
-        rgb = _to_rgb8(oriented)
+            pass
+        rgb = _to_rgb8(im)
     if min_size is not None and (rgb.shape[1] < min_size[0] or rgb.shape[0] < min_size[1]):
         raise ImageError(f"too small: {rgb.shape[1]}x{rgb.shape[0]} < {min_size[0]}x{min_size[1]}")
     return np.ascontiguousarray(rgb)

@@ -329,3 +329,27 @@ def test_files_left_out_by_extension_are_counted_in_a_warning(tmp_path, caplog):
         items = list_source(SourceSpec(uri=str(folder), extensions=["png", "jfif", "avif"]))
     assert len(items) == 4 and "left out by extension (" in caplog.text  # 'notes' only
     assert "1 file(s) left out by extension ((none): 1)" in caplog.text
+
+
+def test_lean_conversions_give_the_same_pixels(monkeypatch):
+    """The decode converts 16-bit data in integers and composites alpha strip by strip (the float64
+    copies and the whole-image composite peaked at 26-28 B per pixel): the pixels are those of the
+    plain formulas, round(v / 257) for every 16-bit value and Pillow's alpha composite over white."""
+    from pipelines import sources
+
+    v = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    buf = io.BytesIO()
+    Image.fromarray(v).save(buf, format="PNG")
+    got = decode_image(buf.getvalue())
+    want = np.clip(np.rint(v / 257.0), 0, 255).astype(np.uint8)
+    assert got.shape == (256, 256, 3)
+    assert np.array_equal(got[..., 0], want) and np.array_equal(got[..., 2], want)
+
+    rng = np.random.default_rng(1)
+    rgba = rng.integers(0, 256, (37, 23, 4), dtype=np.uint8)
+    white = Image.new("RGBA", (23, 37), (255, 255, 255, 255))
+    whole = np.asarray(Image.alpha_composite(white, Image.fromarray(rgba)).convert("RGB"))
+    buf = io.BytesIO()
+    Image.fromarray(rgba).save(buf, format="PNG")
+    monkeypatch.setattr(sources, "_STRIP_PIXELS", 5 * 23)  # strips of 5 rows, the last one of 2
+    assert np.array_equal(decode_image(buf.getvalue()), whole)

@@ -88,10 +88,12 @@ class JobFailed(RuntimeError):
 
 
 def decode_task_memory(max_image_pixels: int) -> int:
-    """Bytes reserved per decode task: the largest admitted image decoded (RGB, 3 B/px) about three
-    times over (file bytes, PIL's decode, the converted array), at least 512 MiB. Ray measured
+    """Bytes reserved per decode task: the largest admitted image at 12 B per pixel, at least 512
+    MiB. ``sources.decode_image``'s peak, measured on 48–64 MP images (``bench/decode_memory.py``):
+    10.1 B/px for RGB PNG and JPEG, 11.1 for grey and palette PNG, 8.3 for RGBA and 16-bit PNG
+    (it was 14–28 before the conversions were made lean, above the 9 reserved then). Ray measured
     ~318 MiB for the demo's photos, above the 256 MiB first reserved here."""
-    return max(512 * 2**20, 9 * int(max_image_pixels))
+    return max(512 * 2**20, 12 * int(max_image_pixels))
 
 
 def _path_exists(path: str) -> bool:
