@@ -675,6 +675,15 @@ def test_foreign_output_refused_and_lock_respected(ray_local, inputs, tmp_path):
         f.write_text(json.dumps(meta))
     with pytest.raises(JobFailed, match=r"here: manifest \(its settings are not recorded: written before"):
         run_dict(other)
+    # stats from before they kept the settings, an index that keeps them: the keys, said once
+    index = out / "_index.json"
+    kept = json.loads(next(iter(stats_files.values())))
+    recorded = {**kept["manifest"], "seed": 3}
+    index.write_text(json.dumps({**kept, "manifest_digest": "sha256:" + "2" * 64, "manifest": recorded}))
+    with pytest.raises(JobFailed, match=r"here: manifest \(seed: 3 → 8\); e\.g\.") as info:
+        run_dict(other)
+    assert "not recorded" not in str(info.value), info.value
+    index.unlink()
     for f, text in stats_files.items():
         f.write_text(text)
     # a live lock (this very process, fresh heartbeat) refuses a second writer ...

@@ -298,6 +298,10 @@ class GenerateJob:
             elif n.endswith("_stats.json"):
                 complete.add(n.removesuffix("_stats.json"))
                 self.complete_stats[n.removesuffix("_stats.json")] = meta
+        if self.manifest_changes and why & {"manifest_unrecorded", "manifest_rehashed"}:
+            # one file named the keys (the index of a dataset whose older stats kept none): those
+            why -= {"manifest_unrecorded", "manifest_rehashed"}
+            why.add("manifest_digest")
         stems = set(plan.stems)
         stray = [n for n in names if n.endswith(".tar") and n.removesuffix(".tar") not in stems]
         present = set(names)
