@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -57,6 +58,16 @@ _checkpoint_calibration = checkpoint_calibration
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
+
+
+def _exit_now(code: int) -> None:
+    os._exit(code)
+
+
+def _leave_now(signum, frame) -> None:
+    """A second Ctrl-C while the job unwinds: out at once (the lock is left to be taken over)."""
+    print("interrupted again: leaving now", file=sys.stderr, flush=True)
+    _exit_now(130)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -138,8 +149,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except LockError as exc:
         print(f"error: {exc}", file=sys.stderr)  # it names the output
         return 1
-    except (TransientStorageError, StorageAccessError, OSError):
-        pass  # the run meets it again when it takes the lock, and says so there
+    except Exception:  # only a look ahead: the run takes the lock itself and says why it cannot
+        pass
     try:
         if threading.current_thread() is threading.main_thread():
             # `ray job stop` / a scheduler's SIGTERM: say so at once (`ray job stop` kills the driver
@@ -160,8 +171,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 1
     except KeyboardInterrupt:  # Ctrl-C: the lock is released on the way out (job.run's finally)
         if threading.current_thread() is threading.main_thread():
-            # a second Ctrl-C while Ray shuts down would end in a traceback and no exit status
-            sigint_before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            # a second Ctrl-C while Ray shuts down ended in a traceback and no exit status: it
+            # now leaves at once, with a line and 130 (a Ray that hangs on the way out is not
+            # waited for)
+            sigint_before = signal.signal(signal.SIGINT, _leave_now)
         print(
             f"interrupted: complete shards in {job.store.uri} are kept; run the same command again to resume",
             file=sys.stderr,

@@ -22,6 +22,7 @@ import time
 from typing import IO
 
 ETA_WINDOW_S = 60.0
+ETA_POINT_S = 1.0  # counts closer than this in time are one point of the rate
 
 
 def _clock(seconds: float) -> str:
@@ -63,10 +64,10 @@ class JobProgress:
         self.stall_s = float(stall_s)
         self.stall_hint = stall_hint
         self._last_change = self.t0  # when the count of done samples last moved
-        # (time, done) when the count moved, over the last ETA_WINDOW_S: the time left is read from
-        # the recent rate, not from the average since the start (the start-up, with nothing done
-        # yet, made early estimates several times too long)
-        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        # (first time, last time, done) of each burst of counts over the last ETA_WINDOW_S: the time
+        # left is read from the recent rate, not from the average since the start (the start-up,
+        # with nothing done yet, made early estimates several times too long)
+        self._recent: collections.deque[tuple[float, float, int]] = collections.deque()
         self._last_stall = -float("inf")  # when the last waiting: line was shown
         self._lock = threading.RLock()  # events (the driver's loop) and the watchdog both print
         self._stop = threading.Event()
@@ -116,9 +117,14 @@ class JobProgress:
                 self.samples_failed += 1
             self._last_change = now = self.clock()
             recent = self._recent
-            recent.append((now, self.done))
+            if recent and now - recent[-1][0] < ETA_POINT_S:
+                # samples arrive in bursts (a generation batch at a time): a burst is one point,
+                # timed at its end, or the first burst would count as done in no time
+                recent[-1] = (recent[-1][0], now, self.done)
+            else:
+                recent.append((now, now, self.done))
             # keep one point at or before the window's start, so the window spans ETA_WINDOW_S
-            while len(recent) > 2 and recent[1][0] <= now - ETA_WINDOW_S:
+            while len(recent) > 2 and recent[1][1] <= now - ETA_WINDOW_S:
                 recent.popleft()
             self._show()
 
@@ -162,7 +168,7 @@ class JobProgress:
         expected = max(self.expected, self.done)
         if len(self._recent) < 2 or expected <= self.done:
             return None
-        (t_a, n_a), (t_b, n_b) = self._recent[0], self._recent[-1]
+        (_, t_a, n_a), (_, t_b, n_b) = self._recent[0], self._recent[-1]
         # the time since the last count counts too: a pipeline that slowed down shows it
         span = max(t_b, self.clock()) - t_a
         if span <= 0 or n_b <= n_a:

@@ -865,10 +865,20 @@ class RunLock:
         ).encode()
 
     def _holder(self, budget_s: float | None = None) -> dict | None:
+        """The lock's holder; None when there is none or the file is not one (not a JSON object, or
+        a heartbeat that is not a number): such a file is taken over like a dead holder's."""
         try:
-            return json.loads(self.store.read_bytes(LOCK_NAME, budget_s=budget_s))
+            holder = json.loads(self.store.read_bytes(LOCK_NAME, budget_s=budget_s))
         except (FileNotFoundError, json.JSONDecodeError, ValueError):
             return None
+        if not isinstance(holder, dict):
+            return None
+        try:
+            float(holder.get("heartbeat", 0))
+            int(holder.get("pid", -1))
+        except (TypeError, ValueError):
+            return None
+        return holder
 
     def _is_live(self, holder: dict) -> bool:
         if time.time() - float(holder.get("heartbeat", 0)) > self.stale_s:
@@ -890,7 +900,8 @@ class RunLock:
         if holder.get("host") != self.host:
             watched = self._watch(holder)
             if watched is None:
-                self._taking_over(holder)
+                if self._holder() is not None:  # not when it was released (a job that finished)
+                    self._taking_over(holder)
                 return
             holder = watched
         raise LockError(

@@ -651,6 +651,10 @@ def test_foreign_output_refused_and_lock_respected(ray_local, inputs, tmp_path):
         run_dict(other)
     # the keys that changed, from the finished dataset's _index.json (the digested manifest)
     assert "(here: manifest (seed: 7 → 8); e.g." in str(info.value), info.value
+    assert str(info.value).endswith(
+        "a default that another RealDGen version sets otherwise: finish such "
+        "a dataset with the version that started it"
+    )
     other["output"]["mode"] = "overwrite"
     run_dict(other)
     validate(str(out))
@@ -829,9 +833,18 @@ def test_preview_and_references_read_with_the_jobs_limits(tmp_path):
     Image.fromarray(lr).save(refs_dir / "small.png")
     (refs_dir / "padded.png").write_bytes((refs_dir / "small.png").read_bytes() + bytes(5000))
     refs = [{"uri": str(p), "path": str(p), "set": "r", "domain": None} for p in sorted(refs_dir.iterdir())]
-    ok, errors, _, _ = prepare_references(refs, "bicubic", None, {}, 10**7, "cpu", max_bytes=4000)
+    ok, errors, _, _, cropped = prepare_references(refs, "bicubic", None, {}, 10**7, "cpu", max_bytes=4000)
     assert [refs[i]["uri"] for i in ok] == [str(refs_dir / "small.png")]
     assert len(errors) == 1 and re.search(r"padded.png: file too large: \d+ bytes > limit 4000", errors[0])
+    # the synthetic kinds only pair with the references: an 8x8 one (the minimum for E_deg) or a
+    # 1x1 one is used whole
+    Image.fromarray(lr[:1, :1]).save(refs_dir / "tiny.png")
+    refs.append(
+        {"uri": str(refs_dir / "tiny.png"), "path": str(refs_dir / "tiny.png"), "set": "r", "domain": None}
+    )
+    ok, errors, _, _, cropped = prepare_references(refs, "bicubic", None, {}, 10**7, "cpu", max_bytes=4000)
+    assert [refs[i]["uri"] for i in ok] == [str(refs_dir / "small.png"), str(refs_dir / "tiny.png")]
+    assert len(errors) == 1 and cropped == []
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch, photos):
@@ -850,22 +863,35 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch, photos):
     assert main([str(p)]) == 130
     err = capsys.readouterr().err
     assert err.startswith("interrupted: complete shards in ") and "run the same command again" in err, err
-    # Ctrl-C pressed again while the Ray this run started shuts down: still the one line and 130
+    # Ctrl-C pressed again while the Ray this run started shuts down: out at once with 130 (it was
+    # a traceback); the process exit is stood in for here
     import signal
 
     import ray
 
-    shutdowns = []
+    class Left(Exception):
+        pass
+
+    exits = []
+
+    def exit_now(code):
+        exits.append(code)
+        raise Left
 
     def impatient_shutdown():
-        shutdowns.append(1)
         signal.raise_signal(signal.SIGINT)  # the second Ctrl-C, a real signal
 
     monkeypatch.setattr(generate_dataset, "ensure_ray", lambda: True)
+    monkeypatch.setattr(generate_dataset, "_exit_now", exit_now)
     monkeypatch.setattr(ray, "shutdown", impatient_shutdown)
-    assert main([str(p)]) == 130
-    assert shutdowns == [1] and capsys.readouterr().err.startswith("interrupted: ")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
+    try:
+        with pytest.raises(Left):
+            main([str(p)])
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a real exit would not come back
+    assert exits == [130]
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: ") and err.endswith("interrupted again: leaving now\n"), err
 
 
 def test_a_live_lock_here_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch, photos):

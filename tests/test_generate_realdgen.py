@@ -299,12 +299,22 @@ def test_a_large_reference_is_read_from_its_centre_crop_and_a_tiny_one_is_skippe
     for img, p in paths.values():
         Image.fromarray(img).save(p)
     refs = [{"uri": str(p), "path": str(p), "set": "phone", "domain": None} for _, p in paths.values()]
-    ok, errors, bank, _ = prepare_references(refs, "realdgen", str(tiny_checkpoint[0]), {}, 10**7, "cpu")
-    assert ok == [0, 1, 3]
+    ok, errors, bank, _, cropped = prepare_references(
+        refs, "realdgen", str(tiny_checkpoint[0]), {}, 10**7, "cpu"
+    )
+    assert ok == [0, 1, 3] and cropped == [0]
     assert errors == [
         f"{paths['tiny'][1]}: too small: 40x5 px, a reference needs at least 8 px on a side "
         "to read a degradation from"
     ]
     assert np.array_equal(bank[0], bank[1]) and not np.array_equal(bank[0], bank[2])
     small = paths["small"][0]
-    assert reference_view(small) is not None and np.array_equal(reference_view(small), small)  # whole
+    assert np.array_equal(reference_view(small), small)  # whole
+    # the job records the crop in references_digest: a dataset that embedded such a reference whole
+    # (before 2026-12-08) is not resumed with its crop's vector
+    from pipelines.generate.plan import references_digest
+
+    rows = [{**refs[i], "size": 1} for i in ok]
+    marked = [dict(r, crop=cap) if j == 0 else r for j, r in enumerate(rows)]
+    assert references_digest(marked) != references_digest(rows)
+    assert references_digest([dict(r) for r in rows]) == references_digest(rows)

@@ -117,3 +117,20 @@ def test_the_time_left_follows_the_recent_rate_not_the_start_up():
         clock.t = 99.9 + i
         p.sample_done(True)
     assert abs(p.seconds_left() - 101.0) < 3, p.seconds_left()
+
+
+def test_the_time_left_is_right_when_samples_come_in_bursts():
+    """The driver counts a generation batch sample by sample, microseconds apart: the first burst
+    must not count as done in no time (the estimate was half the truth for the first minute)."""
+    clock = Clock()
+    p = JobProgress(50, 20, stream=io.StringIO(), tty=False, clock=clock, interval_s=0.0)
+    for _ in range(50):
+        p.input_reported(20, True)  # 1000 samples expected
+    for burst in range(5):  # 20 samples every 10 s, from 30 s on
+        for j in range(20):
+            clock.t = 30.0 + 10 * burst + j * 1e-5
+            p.sample_done(True)
+        if burst:
+            # 2 samples/s: (1000 - done) / 2 seconds left
+            want = (1000 - p.done) / 2.0
+            assert abs(p.seconds_left() - want) < 0.01 * want, (burst, p.seconds_left(), want)

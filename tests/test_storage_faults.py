@@ -573,6 +573,31 @@ def test_run_lock_takes_over_a_stale_holder_on_s3(s3_server, s3_bucket, caplog):
         lock.release()
 
 
+def test_a_lock_file_that_is_not_a_lock_is_taken_over_not_a_crash(tmp_path):
+    """A _lock.json that is not a JSON object, or whose heartbeat or pid is not a number, was an
+    AttributeError / ValueError out of the job's look at the lock (a traceback): it is treated as
+    no holder, and taken over."""
+    import socket
+
+    store = DatasetStore(str(tmp_path / "out"))
+    store.ensure()
+    for junk in (
+        b"[]",
+        b'"x"',
+        b"{not json",
+        json.dumps({"host": socket.gethostname(), "heartbeat": "2026-12-08"}).encode(),
+        json.dumps({"host": socket.gethostname(), "pid": "me", "heartbeat": time.time()}).encode(),
+    ):
+        store.write_bytes(LOCK_NAME, junk)
+        RunLock(store).refuse_if_live_here()  # no live holder here: nothing raised
+        lock = RunLock(store, heartbeat_s=0.5)
+        lock.acquire()
+        try:
+            assert json.loads(store.read_bytes(LOCK_NAME))["run_id"] == lock.run_id, junk
+        finally:
+            lock.release()
+
+
 def test_run_lock_tells_a_lost_machine_from_a_live_job_on_another_host(s3_server, s3_bucket):
     """A job resubmitted on a new cluster soon after its head pod was lost finds that pod's lock with
     a fresh heartbeat from another host: it watches the heartbeat and takes the lock over once it

@@ -87,13 +87,14 @@ class JobFailed(RuntimeError):
     """The job ran but must exit non-zero (failure budget exceeded, output refused, …)."""
 
 
-def decode_task_memory(max_image_pixels: int) -> int:
-    """Bytes reserved per decode task: the largest admitted image at 12 B per pixel, at least 512
-    MiB. ``sources.decode_image``'s peak, measured on 48–64 MP images (``bench/decode_memory.py``):
-    10.1 B/px for RGB PNG and JPEG, 11.1 for grey and palette PNG, 8.3 for RGBA and 16-bit PNG
-    (it was 14–28 before the conversions were made lean, above the 9 reserved then). Ray measured
-    ~318 MiB for the demo's photos, above the 256 MiB first reserved here."""
-    return max(512 * 2**20, 12 * int(max_image_pixels))
+def decode_task_memory(max_image_pixels: int, max_file_bytes: int = 256 * 2**20) -> int:
+    """Bytes reserved per decode task: the largest admitted file's bytes (held while it decodes)
+    plus its image at 12 B per pixel, at least 512 MiB. ``sources.decode_image``'s own peak,
+    measured on 64 MP images (``bench/decode_memory.py``): 10.1 B/px for RGB PNG and JPEG, 11.1
+    for grey and palette PNG, 8.3 for RGBA and 16-bit PNG (12–28 before the conversions were made
+    lean, above the 9 B/px then reserved for everything). Ray measured ~318 MiB for the demo's
+    photos, above the 256 MiB first reserved here."""
+    return max(512 * 2**20, 12 * int(max_image_pixels) + int(max_file_bytes))
 
 
 def _path_exists(path: str) -> bool:
@@ -231,6 +232,13 @@ class GenerateJob:
                     f"input listing (here: {what_changed(why, self.manifest_changes)}; e.g. {what}); use "
                     "output.mode: overwrite "
                     "(or --set output.mode=overwrite) to replace it, or choose another output.uri"
+                    + (
+                        ". A key named there that your manifest does not set is a default that another "
+                        "RealDGen version sets otherwise: finish such a dataset with the version that "
+                        "started it"
+                        if self.manifest_changes
+                        else ""
+                    )
                 )
             removed = self._remove_dataset(names)
             self.log(f"overwrite: removed {removed} files of a previous dataset")
@@ -375,7 +383,7 @@ class GenerateJob:
         enough to run any task"), which is worse than decoding one large image at a time."""
         import ray
 
-        want = decode_task_memory(self.m.limits.max_image_pixels)
+        want = decode_task_memory(self.m.limits.max_image_pixels, self.m.limits.max_file_bytes)
         mems = [
             n["Resources"].get("memory", 0)
             for n in ray.nodes()
@@ -549,7 +557,7 @@ class GenerateJob:
     def _prepare_refs(self, plan: Plan, num_gpus: float) -> tuple[list[dict], list[dict], Any]:
         import ray
 
-        from pipelines.generate.references import prepare_references
+        from pipelines.generate.references import REFERENCE_MAX_SIDE, prepare_references
 
         m = self.m
         g = m.generator
@@ -578,9 +586,9 @@ class GenerateJob:
                 "on a CPU) ..."
             )
         task = ray.remote(prepare_references).options(
-            num_returns=4, num_gpus=num_gpus, num_cpus=threads or 1, **_retrying()
+            num_returns=5, num_gpus=num_gpus, num_cpus=threads or 1, **_retrying()
         )
-        ok_ref, err_ref, bank_ref, prof_ref = task.remote(
+        ok_ref, err_ref, bank_ref, prof_ref, crop_ref = task.remote(
             plan.refs,
             g.kind,
             self._checkpoint_for_workers(plan),
@@ -591,7 +599,9 @@ class GenerateJob:
             threads,
             m.limits.max_file_bytes,
         )
-        ok, errors, profiles = ray.get([ok_ref, err_ref, prof_ref])
+        ok, errors, profiles, cropped = ray.get([ok_ref, err_ref, prof_ref, crop_ref])
+        for i in cropped:  # recorded in references_digest: its vector is its centre crop's
+            plan.refs[i]["crop"] = REFERENCE_MAX_SIDE
         plan.references_skipped = {"count": len(errors), "first": errors[:REFERENCES_SKIPPED_KEPT]}
         for e in errors[:10]:
             self.log(f"reference skipped: {e}")

@@ -570,12 +570,16 @@ def references_digest(refs: Sequence[Mapping]) -> str | None:
     are paired over. A reference that fails to decode is dropped at run time, so one that fails in
     one run and not in another (a permission error, a file replaced) pairs the tiles differently, and
     one replaced by another picture under the same name (another size) pairs them with other content;
-    a run whose digest differs from a complete shard's is refused. None when there are no references."""
+    a run whose digest differs from a complete shard's is refused. A reference E_deg read from its
+    centre crop (``crop``: larger than ``REFERENCE_MAX_SIDE``, since 2026-12-08) is marked, so a
+    dataset that embedded it whole is not resumed with its crop's vector. None when there are no
+    references."""
     if not refs:
         return None
     h = hashlib.sha256()
     for r in refs:
-        h.update(f"{r['set']}\t{r['uri']}\t{r.get('size')}\n".encode())
+        crop = f"\tcrop{r['crop']}" if r.get("crop") else ""
+        h.update(f"{r['set']}\t{r['uri']}\t{r.get('size')}{crop}\n".encode())
     return REFERENCES_DIGEST_PREFIX + h.hexdigest()
 
 

@@ -24,8 +24,8 @@ __all__ = ["REFERENCE_MAX_SIDE", "REFERENCE_MIN_SIDE", "prepare_references", "pr
 # so a larger reference is read from its centre crop of at most this many pixels on a side
 # (1 MP, under 1 GB); the LR references of real-SR sets (a few hundred pixels a side) are whole.
 REFERENCE_MAX_SIDE = 1024
-# Smaller than this on a side, an image holds too little to read a degradation from (E_deg's
-# receptive field is 33 px): skipped like one that does not decode.
+# Smaller than this on a side, an image holds too little to read a degradation from (a few
+# pixels; E_deg's receptive field alone is 33 px): skipped like one that does not decode.
 REFERENCE_MIN_SIDE = 8
 
 
@@ -73,7 +73,7 @@ def _probe_tiles(
 
 
 def reference_view(img: np.ndarray) -> np.ndarray:
-    """The part of a decoded reference (HxWx3) the job reads: the image itself, or its centre crop
+    """The part of a decoded reference (HxWx3) E_deg reads: the image itself, or its centre crop
     of ``REFERENCE_MAX_SIDE`` on the longer sides; :class:`ImageError` when it is smaller than
     ``REFERENCE_MIN_SIDE`` on a side."""
     h, w = img.shape[:2]
@@ -111,9 +111,9 @@ def prepare_references(
     start: Mapping[str, Any] | None = None,
     threads: int | None = None,
     max_bytes: int | None = None,
-) -> tuple[list[int], list[str], np.ndarray | None, dict]:
+) -> tuple[list[int], list[str], np.ndarray | None, dict, list[int]]:
     """Decode every reference once: ``(ok indices, failure reasons, E_deg bank [n_ok, D] or None,
-    start profiles)``.
+    start profiles, indices of the references read from their centre crop)``.
 
     ``start``: ``{bank, probe (HR input rows), tile_hr, n_tiles, ref_weighting, aggregate}`` when the job
     chooses its start per domain (``ref_weighting`` ``sensitivity``: references weighted by
@@ -124,8 +124,9 @@ def prepare_references(
     no probe tile could be read: the job then chooses per sample).
 
     ``max_pixels`` / ``max_bytes``: the job's ``limits`` for every image read here (references
-    and probe inputs), as for the HR inputs. A reference is read through :func:`reference_view`
-    (centre crop of ``REFERENCE_MAX_SIDE``; too small: skipped).
+    and probe inputs), as for the HR inputs. For realdgen a reference is read through
+    :func:`reference_view` (centre crop of ``REFERENCE_MAX_SIDE``; too small: skipped); the other
+    kinds only pair with the references and read them whole.
 
     ``threads``: torch intra-op threads for this call on the CPU (the task runs before the pipeline
     starts, so the job gives it the CPUs the generation will use; restored afterwards).
@@ -135,11 +136,15 @@ def prepare_references(
     ok: list[int] = []
     errors: list[str] = []
     images = []
+    cropped: list[int] = []
     for i, r in enumerate(refs):
         try:
-            img = reference_view(
-                load_image(SourceItem.from_row(r), storage, max_pixels=max_pixels, max_bytes=max_bytes)
-            )
+            img = load_image(SourceItem.from_row(r), storage, max_pixels=max_pixels, max_bytes=max_bytes)
+            if kind == "realdgen":
+                whole = img.shape[:2]
+                img = reference_view(img)
+                if img.shape[:2] != whole:
+                    cropped.append(i)
         except ImageError as exc:
             errors.append(f"{r['uri']}: {exc.reason}")
             continue
@@ -183,4 +188,4 @@ def prepare_references(
                         aggregate=start.get("aggregate", "rank"),
                         ref_embeddings=emb[rows],
                     )
-    return ok, errors, bank, profiles
+    return ok, errors, bank, profiles, cropped
