@@ -65,7 +65,8 @@ def _exit_now(code: int) -> None:
 
 
 def _leave_now(signum, frame) -> None:
-    """A second Ctrl-C while the job unwinds: out at once (the lock is left to be taken over)."""
+    """A second Ctrl-C while the job unwinds: out at once (the run has released its lock by then,
+    or, when it comes sooner, the next run takes it over)."""
     print("interrupted again: leaving now", file=sys.stderr, flush=True)
     _exit_now(130)
 

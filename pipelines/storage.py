@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -874,9 +875,10 @@ class RunLock:
         if not isinstance(holder, dict):
             return None
         try:
-            float(holder.get("heartbeat", 0))
-            int(holder.get("pid", -1))
-        except (TypeError, ValueError):
+            beat, pid = float(holder.get("heartbeat", 0)), int(holder.get("pid", -1))
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if not math.isfinite(beat) or not 1 <= pid < 2**31:  # this tool writes a real pid
             return None
         return holder
 
@@ -900,7 +902,10 @@ class RunLock:
         if holder.get("host") != self.host:
             watched = self._watch(holder)
             if watched is None:
-                if self._holder() is not None:  # not when it was released (a job that finished)
+                now = self._holder()
+                if now is not None and now.get("run_id") != holder.get("run_id"):
+                    self._refuse_if_live(now)  # released, then taken by another job meanwhile
+                elif now is not None:  # not when it was released (a job that finished)
                     self._taking_over(holder)
                 return
             holder = watched

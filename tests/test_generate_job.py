@@ -1007,3 +1007,23 @@ def test_a_relative_output_in_rays_working_dir_copy_is_warned_about():
     assert ray_working_dir_warning("/data/out", cwd) is None
     assert ray_working_dir_warning("s3://b/out", cwd) is None
     assert ray_working_dir_warning("out/demo", "/home/me/realdgen") is None
+
+
+def test_shards_made_before_the_reference_crop_are_not_resumed_with_it():
+    """A complete shard is compared by its references digest; one that carries none (or a v1 digest
+    without sizes) is not, except when a reference is now read from its centre crop: every shard
+    from before the crop embedded it whole."""
+    from pipelines.generate.job import shards_made_otherwise
+
+    now = {"references_digest": "refs2:sha256:new", "start_digest": None}
+    stats = {
+        "s0": {"references_digest": "refs2:sha256:new"},  # this run's
+        "s1": {"references_digest": "refs2:sha256:old"},  # other references
+        "s2": {},  # from before the digest was recorded
+        "s3": {"references_digest": "refs:sha256:v1"},  # v1, without sizes
+    }
+    assert shards_made_otherwise(stats, now) == {"references_digest": ["s1"]}
+    assert shards_made_otherwise(stats, now, cropped_now=True) == {"references_digest": ["s1", "s2", "s3"]}
+    assert shards_made_otherwise({"s0": {"start_digest": "start:a"}}, {"start_digest": "start:b"}) == {
+        "start_digest": ["s0"]
+    }

@@ -574,9 +574,9 @@ def test_run_lock_takes_over_a_stale_holder_on_s3(s3_server, s3_bucket, caplog):
 
 
 def test_a_lock_file_that_is_not_a_lock_is_taken_over_not_a_crash(tmp_path):
-    """A _lock.json that is not a JSON object, or whose heartbeat or pid is not a number, was an
-    AttributeError / ValueError out of the job's look at the lock (a traceback): it is treated as
-    no holder, and taken over."""
+    """A _lock.json that is not a JSON object, or whose heartbeat or pid is not a usable number, was
+    an AttributeError / ValueError / OverflowError out of the job's look at the lock (a traceback):
+    it is treated as no holder, and taken over."""
     import socket
 
     store = DatasetStore(str(tmp_path / "out"))
@@ -587,6 +587,10 @@ def test_a_lock_file_that_is_not_a_lock_is_taken_over_not_a_crash(tmp_path):
         b"{not json",
         json.dumps({"host": socket.gethostname(), "heartbeat": "2026-12-08"}).encode(),
         json.dumps({"host": socket.gethostname(), "pid": "me", "heartbeat": time.time()}).encode(),
+        # numbers os.kill cannot take, or that are not a process of this tool's (0: the group)
+        b'{"host": "%s", "pid": 1e20, "heartbeat": Infinity}' % socket.gethostname().encode(),
+        json.dumps({"host": socket.gethostname(), "pid": 10**20, "heartbeat": time.time()}).encode(),
+        json.dumps({"host": socket.gethostname(), "pid": 0, "heartbeat": time.time()}).encode(),
     ):
         store.write_bytes(LOCK_NAME, junk)
         RunLock(store).refuse_if_live_here()  # no live holder here: nothing raised

@@ -13,7 +13,7 @@ import io
 import json
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,29 @@ def decode_task_memory(max_image_pixels: int, max_file_bytes: int = 256 * 2**20)
     lean, above the 9 B/px then reserved for everything). Ray measured ~318 MiB for the demo's
     photos, above the 256 MiB first reserved here."""
     return max(512 * 2**20, 12 * int(max_image_pixels) + int(max_file_bytes))
+
+
+def shards_made_otherwise(
+    stats: Mapping[str, Mapping], now: Mapping[str, str | None], cropped_now: bool = False
+) -> dict[str, list[str]]:
+    """``{digest key: [stems]}`` of the complete shards (``stem: its _stats.json``) made over other
+    references or starts than ``now`` (``references_digest`` / ``start_digest`` of this run; None:
+    not compared). A shard that recorded none (or a v1 references digest, without sizes) is not
+    compared, except when a reference E_deg now reads from its centre crop (``cropped_now``): every
+    shard from before the crop (2026-12-08) embedded it whole, whatever its stats carry."""
+    made: dict[str, list[str]] = {}
+    for stem in sorted(stats):
+        st = stats[stem]
+        for k, v in now.items():
+            had = st.get(k)
+            if k == "references_digest" and not str(had).startswith(REFERENCES_DIGEST_PREFIX):
+                if cropped_now and v is not None:
+                    made.setdefault(k, []).append(stem)
+                    continue
+                had = None  # v1 (no sizes) cannot be compared: as if written before it was recorded
+            if v is not None and had not in (None, v):  # absent: written before it was recorded
+                made.setdefault(k, []).append(stem)
+    return made
 
 
 def _path_exists(path: str) -> bool:
@@ -393,7 +416,7 @@ class GenerateJob:
         if smallest and want > smallest // 2:
             self.log(
                 f"note: decode tasks reserve {smallest // 2 // 2**20} MiB (half the smallest node's memory), "
-                f"less than the {want // 2**20} MiB limits.max_image_pixels asks for"
+                f"less than the {want // 2**20} MiB limits.max_image_pixels and max_file_bytes ask for"
             )
             return max(64 * 2**20, smallest // 2)
         return want
@@ -744,15 +767,10 @@ class GenerateJob:
                 "start_digest": sink_cfg.start_digest,
             }
         )
-        made_otherwise: dict[str, list[str]] = {}
-        for stem in sorted(complete):
-            st = self.complete_stats.get(stem, {})
-            for k, v in now.items():
-                had = st.get(k)
-                if k == "references_digest" and not str(had).startswith(REFERENCES_DIGEST_PREFIX):
-                    had = None  # v1 (no sizes) cannot be compared: as if written before it was recorded
-                if v is not None and had not in (None, v):  # absent: written before it was recorded
-                    made_otherwise.setdefault(k, []).append(stem)
+        cropped_now = any(r.get("crop") for r in plan.refs)
+        made_otherwise = shards_made_otherwise(
+            {stem: self.complete_stats.get(stem, {}) for stem in complete}, now, cropped_now
+        )
         if made_otherwise and m.output.mode == "overwrite":
             removed = self._remove_dataset(self.store.names())
             n = len({s for stems in made_otherwise.values() for s in stems})
@@ -777,6 +795,13 @@ class GenerateJob:
                     "another picture under the same name (another size), pairs the remaining tiles "
                     "differently. Restore the references and rerun, or use output.mode: overwrite to "
                     "regenerate every shard"
+                    + (
+                        ". Or: a reference larger than 1024 px on a side is read from its centre crop "
+                        "since 2026-12-08, and shards made before embedded it whole: finish such a "
+                        "dataset with the release that started it"
+                        if cropped_now
+                        else ""
+                    )
                 )
             raise JobFailed(
                 f"the start chosen for a reference domain differs from the one the complete shards "
