@@ -145,8 +145,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         sys.exit(signum)
 
     try:
-        # another live job here writing this output: refused now, not after Ray's start-up
-        RunLock(job.store).refuse_if_live_here()
+        # another live job here writing this output: refused now, not after Ray's start-up (judged
+        # with the heartbeat the run's own lock uses, so a holder it would take over passes here)
+        RunLock(job.store, heartbeat_s=job.m.progress.heartbeat_s).refuse_if_live_here()
     except LockError as exc:
         print(f"error: {exc}", file=sys.stderr)  # it names the output
         return 1
