@@ -86,7 +86,7 @@ def in_memory(store_uri: str) -> int:
     store = DatasetStore(store_uri)
     samples: dict[str, dict] = {}
     for n in store.list_prefix(f"{WORK}/parts/{shard_stem(NAME, 0)}"):
-        for r in read_parquet(io.BytesIO(store.read_bytes(n))).to_pylist():
+        for r in read_parquet(store.read_bytes(n)).to_pylist():
             if r["row_type"] == "sample":
                 samples.setdefault(r["key"], r)
     members = [

@@ -546,15 +546,23 @@ def download_cache() -> str:
     return cache
 
 
-def read_parquet(source: Any, **kw: Any):
-    """``pyarrow.parquet.read_table(source, **kw)`` on one thread. Read with pyarrow's thread pool
-    (its default), a process that then exits can abort in the pool's teardown ("terminate called
-    without an active exception", exit 134; measured with pyarrow 26.0.1: 4 of 12 runs of a script
-    reading 3 small parquet files, and `realdgen inspect` 6 of 16): a job or command that finished
-    its work would report a crash. The files read here are one shard's rows or one listing."""
+def read_parquet(source: bytes | BinaryIO, *, columns: list[str] | None = None, schema: Any = None):
+    """One parquet file (its bytes, or a binary file object read whole) as a ``pyarrow.Table``, read
+    without starting any of pyarrow's threads. Threads pyarrow starts for a read (its I/O and CPU
+    pools; ``pq.read_table`` starts them even with ``use_threads=False``) can abort the process at
+    exit in their teardown ("terminate called without an active exception", exit 134), so a job or
+    command that finished its work would report a crash: measured with pyarrow 26.0.1, 4 of 12 runs
+    of a script reading three small files with ``read_table``, and 1 of 8 in CI with
+    ``read_table(use_threads=False)``. ``ParquetFile`` over an in-memory buffer, read on the calling
+    thread, starts none. The files read here are one shard's rows, one plan block or one listing.
+
+    ``columns`` keeps only those columns; ``schema`` selects and casts the table to it."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(source, use_threads=False, **kw)
+    data = source if isinstance(source, bytes | bytearray | memoryview) else source.read()
+    table = pq.ParquetFile(pa.BufferReader(data)).read(columns=columns, use_threads=False)
+    return table.select(schema.names).cast(schema) if schema is not None else table
 
 
 def fetch_to_local(uri: str, options: Mapping | None = None) -> str:

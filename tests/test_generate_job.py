@@ -12,13 +12,13 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
 
 from pipelines.generate_dataset import JobFailed, main, run
 from pipelines.manifest import parse_manifest
+from pipelines.storage import read_parquet
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CKPT = REPO / "checkpoints" / "realdgen-small-x4.safetensors"
@@ -184,7 +184,7 @@ def test_bad_inputs_get_failure_rows_and_good_ones_land(ray_local, tmp_path):
     )
     summary = run_dict(data)
     validate(str(out))
-    rows = [r for p in sorted(out.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    rows = [r for p in sorted(out.glob("*.parquet")) for r in read_parquet(p.read_bytes()).to_pylist()]
     by_name = {Path(r["uri"]).name: r for r in rows if r["row_type"] == "input"}
     assert set(by_name) == set(cases)
     for name, outcome in cases.items():
@@ -725,8 +725,6 @@ def test_colliding_40_bit_keys_get_64_bits(tmp_path, monkeypatch):
     shares its first 10 hex chars) are both planned; the later one in URI order gets 16 hex chars."""
     import hashlib
 
-    import pyarrow.parquet as pq
-
     from pipelines.generate.plan import list_plan
 
     uris = ["hr/1205117/image.png", "hr/2493894/image.png"]
@@ -739,7 +737,7 @@ def test_colliding_40_bit_keys_get_64_bits(tmp_path, monkeypatch):
     m = parse_manifest(manifest_dict("hr", "refs", "out", generator__kind="bicubic"))
     summary = list_plan(m, store_uri="out", storage={}, use_ray=False)
     assert summary.error is None and summary.n_inputs == 2
-    rows = [r for b in summary.blocks for r in pq.read_table(Path("out") / b["name"]).to_pylist()]
+    rows = [r for b in summary.blocks for r in read_parquet(Path("out", b["name"]).read_bytes()).to_pylist()]
     keys = {r["uri"]: r["key"] for r in rows}
     assert keys == {uris[0]: f"image_{digests[0][:10]}", uris[1]: f"image_{digests[1][:16]}"}
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from pipelines.generate.sink import ShardBook, ShardProgress, compact_shard, encode_write_batch
 from pipelines.generate.stages import DecodeTile, GenerateLR, base_key
-from pipelines.storage import DatasetStore
+from pipelines.storage import DatasetStore, read_parquet
 from realdgen_core.shards import read_tar
 from tests.shard_factory import decode_config
 
@@ -97,7 +96,7 @@ def test_generation_failures_count_in_the_budget_and_compaction_keeps_rows_once(
     assert stats["samples"] == n_samples - 1 and stats["samples_failed"] == 1
     assert stats["inputs_with_failures"] == 1 and stats["writer"]["host"]
     store = DatasetStore(cfg["store"])
-    table = pq.read_table(io.BytesIO(store.read_bytes("pairs-000000.parquet"))).to_pylist()
+    table = read_parquet(store.read_bytes("pairs-000000.parquet")).to_pylist()
     failed = [r for r in table if r["row_type"] == "sample"]
     assert [r["key"] for r in failed] == [bad["key"]]
     assert store.list_prefix("_work/x/parts") == []  # parts removed once the shard is whole
@@ -155,7 +154,7 @@ def _part_members(store: DatasetStore, prefix: str) -> dict[str, dict[str, bytes
     """key -> tar members of every successful sample row in the part files (first one seen)."""
     out: dict[str, dict[str, bytes]] = {}
     for name in store.list_prefix(prefix):
-        for r in pq.read_table(io.BytesIO(store.read_bytes(name))).to_pylist():
+        for r in read_parquet(store.read_bytes(name)).to_pylist():
             if r["row_type"] == "sample" and r["status"] == "ok":
                 out.setdefault(r["key"], {"hr.png": r["hr_png"], "json": r["json"], "lr.png": r["lr_png"]})
     return out
@@ -177,7 +176,7 @@ def test_compaction_writes_each_samples_own_bytes_from_the_spill(tmp_path, monke
     assert len(want) == sum(r["row_type"] == "sample" for r in rows) and bad["key"] in want
 
     def has_failure(name: str) -> bool:
-        rows = pq.read_table(io.BytesIO(store.read_bytes(name)), columns=["status"]).to_pylist()
+        rows = read_parquet(store.read_bytes(name), columns=["status"]).to_pylist()
         return any(r["status"] != "ok" for r in rows)
 
     listed = DatasetStore.list_prefix

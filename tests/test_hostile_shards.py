@@ -20,7 +20,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -28,6 +27,7 @@ from pipelines.basicsr_dataset import RealDGenPairedDataset
 from pipelines.export import _write_inside, export_dataset
 from pipelines.inspect_shards import check_contract, inspect_dataset
 from pipelines.reader import BadSample, PairedShardDataset
+from pipelines.storage import read_parquet
 
 GOOD = ["good", "good2", "t1"]  # the samples every reader may return (t1: head of the cut shard)
 
@@ -251,7 +251,7 @@ def test_source_tar_duplicate_member_becomes_a_failure_row(tmp_path, photos, ray
     data["limits"] = {"max_failure_fraction": 0.5}
     summary = run_dict(data)
     assert summary["inputs"] == 4 and summary["inputs_failed"] == 1
-    rows = pq.read_table(out / "pairs-000000.parquet").to_pylist()
+    rows = read_parquet((out / "pairs-000000.parquet").read_bytes()).to_pylist()
     failed = [r for r in rows if r["status"] == "failed"]
     assert len(failed) == 1 and failed[0]["error"].startswith("duplicate member")
     assert not (tmp_path / "evil.png").exists() and not (tmp_path.parent / "evil.png").exists()

@@ -22,13 +22,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import yaml
 from faultproxy import FaultProxy
 from PIL import Image
 from test_generate_job import REPO, manifest_dict, run_dict, validate
 from test_generate_s3 import job_env
+
+from pipelines.storage import read_parquet
 
 OUTAGE_S = 20.0
 
@@ -197,7 +198,7 @@ def test_s3_outage_mid_run_is_ridden_out(s3_server, s3_bucket, photos, tmp_path)
     # No input became a failure row: an outage is not a property of the input.
     for n, body in _dataset(client, s3_bucket, "ds").items():
         if n.endswith(".parquet"):
-            rows = pq.read_table(io.BytesIO(body)).to_pylist()
+            rows = read_parquet(body).to_pylist()
             assert rows and all(r["status"] == "ok" for r in rows), (n, rows)
     assert _dataset(client, s3_bucket, "ds") == reference
     remaining = _objects(client, s3_bucket, "ds")
@@ -251,7 +252,7 @@ def test_truncated_and_garbage_source_tars_become_failure_rows(ray_local, photos
     print(f"\ntruncated-tar job: {wall:.0f} s; summary {summary}")
     validate(str(out), "--scale", "2")
 
-    rows = [r for p in sorted(out.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    rows = [r for p in sorted(out.glob("*.parquet")) for r in read_parquet(p.read_bytes()).to_pylist()]
     inputs = {r["uri"]: r for r in rows if r["row_type"] == "input"}
     src = str(hr)
     good = [f"{src}/{t}#{m}" for t in ("src-000000.tar", "src-000002.tar") for m in members[t]]

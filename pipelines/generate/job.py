@@ -1018,7 +1018,7 @@ class GenerateJob:
             if not (st.get("inputs_with_failures") or st.get("inputs_failed") or st.get("samples_failed")):
                 continue
             try:
-                rows = read_parquet(io.BytesIO(self.store.read_bytes(f"{stem}.parquet"))).to_pylist()
+                rows = read_parquet(self.store.read_bytes(f"{stem}.parquet")).to_pylist()
             except Exception:
                 continue
             seen: set[str] = set()

@@ -614,7 +614,7 @@ def read_plan_block(batch: pa.Table, config: PlanReadConfig | Mapping[str, Any])
     skip = set(config.skip_shards)
     tables = []
     for name in batch.column("name").to_pylist():
-        t = read_parquet(io.BytesIO(store.read_bytes(name)), schema=PLAN_SCHEMA)
+        t = read_parquet(store.read_bytes(name), schema=PLAN_SCHEMA)
         if skip:
             keep = [s not in skip for s in t.column("shard").to_pylist()]
             t = t.filter(pa.array(keep, pa.bool_()))

@@ -304,7 +304,7 @@ def compact_shard(
     # one tar member at a time, never the whole shard (a cluster shard can be gigabytes).
     with _Spill() as spill:
         for n in names:
-            for r in read_parquet(io.BytesIO(store.read_bytes(n))).to_pylist():
+            for r in read_parquet(store.read_bytes(n)).to_pylist():
                 # A key seen twice (a retried batch, or parts a crashed run left) has the same bytes
                 # when it succeeded both times; a success wins over a failure of an earlier attempt.
                 rows = inputs if r["row_type"] == "input" else samples
