@@ -202,12 +202,13 @@ class LRGenerator:
     def domain_start(
         self,
         probe_tiles: Sequence[Tensor],
-        refs: Tensor | Sequence[Tensor],
+        refs: Tensor | Sequence[Tensor] | None,
         bank: Sequence[dict],
         *,
         ref_weighting: str = "sensitivity",
         aggregate: str = "rank",
         ref_embeddings: Tensor | None = None,
+        ref_probe_embeddings: Tensor | None = None,
     ) -> dict:
         """The job's start choice for one reference domain (``generator.start_choice: domain``): the
         bank entry whose ``D(tile, θ)`` the references rank closest in E_deg over every probe HR tile.
@@ -215,24 +216,42 @@ class LRGenerator:
         ``probe_tiles``: HR tiles [3,H,W] in [0,1] of the inputs to generate (the job cuts 32 spread
         over them); ``refs``: the domain's LR references; ``ref_weighting``: ``sensitivity`` (the job's
         default, :func:`calibrate.reference_weights`) or ``uniform``; ``aggregate``: ``rank`` or
-        ``distance``; ``ref_embeddings``: ``degradation_embeddings(refs)`` when already computed.
+        ``distance``; ``ref_embeddings``: ``degradation_embeddings(refs)`` when already computed, and
+        ``ref_probe_embeddings``: :meth:`reference_probe_embeddings` of them. With both (or
+        ``ref_embeddings`` alone when ``ref_weighting`` is ``uniform``), ``refs`` may be None: the job
+        embeds each reference as it decodes it and keeps no image.
         Returns :func:`calibrate.domain_start_profile`'s dict plus ``label``; pass
         ``calibrate.profile_errors(profile, len(bank))`` (one row per sample) as ``start_bank_errors``."""
         if ref_weighting not in ("sensitivity", "uniform"):
             raise ValueError(f"ref_weighting must be 'sensitivity' or 'uniform', got {ref_weighting!r}")
-        ref_list = self._as_image_list(refs, "refs")
+        ref_list = self._as_image_list(refs, "refs") if refs is not None else None
+        if ref_list is None and (
+            ref_embeddings is None or (ref_weighting == "sensitivity" and ref_probe_embeddings is None)
+        ):
+            raise ValueError(
+                "refs may be None only with ref_embeddings (and ref_probe_embeddings when ref_weighting "
+                "is 'sensitivity')"
+            )
         tiles = self._as_image_list(list(probe_tiles), "probe_tiles")
         emb = self.degradation_embeddings(ref_list) if ref_embeddings is None else ref_embeddings
         weights = None
         if ref_weighting == "sensitivity":
-            weights = calibrate.reference_weights(
-                emb, self.degradation_embeddings([calibrate.weight_probe(r) for r in ref_list])
-            )
+            probe = ref_probe_embeddings
+            if probe is None:
+                probe = self.reference_probe_embeddings(ref_list)
+            weights = calibrate.reference_weights(emb, probe)
         profile = calibrate.domain_start_profile(
             self.model.degradation, tiles, emb, bank, self.device, ref_weights=weights, aggregate=aggregate
         )
         profile["label"] = calibrate.theta_label(bank[profile["chosen"]])
         return profile
+
+    def reference_probe_embeddings(self, refs: Tensor | Sequence[Tensor]) -> Tensor:
+        """E_deg of each reference blurred by :func:`calibrate.weight_probe` ([N, 2048]): with
+        ``degradation_embeddings(refs)``, what :func:`calibrate.reference_weights` weighs a reference by
+        in :meth:`domain_start`."""
+        blurred = [calibrate.weight_probe(r) for r in self._as_image_list(refs, "refs")]
+        return self.degradation_embeddings(blurred)
 
     @property
     def scale(self) -> int:

@@ -318,3 +318,66 @@ def test_a_large_reference_is_read_from_its_centre_crop_and_a_tiny_one_is_skippe
     marked = [dict(r, crop=cap) if j == 0 else r for j, r in enumerate(rows)]
     assert references_digest(marked) != references_digest(rows)
     assert references_digest([dict(r) for r in rows]) == references_digest(rows)
+
+
+def test_references_are_embedded_one_at_a_time_with_the_vectors_and_start_of_all_held_at_once(
+    tiny_checkpoint, photos, tmp_path
+):
+    """The reference task held every decoded reference (float32, up to 12 MB each after the crop)
+    until the last was read: ten thousand references would need 100 GB in one task. Each is now
+    embedded as it is decoded and dropped. The bank and each domain's start profile must be those of
+    the references held at once and passed to ``domain_start`` as images (two domains, references of
+    several sizes, one that fails to decode between them: the rows must not shift)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from pipelines.generate.references import prepare_references
+    from realdgen_core import calibrate
+    from realdgen_core.generator import LRGenerator
+
+    names = ["astronaut", "chelsea", "coffee", "rocket"]
+    sizes = [(48, 64), (40, 40), (64, 48), (56, 72)]
+    refs, images = [], []
+    for j, (name, (h, w)) in enumerate(zip(names * 2, sizes * 2, strict=True)):
+        img = np.array(Image.fromarray(photos[name]).resize((w, h), Image.BICUBIC))
+        p = tmp_path / f"ref{j}.png"
+        Image.fromarray(img).save(p)
+        refs.append({"uri": str(p), "path": str(p), "set": "s", "domain": "a" if j % 2 else "b"})
+        images.append(torch.from_numpy(img).permute(2, 0, 1).float().div(255.0))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    refs.insert(3, {"uri": str(broken), "path": str(broken), "set": "s", "domain": "a"})
+    probe = []
+    for name in ["coffee", "rocket"]:
+        p = tmp_path / f"hr_{name}.png"
+        Image.fromarray(photos[name]).save(p)
+        probe.append({"uri": str(p), "path": str(p)})
+    bank = list(calibrate.start_bank(4, (0.0, 2.0), (0, 30)))
+    start = {"bank": bank, "probe": probe, "tile_hr": 64, "n_tiles": 4}
+    ckpt = str(tiny_checkpoint[0])
+
+    ok, errors, emb, profiles, _ = prepare_references(refs, "realdgen", ckpt, {}, 10**7, "cpu", start)
+    assert ok == [0, 1, 2, 4, 5, 6, 7, 8] and len(errors) == 1 and str(broken) in errors[0]
+
+    gen = LRGenerator.from_checkpoint(ckpt, device="cpu")
+    assert np.array_equal(emb, gen.degradation_embeddings(images).numpy())
+    from pipelines.generate.references import _probe_tiles
+
+    tiles = _probe_tiles(probe, {}, 10**7, 64, 4)
+    for domain, rows in (("a", [1, 3, 5, 7]), ("b", [0, 2, 4, 6])):
+        held = gen.domain_start(tiles, [images[r] for r in rows], bank)
+        streamed = profiles[f"domain:{domain}"]
+        assert (streamed["chosen"], streamed["ranks"], streamed["label"]) == (
+            held["chosen"],
+            held["ranks"],
+            held["label"],
+        )
+        assert np.array_equal(np.asarray(streamed["errors"]), np.asarray(held["errors"]))
+    uniform = prepare_references(
+        refs, "realdgen", ckpt, {}, 10**7, "cpu", {**start, "ref_weighting": "uniform"}
+    )
+    held = gen.domain_start(tiles, [images[r] for r in [1, 3, 5, 7]], bank, ref_weighting="uniform")
+    assert np.array_equal(np.asarray(uniform[3]["domain:a"]["errors"]), np.asarray(held["errors"]))
+    with pytest.raises(ValueError, match="ref_probe_embeddings"):
+        gen.domain_start(tiles, None, bank, ref_embeddings=torch.from_numpy(emb[:2]))

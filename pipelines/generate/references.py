@@ -135,57 +135,79 @@ def prepare_references(
 
     ok: list[int] = []
     errors: list[str] = []
-    images = []
     cropped: list[int] = []
-    for i, r in enumerate(refs):
-        try:
-            img = load_image(SourceItem.from_row(r), storage, max_pixels=max_pixels, max_bytes=max_bytes)
-            if kind == "realdgen":
-                whole = img.shape[:2]
-                img = reference_view(img)
-                if img.shape[:2] != whole:
-                    cropped.append(i)
-        except ImageError as exc:
-            errors.append(f"{r['uri']}: {exc.reason}")
-            continue
-        ok.append(i)
-        if kind == "realdgen":
+    # Each reference is embedded as soon as it is decoded and its pixels dropped: the task holds
+    # one reference image at a time and 2 x 8 KiB of embeddings per reference, whatever their number.
+    embs: list[torch.Tensor] = []
+    probe_embs: list[torch.Tensor] = []
+    gen = None
+    tiles: list = []
+    weigh = bool(start) and start.get("ref_weighting", "sensitivity") == "sensitivity"
+    with _torch_threads(threads):
+        for i, r in enumerate(refs):
+            try:
+                img = load_image(SourceItem.from_row(r), storage, max_pixels=max_pixels, max_bytes=max_bytes)
+                if kind == "realdgen":
+                    whole = img.shape[:2]
+                    img = reference_view(img)
+                    if img.shape[:2] != whole:
+                        cropped.append(i)
+            except ImageError as exc:
+                errors.append(f"{r['uri']}: {exc.reason}")
+                continue
+            ok.append(i)
+            if kind != "realdgen":
+                continue
+            if gen is None:
+                gen, tiles = _embedder(checkpoint, storage, device, start, max_pixels, max_bytes)
             # np.array: a writable copy (a decoded array may be read-only)
-            images.append(torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255.0))
-    bank = None
-    profiles: dict = {}
-    if kind == "realdgen" and images:
-        with _torch_threads(threads):
-            from realdgen_core.generator import LRGenerator
-
-            if device == "auto":
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-            gen = LRGenerator.from_checkpoint(fetch_to_local(checkpoint, storage), device=device)
-            emb = gen.degradation_embeddings(images)
-            bank = emb.numpy().astype(np.float32)
-            tiles = (
-                _probe_tiles(
-                    start["probe"],
-                    storage,
-                    max_pixels,
-                    int(start["tile_hr"]),
-                    start.get("n_tiles"),
-                    max_bytes,
+            t = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255.0)
+            del img
+            embs.append(gen.degradation_embeddings([t]))
+            if tiles and weigh:
+                probe_embs.append(gen.reference_probe_embeddings([t]))
+        if gen is None:
+            return ok, errors, None, {}, cropped
+        emb = torch.cat(embs)
+        bank = emb.numpy().astype(np.float32)
+        profiles: dict = {}
+        if tiles:
+            probe_emb = torch.cat(probe_embs) if weigh else None
+            groups: dict[str, list[int]] = {}
+            for j, i in enumerate(ok):
+                groups.setdefault(profile_key(refs[i].get("domain"), refs[i]["set"]), []).append(j)
+            for key, rows in groups.items():
+                profiles[key] = gen.domain_start(
+                    tiles,
+                    None,
+                    start["bank"],
+                    ref_weighting=start.get("ref_weighting", "sensitivity"),
+                    aggregate=start.get("aggregate", "rank"),
+                    ref_embeddings=emb[rows],
+                    ref_probe_embeddings=probe_emb[rows] if probe_emb is not None else None,
                 )
-                if start
-                else []
-            )
-            if tiles:
-                groups: dict[str, list[int]] = {}
-                for j, i in enumerate(ok):
-                    groups.setdefault(profile_key(refs[i].get("domain"), refs[i]["set"]), []).append(j)
-                for key, rows in groups.items():
-                    profiles[key] = gen.domain_start(
-                        tiles,
-                        [images[j] for j in rows],
-                        start["bank"],
-                        ref_weighting=start.get("ref_weighting", "sensitivity"),
-                        aggregate=start.get("aggregate", "rank"),
-                        ref_embeddings=emb[rows],
-                    )
     return ok, errors, bank, profiles, cropped
+
+
+def _embedder(
+    checkpoint: str | None,
+    storage: dict,
+    device: str,
+    start: Mapping[str, Any] | None,
+    max_pixels: int,
+    max_bytes: int | None,
+) -> tuple[Any, list]:
+    """The generator that embeds the references, and the probe HR tiles of the start choice (none
+    without ``start``): made when the first reference decodes, so a job whose references all fail
+    reads neither."""
+    import torch
+
+    from realdgen_core.generator import LRGenerator
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = LRGenerator.from_checkpoint(fetch_to_local(checkpoint, storage), device=device)
+    if not start:
+        return gen, []
+    tile_hr, n_tiles = int(start["tile_hr"]), start.get("n_tiles")
+    return gen, _probe_tiles(start["probe"], storage, max_pixels, tile_hr, n_tiles, max_bytes)
