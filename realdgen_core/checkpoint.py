@@ -11,6 +11,8 @@ Loading never unpickles: the header is checked first, so a ``torch.save`` file (
 is refused before any of it is interpreted. The digest identifies the model, not the file: sha256
 over the canonical config JSON and, for every tensor in name order, its name, dtype, shape and raw
 bytes. User metadata is not part of it, so re-saving a loaded model with other metadata keeps it.
+The digest of what was written is stored in the metadata (``digest``); a load or inspection that
+reads another is refused as corrupt (files written before it was stored are read unchecked).
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ from realdgen_core.models import RealDGenModel
 FORMAT_VERSION = "1"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 _FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_SAFETENSORS_DTYPES = {v: k for k, v in _FLOAT_DTYPES.items()}
 _RESERVED_METADATA_KEYS = ("digest",)
+# safetensors metadata key of the digest computed when the file was written (since 2026-12-08;
+# files written before carry none and are loaded unchecked)
+STORED_DIGEST_KEY = "digest"
 
 
 class CheckpointError(ValueError):
@@ -117,21 +123,37 @@ def _digest(path: Path, header: dict, data_start: int) -> str:
         config_json = _canonical_json(json.loads(meta["config"]))
     except (json.JSONDecodeError, RecursionError, ValueError) as e:
         raise CheckpointError(f"{path}: the 'config' metadata is not valid JSON: {e!r}") from None
-    h = hashlib.sha256()
-    h.update(b"realdgen-checkpoint\nconfig\n")
-    h.update(config_json.encode())
     names = sorted(k for k in header if k != "__metadata__")
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else memoryview(b"") as buf:
-            for name in names:
-                info = header[name]
-                begin, end = info["data_offsets"]
-                h.update(b"\ntensor\n")
-                h.update(_canonical_json([name, info["dtype"], info["shape"], end - begin]).encode())
-                h.update(b"\n")
-                h.update(buf[data_start + begin : data_start + end])
+            return _digest_of(
+                config_json,
+                (
+                    (name, header[name]["dtype"], header[name]["shape"], buf[data_start + b : data_start + e])
+                    for name in names
+                    for b, e in [header[name]["data_offsets"]]
+                ),
+            )
+
+
+def _digest_of(config_json: str, tensors) -> str:
+    """The digest of a canonical config JSON and ``(name, safetensors dtype, shape, raw bytes)`` in
+    name order: what :func:`_digest` reads from a file, and :func:`save_checkpoint` from memory."""
+    h = hashlib.sha256()
+    h.update(b"realdgen-checkpoint\nconfig\n")
+    h.update(config_json.encode())
+    for name, dtype, shape, data in tensors:
+        h.update(b"\ntensor\n")
+        h.update(_canonical_json([name, dtype, list(shape), len(data)]).encode())
+        h.update(b"\n")
+        h.update(data)
     return h.hexdigest()
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes as safetensors writes them (little-endian, as in memory here)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def checkpoint_digest(path: str | os.PathLike) -> str:
@@ -145,8 +167,9 @@ def save_checkpoint(path: str | os.PathLike, model: RealDGenModel, metadata: dic
     """Write ``model`` (config + tensors) and JSON-serialisable ``metadata`` atomically; return the digest.
 
     The file is written next to its destination under a temporary name, fsynced and renamed, so a
-    reader never sees a half-written checkpoint. ``digest`` is computed at load, never stored: the
-    metadata :func:`load_checkpoint` returned can be saved again as it is (its ``digest`` is left out).
+    reader never sees a half-written checkpoint. The user metadata's ``digest`` is computed at load:
+    the metadata :func:`load_checkpoint` returned can be saved again as it is (its ``digest`` is left
+    out); the digest of the bytes written is stored beside it, in the safetensors metadata.
     """
     path = Path(path)
     metadata = {k: v for k, v in (metadata or {}).items() if k not in _RESERVED_METADATA_KEYS}
@@ -155,10 +178,20 @@ def save_checkpoint(path: str | os.PathLike, model: RealDGenModel, metadata: dic
     except TypeError as e:
         raise CheckpointError(f"metadata is not JSON-serialisable: {e}") from e
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    config_json = _canonical_json(model.config.to_dict())
+    # the digest of what is written, stored beside it: a load that reads other bytes says the file is corrupt
+    expected = _digest_of(
+        config_json,
+        (
+            (name, _SAFETENSORS_DTYPES[tensors[name].dtype], tensors[name].shape, _raw(tensors[name]))
+            for name in sorted(tensors)
+        ),
+    )
     st_meta = {
         "format_version": FORMAT_VERSION,
-        "config": _canonical_json(model.config.to_dict()),
+        "config": config_json,
         "metadata": metadata_json,
+        STORED_DIGEST_KEY: expected,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -168,6 +201,8 @@ def save_checkpoint(path: str | os.PathLike, model: RealDGenModel, metadata: dic
             os.fsync(f.fileno())
         header, data_start = _read_header(tmp)
         digest = _digest(tmp, header, data_start)
+        if digest != expected:
+            raise CheckpointError(f"{path}: the file written does not read back as the model saved; not kept")
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -196,6 +231,7 @@ def _inspect(path: Path) -> tuple[RealDGenConfig, dict, dict, RealDGenModel]:
             f"{path}: unsupported format_version {version!r} (this code reads {FORMAT_VERSION!r})"
         )
     digest = _digest(path, header, data_start)
+    stored_digest = meta.get(STORED_DIGEST_KEY)
     try:
         config = RealDGenConfig.from_dict(json.loads(meta["config"]))
     except (ValueError, TypeError, KeyError) as e:
@@ -209,6 +245,12 @@ def _inspect(path: Path) -> tuple[RealDGenConfig, dict, dict, RealDGenModel]:
     with torch.device("meta"):
         model = RealDGenModel(config)
     _check_tensors(path, model.state_dict(), {k: v for k, v in header.items() if k != "__metadata__"})
+    if stored_digest is not None and stored_digest != digest:
+        raise CheckpointError(
+            f"{path}: corrupt: its config and tensors read as digest {digest[:12]}…, not the "
+            f"{str(stored_digest)[:12]}… recorded when it was saved (a changed byte, or a copy that went "
+            "wrong); copy, download or train it again"
+        )
     user_metadata["digest"] = digest
     return config, user_metadata, meta, model
 

@@ -284,3 +284,46 @@ def test_a_malformed_header_is_a_checkpoint_error(tmp_path: Path, saved, case, e
     with pytest.raises(CheckpointError, match=message) as info:
         inspect_checkpoint(bad)
     assert str(bad) in str(info.value)
+
+
+def test_a_changed_byte_in_the_tensors_is_reported_as_corrupt(tmp_path: Path, saved) -> None:
+    """The digest identified the model but nothing checked it: a checkpoint with a flipped byte in a
+    tensor (a bad copy, a partial download into a cache) loaded as a different model, silently. The
+    digest computed when the file is written is stored in it; a load or inspection that reads other
+    bytes is refused, naming both digests. Metadata edits keep it valid, and files written before the
+    digest was stored (the committed demo checkpoint among them) load as before."""
+    from safetensors import safe_open
+
+    from realdgen_core.checkpoint import STORED_DIGEST_KEY, inspect_checkpoint
+
+    path, digest = saved
+    assert _header(path)["__metadata__"][STORED_DIGEST_KEY] == digest
+    raw = bytearray(path.read_bytes())
+    header = _header(path)
+    start = 8 + struct.unpack("<Q", raw[:8])[0]
+    begin, end = header["unet.conv_out.weight"]["data_offsets"]
+    raw[start + (begin + end) // 2] ^= 0x10
+    bad = tmp_path / "flipped.safetensors"
+    bad.write_bytes(bytes(raw))
+    now = checkpoint_digest(bad)
+    assert now != digest
+    said = rf"corrupt: .* {now[:12]}…, not the {digest[:12]}… recorded"
+    for read in (load_checkpoint, inspect_checkpoint):
+        with pytest.raises(CheckpointError, match=said):
+            read(bad)
+    # a metadata-only edit (what a calibration records) keeps the stored digest valid
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edited = tmp_path / "edited.safetensors"
+    save_file(tensors, str(edited), metadata={**meta, "metadata": json.dumps({"note": "calibrated"})})
+    assert load_checkpoint(edited)[1] == {"note": "calibrated", "digest": digest}
+    # written before the digest was stored: no check, the same digest
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={k: v for k, v in meta.items() if k != STORED_DIGEST_KEY})
+    assert load_checkpoint(old)[1]["digest"] == digest
+    old_flipped = tmp_path / "old_flipped.safetensors"
+    raw_old = bytearray(old.read_bytes())
+    raw_old[-5] ^= 0x10
+    old_flipped.write_bytes(bytes(raw_old))
+    assert load_checkpoint(old_flipped)[1]["digest"] not in (digest, None)
