@@ -20,6 +20,7 @@ compares job and loop on any machine that has it.
 
     python bench/gpu_suite.py                          # cuda, paper preset, full sizes
     python bench/gpu_suite.py --device cpu --quick     # tiny preset, minutes on a CPU (CI)
+    python bench/gpu_suite.py --budget-s 240 --out $OUT/suite.json   # on a lent GPU machine
 """
 
 from __future__ import annotations
@@ -290,6 +291,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip later sections after this")
     ap.add_argument("--cpu-workers", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="also write the JSON here after every section (a call cut off by its time limit keeps "
+        "the sections it finished)",
+    )
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -320,17 +327,27 @@ def main(argv: list[str] | None = None) -> dict:
         "compile": args.compile,
         "channels_last": args.channels_last,
     }
+
+    def save() -> None:
+        if args.out:
+            tmp = Path(f"{args.out}.tmp")
+            tmp.write_text(json.dumps(out, indent=1, default=float))
+            tmp.replace(args.out)
+
     model = build_model(preset(args.preset, 4), seed=0).to(device).eval()
     row_flops = unet_row_flops(model, args.lr_tile, device)
     out["unet_gflop_per_row"] = row_flops / 1e9
     out["peak"] = _guarded(section_peak, device, q)
+    save()
     out["unet_forward"] = _guarded(section_unet, model, args, device, row_flops)
+    save()
     out["generate"] = _guarded(section_generate, model, args, device, row_flops, deadline)
     for key in ("ancestral", "ddim"):
         g = out["generate"].get(key)
         if isinstance(g, dict) and "tflops" in out["peak"]:
             g["pct_of_measured_peak"] = 100 * g["useful_tflops_call"] / out["peak"]["tflops"]
             g["pct_of_datasheet_peak"] = 100 * g["useful_tflops_call"] / args.peak_tflops
+    save()
     if time.perf_counter() < deadline:
         del model
         if device.type == "cuda":
@@ -339,6 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         out["train"] = "skipped: budget"
     out["seconds"] = time.perf_counter() - t_start
+    save()
     print(json.dumps(out, indent=1, default=float))
     return out
 

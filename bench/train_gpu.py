@@ -14,7 +14,7 @@ With ``--plan-seconds T`` it scales the manifest's step counts by one factor so 
 is expected to take about T seconds with the fastest configuration, and writes the ``--set`` overrides
 for ``pipelines/train.py`` to ``--sets-out``.
 
-    python bench/train_gpu.py manifests/train_gpu.yaml --plan-seconds 330 --sets-out /tmp/sets.txt
+    python bench/train_gpu.py manifests/train_gpu.yaml --plan-seconds 300 --sets-out /tmp/sets.txt
     python bench/train_gpu.py manifests/train_tiny.yaml --device cpu --steps 2 --warmup 1   # a CPU check
 """
 

@@ -26,8 +26,11 @@ def _bench(script: str, *args: str) -> dict:
     return json.loads(proc.stdout)
 
 
-def test_gpu_suite_quick_mode_on_cpu():
-    out = _bench("gpu_suite.py", "--device", "cpu", "--quick", "--threads", "1")
+def test_gpu_suite_quick_mode_on_cpu(tmp_path):
+    saved = tmp_path / "suite.json"
+    out = _bench("gpu_suite.py", "--device", "cpu", "--quick", "--threads", "1", "--out", str(saved))
+    # --out: what a GPU call cut off by its time limit brings back, written after every section
+    assert json.loads(saved.read_text()) == json.loads(json.dumps(out))
     assert out["bench"] == "gpu_suite" and out["quick"] and out["preset"] == "tiny"
     assert out["unet_gflop_per_row"] > 0 and out["peak"]["tflops"] > 0
     assert out["unet_forward"]["eager_fp32"]["tflops"] > 0
