@@ -46,6 +46,7 @@ from pipelines.reader import (
     filesystem,
     iter_tar_samples,
     list_shards,
+    open_shard,
     png_size,
 )
 
@@ -103,7 +104,7 @@ def iter_raw_samples(
     seen: set[str] = set()
     for shard in shards:
         try:
-            stream = fs.open(shard.url, "rb")
+            stream = open_shard(fs, shard.url)
         except Exception as exc:
             message = f"{shard.url}: cannot be opened: {type(exc).__name__}: {exc}"
             skip(BadSample("shard_error", message, shard.samples or 1))

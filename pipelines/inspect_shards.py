@@ -21,7 +21,16 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from pipelines.reader import BadSample, check_member, decode_pair, filesystem, list_shards, read_index
+from pipelines.reader import (
+    BadSample,
+    check_member,
+    decode_pair,
+    filesystem,
+    list_shards,
+    open_shard,
+    read_index,
+)
+from pipelines.storage import with_retries
 from realdgen_core.shards import open_tar
 
 log = logging.getLogger(__name__)
@@ -256,8 +265,7 @@ def _read_failures(shards, endpoint_url, report: InspectReport) -> None:
     for shard in shards:
         ppath = shard.url[: -len(".tar")] + ".parquet"
         try:
-            with fs.open(ppath, "rb") as f:
-                table = read_parquet(f)
+            table = read_parquet(with_retries(lambda p=ppath: fs.cat_file(p), what=f"reading {ppath}"))
         except Exception:
             report.unreadable["missing_parquet"] += 1
             continue
@@ -358,7 +366,8 @@ def check_contract(
     fs, root = filesystem(uri, endpoint_url)
     root = root.rstrip("/")
     fs.invalidate_cache(root)
-    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+    listed_names = with_retries(lambda: fs.ls(root, detail=False), what=f"listing {uri}")
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listed_names)
     tars = [n for n in names if n.endswith(".tar")]
     if not tars:
         problems.append("no .tar shards")
@@ -381,7 +390,7 @@ def check_contract(
                 _check_sample(sample[0], sample[1], scale, decode_images, problems)
 
         try:
-            with fs.open(f"{root}/{name}", "rb") as f, open_tar(f, "r|") as tar:
+            with open_shard(fs, f"{root}/{name}") as f, open_tar(f, "r|") as tar:
                 for m in tar:
                     try:  # untrusted: a member that is not KEY.{hr.png,lr.png,json} is never read
                         key, suffix = check_member(m)
@@ -420,7 +429,9 @@ def check_contract(
         )
         return report
     try:
-        index = json.loads(fs.cat_file(f"{root}/_index.json"))
+        what = f"reading {uri}/_index.json"
+        raw_index = with_retries(lambda: fs.cat_file(f"{root}/_index.json"), what=what)
+        index = json.loads(raw_index)
         listed = {e["name"].removesuffix(".tar"): e for e in index["shards"]}
     except Exception as exc:
         problems.append(f"_index.json unreadable: {exc}")

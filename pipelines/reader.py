@@ -54,7 +54,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipelines.storage import env_endpoint, open_for_header_scan
+from pipelines.storage import env_endpoint, open_for_header_scan, with_retries
 from realdgen_core.shards import open_tar
 
 log = logging.getLogger(__name__)
@@ -158,10 +158,25 @@ def read_index(uri: str, endpoint_url: str | None = None) -> dict | None:
     fs, path = filesystem(uri, endpoint_url)
     fs.invalidate_cache(path)  # object-store listings are cached per filesystem; a run may have moved on
     ipath = _join(path, INDEX_NAME)
-    if not fs.exists(ipath):
-        return None
-    with fs.open(ipath, "rb") as f:
-        return _small_json(f, _join(uri, INDEX_NAME))
+
+    def read() -> dict | None:
+        if not fs.exists(ipath):
+            return None
+        with fs.open(ipath, "rb") as f:
+            return _small_json(f, _join(uri, INDEX_NAME))
+
+    return with_retries(read, what=f"reading {_join(uri, INDEX_NAME)}")
+
+
+def _read_small_json(fs: fsspec.AbstractFileSystem, path: str, what: str) -> dict:
+    with fs.open(path, "rb") as f:
+        return _small_json(f, what)
+
+
+def open_shard(fs: fsspec.AbstractFileSystem, url: str):
+    """``fs.open(url, "rb")``, retried through a storage outage (``pipelines.storage.with_retries``:
+    a shard that is missing or refused fails at once): a transient error no longer costs the shard."""
+    return with_retries(lambda: fs.open(url, "rb"), what=f"opening {url}")
 
 
 def _small_json(f, what: str) -> dict:
@@ -210,7 +225,8 @@ def list_shards(uri: str, endpoint_url: str | None = None) -> list[ShardEntry]:
             raise ValueError(f"{_join(uri, INDEX_NAME)} is malformed: {exc}") from None
     fs, path = filesystem(uri, endpoint_url)
     try:
-        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+        listed = with_retries(lambda: fs.ls(path, detail=False), what=f"listing {uri}")
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listed)
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{uri}: no such dataset (no {INDEX_NAME}, and the folder does not exist)"
@@ -219,8 +235,10 @@ def list_shards(uri: str, endpoint_url: str | None = None) -> list[ShardEntry]:
     for n in names:
         stats_name = n.removesuffix(".tar") + "_stats.json"
         if n.endswith(".tar") and stats_name in names:
-            with fs.open(_join(path, stats_name), "rb") as f:
-                stats = _small_json(f, _join(uri, stats_name))
+            where, what = _join(path, stats_name), _join(uri, stats_name)
+            stats = with_retries(
+                lambda where=where, what=what: _read_small_json(fs, where, what), what=f"reading {what}"
+            )
             entries.append(ShardEntry(_join(uri, n), stats.get("samples")))
     if not entries:
         raise FileNotFoundError(f"{uri}: no {INDEX_NAME} and no completed shards (*.tar with _stats.json)")
@@ -782,7 +800,7 @@ class PairedShardDataset(IterableDataset):
         limit = max(MAX_OPEN_FAILURES, 2 * len(self.shards))
         for shard in shards:
             try:
-                stream = self._fs(shard.url).open(shard.url, "rb")
+                stream = open_shard(self._fs(shard.url), shard.url)
             except Exception as exc:
                 if not self._shard_error(exc, shard.url):
                     return

@@ -804,3 +804,43 @@ def test_env_endpoint_with_credentials_is_a_setting_to_fix(monkeypatch):
     assert env_endpoint() == "http://127.0.0.1:9000"
     monkeypatch.setenv("AWS_ENDPOINT_URL", "")
     assert env_endpoint() is None
+
+
+def test_the_downstream_tools_ride_out_an_outage_without_losing_a_shard(
+    proxy, s3_server, s3_bucket, tmp_path
+):
+    """The SR trainer's reader, `realdgen export` and `realdgen inspect`/`validate` opened shards and
+    read listings once: a storage outage of a few seconds at the wrong moment cost a whole shard
+    (skipped as `shard_error`, a partial export) or ended the command. They now retry through an
+    outage as the job does (missing or refused objects still fail at once): each read here starts
+    during a 3 s outage and must give every sample."""
+    from pipelines.export import export_dataset, iter_raw_samples
+    from pipelines.inspect_shards import check_contract, inspect_dataset
+    from pipelines.reader import PairedShardDataset, list_shards
+    from tests.shard_factory import write_dataset
+
+    fac = write_dataset(f"s3://{s3_bucket}/ds", n_samples=6, samples_per_shard=3, endpoint_url=s3_server)
+    uri, url = fac.uri, proxy.url
+    keys = sorted(fac.keys)
+
+    def outage(read):
+        up = proxy.down_for(3.0)
+        try:
+            return read()
+        finally:
+            up.join()
+
+    assert [s.samples for s in outage(lambda: list_shards(uri, url))] == [3, 3]
+    shards = list_shards(uri, url)
+    skipped = []
+    raw = outage(lambda: list(iter_raw_samples(shards, url, skipped.append)))
+    assert sorted(r["__key__"] for r in raw) == keys and skipped == []
+    ds = PairedShardDataset(uri, endpoint_url=url, shuffle=False, return_meta=True)
+    got = outage(lambda: [s["key"] for s in ds])
+    assert sorted(got) == keys and not ds.skipped
+    result = outage(lambda: export_dataset(uri, str(tmp_path / "export"), endpoint_url=url))
+    assert (result.pairs, dict(result.skipped)) == (6, {})
+    report = outage(lambda: inspect_dataset(uri, endpoint_url=url))
+    assert report.samples == 6 and not report.unreadable, report
+    contract = outage(lambda: check_contract(uri, endpoint_url=url))
+    assert contract.ok, contract.problems
