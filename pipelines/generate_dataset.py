@@ -35,6 +35,7 @@ from pipelines.generate.job import (  # noqa: E402
     FAILURES_SHOWN,
     GenerateJob,
     JobFailed,
+    StorageUnavailable,
     ensure_ray,
     run,
     what_changed,
@@ -49,7 +50,11 @@ from pipelines.storage import (  # noqa: E402
     missing_credentials,
 )
 
-__all__ = ["Plan", "GenerateJob", "JobFailed", "ensure_ray", "make_plan", "run", "main"]
+__all__ = ["Plan", "GenerateJob", "JobFailed", "ensure_ray", "make_plan", "run", "main", "EXIT_TEMPFAIL"]
+
+# Exit status when storage stayed unavailable past the retry budget (before or during the run):
+# sysexits' EX_TEMPFAIL, so a scheduler can retry this case alone (the same command resumes).
+EXIT_TEMPFAIL = 75
 
 # Kept under its old name: tests and tools read a checkpoint's calibration through it.
 _checkpoint_calibration = checkpoint_calibration
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     except TransientStorageError as exc:
         print(f"error: {exc}; nothing was written, run the command again", file=sys.stderr)
-        return 1
+        return EXIT_TEMPFAIL
     except StorageAccessError as exc:
         print(f"error: {exc}; nothing was written", file=sys.stderr)
         return 2
@@ -168,6 +173,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except ManifestError as exc:  # found by the listing (no images after all, colliding keys)
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StorageUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_TEMPFAIL
     except JobFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -181,9 +181,9 @@ def test_s3_outage_mid_run_is_ridden_out(s3_server, s3_bucket, photos, tmp_path)
         outcome = "rode out (exit 0)"
         if rc == 0:
             assert not ended_while_down, "the job finished while storage was down"
-        elif rc == 1:  # storage stayed away longer than the in-task retries: say so, re-run resumes
+        elif rc == 75:  # storage away longer than the in-task retries: said, EX_TEMPFAIL, a re-run resumes
             assert "storage unavailable" in err and "run the same command again" in err, err[-4000:]
-            outcome = f"exit 1 ({'during' if ended_while_down else 'after'} the outage), re-run exit 0"
+            outcome = f"exit 75 ({'during' if ended_while_down else 'after'} the outage), re-run exit 0"
             rc, out, err = _Job(path, env, tmp_path / "rerun").wait(240)
         assert rc == 0, out[-2000:] + err[-4000:]
     summary = json.loads(out.strip().splitlines()[-1])

@@ -844,3 +844,28 @@ def test_the_downstream_tools_ride_out_an_outage_without_losing_a_shard(
     assert report.samples == 6 and not report.unreadable, report
     contract = outage(lambda: check_contract(uri, endpoint_url=url))
     assert contract.ok, contract.problems
+
+
+def test_the_job_exits_75_when_storage_stays_unavailable_before_it_starts(
+    proxy, s3_bucket, tmp_path, capsys, short_budget
+):
+    """Storage unavailable past the retry budget is the one failure worth retrying as it is (the
+    same command resumes): it exits 75 (EX_TEMPFAIL), so a scheduler can tell it from a failure
+    budget exceeded or an output refused (1) and from an invalid manifest (2)."""
+    import yaml
+    from test_generate_job import manifest_dict
+
+    from pipelines.generate_dataset import EXIT_TEMPFAIL, main
+
+    data = manifest_dict(f"s3://{s3_bucket}/hr", f"s3://{s3_bucket}/refs", str(tmp_path / "out"))
+    data["storage"] = {"endpoint_url": proxy.url}
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(data))
+    proxy.down()
+    try:
+        assert main([str(path)]) == EXIT_TEMPFAIL == 75
+    finally:
+        proxy.up()
+    err = capsys.readouterr().err
+    assert "storage unavailable" in err and "nothing was written, run the command again" in err, err
+    assert not (tmp_path / "out").exists()

@@ -64,7 +64,15 @@ from pipelines.storage import (
 )
 from realdgen_core.shards import open_tar
 
-__all__ = ["GenerateJob", "JobFailed", "ensure_ray", "run", "decode_task_memory", "TASK_RETRIES"]
+__all__ = [
+    "GenerateJob",
+    "JobFailed",
+    "StorageUnavailable",
+    "ensure_ray",
+    "run",
+    "decode_task_memory",
+    "TASK_RETRIES",
+]
 
 # Retries of a task stage (decode, part writing, compaction, listing): a lost node, or storage
 # still unavailable after the in-task retry budget (pipelines.storage.with_retries).
@@ -85,6 +93,11 @@ REFERENCES_SKIPPED_KEPT = 100  # references that did not decode, named in the in
 
 class JobFailed(RuntimeError):
     """The job ran but must exit non-zero (failure budget exceeded, output refused, …)."""
+
+
+class StorageUnavailable(JobFailed):
+    """Storage stayed unavailable past the retry budget: nothing was marked failed, and the same
+    command run again resumes (the CLI's exit status 75, EX_TEMPFAIL: worth retrying as it is)."""
 
 
 def decode_task_memory(max_image_pixels: int, max_file_bytes: int = 256 * 2**20) -> int:
@@ -537,7 +550,7 @@ class GenerateJob:
             unavailable = task_error_message(exc, TransientStorageError)
             if unavailable is None:
                 raise
-            raise JobFailed(
+            raise StorageUnavailable(
                 f"storage unavailable: {unavailable}. Nothing was marked failed; run the same command "
                 "again to resume (complete shards are kept)"
             ) from None

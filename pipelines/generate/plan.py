@@ -244,6 +244,8 @@ def _unlistable(exc: Exception, spec, key: str) -> ManifestError:
 def _check_source(spec, storage: dict, key: str) -> None:
     try:
         found = _first_image(spec, storage)
+    except TransientStorageError:  # storage away, the manifest fine: the CLI says so (exit 75)
+        raise
     except Exception as exc:
         raise _unlistable(exc, spec, key) from None
     if not found:
@@ -387,7 +389,7 @@ def _check_output_bucket(m: GenerateManifest, storage: dict) -> None:
     error naming it here, not an unnamed failure of the lock once Ray is up (nothing is created)."""
     if not m.output.uri.startswith("s3://"):
         return
-    try:  # outages are retried and then fail as elsewhere (exit 1: run again), not as a manifest error
+    try:  # outages are retried and then fail as elsewhere (exit 75: run again), not as a manifest error
         found, bucket = _bucket_exists(m.output.uri, storage)
     except StorageAccessError as exc:
         raise ManifestError(f"output.uri: {exc}") from None
