@@ -79,10 +79,12 @@ def _cannot_read(dataset: str, exc: BaseException, own: tuple[type[BaseException
     ``ValueError``) or a storage failure that is not an ``OSError`` (botocore's endpoint and HTTP
     client errors, refused credentials); an ``own`` error (one that names its own object, such as
     an output that cannot be written) as it is; None for anything else, which stays a traceback."""
-    from pipelines.storage import StorageAccessError, access_refused, is_transient
+    from pipelines.storage import StorageAccessError, TransientStorageError, access_refused, is_transient
 
     if isinstance(exc, own):
         return str(exc)
+    if isinstance(exc, TransientStorageError):  # retried for its budget; it names what and why
+        return f"cannot read {dataset}: {exc}"
     # credentials first: s3fs raises a refused signature as a PermissionError (an OSError)
     why = str(exc) if isinstance(exc, StorageAccessError) else access_refused(exc)
     if why is None and isinstance(exc, (OSError, ValueError)):

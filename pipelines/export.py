@@ -49,6 +49,7 @@ from pipelines.reader import (
     open_shard,
     png_size,
 )
+from pipelines.storage import TransientStorageError
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ def iter_raw_samples(
     for shard in shards:
         try:
             stream = open_shard(fs, shard.url)
+        except TransientStorageError:  # retried for its budget: storage is away, not this shard
+            raise
         except Exception as exc:
             message = f"{shard.url}: cannot be opened: {type(exc).__name__}: {exc}"
             skip(BadSample("shard_error", message, shard.samples or 1))

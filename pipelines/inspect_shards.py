@@ -30,7 +30,7 @@ from pipelines.reader import (
     open_shard,
     read_index,
 )
-from pipelines.storage import with_retries
+from pipelines.storage import StorageAccessError, TransientStorageError, with_retries
 from realdgen_core.shards import open_tar
 
 log = logging.getLogger(__name__)
@@ -266,6 +266,8 @@ def _read_failures(shards, endpoint_url, report: InspectReport) -> None:
         ppath = shard.url[: -len(".tar")] + ".parquet"
         try:
             table = read_parquet(with_retries(lambda p=ppath: fs.cat_file(p), what=f"reading {ppath}"))
+        except TransientStorageError:  # retried for its budget: storage is away, not this shard
+            raise
         except Exception:
             report.unreadable["missing_parquet"] += 1
             continue
@@ -413,6 +415,9 @@ def check_contract(
                         got = len(member)
                         problems.append(f"{name}: member {m.name!r} is truncated ({got} of {m.size} B)")
                     current[1][suffix] = member
+        except StorageAccessError as exc:  # this shard refused; the others are still checked
+            problems.append(f"{name}: {exc}")
+            continue
         except (tarfile.TarError, EOFError, OSError) as exc:
             problems.append(f"{name}: unreadable or truncated tar: {type(exc).__name__}: {exc}")
             continue

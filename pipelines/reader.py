@@ -44,6 +44,7 @@ import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 from zlib import error as zlib_error
 
 import braceexpand
@@ -54,7 +55,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipelines.storage import env_endpoint, open_for_header_scan, with_retries
+from pipelines.storage import TransientStorageError, env_endpoint, open_for_header_scan, with_retries
 from realdgen_core.shards import open_tar
 
 log = logging.getLogger(__name__)
@@ -174,9 +175,24 @@ def _read_small_json(fs: fsspec.AbstractFileSystem, path: str, what: str) -> dic
 
 
 def open_shard(fs: fsspec.AbstractFileSystem, url: str):
-    """``fs.open(url, "rb")``, retried through a storage outage (``pipelines.storage.with_retries``:
-    a shard that is missing or refused fails at once): a transient error no longer costs the shard."""
-    return with_retries(lambda: fs.open(url, "rb"), what=f"opening {url}")
+    """``fs.open(url, "rb")`` with its first bytes read, retried through a storage outage
+    (``pipelines.storage.with_retries``; a shard that is missing or refused fails at once). The
+    first read is part of it: s3fs opens from its listing cache without a request when the folder
+    was listed, so the open alone may touch no storage. An outage that outlasts the retry budget
+    raises ``TransientStorageError`` (storage away, not this shard's fault: callers stop rather than
+    spend the budget again on every shard). A connection lost later in the shard is not retried."""
+
+    def open_and_read() -> Any:
+        f = fs.open(url, "rb")
+        try:
+            f.read(1)
+            f.seek(0)
+        except BaseException:
+            f.close()
+            raise
+        return f
+
+    return with_retries(open_and_read, what=f"opening {url}")
 
 
 def _small_json(f, what: str) -> dict:
@@ -801,6 +817,8 @@ class PairedShardDataset(IterableDataset):
         for shard in shards:
             try:
                 stream = open_shard(self._fs(shard.url), shard.url)
+            except TransientStorageError:  # retried for its budget: storage is away, not this shard
+                raise
             except Exception as exc:
                 if not self._shard_error(exc, shard.url):
                     return

@@ -369,7 +369,8 @@ def _endpoint_hint(exc: BaseException) -> str:
     """For an endpoint nobody answers at (refused, unknown host): a wrong setting looks the same as
     an outage, so say where the endpoint comes from. Empty otherwise (timeouts, 5xx, throttling)."""
     if any(type(e).__name__ in _UNREACHABLE for e in _chain(exc)):
-        return f"; if this endpoint is the wrong one, fix storage.endpoint_url or {ENDPOINT_ENV}"
+        where = f"storage.endpoint_url (--endpoint for realdgen) or {ENDPOINT_ENV}"
+        return f"; if this endpoint is the wrong one, fix {where}"
     return ""
 
 

@@ -249,7 +249,9 @@ def _inspect(path: Path) -> tuple[RealDGenConfig, dict, dict, RealDGenModel]:
         raise CheckpointError(
             f"{path}: corrupt: its config and tensors read as digest {digest[:12]}…, not the "
             f"{str(stored_digest)[:12]}… recorded when it was saved (a changed byte, or a copy that went "
-            "wrong); copy, download or train it again"
+            "wrong); copy, download or train it again. A file whose tensors were rewritten by another "
+            "tool with this metadata copied (e.g. converted to fp16) carries the old digest: save it "
+            "with realdgen_core.checkpoint.save_checkpoint, or drop the 'digest' metadata key"
         )
     user_metadata["digest"] = digest
     return config, user_metadata, meta, model

@@ -198,10 +198,7 @@ class GaussianDiffusion:
     @staticmethod
     def _gather(buf: Tensor, t: Tensor, like: Tensor) -> Tensor:
         """buf[t] cast to like's dtype/device, shaped [N, 1, 1, ...] to broadcast over like."""
-        vals = buf[t.detach().to("cpu", torch.long)]
-        if like.device.type == "cuda":  # pinned: the copy does not wait for the stream (see training_loss)
-            vals = vals.pin_memory()
-        vals = vals.to(device=like.device, dtype=like.dtype, non_blocking=True)
+        vals = to_device(buf[t.detach().to("cpu", torch.long)], like.device).to(like.dtype)
         return vals.view(-1, *([1] * (like.dim() - 1)))
 
     def _check_t(self, t: Tensor, n: int, name: str = "t") -> Tensor:
@@ -234,13 +231,8 @@ class GaussianDiffusion:
         n = x0.shape[0]
         t = torch.randint(0, self.config.max_train_timestep, (n,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
-        if x0.device.type == "cuda":
-            # a copy from pageable host memory waits for the stream (a host sync every step);
-            # from pinned memory it is queued like a kernel
-            noise, t_dev = noise.pin_memory(), t.pin_memory().to(x0.device, non_blocking=True)
-        else:
-            t_dev = t.to(x0.device)
-        noise = noise.to(device=x0.device, dtype=x0.dtype, non_blocking=True)
+        # to_device: a copy from pageable host memory would wait for the stream (a host sync every step)
+        noise, t_dev = to_device(noise, x0.device).to(x0.dtype), to_device(t, x0.device)
         x_t = self.q_sample(x0, t, noise)
         eps = eps_fn(x_t, t_dev)
         return torch.mean((eps.float() - noise.float()) ** 2)

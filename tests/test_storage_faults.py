@@ -777,7 +777,8 @@ def test_an_endpoint_nobody_answers_at_names_where_the_endpoint_comes_from():
     with pytest.raises(TransientStorageError) as info:
         with_retries(down, what="read s3://bkt/key.png", budget_s=0, sleep=lambda s: None)
     assert str(info.value).endswith(
-        "if this endpoint is the wrong one, fix storage.endpoint_url or AWS_ENDPOINT_URL"
+        "if this endpoint is the wrong one, fix storage.endpoint_url (--endpoint for realdgen) or "
+        "AWS_ENDPOINT_URL"
     )
 
     def slow():
@@ -813,18 +814,18 @@ def test_the_downstream_tools_ride_out_an_outage_without_losing_a_shard(
     read listings once: a storage outage of a few seconds at the wrong moment cost a whole shard
     (skipped as `shard_error`, a partial export) or ended the command. They now retry through an
     outage as the job does (missing or refused objects still fail at once): each read here starts
-    during a 3 s outage and must give every sample."""
+    during a 3 s outage, or a 10 s one after the folder was listed, and must give every sample."""
     from pipelines.export import export_dataset, iter_raw_samples
     from pipelines.inspect_shards import check_contract, inspect_dataset
-    from pipelines.reader import PairedShardDataset, list_shards
+    from pipelines.reader import PairedShardDataset, filesystem, list_shards
     from tests.shard_factory import write_dataset
 
     fac = write_dataset(f"s3://{s3_bucket}/ds", n_samples=6, samples_per_shard=3, endpoint_url=s3_server)
     uri, url = fac.uri, proxy.url
     keys = sorted(fac.keys)
 
-    def outage(read):
-        up = proxy.down_for(3.0)
+    def outage(read, seconds=3.0):
+        up = proxy.down_for(seconds)
         try:
             return read()
         finally:
@@ -832,8 +833,16 @@ def test_the_downstream_tools_ride_out_an_outage_without_losing_a_shard(
 
     assert [s.samples for s in outage(lambda: list_shards(uri, url))] == [3, 3]
     shards = list_shards(uri, url)
+    fs, path = filesystem(uri, url)
+
+    def listed_then_outage(read):
+        # the folder listed first: s3fs then opens a shard from its listing cache, with no request,
+        # and the first request is the tar's first read (the outage outlasts s3fs's own retries)
+        fs.ls(path, refresh=True)
+        return outage(read, 10.0)
+
     skipped = []
-    raw = outage(lambda: list(iter_raw_samples(shards, url, skipped.append)))
+    raw = listed_then_outage(lambda: list(iter_raw_samples(shards, url, skipped.append)))
     assert sorted(r["__key__"] for r in raw) == keys and skipped == []
     ds = PairedShardDataset(uri, endpoint_url=url, shuffle=False, return_meta=True)
     got = outage(lambda: [s["key"] for s in ds])
@@ -869,3 +878,28 @@ def test_the_job_exits_75_when_storage_stays_unavailable_before_it_starts(
     err = capsys.readouterr().err
     assert "storage unavailable" in err and "nothing was written, run the command again" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_outage_past_the_budget_stops_the_reader_instead_of_skipping_every_shard(
+    proxy, s3_server, s3_bucket, short_budget
+):
+    """Storage away for longer than the retry budget is not one shard's fault: skipping it would cost
+    the budget again on every remaining shard (a resampled stream would try max(16, 2 x shards)
+    times). The reader and export raise TransientStorageError at the first shard instead."""
+    from pipelines.export import iter_raw_samples
+    from pipelines.reader import PairedShardDataset, list_shards
+    from tests.shard_factory import write_dataset
+
+    fac = write_dataset(f"s3://{s3_bucket}/ds", n_samples=6, samples_per_shard=3, endpoint_url=s3_server)
+    shards = list_shards(fac.uri, proxy.url)
+    ds = PairedShardDataset(fac.uri, endpoint_url=proxy.url, shuffle=False)
+    proxy.down()
+    try:
+        with pytest.raises(TransientStorageError, match="opening s3://.*storage unavailable"):
+            next(iter(ds))
+        skipped = []
+        with pytest.raises(TransientStorageError):
+            next(iter_raw_samples(shards, proxy.url, skipped.append))
+    finally:
+        proxy.up()
+    assert not ds.skipped and skipped == [], (ds.skipped, skipped)
