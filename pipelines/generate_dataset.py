@@ -43,6 +43,7 @@ from pipelines.generate.job import (  # noqa: E402
 from pipelines.generate.plan import Plan, checkpoint_calibration, make_plan  # noqa: E402
 from pipelines.manifest import ManifestError, add_set_option, load_manifest, manifest_json_schema  # noqa: E402
 from pipelines.storage import (  # noqa: E402
+    EXIT_TEMPFAIL,
     LockError,
     RunLock,
     StorageAccessError,
@@ -51,10 +52,6 @@ from pipelines.storage import (  # noqa: E402
 )
 
 __all__ = ["Plan", "GenerateJob", "JobFailed", "ensure_ray", "make_plan", "run", "main", "EXIT_TEMPFAIL"]
-
-# Exit status when storage stayed unavailable past the retry budget (before or during the run):
-# sysexits' EX_TEMPFAIL, so a scheduler can retry this case alone (the same command resumes).
-EXIT_TEMPFAIL = 75
 
 # Kept under its old name: tests and tools read a checkpoint's calibration through it.
 _checkpoint_calibration = checkpoint_calibration

@@ -69,6 +69,9 @@ INDEX_NAME = "_index.json"
 PREVIEW_NAME = "_preview.png"
 LOCK_NAME = "_lock.json"
 RETRY_ENV = "REALDGEN_STORAGE_RETRY_S"
+# A command's exit status when storage stayed unavailable past the retry budget: sysexits'
+# EX_TEMPFAIL, the one failure the same command run again fixes (a scheduler may retry it alone).
+EXIT_TEMPFAIL = 75
 ENDPOINT_ENV = "AWS_ENDPOINT_URL"
 DEFAULT_RETRY_S = 120.0
 

@@ -292,7 +292,9 @@ def _fetch_checkpoint(m: TrainManifest, key: str, uri: str) -> str | None:
         if not with_retries(lambda: fs.exists(path), what=f"checking {uri}"):
             return None
         return fetch_to_local(uri, storage)
-    except (StorageAccessError, TransientStorageError, OSError) as exc:
+    except TransientStorageError:  # storage away, the manifest fine: main says so (exit 75)
+        raise
+    except (StorageAccessError, OSError) as exc:
         raise ManifestError(f"{key}: {exc}") from None
 
 
@@ -1290,6 +1292,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         return 2
     if m.data.prepare_demo:
         prepare_demo(m.data.prepare_demo, m.scale)
+    from pipelines.storage import EXIT_TEMPFAIL, TransientStorageError
+
     try:
         check_outputs(m)
         if not args.calibrate_only:  # a calibration records into the file it names, trains nothing
@@ -1304,16 +1308,22 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TransientStorageError as exc:
+        print(f"error: {exc}; nothing was trained, run the same command again", file=sys.stderr)
+        return EXIT_TEMPFAIL
     lock = None
     if not args.calibrate_only:
         # one run at a time in a run folder: a second one "resumed" from the first's checkpoints
         # mid-run and the two deleted each other's (the generation job's lock, with its heartbeat)
-        from pipelines.storage import DatasetStore, LockError, RunLock, TransientStorageError
+        from pipelines.storage import DatasetStore, LockError, RunLock
 
         lock = RunLock(DatasetStore(m.output.run_dir, m.storage.model_dump()))
         try:
             lock.acquire()
-        except (LockError, StorageAccessError, TransientStorageError) as exc:
+        except TransientStorageError as exc:
+            print(f"error: output.run_dir: {exc}; run the same command again", file=sys.stderr)
+            return EXIT_TEMPFAIL
+        except (LockError, StorageAccessError) as exc:
             print(f"error: output.run_dir: {exc}", file=sys.stderr)
             return 1
     try:
@@ -1338,6 +1348,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         # storage refusing the credentials, a source with no usable image
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TransientStorageError as exc:  # the checkpoints written so far are kept: a re-run resumes
+        print(f"error: {exc}; run the same command again to resume", file=sys.stderr)
+        return EXIT_TEMPFAIL
     finally:
         if lock is not None:
             lock.release()

@@ -903,3 +903,32 @@ def test_an_outage_past_the_budget_stops_the_reader_instead_of_skipping_every_sh
     finally:
         proxy.up()
     assert not ds.skipped and skipped == [], (ds.skipped, skipped)
+
+
+def test_training_exits_75_when_storage_stays_unavailable(proxy, s3_bucket, tmp_path, capsys, short_budget):
+    """pipelines/train.py on an outage: a traceback (listing the sources) or an invalid manifest
+    (exit 2, fetching a checkpoint) before; now one line and 75, as the generation job."""
+    from pathlib import Path
+
+    import yaml
+
+    from pipelines.train import main
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "manifests" / "train_tiny.yaml").read_text())
+    data["data"] = {
+        "hr": {"uri": f"s3://{s3_bucket}/hr"},
+        "lr": [{"kind": "images", "source": {"uri": f"s3://{s3_bucket}/lr"}}],
+    }
+    data["storage"] = {"endpoint_url": proxy.url}
+    data["output"] = {"run_dir": str(tmp_path / "run"), "checkpoint": str(tmp_path / "model.safetensors")}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(data))
+    proxy.down()
+    try:
+        assert main([str(path)]) == 75
+    finally:
+        proxy.up()
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "storage unavailable" in err and "run the same command again" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "model.safetensors").exists()
