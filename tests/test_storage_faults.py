@@ -814,7 +814,7 @@ def test_the_downstream_tools_ride_out_an_outage_without_losing_a_shard(
     read listings once: a storage outage of a few seconds at the wrong moment cost a whole shard
     (skipped as `shard_error`, a partial export) or ended the command. They now retry through an
     outage as the job does (missing or refused objects still fail at once): each read here starts
-    during a 3 s outage, or a 10 s one after the folder was listed, and must give every sample."""
+    during a 2 s outage, or a 10 s one after the folder was listed, and must give every sample."""
     from pipelines.export import export_dataset, iter_raw_samples
     from pipelines.inspect_shards import check_contract, inspect_dataset
     from pipelines.reader import PairedShardDataset, filesystem, list_shards
@@ -824,7 +824,7 @@ def test_the_downstream_tools_ride_out_an_outage_without_losing_a_shard(
     uri, url = fac.uri, proxy.url
     keys = sorted(fac.keys)
 
-    def outage(read, seconds=3.0):
+    def outage(read, seconds=2.0):
         up = proxy.down_for(seconds)
         try:
             return read()
@@ -881,11 +881,12 @@ def test_the_job_exits_75_when_storage_stays_unavailable_before_it_starts(
 
 
 def test_an_outage_past_the_budget_stops_the_reader_instead_of_skipping_every_shard(
-    proxy, s3_server, s3_bucket, short_budget
+    proxy, s3_server, s3_bucket, short_budget, monkeypatch
 ):
     """Storage away for longer than the retry budget is not one shard's fault: skipping it would cost
     the budget again on every remaining shard (a resampled stream would try max(16, 2 x shards)
     times). The reader and export raise TransientStorageError at the first shard instead."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries off: the budget decides
     from pipelines.export import iter_raw_samples
     from pipelines.reader import PairedShardDataset, list_shards
     from tests.shard_factory import write_dataset
