@@ -161,10 +161,7 @@ def read_index(uri: str, endpoint_url: str | None = None) -> dict | None:
     ipath = _join(path, INDEX_NAME)
 
     def read() -> dict | None:
-        if not fs.exists(ipath):
-            return None
-        with fs.open(ipath, "rb") as f:
-            return _small_json(f, _join(uri, INDEX_NAME))
+        return _read_small_json(fs, ipath, _join(uri, INDEX_NAME)) if fs.exists(ipath) else None
 
     return with_retries(read, what=f"reading {_join(uri, INDEX_NAME)}")
 

@@ -51,7 +51,14 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipelines.manifest import ManifestError, TrainManifest, add_set_option, load_manifest, manifest_digest
 from pipelines.sources import ImageError, SourceError, SourceItem, list_source, load_image, name_below_root
-from pipelines.storage import StorageAccessError, get_fs, join_uri, with_retries
+from pipelines.storage import (
+    EXIT_TEMPFAIL,
+    StorageAccessError,
+    TransientStorageError,
+    get_fs,
+    join_uri,
+    with_retries,
+)
 from realdgen_core.checkpoint import CheckpointError
 from realdgen_core.train import PHASES, STAGES, Hook, Phase, run_phase
 from realdgen_core.train.data import (
@@ -284,7 +291,7 @@ def check_tau_grid(m: TrainManifest, config) -> None:
 def _fetch_checkpoint(m: TrainManifest, key: str, uri: str) -> str | None:
     """A local copy of checkpoint ``uri`` (manifest key ``key``), or None when there is no file;
     storage refusing or unavailable is a :class:`ManifestError` naming the key."""
-    from pipelines.storage import TransientStorageError, fetch_to_local
+    from pipelines.storage import fetch_to_local
 
     storage = m.storage.model_dump()
     try:
@@ -1292,8 +1299,6 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         return 2
     if m.data.prepare_demo:
         prepare_demo(m.data.prepare_demo, m.scale)
-    from pipelines.storage import EXIT_TEMPFAIL, TransientStorageError
-
     try:
         check_outputs(m)
         if not args.calibrate_only:  # a calibration records into the file it names, trains nothing
