@@ -488,7 +488,15 @@ def calibrate_tau(
             "degradation_error_se": float(de.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0,
             "content_error": float(ce.mean()),
         }
-    best = min(grid, key=lambda t: scores[str(t)]["degradation_error"])
-    limit = scores[str(best)]["degradation_error"] + scores[str(best)]["degradation_error_se"]
-    chosen = min(t for t in grid if scores[str(t)]["degradation_error"] <= limit)
+    chosen, best = choose_tau_max(scores)
     return chosen, {"per_tau_max": scores, "best_tau_max": best, "pairs": int(hr.shape[0])}
+
+
+def choose_tau_max(per_tau_max: dict[str, dict[str, float]]) -> tuple[int, int]:
+    """(chosen, best) from ``{"τ": {"degradation_error", "degradation_error_se"}}``: ``best`` has the
+    lowest mean error; ``chosen`` is the smallest τ whose mean is within one standard error of it (the
+    one-SE rule: a larger τ costs diffusion steps and must earn them beyond the noise)."""
+    grid = sorted(int(t) for t in per_tau_max)
+    best = min(grid, key=lambda t: per_tau_max[str(t)]["degradation_error"])
+    limit = per_tau_max[str(best)]["degradation_error"] + per_tau_max[str(best)]["degradation_error_se"]
+    return min(t for t in grid if per_tau_max[str(t)]["degradation_error"] <= limit), best

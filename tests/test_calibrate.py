@@ -135,7 +135,21 @@ def test_calibrate_tau_prefers_small_tau_within_noise(photos):
     best = min(per, key=lambda t: per[t]["degradation_error"])
     limit = per[best]["degradation_error"] + per[best]["degradation_error_se"]
     assert tau == min(int(t) for t in per if per[t]["degradation_error"] <= limit)
-    assert tau <= int(best)
+    assert (tau, int(best)) == calibrate.choose_tau_max(per)
+
+
+def test_choose_tau_max_is_the_one_se_rule():
+    """Worked by hand: the best mean, then the smallest τ whose mean is within its one SE."""
+
+    def s(err, se=0.0):
+        return {"degradation_error": err, "degradation_error_se": se}
+
+    # τ 0 is beyond best + SE (1.0 > 0.6 + 0.1): diffusion earns its steps, τ 30 is kept over 300
+    assert calibrate.choose_tau_max({"0": s(1.0), "30": s(0.65), "300": s(0.6, 0.1)}) == (30, 300)
+    # τ 0 within it (0.69 <= 0.7): the smallest wins though it is not the best
+    assert calibrate.choose_tau_max({"300": s(0.6, 0.1), "0": s(0.69), "30": s(0.65)}) == (0, 300)
+    # no noise estimate: only the best itself qualifies
+    assert calibrate.choose_tau_max({"0": s(0.61), "4": s(0.6)}) == (4, 4)
 
 
 def test_calibrate_tau_scores_the_start_rule_it_is_given(photos):
@@ -191,9 +205,10 @@ calibration: {{enabled: true, domain: codec, pairs: 2, hr_crop: 32, tau_grid: [0
     assert T.main([str(path)]) == 0
     model, meta = load_checkpoint(tmp_path / "adapted.safetensors")
     cal = calibrate.from_metadata(meta)
-    assert cal is not None and cal.domain == "codec" and cal.tau_max in (0, 4) and len(cal.bank) == 8
+    assert cal is not None and cal.domain == "codec" and len(cal.bank) == 8
     assert sum(any(op["op"] == "unsharp" for op in t["ops"]) for t in cal.bank) == 4
     assert set(cal.scores["per_tau_max"]) == {"0", "4"} and cal.scores["validation_images"] >= 1
+    assert cal.tau_max == calibrate.choose_tau_max(cal.scores["per_tau_max"])[0]  # the rule, on its scores
     assert meta["completed"] == ["diffusion"]  # the training metadata is kept
     # the job resolves its unset settings from it
     got = _checkpoint_calibration(str(tmp_path / "adapted.safetensors"))

@@ -262,6 +262,38 @@ def test_ddim_with_the_true_noise_recovers_x0(eta, steps):
     torch.testing.assert_close(out, x0, atol=2e-4, rtol=0)
 
 
+@pytest.mark.parametrize("steps", [2, 5])
+def test_ddim_eta0_with_the_true_noise_stays_on_the_forward_trajectory(steps):
+    """eta = 0 and a model that returns the x_τ's own noise n: every x_t the model is handed must be
+    √ᾱ_t·x0 + √(1−ᾱ_t)·n exactly (the DDIM update's coefficients at each grid point; the final x0
+    alone would not show a wrong one)."""
+    d = GaussianDiffusion()
+    g = torch.Generator().manual_seed(9)
+    x0 = torch.rand(3, 3, 8, 8, generator=g) * 2 - 1
+    rid = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 1, 8, 8).contiguous()
+    noise: dict[int, torch.Tensor] = {}
+    seen: list[int] = []
+
+    def eps_fn(x_t, t, x0_rows, rows):
+        ab = d.alphas_cumprod[t.cpu()].to(x_t.dtype).view(-1, 1, 1, 1)
+        out = torch.empty_like(x_t)
+        for i, r in enumerate(rows[:, 0, 0, 0].long().tolist()):
+            if r not in noise:  # the first call of a row is at its τ: keep the noise it was started with
+                noise[r] = (x_t[i] - ab[i].sqrt() * x0_rows[i]) / (1 - ab[i]).sqrt()
+            else:
+                want = ab[i].sqrt() * x0_rows[i] + (1 - ab[i]).sqrt() * noise[r]
+                torch.testing.assert_close(x_t[i], want, atol=1e-4, rtol=0)
+                seen.append(r)
+            out[i] = noise[r]
+        return out
+
+    tau = torch.tensor([300, 57, 999])
+    spec = SamplerConfig("ddim", steps=steps, eta=0.0)
+    out = d.sample(eps_fn, x0, tau, _gens([1, 2, 3]), cond={"x0_rows": x0, "rows": rid}, sampler=spec)
+    torch.testing.assert_close(out, x0, atol=2e-4, rtol=0)
+    assert sorted(set(seen)) == [0, 1, 2] and len(seen) >= 3 * (steps - 1)
+
+
 def test_ddim_eta0_draws_only_the_start_noise_and_eta1_keeps_drawing():
     d = GaussianDiffusion()
     g = torch.Generator().manual_seed(6)

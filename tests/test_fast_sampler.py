@@ -145,3 +145,16 @@ def test_generate_stage_passes_the_sampler(tmp_path, model4):
         out = stage([dict(row)]).to_pylist()[0]
     assert out["status"] == "ok" and len(out["lr"]) == 8 * 8 * 3
     assert cnt.calls <= 4
+    # The row holds the kept candidate of the same call made directly, with its own τ and errors
+    # (not candidate 0's): the seed, the reference and the sampler reached the generator.
+    x = torch.from_numpy(hr.copy()).permute(2, 0, 1)[None].float().div(255.0)
+    res = stage.generator.generate(
+        x, k=2, tau_range=(0, 300), seeds=[3], ref_embeddings=torch.from_numpy(bank), start_kind="realesrgan"
+    )
+    j = int(res.kept[0])
+    want = res.lr[0].mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(np.frombuffer(out["lr"], np.uint8).reshape(8, 8, 3), want)
+    assert out["tau"] == int(res.tau[0, j]) and out["k"] == 2
+    assert out["content_error"] == pytest.approx(float(res.content_errors[0, j]), rel=1e-6)
+    assert out["degradation_error"] == pytest.approx(float(res.degradation_errors[0, j]), rel=1e-6)
+    assert res.tau[0, 0] != res.tau[0, 1] or res.content_errors[0, 0] != res.content_errors[0, 1]

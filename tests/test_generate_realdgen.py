@@ -92,7 +92,7 @@ def test_domain_start_profile_chosen_once_per_domain_and_used_by_every_sample(
 ):
     """start_choice domain: the job scores the bank on its probe tiles against all of the domain's
     references (checked here by brute force over every pair), records the choice in the index, and
-    every sample starts from that entry (τ = 0: the LR is that start, up to one denoising step)."""
+    every sample starts from that entry (τ = 0: the LR is that start, exactly)."""
     import io
 
     import numpy as np
@@ -164,6 +164,9 @@ def test_domain_start_profile_chosen_once_per_domain_and_used_by_every_sample(
             lr = load(io.BytesIO(files[f"{key}.lr.png"]))
             dist = [float((degrade.apply(hr[None], [th])[0] - lr).pow(2).mean()) for th in bank]
             assert dist[want] <= min(dist) + 1e-12, dist  # ties: a flat tile (sky) looks the same blurred
+            # τ = 0 is no diffusion: the LR is that start itself, to the 8-bit level
+            start = degrade.apply(hr[None], [bank[want]])[0].clamp(0, 1).mul(255).round()
+            assert torch.equal(start, lr.mul(255).round())
             distinct += dist[want] < sorted(dist)[1]
             assert json.loads(files[name])["tau"] == 0
             n += 1

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipelines.generate.stages import (
@@ -17,6 +19,7 @@ from pipelines.generate.stages import (
     derive_seed,
     tile_boxes,
 )
+from realdgen_core.degrade import degrade
 from realdgen_core.shards import KEY_RE, decode_png
 from tests.shard_factory import decode_config
 
@@ -98,11 +101,22 @@ def test_stages_chain_without_ray(tmp_path, kind):
     g2 = gen(samples[1:] + samples[:1]).to_pylist()  # another batch, another order
     lr1 = {r["key"]: r["lr"] for r in g1 if r["row_type"] == "sample"}
     assert lr1 == {r["key"]: r["lr"] for r in g2}
-    enc = EncodeSample({"scale": 2})(g1).to_pylist()
-    s = next(r for r in enc if r["row_type"] == "sample")
-    assert s["hr"] is None and s["lr"] is None
-    assert decode_png(s["hr_png"]).shape == (32, 32, 3) and decode_png(s["lr_png"]).shape == (16, 16, 3)
-    assert b'"generator":"' + kind.encode() + b'"' in s["json"] and b'"ref_source":"r0"' in s["json"]
+    enc = [r for r in EncodeSample({"scale": 2})(g1).to_pylist() if r["row_type"] == "sample"]
+    assert len(enc) == 2
+    for s in enc:
+        assert s["hr"] is None and s["lr"] is None
+        hr8, lr8 = decode_png(s["hr_png"]), decode_png(s["lr_png"])
+        assert hr8.shape == (32, 32, 3) and lr8.shape == (16, 16, 3)
+        meta = json.loads(s["json"])
+        assert meta["generator"] == kind and meta["ref_source"] == "r0"
+        # The sample is exactly D(HR, θ) drawn with the seed its JSON records: the kind and the seed
+        # recorded are the ones used, so anyone can rebuild it.
+        hr = torch.from_numpy(hr8.copy()).permute(2, 0, 1)[None].float().div(255.0)
+        want, _ = degrade(hr, kind, 2, [torch.Generator().manual_seed(meta["seed"])])
+        want8 = want.clamp(0, 1).mul(255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(lr8, want8)
+    seeds = [json.loads(s["json"])["seed"] for s in enc]
+    assert seeds[0] != seeds[1]
 
 
 def test_worker_refuses_a_checkpoint_replaced_since_the_job_planned():

@@ -31,7 +31,7 @@ from test_generate_s3 import job_env
 
 from pipelines.storage import read_parquet
 
-OUTAGE_S = 20.0
+OUTAGE_S = 10.0
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -178,14 +178,11 @@ def test_s3_outage_mid_run_is_ridden_out(s3_server, s3_bucket, photos, tmp_path)
             proxy.up()
         rc, out, err = job.wait(240)
         t_run = time.monotonic() - t0
-        outcome = "rode out (exit 0)"
-        if rc == 0:
-            assert not ended_while_down, "the job finished while storage was down"
-        elif rc == 75:  # storage away longer than the in-task retries: said, EX_TEMPFAIL, a re-run resumes
-            assert "storage unavailable" in err and "run the same command again" in err, err[-4000:]
-            outcome = f"exit 75 ({'during' if ended_while_down else 'after'} the outage), re-run exit 0"
-            rc, out, err = _Job(path, env, tmp_path / "rerun").wait(240)
+        # The outage is shorter than the retry budget: the job itself rides it out, with no re-run
+        # (an outage past the budget is exit 75: test_storage_faults).
         assert rc == 0, out[-2000:] + err[-4000:]
+        assert not ended_while_down, "the job finished while storage was down"
+        outcome = "rode out (exit 0)"
     summary = json.loads(out.strip().splitlines()[-1])
     print(
         f"\noutage outcome: {outcome}; reference run {t_ref:.0f} s, faulted run {t_run:.0f} s "

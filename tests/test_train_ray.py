@@ -14,6 +14,8 @@ def test_ray_train_two_gloo_workers_write_loadable_checkpoint(tmp_path, photos, 
     from pipelines import train as T
     from pipelines.manifest import parse_manifest
     from realdgen_core.checkpoint import load_checkpoint
+    from realdgen_core.config import preset
+    from realdgen_core.models import build_model
 
     # relative paths, as the shipped manifests write them: Ray Train moves its workers into a trial
     # folder, and they must still resolve against the driver's folder
@@ -51,6 +53,11 @@ def test_ray_train_two_gloo_workers_write_loadable_checkpoint(tmp_path, photos, 
     assert summary["replica_hashes"][0] == summary["replica_hashes"][1]
     x = torch.rand(1, 3, 16, 16)
     assert model.degradation(x).shape == (1, 2048)
+    # ... and they trained: every phase moved weights of its own part away from the initial ones
+    init = build_model(preset(m.preset, m.scale), seed=m.seed).state_dict()
+    trained = model.state_dict()
+    moved = {k.split(".")[0] for k in trained if not torch.equal(trained[k], init[k])}
+    assert {"content", "degradation", "unet"} <= moved, moved
     # the state holds each rank's own generator (seeded by rank), so a resume restores each its own
     state = torch.load(tmp_path / "run" / latest["checkpoint"] / "state.pt", weights_only=True)
     by_rank = state["rng_by_rank"]
