@@ -4,7 +4,9 @@
 
 Every distribution installed (``importlib.metadata``) must be pinned in the lock at the same version,
 and every pin in the lock must be installed. The project itself (``realdgen``) and pip are not
-pinned and are ignored. Standard library only, so it runs before or after any install.
+pinned and are ignored. A pin with an environment marker (``torch==2.13.0+cpu ; sys_platform ==
+"linux"``) counts only where its marker holds, as pip reads it; markers are evaluated with
+``packaging`` (pinned in the lock; pip's own copy where it is not installed yet).
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ import sys
 from pathlib import Path
 
 IGNORED = {"realdgen", "pip"}
-PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([^\s;#]+)")
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([^\s;#]+)\s*(?:;([^#]*))?")
 
 
 def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def read_lock(path: Path) -> dict[str, str]:
+def read_lock(path: Path, environment: dict[str, str] | None = None) -> dict[str, str]:
+    """{name: version} of the pins that apply here (or in ``environment``: marker variables to
+    override, e.g. ``{"sys_platform": "darwin"}``)."""
     pins: dict[str, str] = {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         line = line.strip()
@@ -31,8 +35,21 @@ def read_lock(path: Path) -> dict[str, str]:
         m = PIN.match(line)
         if m is None:
             raise SystemExit(f"{path}:{n}: not an exact pin: {line!r}")
-        pins[canonical(m.group(1))] = m.group(3)
+        if m.group(4) and m.group(4).strip() and not marker_holds(m.group(4).strip(), environment):
+            continue
+        name = canonical(m.group(1))
+        if name in pins:
+            raise SystemExit(f"{path}:{n}: {name} is pinned twice for this environment: {line!r}")
+        pins[name] = m.group(3)
     return pins
+
+
+def marker_holds(marker: str, environment: dict[str, str] | None = None) -> bool:
+    try:
+        from packaging.markers import Marker
+    except ImportError:  # before the install: pip carries its own copy
+        from pip._vendor.packaging.markers import Marker
+    return Marker(marker).evaluate(environment)
 
 
 def installed() -> dict[str, str]:

@@ -28,6 +28,23 @@ common=(pyproject.toml --extra test --python-version 3.11 --python-platform x86_
 "$UV" pip compile "${common[@]}" --find-links "$TORCH_WHEELS" requirements/torch-cpu.in \
     -o requirements/lock-cpu.txt
 "$UV" pip compile "${common[@]}" requirements/torch-gpu.in -o requirements/lock-gpu.txt
+# The +cpu build exists for Linux only (PyTorch's CPU index; PyPI's Linux wheel is the CUDA one).
+# macOS and Windows take PyPI's own wheel of the same version, which is CPU-only there: the pin
+# splits by platform marker, which pip applies to constraints (check_lock.py evaluates it too).
+python3 - <<'PY'
+import re
+from pathlib import Path
+lock = Path("requirements/lock-cpu.txt")
+text, n = re.subn(
+    r"^torch==([0-9.]+)\+cpu$",
+    r'torch==\1+cpu ; sys_platform == "linux"\ntorch==\1 ; sys_platform != "linux"',
+    lock.read_text(),
+    flags=re.M,
+)
+if n != 1:
+    raise SystemExit("error: lock-cpu.txt has no torch==X+cpu pin to split by platform")
+lock.write_text(text)
+PY
 if grep -qiE '^(nvidia-|triton)' requirements/lock-cpu.txt; then
     echo "error: lock-cpu.txt pins CUDA wheels; is torch-2.13.0+cpu in $TORCH_WHEELS?" >&2
     exit 1

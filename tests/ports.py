@@ -21,8 +21,8 @@ FIRST = 20000
 def _ephemeral() -> range:
     try:
         lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        lo, hi = 32768, 60999  # Linux's default
+    except (OSError, ValueError):  # not Linux: the IANA range macOS and Windows use
+        lo, hi = 49152, 65535
     return range(lo, hi + 1)
 
 

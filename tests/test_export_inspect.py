@@ -273,6 +273,7 @@ def test_export_counts_the_samples_of_a_shard_cut_short_and_exits_1(tmp_path):
     assert (written["pairs"], written["expected"], written["lost"]) == (5, 8, 3)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux only: counts threads in /proc/self/task")
 def test_reading_shard_parquet_files_starts_no_pyarrow_thread_and_never_aborts_at_exit(tmp_path):
     """Threads pyarrow starts for a read can abort the process at exit in their teardown (exit 134,
     "terminate called without an active exception"): a finished command reported a crash. The

@@ -43,6 +43,27 @@ def test_cpu_lock_has_the_cpu_torch_and_no_cuda_wheels_gpu_lock_has_torch_2_11()
     assert {n: gpu.get(n) for n in shared} == shared
 
 
+def test_cpu_lock_gives_macos_and_windows_pypis_torch_of_the_same_version():
+    """The +cpu build is Linux-only; PyPI's macOS and Windows wheels of 2.13.0 are CPU builds, so
+    there the lock pins those (a `+cpu` pin would find no wheel). Everything else is the same."""
+    linux = check_lock.read_lock(REQ / "lock-cpu.txt", {"sys_platform": "linux"})
+    for platform in ("darwin", "win32"):
+        other = check_lock.read_lock(REQ / "lock-cpu.txt", {"sys_platform": platform})
+        assert other["torch"] == "2.13.0" and linux["torch"] == "2.13.0+cpu"
+        assert {n: v for n, v in other.items() if n != "torch"} == {
+            n: v for n, v in linux.items() if n != "torch"
+        }
+
+
+def test_check_lock_refuses_a_package_pinned_twice_for_one_platform(tmp_path):
+    lock = tmp_path / "lock.txt"
+    lock.write_text('a==1.0 ; sys_platform == "linux"\na==2.0 ; sys_platform != "win32"\n')
+    assert check_lock.read_lock(lock, {"sys_platform": "win32"}) == {}
+    assert check_lock.read_lock(lock, {"sys_platform": "darwin"}) == {"a": "2.0"}
+    with pytest.raises(SystemExit, match="pinned twice"):
+        check_lock.read_lock(lock, {"sys_platform": "linux"})
+
+
 def test_check_lock_reports_missing_extra_and_other_versions():
     lock = {"a": "1.0", "b": "2.0", "torch": "2.13.0+cpu"}
     have = {"a": "1.0", "b": "2.1", "c": "3.0", "pip": "26.0", "realdgen": "0.1.0"}

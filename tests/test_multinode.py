@@ -28,6 +28,10 @@ from tests.test_generate_job import dataset_bytes, manifest_dict, tar_keys, vali
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
 
+# The fixtures find and stop the nodes' processes through /proc, and Ray refuses a second node on
+# macOS and Windows (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER): Linux only, as the README says.
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux only: /proc and multi-node Ray")
+
 
 def _session_pids(sid: int) -> list[int]:
     pids = []
