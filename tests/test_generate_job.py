@@ -120,6 +120,15 @@ def test_job_writes_a_valid_dataset_and_resumes(ray_local, inputs, tmp_path):
     # round robin over 3 refs: the two refs of one tile differ
     keys = tar_keys(out)
     assert len(keys) == len(set(keys)) == 20 and all(k.endswith(("_r00", "_r01")) for k in keys)
+    source = {}
+    for p in sorted(out.glob("*.tar")):
+        with tarfile.open(p) as t:
+            for m in t.getmembers():
+                if m.name.endswith(".json"):
+                    source[m.name.split(".")[0]] = json.loads(t.extractfile(m).read())["ref_source"]
+    tiles = {k[: -len("_r00")] for k in keys}
+    assert len(tiles) == 10 and all(source[f"{t}_r00"] != source[f"{t}_r01"] for t in tiles)
+    assert len(set(source.values())) == 3  # every reference is used
 
     before = dataset_bytes(out)
     again = run_dict(data)

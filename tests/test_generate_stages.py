@@ -49,7 +49,10 @@ def test_tiling_grid_random_and_too_small():
         and sub != tile_boxes(100, 70, 32, "grid", 2, 6)
     )
     rnd = tile_boxes(100, 70, 32, "random", 3, 1)
-    assert len(rnd) == 3 and all(0 <= x0 and x1 <= 100 and y1 <= 70 for x0, y0, x1, y1 in rnd)
+    assert len(rnd) == 3
+    assert all(0 <= x0 and 0 <= y0 and x1 <= 100 and y1 <= 70 for x0, y0, x1, y1 in rnd)
+    assert all((x1 - x0, y1 - y0) == (32, 32) for x0, y0, x1, y1 in rnd)
+    assert rnd == tile_boxes(100, 70, 32, "random", 3, 1) != tile_boxes(100, 70, 32, "random", 3, 2)
     assert tile_boxes(31, 100, 32, "grid", 4, 0) == []
 
 
@@ -60,6 +63,9 @@ def test_pairing_modes():
     ]
     rr = [choose_ref({"mode": "round_robin", "refs_per_tile": 1}, sets, 5, 0, i, 0, 0) for i in range(7)]
     assert rr == [0, 1, 2, 3, 4, 0, 1]
+    # two references per tile: (input + tile) * 2 + slot, so every slot and tile gets its own
+    rr2 = {"mode": "round_robin", "refs_per_tile": 2}
+    assert [choose_ref(rr2, sets, 5, 0, 1, t, sl) for t in (0, 1) for sl in (0, 1)] == [2, 3, 4, 0]
     w = [choose_ref({"mode": "weighted", "refs_per_tile": 1}, sets, 5, s, 0, 0, 0) for s in range(50)]
     assert set(w) <= {0, 1} and len(set(w)) == 2
     r = [choose_ref({"mode": "random", "refs_per_tile": 1}, sets, 5, s, 0, 0, 0) for s in range(50)]

@@ -86,6 +86,8 @@ def test_resampled_is_endless_and_samples_per_epoch_bounds_it(odd_dataset):
     it = iter(ds)
     keys = [next(it)["key"] for _ in range(45)]  # more than one epoch of 20
     assert len(keys) == 45 and set(keys) <= set(odd_dataset.keys)
+    # shards are drawn afresh (7 shards of up to 3): one shard repeated would give at most 3 keys
+    assert len(set(keys)) >= 12, sorted(set(keys))
     bounded = PairedShardDataset(
         odd_dataset.uri, gt_size=16, scale=4, resampled=True, samples_per_epoch=9, rank=0, world_size=1
     )
