@@ -801,6 +801,15 @@ class LockError(RuntimeError):
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` on this host is still running (a lock holder's)."""
+    if os.name == "nt":
+        # Not os.kill(pid, 0): on Windows signal 0 is CTRL_C_EVENT, so a live holder could be sent
+        # Ctrl+C, and a dead pid raises OSError (WinError 87), not ProcessLookupError.
+        return _pid_alive_windows(pid, _kernel32())
+    return _pid_alive_posix(pid)
+
+
+def _pid_alive_posix(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -813,6 +822,46 @@ def _pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
     except OSError:
         return True
+
+
+_PROCESS_QUERY_LIMITED_INFORMATION = 0x1000  # enough to read an exit code, granted more widely
+_STILL_ACTIVE = 259  # GetExitCodeProcess's code for a process that has not exited
+_ERROR_ACCESS_DENIED = 5
+
+
+def _pid_alive_windows(pid: int, kernel32: Any) -> bool:
+    """Whether process ``pid`` runs, asked of ``kernel32`` (its OpenProcess, GetExitCodeProcess,
+    CloseHandle and GetLastError) without sending it anything. A pid that cannot be opened is gone
+    (ERROR_INVALID_PARAMETER) unless access is denied: then it runs under another user. A process
+    that exited with code 259 reads as alive; its heartbeat still goes stale."""
+    import ctypes
+
+    handle = kernel32.OpenProcess(_PROCESS_QUERY_LIMITED_INFORMATION, False, pid)
+    if not handle:
+        return kernel32.GetLastError() == _ERROR_ACCESS_DENIED
+    try:
+        code = ctypes.c_ulong()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.pointer(code)):
+            return True  # unknown: a live job's lock is not taken over on a guess
+        return code.value == _STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+@functools.cache
+def _kernel32() -> Any:  # pragma: no cover - Windows only
+    """kernel32 with the argument types :func:`_pid_alive_windows` needs (a HANDLE is pointer-sized)."""
+    import ctypes
+
+    dll = ctypes.WinDLL("kernel32", use_last_error=True)
+    dll.OpenProcess.argtypes = (ctypes.c_ulong, ctypes.c_int, ctypes.c_ulong)
+    dll.OpenProcess.restype = ctypes.c_void_p
+    dll.GetExitCodeProcess.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_ulong))
+    dll.CloseHandle.argtypes = (ctypes.c_void_p,)
+    # GetLastError called through ctypes may read an error the interpreter set after OpenProcess
+    # returned; with use_last_error ctypes saves the error right after each call.
+    dll.GetLastError = ctypes.get_last_error
+    return dll
 
 
 def _error_code(exc: BaseException) -> str | None:

@@ -602,6 +602,60 @@ def test_a_lock_file_that_is_not_a_lock_is_taken_over_not_a_crash(tmp_path):
             lock.release()
 
 
+class _FakeKernel32:
+    """The four kernel32 calls the Windows liveness check makes: a process that OpenProcess opens
+    (``exit_code`` set) or refuses with ``error``; the handles it closes are kept."""
+
+    HANDLE = 0x1C4
+
+    def __init__(self, exit_code: int | None = None, error: int = 0, query_fails: bool = False):
+        self.exit_code, self.error, self.query_fails = exit_code, error, query_fails
+        self.opened: list[tuple] = []
+        self.closed: list[int] = []
+
+    def OpenProcess(self, access, inherit, pid):
+        self.opened.append((access, inherit, pid))
+        return None if self.exit_code is None else self.HANDLE
+
+    def GetExitCodeProcess(self, handle, code):
+        assert handle == self.HANDLE
+        if self.query_fails:
+            return 0
+        code.contents.value = self.exit_code
+        return 1
+
+    def CloseHandle(self, handle):
+        self.closed.append(handle)
+        return 1
+
+    def GetLastError(self):
+        return self.error
+
+
+@pytest.mark.parametrize(
+    ("kernel32", "alive", "closed"),
+    [
+        (_FakeKernel32(exit_code=259), True, True),  # STILL_ACTIVE
+        (_FakeKernel32(exit_code=0), False, True),  # exited (its handle kept open by someone)
+        (_FakeKernel32(exit_code=1), False, True),
+        (_FakeKernel32(exit_code=259, query_fails=True), True, True),  # unknown: not taken over
+        (_FakeKernel32(error=87), False, False),  # ERROR_INVALID_PARAMETER: no such process
+        (_FakeKernel32(error=5), True, False),  # ERROR_ACCESS_DENIED: another user's process
+    ],
+    ids=["still-active", "exited-0", "exited-1", "query-fails", "no-such-pid", "access-denied"],
+)
+def test_windows_pid_check_reads_the_exit_code_and_sends_no_signal(kernel32, alive, closed):
+    """On Windows os.kill(pid, 0) sends CTRL_C_EVENT to a live holder and raises WinError 87 (not
+    ProcessLookupError) for a dead one, so a re-run after a crash failed until _lock.json was
+    removed. The Windows check opens the process for query, reads its exit code and closes the
+    handle it opened."""
+    from pipelines.storage import _pid_alive_windows
+
+    assert _pid_alive_windows(4242, kernel32) is alive
+    assert kernel32.opened == [(0x1000, False, 4242)]  # PROCESS_QUERY_LIMITED_INFORMATION
+    assert kernel32.closed == ([_FakeKernel32.HANDLE] if closed else [])
+
+
 def test_run_lock_tells_a_lost_machine_from_a_live_job_on_another_host(s3_server, s3_bucket):
     """A job resubmitted on a new cluster soon after its head pod was lost finds that pod's lock with
     a fresh heartbeat from another host: it watches the heartbeat and takes the lock over once it
