@@ -30,6 +30,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from pipelines.storage import (
     StorageAccessError,
     TransientStorageError,
+    file_uri_path,
     get_fs,
     open_for_header_scan,
     read_parquet,
@@ -95,7 +96,7 @@ def _uri_of(prefix: str, path: str) -> str:
 def written_root(spec_uri: str) -> str:
     """The source's root as the manifest writes it: up to its first glob part (``*``, ``?``, ``[``),
     unless the whole local path exists as written (a folder named "[2024] trip")."""
-    written = spec_uri[len("file://") :] if spec_uri.startswith("file://") else spec_uri
+    written = file_uri_path(spec_uri)
     parts = written.rstrip("/").split("/")
     literal = "://" not in written and os.path.exists(os.path.expanduser(written))
     globbed = (i for i, part in enumerate(parts) if _GLOB_CHARS & set(part))
@@ -283,7 +284,7 @@ def list_source(spec, storage: Mapping | None = None, map_tars=None) -> list[Sou
                 if not u:
                     continue
                 if "://" in u:
-                    ref = u[len("file://") :] if u.startswith("file://") else u
+                    ref = file_uri_path(u)
                     items.append(SourceItem(ref, ref, None, None))
                 elif u.startswith("/"):
                     items.append(SourceItem(u, u, None, None))

@@ -46,6 +46,7 @@ __all__ = [
     "storage_kwargs",
     "get_fs",
     "split_uri",
+    "file_uri_path",
     "join_uri",
     "shard_stem",
     "DatasetStore",
@@ -502,8 +503,7 @@ def get_fs(uri: str, options: Mapping | None = None) -> tuple[fsspec.AbstractFil
         fs = s3fs.S3FileSystem(**kwargs)
         fs.retries = _S3FS_RETRIES  # an instance attribute (s3fs has no constructor argument for it)
         return fs, uri[len("s3://") :].rstrip("/")
-    path = uri[len("file://") :] if uri.startswith("file://") else uri
-    return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
+    return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(file_uri_path(uri)))
 
 
 # Remote tar header scans read in 64 KiB blocks: with s3fs's default 50 MiB read-ahead every seek to
@@ -518,11 +518,29 @@ def open_for_header_scan(fs: fsspec.AbstractFileSystem, path: str):
     return fs.open(path, "rb", **({} if isinstance(fs, LocalFileSystem) else HEADER_SCAN_OPEN))
 
 
+def file_uri_path(uri: str) -> str:
+    """The local path a ``file://`` URI names (``file:///data/x``: ``/data/x``); any other string as
+    it is. The rest of the URI is taken as written, not percent-decoded, as fsspec's local
+    filesystem takes it, so a manifest means the same folder to both."""
+    if not uri.startswith("file://"):
+        return uri
+    path = uri[len("file://") :]
+    return _windows_file_path(path) if os.name == "nt" else path
+
+
+def _windows_file_path(path: str) -> str:
+    """A ``file://`` URI's rest on Windows: ``/C:/data`` (from ``file:///C:/data``) is ``C:/data``.
+    Kept, the leading slash made ``C:`` a folder name below the current drive's root (``C:\\C:\\data``,
+    which cannot exist). The drive test is fsspec's (``make_path_posix``); separators stay ``/``,
+    so the root as written still splits into its parts."""
+    return path[1:] if re.match(r"/[A-Za-z]:", path) else path
+
+
 def split_uri(uri: str) -> tuple[str, str]:
     """``(scheme_prefix, path)``: ``("s3://", "b/p")`` or ``("", "/abs/p")``."""
     if uri.startswith("s3://"):
         return "s3://", uri[len("s3://") :]
-    return "", uri[len("file://") :] if uri.startswith("file://") else uri
+    return "", file_uri_path(uri)
 
 
 def join_uri(base: str, name: str) -> str:

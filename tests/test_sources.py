@@ -261,6 +261,29 @@ def test_folder_named_like_a_glob_and_names_below_the_root(tmp_path, monkeypatch
     assert name_below_root("s3://b/refs/*.jpg", "s3://b/refs/x.jpg") == "x.jpg"
 
 
+def test_a_file_uri_is_its_path_on_posix_and_loses_the_slash_before_a_windows_drive():
+    """``file:///C:/data`` was read as ``/C:/data`` on Windows too (``file://`` cut off): a folder
+    ``C:`` below the current drive's root. On Windows the slash before a drive letter goes; on POSIX
+    the rest of the URI is the path as written, as before."""
+    import os
+
+    from pipelines.storage import _windows_file_path, file_uri_path, split_uri
+
+    assert _windows_file_path("/C:/data/hr") == "C:/data/hr"
+    assert _windows_file_path("/d:/") == "d:/"
+    assert _windows_file_path("/C:/data/[2024] trip/*.png") == "C:/data/[2024] trip/*.png"  # no decoding
+    assert _windows_file_path("/data/hr") == "/data/hr"  # no drive: rooted on the current drive
+    assert _windows_file_path("//server/share/x") == "//server/share/x"
+    assert _windows_file_path("data/hr") == "data/hr"
+    assert file_uri_path("s3://b/k") == "s3://b/k" and file_uri_path("C:/data") == "C:/data"
+    if os.name != "nt":
+        assert file_uri_path("file:///data/x") == "/data/x"
+        assert file_uri_path("file:///C:/data") == "/C:/data"  # a folder named "C:" is a folder here
+        assert file_uri_path("file://data/x") == "data/x"
+        assert file_uri_path("file:///data/a%20b") == "/data/a%20b"
+        assert split_uri("file:///data/x") == ("", "/data/x")
+
+
 def test_a_name_that_is_not_utf8_is_left_out_with_a_warning(tmp_path, caplog):
     """One Latin-1 file name (a Windows copy, an old camera) must not stop the listing of the rest."""
     import logging
