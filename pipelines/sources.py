@@ -32,6 +32,7 @@ from pipelines.storage import (
     TransientStorageError,
     file_uri_path,
     get_fs,
+    local_abspath,
     open_for_header_scan,
     read_parquet,
     with_retries,
@@ -110,7 +111,7 @@ def _recorded_uri(spec_uri: str, path: str) -> str:
     working directory or checkout gives the same keys, seeds and bytes. s3 URIs are already
     location-independent and pass through unchanged; a path outside the root stays absolute."""
     user_root = written_root(spec_uri)
-    abs_root = os.path.abspath(os.path.expanduser(user_root or "."))
+    abs_root = local_abspath(user_root or ".")  # "/"-separated, as fsspec lists `path`
     if path == abs_root:
         return user_root or path
     if os.path.isfile(abs_root):  # a single file (e.g. a parquet list): its folder is the root

@@ -38,6 +38,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, BinaryIO, TypeVar
 
 import fsspec
@@ -47,6 +48,7 @@ __all__ = [
     "get_fs",
     "split_uri",
     "file_uri_path",
+    "local_abspath",
     "join_uri",
     "shard_stem",
     "DatasetStore",
@@ -534,6 +536,19 @@ def _windows_file_path(path: str) -> str:
     which cannot exist). The drive test is fsspec's (``make_path_posix``); separators stay ``/``,
     so the root as written still splits into its parts."""
     return path[1:] if re.match(r"/[A-Za-z]:", path) else path
+
+
+def local_abspath(path: str) -> str:
+    """``path`` (``~`` expanded) made absolute and ``/``-separated, the form fsspec's local
+    filesystem lists files in. On Windows os.path.abspath gives ``C:\\data\\hr`` where fsspec lists
+    ``C:/data/hr/x.png``, so a prefix test between the two never held. On POSIX: os.path.abspath."""
+    return _abspath_with_slashes(path, os.path)
+
+
+def _abspath_with_slashes(path: str, pathmod: ModuleType) -> str:
+    """:func:`local_abspath` with a platform's path module (``ntpath``, ``posixpath``): the same as
+    fsspec's ``make_path_posix`` of an absolute path (``C:/d``, ``//server/share/d``)."""
+    return pathmod.abspath(pathmod.expanduser(path)).replace(pathmod.sep, "/")
 
 
 def split_uri(uri: str) -> tuple[str, str]:

@@ -238,6 +238,46 @@ def test_recorded_uris_do_not_depend_on_the_working_directory(tmp_path, monkeypa
     assert listings[0] == (["data/hr/x.png", "data/hr/y.png"], ["data/hr/y.png"], ["data/hr/x.png"])
 
 
+def test_a_local_root_is_made_absolute_in_the_form_fsspec_lists_files_in(tmp_path, monkeypatch):
+    """On Windows os.path.abspath gives ``C:\\data\\hr`` and fsspec lists ``C:/data/hr/x.png``: no
+    listed file started with the root + "/", so every input was recorded by its absolute path (its key
+    and seed then depended on where the checkout lies) and an output inside a source folder was not
+    refused. A root is now made absolute with "/" separators, checked here with Windows' path rules."""
+    import ntpath
+    import posixpath
+    from types import SimpleNamespace
+
+    import fsspec
+
+    from pipelines import sources
+    from pipelines.generate import plan
+    from pipelines.manifest import ManifestError
+    from pipelines.storage import _abspath_with_slashes, local_abspath
+
+    assert _abspath_with_slashes("C:\\data\\hr\\", ntpath) == "C:/data/hr"
+    assert _abspath_with_slashes("C:\\data/hr\\..\\lr", ntpath) == "C:/data/lr"
+    assert _abspath_with_slashes("C:\\", ntpath) == "C:/"
+    assert _abspath_with_slashes("\\\\server\\share\\hr", ntpath) == "//server/share/hr"
+    assert _abspath_with_slashes("/data/hr/", posixpath) == "/data/hr"
+    assert _abspath_with_slashes("/data/a\\b", posixpath) == "/data/a\\b"  # a name's own character
+    # on the platform the suite runs on: a prefix of what fsspec's local filesystem lists
+    (tmp_path / "hr").mkdir()
+    (tmp_path / "hr" / "x.png").write_bytes(b"")
+    listed = fsspec.filesystem("file").find(str(tmp_path / "hr"))
+    assert listed == [local_abspath(str(tmp_path / "hr")) + "/x.png"], listed
+    # a Windows root as written, a file as fsspec lists it there: recorded below the root as written
+    monkeypatch.setattr(sources, "local_abspath", lambda p: _abspath_with_slashes(p, ntpath))
+    monkeypatch.setattr(plan, "local_abspath", lambda p: _abspath_with_slashes(p, ntpath))
+    recorded = sources._recorded_uri("C:\\work\\hr", "C:/work/hr/sub/x.png")
+    assert recorded == "C:\\work\\hr/sub/x.png"
+    assert sources.name_below_root("C:\\work\\hr", recorded) == "sub/x.png"
+    m = SimpleNamespace(
+        output=SimpleNamespace(uri="C:\\work\\hr\\ds"), hr=SimpleNamespace(uri="C:\\work\\hr"), refs=[]
+    )
+    with pytest.raises(ManifestError, match=r"output.uri: .* lies inside hr.uri"):
+        plan._check_output_outside_sources(m)
+
+
 def test_folder_named_like_a_glob_and_names_below_the_root(tmp_path, monkeypatch):
     """A folder called "[2024] trip" is listed as a folder (it was read as a glob: nothing found);
     an item's name below the root is the same however the root is spelled, so the calibration's

@@ -34,6 +34,7 @@ from pipelines.storage import (
     TransientStorageError,
     fetch_to_local,
     get_fs,
+    local_abspath,
     read_parquet,
     shard_stem,
     with_retries,
@@ -349,7 +350,7 @@ def _location(uri: str) -> str:
     root = written_root(uri)
     if root.startswith("s3://"):
         return root.rstrip("/")
-    return os.path.abspath(os.path.expanduser(root or ".")).rstrip("/") or "/"
+    return local_abspath(root or ".").rstrip("/") or "/"  # "/"-separated on Windows too
 
 
 def _check_output_outside_sources(m: GenerateManifest) -> None:
