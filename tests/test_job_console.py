@@ -152,3 +152,30 @@ def test_ray_datas_advice_to_ignore_a_failed_task_is_cut_from_its_abort_line():
         'An exception was raised from a task of operator "MapBatches(x)". Dataset execution will now abort.',
         "another record",
     ]
+
+
+def test_the_console_kept_while_native_stderr_goes_to_a_file_writes_in_stderrs_encoding(tmp_path):
+    """native_stderr_to reopened the console (fd 2) in the locale's encoding, not in the one
+    ``sys.stderr`` writes in (with PYTHONIOENCODING=utf-8: UTF-8 against cp1252 on Windows, here
+    against ASCII): τ, → and … came out as \\u escapes. It now writes in stderr's encoding; the
+    native writes still go to the file."""
+    native = tmp_path / "native.err"
+    code = (
+        "import os, sys\n"
+        "from pipelines.generate.console import native_stderr_to\n"
+        f"with native_stderr_to({str(native)!r}):\n"
+        "    print('\\u03c4 150 \\u2192 0 \\u2026', file=sys.stderr, flush=True)\n"  # ASCII source
+        "    os.write(2, b'native\\n')\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "LC_ALL": "C",  # an ASCII locale: no coercion to C.UTF-8, no UTF-8 mode
+        "PYTHONCOERCECLOCALE": "0",
+        "PYTHONUTF8": "0",
+        "PYTHONIOENCODING": "utf-8",
+    }
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.decode("utf-8") == "τ 150 → 0 …\n"
+    assert native.read_bytes() == b"native\n"

@@ -74,7 +74,11 @@ def native_stderr_to(path: str | None):
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(2)
-    console = open(os.dup(2), "w", buffering=1, errors="backslashreplace")  # noqa: SIM115
+    # In sys.stderr's encoding, not the locale's: they differ where PYTHONIOENCODING sets stderr's
+    # (UTF-8 over a cp1252 locale on Windows), and τ and → then came out as escapes. What the
+    # encoding cannot hold is escaped, as stderr does. (A Windows console is UTF-8 either way.)
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    console = open(os.dup(2), "w", buffering=1, encoding=encoding, errors="backslashreplace")  # noqa: SIM115
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     previous = sys.stderr
     # Logging handlers created earlier (Ray's own among them) hold the old stderr object.
