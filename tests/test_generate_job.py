@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -109,6 +110,16 @@ def test_job_writes_a_valid_dataset_and_resumes(ray_local, inputs, tmp_path):
     assert names[:3] == ["_index.json", "_preview.png", "pairs-000000.parquet"]
     index = json.loads((out / "_index.json").read_text())
     assert index["total_samples"] == 20 and index["model_digest"] is None
+    # the code that wrote it: one record, this environment's versions, also in each shard's stats
+    import importlib.metadata
+
+    import torch
+    from PIL import __version__ as pillow_version
+
+    want = {"realdgen": importlib.metadata.version("realdgen"), "torch": torch.__version__}
+    want |= {"pillow": pillow_version, "numpy": np.__version__, "python": platform.python_version()}
+    assert index["software"] == [want]
+    assert all(json.loads(p.read_text())["software"] == want for p in out.glob("*_stats.json"))
     with tarfile.open(out / "pairs-000000.tar") as t:
         members = t.getmembers()
         meta = json.loads(t.extractfile(members[1]).read())

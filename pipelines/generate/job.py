@@ -1088,10 +1088,13 @@ class GenerateJob:
         when nothing was generated) stands in for the plan's own start profiles."""
         shards = []
         inputs_failed = 0
+        software: list[dict] = []
         for stem in plan.stems:
             stats = self.store.read_json(f"{stem}_stats.json")
             shards.append({"name": f"{stem}.tar", "samples": stats["samples"], "bytes": stats["bytes"]})
             inputs_failed += stats.get("inputs_failed", 0)
+            if stats.get("software") and stats["software"] not in software:
+                software.append(stats["software"])
         index = {
             "shards": shards,
             "total_samples": sum(s["samples"] for s in shards),
@@ -1104,6 +1107,8 @@ class GenerateJob:
             "inputs_failed": inputs_failed,
             # what manifest_digest hashed: a re-run with another manifest names the keys it changed
             "manifest": digest_payload(plan.manifest),
+            # the versions the shards were written with (one entry unless a resume mixed them)
+            "software": software,
         }
         if plan.references_skipped is not None:  # references that did not decode: "URI: reason"
             index["references_skipped"] = plan.references_skipped

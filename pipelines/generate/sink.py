@@ -255,6 +255,31 @@ def _node() -> dict:
     return info
 
 
+@functools.cache
+def software() -> dict[str, str]:
+    """The versions a shard was written with: RealDGen's and those of the libraries whose code
+    decides its bytes (torch: the networks and D; Pillow: the codecs; NumPy), with Python's. The
+    digests name the settings and the weights; these name the code, which a reproduction needs too."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import numpy
+    import PIL
+    import torch
+
+    try:
+        realdgen = version("realdgen")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        from realdgen_core import __version__ as realdgen
+    return {
+        "realdgen": realdgen,
+        "torch": torch.__version__,
+        "pillow": PIL.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
 def _written_by_this_run(
     store: DatasetStore, stem: str, config: SinkConfig, expected_inputs: int
 ) -> dict | None:
@@ -405,6 +430,7 @@ def compact_shard(
         },
         "host": node["host"],
         "writer": node,
+        "software": software(),
         "parts": len(names),
         "finished_at": time.time(),
     }
