@@ -1107,7 +1107,7 @@ class GenerateJob:
             "inputs_failed": inputs_failed,
             # what manifest_digest hashed: a re-run with another manifest names the keys it changed
             "manifest": digest_payload(plan.manifest),
-            # the versions the shards were written with (one entry unless a resume mixed them)
+            # the versions the shards were written with, in shard order (several: a resume, mixed nodes)
             "software": software,
         }
         if plan.references_skipped is not None:  # references that did not decode: "URI: reason"

@@ -263,19 +263,16 @@ def software() -> dict[str, str]:
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    import numpy
-    import PIL
-    import torch
-
     try:
         realdgen = version("realdgen")
     except PackageNotFoundError:  # run from a checkout that was not installed
         from realdgen_core import __version__ as realdgen
+    # From the installed metadata, not the modules: a compaction task never imports torch (250 MB)
     return {
         "realdgen": realdgen,
-        "torch": torch.__version__,
-        "pillow": PIL.__version__,
-        "numpy": numpy.__version__,
+        "torch": version("torch"),
+        "pillow": version("pillow"),
+        "numpy": version("numpy"),
         "python": platform.python_version(),
     }
 
