@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo importable here and in workers
@@ -175,6 +176,20 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return EXIT_TEMPFAIL
     except JobFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        ray_exceptions = sys.modules.get("ray.exceptions")
+        if ray_exceptions is None or not isinstance(exc, ray_exceptions.RayError):
+            raise
+        # Ray gave up on work (a node lost past its retries, an actor that kept dying). Its
+        # traceback carries the remote error, so it stays; the last line says what is kept and
+        # what to do. Exit 1, not 75: a deterministic error in a task fails the same way again.
+        traceback.print_exc()
+        print(
+            f"error: Ray gave up on the job's work ({type(exc).__name__}; above); complete shards in "
+            f"{uri} are kept: if a node was lost, run the same command again to resume",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:  # Ctrl-C: the lock is released on the way out (job.run's finally)
         if threading.current_thread() is threading.main_thread():

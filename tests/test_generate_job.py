@@ -865,6 +865,36 @@ def test_preview_and_references_read_with_the_jobs_limits(tmp_path):
     assert len(errors) == 1 and cropped == []
 
 
+def test_ray_giving_up_keeps_its_traceback_and_ends_with_what_to_do(tmp_path, capsys, monkeypatch, photos):
+    """Ray's own failure (a node lost past its retries): its traceback, then one line saying the
+    complete shards are kept and how to resume, exit 1; an error of ours is not dressed up as Ray's."""
+    import ray.exceptions
+
+    from pipelines import generate_dataset
+
+    hr, refs = write_inputs(tmp_path, photos)
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump(manifest_dict(str(hr), str(refs), str(tmp_path / "out"))))
+
+    def lost(self, plan=None):
+        raise ray.exceptions.RayError("node 2 died and its objects could not be rebuilt")
+
+    monkeypatch.setattr(generate_dataset.GenerateJob, "run", lost)
+    monkeypatch.setattr(generate_dataset, "ensure_ray", lambda: False)  # no Ray needed here
+    assert main([str(p)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == "Traceback (most recent call last):" and "node 2 died" in "\n".join(lines)
+    assert lines[-1].startswith("error: Ray gave up on the job's work (RayError; above); complete shards in ")
+    assert lines[-1].endswith("if a node was lost, run the same command again to resume")
+
+    def ours(self, plan=None):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(generate_dataset.GenerateJob, "run", ours)
+    with pytest.raises(ValueError, match="a bug"):
+        main([str(p)])
+
+
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch, photos):
     """Ctrl-C during the run: one line saying the complete shards are kept, exit 130 (no traceback)."""
     from pipelines import generate_dataset
