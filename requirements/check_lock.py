@@ -35,7 +35,8 @@ def read_lock(path: Path, environment: dict[str, str] | None = None) -> dict[str
         m = PIN.match(line)
         if m is None:
             raise SystemExit(f"{path}:{n}: not an exact pin: {line!r}")
-        if m.group(4) and m.group(4).strip() and not marker_holds(m.group(4).strip(), environment):
+        marker = (m.group(4) or "").strip()
+        if marker and not marker_holds(marker, environment):
             continue
         name = canonical(m.group(1))
         if name in pins:
